@@ -1,0 +1,7 @@
+"""Callbacks. They reach a module only through ``encode`` / ``encoder`` (see design.md)."""
+
+from callbacks.export import ExportOnFitEnd
+from callbacks.sts import STSEvaluator
+from callbacks.throughput import Throughput
+
+__all__ = ["ExportOnFitEnd", "STSEvaluator", "Throughput"]

@@ -1,0 +1,44 @@
+"""Export the best checkpoint when fitting ends, and say where everything is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_only
+
+
+class ExportOnFitEnd(pl.Callback):
+    """At the end of ``fit``, export the best checkpoint (else the last weights) as a sentence-transformers folder.
+
+    Prints the checkpoint, the exported folder and the logger locations (W&B run folder and ``wandb sync`` hint
+    when offline).
+
+    Args:
+        output_dir: target folder; default ``<log_dir>/export``.
+    """
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        self.output_dir = output_dir
+        self.exported: Path | None = None
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_modules.export import export_sentence_transformer, load_module
+
+        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "export")
+        module = load_module(ckpt) if ckpt else pl_module
+        self.exported = export_sentence_transformer(module, out)
+        lines = [f"checkpoint:     {ckpt or '(none saved; exported the final weights)'}",
+                 f"exported model: {self.exported}  (SentenceTransformer('{self.exported}'))"]
+        for logger in trainer.loggers:
+            run = getattr(logger, "experiment", None)
+            if type(logger).__name__ == "WandbLogger" and run is not None:
+                run_dir = Path(run.dir).parent
+                offline = getattr(run.settings, "_offline", False) or getattr(run.settings, "mode", "") == "offline"
+                hint = f"  (offline: `wandb sync {run_dir}` uploads it later)" if offline else ""
+                lines.append(f"W&B run:        {run_dir}{hint}")
+            elif getattr(logger, "log_dir", None):
+                lines.append(f"{type(logger).__name__}:{' ' * max(1, 15 - len(type(logger).__name__))}{logger.log_dir}")
+        print("\n".join(lines), flush=True)

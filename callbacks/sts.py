@@ -1,0 +1,86 @@
+"""Fast STS metric during training: Spearman of cosine similarity on a dev split, every N steps."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional import spearman_corrcoef
+
+from datamodules.sts import STSPairs, load_sts
+
+
+class STSEvaluator(pl.Callback):
+    """Logs ``val/<task>_spearman`` (Spearman x 100) every ``every_n_steps`` optimiser steps and at each epoch's end.
+
+    Made for checkpoint selection: ``ModelCheckpoint(monitor="val/stsb_spearman", mode="max")``. Encoding runs
+    without dropout, in length-sorted batches; each distinct sentence is tokenised once (at fit start) and encoded
+    once per evaluation. Every rank computes the same number (the dev set is small), so no broadcast is needed.
+
+    Args:
+        task: an STS task name (``stsb``, ``sickr``, ...) or a TSV path (``sentence1, sentence2, score``).
+        split: the split to score (the dev split: never select checkpoints on test).
+        data_root: folder with the local STS copies.
+        every_n_steps: evaluation period in optimiser steps; 0 evaluates only at epoch ends.
+        batch_size: sentences per encoding batch.
+        at_start: also evaluate before the first step (the starting point of the curve).
+    """
+
+    def __init__(self, task: str = "stsb", split: str = "dev", data_root: str | None = None,
+                 every_n_steps: int = 250, batch_size: int = 256, at_start: bool = True) -> None:
+        self.task, self.split, self.data_root = task, split, data_root
+        self.every_n_steps, self.batch_size, self.at_start = every_n_steps, batch_size, at_start
+        self.pairs: STSPairs | None = None
+        self._ids: list[list[int]] | None = None
+        self._index1 = self._index2 = None
+        self.history: list[tuple[int, float]] = []
+
+    @property
+    def metric_name(self) -> str:
+        return f"val/{self.pairs.name if self.pairs else self.task}_spearman"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.pairs is None:
+            self.pairs = load_sts(self.task, self.split, self.data_root)
+        if self._ids is None:
+            unique = sorted(set(self.pairs.sentences1) | set(self.pairs.sentences2))
+            where = {s: i for i, s in enumerate(unique)}
+            self._index1 = torch.tensor([where[s] for s in self.pairs.sentences1])
+            self._index2 = torch.tensor([where[s] for s in self.pairs.sentences2])
+            self._ids = pl_module.encoder.tokenize(unique)
+
+    def evaluate(self, pl_module: pl.LightningModule) -> float:
+        """Spearman x 100 of the module's current weights on the configured pairs."""
+        z_ND = pl_module.encoder.encode_ids(self._ids, batch_size=self.batch_size)
+        cos_P = F.cosine_similarity(z_ND[self._index1], z_ND[self._index2], dim=-1)
+        return float(spearman_corrcoef(cos_P, torch.tensor(self.pairs.scores)) * 100)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch_end: bool) -> None:
+        rho = self.evaluate(pl_module)
+        self.history.append((trainer.global_step, rho))
+        # inside a batch hook the value is logged for this step; at epoch end, for the epoch (never averaged)
+        pl_module.log(self.metric_name, rho, prog_bar=True, on_step=not epoch_end, on_epoch=epoch_end)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_start and trainer.global_step == 0:
+            rho = self.evaluate(pl_module)
+            self.history.append((0, rho))
+            for logger in trainer.loggers:
+                logger.log_metrics({self.metric_name: rho}, step=0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not self._done_this_step(trainer):
+            self._log(trainer, pl_module, epoch_end=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._done_this_step(trainer):
+            self._log(trainer, pl_module, epoch_end=True)
+
+    def _done_this_step(self, trainer: pl.Trainer) -> bool:
+        return bool(self.history) and self.history[-1][0] == trainer.global_step and trainer.global_step > 0
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))

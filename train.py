@@ -1,0 +1,68 @@
+"""embedlab entry point.
+
+    python train.py fit --config configs/quickstart.yaml            # train (also: validate, test)
+    python train.py fit --config configs/simcse_unsup_bert_base.yaml --model.temperature 0.1
+    python train.py export --ckpt_path CKPT --output_dir DIR         # -> sentence-transformers folder
+
+Model, datamodule, logger and callbacks are chosen in YAML (``class_path`` / ``init_args``) and overridable on the
+command line; unknown keys are rejected at parse time.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pytorch_lightning import LightningDataModule, Trainer
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+
+from lightning_modules.base import EmbeddingModule
+
+
+class LogConfigToLoggers(SaveConfigCallback):
+    """Save ``config.yaml`` next to the logs AND record the whole CLI config as every logger's run config."""
+
+    def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        import yaml
+
+        as_dict = yaml.safe_load(config)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(as_dict)
+
+
+class EmbedLabCLI(LightningCLI):
+    """LightningCLI over any EmbeddingModule and any LightningDataModule."""
+
+
+def export_main(argv: list[str]) -> None:
+    """``export --ckpt_path CKPT --output_dir DIR``: write a sentence-transformers folder from a checkpoint."""
+    from jsonargparse import ArgumentParser
+
+    from lightning_modules.export import export_sentence_transformer, load_module
+
+    parser = ArgumentParser(prog="train.py export", description=export_main.__doc__)
+    parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint written by `train.py fit`")
+    parser.add_argument("--output_dir", type=str, required=True, help="folder to write")
+    args = parser.parse_args(argv)
+    out = export_sentence_transformer(load_module(args.ckpt_path), args.output_dir)
+    print(f"exported {args.ckpt_path} -> {out}  (load with SentenceTransformer('{out}'))")
+
+
+def main(argv: list[str] | None = None) -> EmbedLabCLI | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "export":
+        export_main(argv[1:])
+        return None
+    return EmbedLabCLI(
+        EmbeddingModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=LogConfigToLoggers,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+
+
+if __name__ == "__main__":  # the guard matters: strategy="ddp" re-launches this script (pitfalls.md #9)
+    main()
