@@ -9,7 +9,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class DataError(ValueError):
@@ -178,10 +178,15 @@ class TextDataModule(pl.LightningDataModule):
                 f"{world} process(es) gets ({len(dataset)} rows in all) and drop_last is on, so there would be "
                 "no batch at all: lower data.batch_size or add data"
             )
+        sampler = None
+        if world > 1:  # our own sampler: Lightning's would always shuffle the training set
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=self.trainer.global_rank,
+                                         shuffle=self.shuffle, drop_last=self.drop_last)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
+            shuffle=self.shuffle if sampler is None else False,
+            sampler=sampler,
             drop_last=self.drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -1,0 +1,78 @@
+"""One optimiser step of a ContrastiveModule on N CPU processes (gloo), for the DDP equivalence tests.
+
+    python tests/ddp_one_step.py --model_dir D --data FILE --devices 2 --batch_size 4 --out step.pt \
+        [--builder '{"class_path": "lightning_modules.losses.InBatchNegatives", "init_args": {}}']
+
+Rank 0 writes {"params": state_dict after the step, "grads": gradients before it} to --out. The data is read in
+order (no shuffling), so 2 processes x batch B see the same 2B rows as 1 process x batch 2B.
+Run as a script: strategy="ddp" re-launches it (pitfalls.md #9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+import pytorch_lightning as pl
+import torch
+
+
+class CaptureGrads(pl.Callback):
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+def build(spec: str | None):
+    if not spec:
+        return None
+    spec = json.loads(spec)
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+
+
+def main() -> None:
+    from datamodules import NLIDataModule, SentencesDataModule
+    from lightning_modules import ContrastiveModule
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model_dir", required=True)
+    ap.add_argument("--data", required=True, help=".txt sentences (unsupervised) or .csv triplets (supervised)")
+    ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--builder", default=None)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--pooler", default="mean")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--no_sync_grads", action="store_true", help="gather without gradients (the known-wrong way)")
+    args = ap.parse_args()
+
+    pl.seed_everything(0)
+    model = ContrastiveModule(args.model_dir, pooler=args.pooler, mlp="train_only", lr=args.lr, candidates=build(args.builder))
+    if args.no_sync_grads:
+        def gather_no_grad(x):
+            if model.trainer.world_size == 1:
+                return x, 0
+            g = model.all_gather(x.contiguous())  # no gradient flows to other ranks' rows
+            rank = model.global_rank
+            return torch.cat([x if r == rank else g[r] for r in range(g.shape[0])]), rank * x.shape[0]
+        model.gather = gather_no_grad
+    kw = dict(source=args.data, batch_size=args.batch_size, shuffle=False)
+    data = NLIDataModule(**kw) if args.data.endswith(".csv") else SentencesDataModule(**kw)
+    capture = CaptureGrads()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_steps=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[capture],
+    )
+    trainer.fit(model, data)
+    if trainer.global_rank == 0:
+        torch.save({"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "grads": capture.grads},
+                   args.out)
+
+
+if __name__ == "__main__":
+    main()
