@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import sys
 
-from pytorch_lightning import LightningDataModule, Trainer
+from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
-from lightning_modules.base import EmbeddingModule
 
 
 class LogConfigToLoggers(SaveConfigCallback):
@@ -31,7 +30,7 @@ class LogConfigToLoggers(SaveConfigCallback):
 
 
 class EmbedLabCLI(LightningCLI):
-    """LightningCLI over any EmbeddingModule and any LightningDataModule."""
+    """LightningCLI over any LightningModule and LightningDataModule named in the config (``class_path``)."""
 
 
 def export_main(argv: list[str]) -> None:
@@ -49,12 +48,12 @@ def export_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> EmbedLabCLI | None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "export":
-        export_main(argv[1:])
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "export":
+        export_main(args[1:])
         return None
     return EmbedLabCLI(
-        EmbeddingModule,
+        LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
