@@ -16,7 +16,6 @@ from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 
-
 class LogConfigToLoggers(SaveConfigCallback):
     """Save ``config.yaml`` next to the logs AND record the whole CLI config as every logger's run config."""
 

@@ -82,7 +82,9 @@ def read_stsb(path: Path) -> STSPairs:
 def read_semeval_year(folder: Path, name: str) -> STSPairs:
     inputs = sorted(folder.glob("STS.input.*.txt"))
     if not inputs:
-        raise DataError(f"{folder}: no STS.input.<subset>.txt files (expected the SemEval layout, see datamodules/sts.py)")
+        raise DataError(
+            f"{folder}: no STS.input.<subset>.txt files (expected the SemEval layout, see datamodules/sts.py)"
+        )
     s1, s2, scores = [], [], []
     for inp in inputs:
         gold = folder / inp.name.replace("STS.input.", "STS.gs.")

@@ -34,7 +34,7 @@ def build(spec: str | None):
     return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from datamodules import NLIDataModule, SentencesDataModule
     from lightning_modules import ContrastiveModule
 
@@ -48,10 +48,12 @@ def main() -> None:
     ap.add_argument("--pooler", default="mean")
     ap.add_argument("--out", required=True)
     ap.add_argument("--no_sync_grads", action="store_true", help="gather without gradients (the known-wrong way)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     pl.seed_everything(0)
-    model = ContrastiveModule(args.model_dir, pooler=args.pooler, mlp="train_only", lr=args.lr, candidates=build(args.builder))
+    model = ContrastiveModule(
+        args.model_dir, pooler=args.pooler, mlp="train_only", lr=args.lr, candidates=build(args.builder)
+    )
     if args.no_sync_grads:
         def gather_no_grad(x):
             if model.trainer.world_size == 1:

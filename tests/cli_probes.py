@@ -1,0 +1,16 @@
+"""Callbacks that tests name by class path in CLI arguments, to look inside a run."""
+
+import torch
+from pytorch_lightning import Callback
+
+SEEN: dict = {}
+
+
+class RecordTrainStart(Callback):
+    """Stores the global step, the first optimiser state and one weight matrix when training (re)starts."""
+
+    def on_train_start(self, trainer, pl_module):
+        SEEN["step"] = trainer.global_step
+        state = trainer.optimizers[0].state_dict()["state"]
+        SEEN["state"] = {k: v.clone() for k, v in state.get(0, {}).items() if torch.is_tensor(v)}
+        SEEN["weights"] = pl_module.encoder.model.embeddings.word_embeddings.weight.detach().clone()

@@ -1,0 +1,51 @@
+"""One optimiser step on 2 CPU processes x batch B equals one step on 1 process x batch 2B (methods.md section 1)."""
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import ddp_one_step
+import pytest
+import torch
+from conftest import WORDS
+
+HARNESS = Path(__file__).with_name("ddp_one_step.py")
+
+
+def write_data(folder: Path) -> dict[str, Path]:
+    rng = random.Random(0)
+    sentence = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))  # noqa: E731
+    (folder / "sents.txt").write_text("\n".join(sentence() for _ in range(16)) + "\n")
+    rows = ["sent0,sent1,hard_neg"] + [",".join(sentence().replace(",", "") for _ in range(3)) for _ in range(16)]
+    (folder / "nli.csv").write_text("\n".join(rows) + "\n")
+    return {"unsup": folder / "sents.txt", "sup": folder / "nli.csv"}
+
+
+def one_step(model_dir, data, devices, batch_size, out, *extra):
+    args = ["--model_dir", model_dir, "--data", str(data), "--devices", str(devices), "--batch_size",
+            str(batch_size), "--out", str(out), *extra]
+    if devices == 1:  # in this process: saves a Python start-up
+        ddp_one_step.main(args)
+    else:  # strategy="ddp" re-launches its script, so it runs as one
+        proc = subprocess.run([sys.executable, str(HARNESS), *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("setting", ["unsup", "sup"])
+def test_two_processes_equal_one_with_the_double_batch(tmp_path, tiny_model_no_dropout, setting):
+    data = write_data(tmp_path)[setting]
+    single = one_step(tiny_model_no_dropout, data, 1, 8, tmp_path / "one.pt")
+    ddp = one_step(tiny_model_no_dropout, data, 2, 4, tmp_path / "two.pt")
+    assert max(g.abs().max().item() for g in single["grads"].values()) > 1e-2  # a real gradient
+    assert max_diff(single["grads"], ddp["grads"]) < 1e-5
+    assert max_diff(single["params"], ddp["params"]) < 1e-5
+    if setting == "sup":  # negative control: gathering without gradients is measurably wrong
+        wrong = one_step(tiny_model_no_dropout, data, 2, 4, tmp_path / "bad.pt", "--no_sync_grads")
+        assert max_diff(single["grads"], wrong["grads"]) > 1e-3

@@ -1,0 +1,138 @@
+"""The LightningCLI entry point: fit, resume, export, validate/test, config errors, W&B offline logging."""
+
+import glob
+from pathlib import Path
+
+import cli_probes
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from wandb_records import logged_config, logged_history
+
+import train
+
+SENTENCES = ["a man is playing a guitar .", "the dog is cleaning the car .", "a lady reads the daily paper ."] * 11
+
+
+def fit_args(tmp_path, tiny_model, sample_data, *extra):
+    return [
+        "fit",
+        "--seed_everything", "0",
+        "--trainer.accelerator", "cpu",
+        "--trainer.max_steps", "4",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.logger", "pytorch_lightning.loggers.CSVLogger",
+        "--trainer.logger.save_dir", str(tmp_path),
+        "--model", "lightning_modules.ContrastiveModule",
+        "--model.model_name_or_path", tiny_model,
+        "--model.pooler", "cls",
+        "--model.lr", "1e-3",
+        "--data", "datamodules.SentencesDataModule",
+        "--data.source", str(sample_data / "sentences.txt"),
+        "--data.batch_size", "8",
+        *extra,
+    ]
+
+
+def test_fit_then_export_command(tmp_path, tiny_model, sample_data):
+    from sentence_transformers import SentenceTransformer
+
+    cli = train.main(fit_args(tmp_path, tiny_model, sample_data))
+    assert cli.trainer.global_step == 4
+    ckpt = cli.trainer.checkpoint_callback.best_model_path
+    assert Path(ckpt).is_file()
+    train.main(["export", "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "st")])
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    got = st.encode(SENTENCES, convert_to_tensor=True)
+    want = F.normalize(cli.model.encode(SENTENCES), dim=-1)  # the trained module, MLP dropped (train_only)
+    assert (got - want).abs().max().item() < 1e-5
+
+
+def test_training_moves_the_weights_and_logs_the_loss(tmp_path, tiny_model, sample_data):
+    cli = train.main(fit_args(tmp_path, tiny_model, sample_data))
+    metrics = (Path(cli.trainer.logger.log_dir) / "metrics.csv").read_text()
+    assert "train/loss" in metrics
+    from transformers import AutoModel
+
+    start = AutoModel.from_pretrained(tiny_model).embeddings.word_embeddings.weight
+    assert not torch.allclose(start, cli.model.encoder.model.embeddings.word_embeddings.weight)
+
+
+def test_resume_from_last_continues_at_the_saved_step(tmp_path, tiny_model, sample_data):
+    ckpt_args = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=true",
+                 "--trainer.callbacks.every_n_train_steps=2", f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}"]
+    train.main(fit_args(tmp_path, tiny_model, sample_data, "--trainer.max_steps", "2", *ckpt_args))
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2
+
+    resumed = train.main(fit_args(tmp_path, tiny_model, sample_data, "--trainer.max_steps", "4", *ckpt_args,
+                                  "--trainer.callbacks+=cli_probes.RecordTrainStart", "--ckpt_path", "last"))
+    assert cli_probes.SEEN["step"] == 2
+    want = saved["optimizer_states"][0]["state"][0]
+    assert set(cli_probes.SEEN["state"]) >= {"exp_avg", "exp_avg_sq"}
+    for key, value in cli_probes.SEEN["state"].items():
+        torch.testing.assert_close(value, want[key])
+    torch.testing.assert_close(
+        cli_probes.SEEN["weights"], saved["state_dict"]["encoder.model.embeddings.word_embeddings.weight"])
+    assert resumed.trainer.global_step == 4
+
+
+def test_typo_in_an_option_is_rejected_at_parse_time(tmp_path, tiny_model, sample_data, capsys):
+    with pytest.raises(SystemExit):
+        train.main(fit_args(tmp_path, tiny_model, sample_data, "--model.temprature", "0.1"))
+    assert "temprature" in capsys.readouterr().err
+
+
+def test_override_reaches_the_module(tmp_path, tiny_model, sample_data):
+    cli = train.main(fit_args(tmp_path, tiny_model, sample_data, "--model.temperature", "0.1",
+                              "--trainer.max_steps", "1"))
+    assert cli.model.temperature == 0.1
+
+
+def test_validate_and_test_on_sts_pairs(tmp_path, tiny_model, sample_data):
+    args = ["--model", "lightning_modules.ContrastiveModule", "--model.model_name_or_path", tiny_model,
+            "--model.pooler", "mean", "--data", "datamodules.STSDataModule",
+            "--data.tasks", f"[{sample_data / 'sts_dev.tsv'}]", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]
+    cli = train.main(["test", *args])
+    rho = cli.trainer.callback_metrics["test/sts_dev_spearman"].item()
+
+    from torchmetrics.functional import spearman_corrcoef
+
+    from datamodules import load_sts
+
+    pairs = load_sts(str(sample_data / "sts_dev.tsv"))
+    cos = F.cosine_similarity(cli.model.encode(pairs.sentences1), cli.model.encode(pairs.sentences2))
+    assert rho == pytest.approx(spearman_corrcoef(cos, torch.tensor(pairs.scores)).item() * 100, abs=1e-3)
+    cli = train.main(["validate", *args])
+    assert "val/sts_dev_spearman" in cli.trainer.callback_metrics
+
+
+def test_wandb_offline_records_the_config_and_metrics(tmp_path, tiny_model, sample_data):
+    cfg = {
+        "trainer": {
+            "logger": [{"class_path": "pytorch_lightning.loggers.WandbLogger",
+                        "init_args": {"save_dir": str(tmp_path), "offline": True, "project": "t"}}],
+            "callbacks": [{"class_path": "callbacks.STSEvaluator",
+                           "init_args": {"task": str(sample_data / "sts_dev.tsv"), "every_n_steps": 2}}],
+        }
+    }
+    (tmp_path / "wandb.yaml").write_text(yaml.safe_dump(cfg))
+    args = fit_args(tmp_path, tiny_model, sample_data)
+    i = args.index("--trainer.logger")
+    del args[i : i + 4]
+    train.main([*args, "--config", str(tmp_path / "wandb.yaml"), "--model.temperature", "0.07"])
+    import wandb
+
+    wandb.finish()
+    run_file = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))[0]
+    config = logged_config(run_file)
+    assert config["model"]["init_args"]["temperature"] == 0.07
+    assert config["data"]["init_args"]["batch_size"] == 8
+    history = logged_history(run_file)
+    assert any("train/loss" in row for row in history)
+    assert [row["val/sts_dev_spearman"] for row in history if "val/sts_dev_spearman" in row]

@@ -1,0 +1,59 @@
+"""Read what an offline W&B run logged (wandb 0.31 writes only ``run-<id>.wandb``; pitfalls.md #5).
+
+The file is a 7-byte header (":W&B", 2-byte magic, version) followed by LevelDB-log-style 32 KiB blocks of
+records (crc32 4 bytes, length 2 bytes little-endian, type 1 byte: 1 full, 2 first, 3 middle, 4 last), each
+payload a ``wandb.proto.wandb_internal_pb2.Record``. wandb ships no reader for it, hence this test helper.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+BLOCK = 32 * 1024
+HEADER = 7
+
+
+def read_records(path: str | Path) -> list:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    records, pos, pending = [], HEADER, b""
+    while pos + 7 <= len(data):
+        left_in_block = BLOCK - (pos % BLOCK)
+        if left_in_block < 7:  # block trailer padding
+            pos += left_in_block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def logged_config(path: str | Path) -> dict:
+    """The run config as the W&B UI would show it (top-level key -> value)."""
+    out = {}
+    for r in read_records(path):
+        if r.WhichOneof("record_type") == "config":
+            for item in r.config.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
+
+
+def logged_history(path: str | Path) -> list[dict]:
+    """Each history row (one per logged step) as a dict."""
+    rows = []
+    for r in read_records(path):
+        if r.WhichOneof("record_type") == "history":
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+    return rows
