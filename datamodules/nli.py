@@ -61,7 +61,7 @@ class NLIDataModule(TextDataModule):
             for all-nli, else ``sent0, sent1, hard_neg``. Two columns train without hard negatives.
         split, subset: hub split and configuration.
         data_files: file(s) inside a hub dataset repository, e.g. ``nli_for_simcse.csv``.
-        **kwargs: see :class:`~datamodules.base.TextDataModule`.
+        **kwargs: ``data_root``, ``batch_size``, ... of :class:`~datamodules.base.TextDataModule`.
     """
 
     def __init__(
@@ -71,15 +71,9 @@ class NLIDataModule(TextDataModule):
         split: str = "train",
         subset: str | None = None,
         data_files: str | None = None,
-        data_root: str | None = None,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        max_rows: int | None = None,
-        pin_memory: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(data_root, batch_size, num_workers, shuffle, drop_last, max_rows, pin_memory)
+        super().__init__(**kwargs)
         if columns is None:
             columns = HUB_COLUMNS.get(source, ["sent0", "sent1", "hard_neg"])
             subset = subset or ("triplet" if source in HUB_COLUMNS else None)

@@ -79,7 +79,7 @@ class SentencesDataModule(TextDataModule):
         split: hub split.
         data_files: file(s) inside a hub dataset repository, e.g. ``wiki1m_for_simcse.txt``.
         skip_empty: drop empty sentences (with a warning giving the count) instead of raising.
-        **kwargs: see :class:`~datamodules.base.TextDataModule`.
+        **kwargs: ``data_root``, ``batch_size``, ... of :class:`~datamodules.base.TextDataModule`.
     """
 
     def __init__(
@@ -89,15 +89,9 @@ class SentencesDataModule(TextDataModule):
         split: str = "train",
         skip_empty: bool = False,
         data_files: str | None = None,
-        data_root: str | None = None,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        max_rows: int | None = None,
-        pin_memory: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(data_root, batch_size, num_workers, shuffle, drop_last, max_rows, pin_memory)
+        super().__init__(**kwargs)
         self.source, self.column, self.split, self.skip_empty = source, column, split, skip_empty
         self.data_files = data_files
         self.source_name = Path(source).name
