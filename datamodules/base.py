@@ -88,6 +88,21 @@ class PadCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (any number of processes, one included) that can skip the first ``skip`` indices of
+    its next epoch: how a run resumed mid-epoch continues at the same sample. Lightning calls ``set_epoch``.
+
+    ``len()`` stays the full epoch's: Lightning sizes every later epoch from the first length it reads, and the
+    resumed epoch simply ends early when the shortened iterator runs out."""
+
+    skip: int = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
 class TextDataModule(pl.LightningDataModule):
     """Base for datamodules whose training rows are tuples of texts.
 
@@ -103,6 +118,8 @@ class TextDataModule(pl.LightningDataModule):
             gather tensors of the same shape).
         max_rows: keep only the first N rows (quick experiments).
         pin_memory: pin host memory for faster copies to a GPU.
+        seed: seed of the shuffling order (each epoch's order is drawn from seed + epoch, so a run resumed from a
+            checkpoint, even mid-epoch, sees the same batches as an uninterrupted one).
     """
 
     source_name: str = "data"
@@ -116,6 +133,7 @@ class TextDataModule(pl.LightningDataModule):
         drop_last: bool = True,
         max_rows: int | None = None,
         pin_memory: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -127,6 +145,9 @@ class TextDataModule(pl.LightningDataModule):
         self.drop_last = drop_last
         self.max_rows = max_rows
         self.pin_memory = pin_memory
+        self.seed = seed
+        self._resume: dict | None = None
+        self._sampler: ResumableSampler | None = None
         self.tokenizer = None
         self.max_length: int | None = None
         self._texts: list[tuple[str, ...]] | None = None
@@ -178,18 +199,41 @@ class TextDataModule(pl.LightningDataModule):
                 f"{world} process(es) gets ({len(dataset)} rows in all) and drop_last is on, so there would be "
                 "no batch at all: lower data.batch_size or add data"
             )
-        sampler = None
-        if world > 1:  # our own sampler: Lightning's would always shuffle the training set
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=self.trainer.global_rank,
-                                         shuffle=self.shuffle, drop_last=self.drop_last)
+        # Our own sampler, also on one process: Lightning's would always shuffle the training set, and this one
+        # draws each epoch's order from (seed, epoch) and can skip what a resumed run already saw.
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=self.shuffle,
+                                   seed=self.seed, drop_last=self.drop_last)
+        if self._resume is not None:
+            sampler.set_epoch(self._resume["epoch"])
+            sampler.skip = self._resume["batches"] * self.batch_size
+            self._resume = None
+        self._sampler = sampler
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=self.shuffle if sampler is None else False,
             sampler=sampler,
             drop_last=self.drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            collate_fn=PadCollator(self.tokenizer.pad_token_id),
+            collate_fn=self.collator(),
         )
+
+    # ------------------------------------------------------------------------------------- mid-epoch resume
+    def state_dict(self) -> dict:
+        """Where the training loop is in the epoch; saved in every checkpoint (also a preemption one)."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches": progress.processed, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """On resume, the next training epoch starts after the batches the interrupted run already trained on."""
+        if state_dict:
+            self.seed = state_dict.get("seed", self.seed)
+            self._resume = {"epoch": state_dict["epoch"], "batches": state_dict["batches"]}
+
+    def collator(self):
+        """The training DataLoader's ``collate_fn``; datamodules whose rows carry more than token ids override it."""
+        return PadCollator(self.tokenizer.pad_token_id)
