@@ -33,7 +33,8 @@ class EmbedLabCLI(LightningCLI):
 
 
 def export_main(argv: list[str]) -> None:
-    """``export --ckpt_path CKPT --output_dir DIR``: write a sentence-transformers folder from a checkpoint."""
+    """``export --ckpt_path CKPT --output_dir DIR``: write a sentence-transformers folder from a checkpoint (an SAE
+    checkpoint gives cfg.json + sae.safetensors instead)."""
     from jsonargparse import ArgumentParser
 
     from lightning_modules.export import export_sentence_transformer, load_module
@@ -42,7 +43,14 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint written by `train.py fit`")
     parser.add_argument("--output_dir", type=str, required=True, help="folder to write")
     args = parser.parse_args(argv)
-    out = export_sentence_transformer(load_module(args.ckpt_path), args.output_dir)
+    module = load_module(args.ckpt_path)
+    if hasattr(module, "sae"):  # SAEModule: cfg.json + sae.safetensors
+        from lightning_modules.export import export_sae
+
+        out = export_sae(module, args.output_dir)
+        print(f"exported {args.ckpt_path} -> {out}  (load with lightning_modules.export.load_sae('{out}'))")
+        return
+    out = export_sentence_transformer(module, args.output_dir)
     print(f"exported {args.ckpt_path} -> {out}  (load with SentenceTransformer('{out}'))")
 
 
@@ -50,6 +58,11 @@ def main(argv: list[str] | None = None) -> EmbedLabCLI | None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "export":
         export_main(args[1:])
+        return None
+    if args and args[0] == "evaluate":
+        from lightning_modules.evaluate import evaluate_main
+
+        evaluate_main(args[1:])
         return None
     return EmbedLabCLI(
         LightningModule,

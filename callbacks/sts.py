@@ -51,7 +51,7 @@ class STSEvaluator(pl.Callback):
 
     def evaluate(self, pl_module: pl.LightningModule) -> float:
         """Spearman x 100 of the module's current weights on the configured pairs."""
-        z_ND = pl_module.encoder.encode_ids(self._ids, batch_size=self.batch_size)
+        z_ND = pl_module.encode_ids(self._ids, batch_size=self.batch_size)
         cos_P = F.cosine_similarity(z_ND[self._index1], z_ND[self._index2], dim=-1)
         return float(spearman_corrcoef(cos_P, torch.tensor(self.pairs.scores)) * 100)
 

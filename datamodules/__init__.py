@@ -1,13 +1,22 @@
 """Datamodules: text in, token ids out. They know a model only through the tokenizer handed to ``connect``."""
 
+from datamodules.activations import ActivationCache, ActivationsDataModule
 from datamodules.base import DataError, TextDataModule
+from datamodules.brown import UNIVERSAL_TAGS, read_brown
+from datamodules.groups import GroupedTextDataModule, kmeans_groups
 from datamodules.nli import NLIDataModule
 from datamodules.sentences import SentencesDataModule
 from datamodules.sts import STS_TASKS, STSDataModule, STSPairs, load_sts
 
 __all__ = [
+    "ActivationCache",
+    "ActivationsDataModule",
+    "UNIVERSAL_TAGS",
+    "read_brown",
     "DataError",
     "TextDataModule",
+    "GroupedTextDataModule",
+    "kmeans_groups",
     "NLIDataModule",
     "SentencesDataModule",
     "STSDataModule",

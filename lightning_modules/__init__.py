@@ -2,5 +2,7 @@
 
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.contrastive import ContrastiveModule
+from lightning_modules.mcr2 import MCR2Module
+from lightning_modules.sae import SAEModule
 
-__all__ = ["EmbeddingModule", "ContrastiveModule"]
+__all__ = ["EmbeddingModule", "ContrastiveModule", "MCR2Module", "SAEModule"]

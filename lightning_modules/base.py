@@ -43,7 +43,15 @@ class EmbeddingModule(pl.LightningModule):
 
     def encode(self, sentences: Sequence[str], batch_size: int = 128) -> Tensor:
         """Embeddings (N, D) of raw sentences on CPU, inference mode, no dropout."""
-        return self.encoder.encode(sentences, batch_size=batch_size)
+        return self.encode_ids(self.encoder.tokenize(sentences), batch_size=batch_size)
+
+    def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 128) -> Tensor:
+        """Embeddings (N, D) of pre-tokenised sentences; modules with a head after the encoder override this."""
+        return self.encoder.encode_ids(ids, batch_size=batch_size)
+
+    def embed_batch(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) padded ids -> (B, D): what validation / test score; modules with a head override this."""
+        return self.encoder(input_ids, attention_mask)
 
     def setup(self, stage: str) -> None:
         # Late binding: the datamodule learns the tokenizer only now (litgpt's `connect` idea).
@@ -72,7 +80,7 @@ class EmbeddingModule(pl.LightningModule):
 
     def _sts_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
         B, V, L = batch["input_ids"].shape  # V = 2: the two sentences of each pair
-        z_ND = self.encoder(batch["input_ids"].reshape(B * V, L), batch["attention_mask"].reshape(B * V, L))
+        z_ND = self.embed_batch(batch["input_ids"].reshape(B * V, L), batch["attention_mask"].reshape(B * V, L))
         z_BVD = z_ND.view(B, V, -1).float()
         cos_B = torch.nn.functional.cosine_similarity(z_BVD[:, 0], z_BVD[:, 1], dim=-1)
         self._sts_outputs.setdefault(dataloader_idx, []).append((cos_B, batch["scores"].float()))

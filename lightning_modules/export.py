@@ -85,3 +85,89 @@ def load_module(ckpt_path: str | Path) -> EmbeddingModule:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
     return module_class_from_checkpoint(path).load_from_checkpoint(path, map_location="cpu")
+
+
+# ------------------------------------------------------------------------------------------ sparse autoencoders
+#: cfg.json fields EleutherAI sparsify's ``SparseCoderConfig`` reads (its loader drops the others): sparsify loads
+#: the export as a per-row TopK SAE with the same weights; ``load_sae`` restores the BatchTopK threshold too.
+SPARSIFY_FIELDS = ("activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
+                   "skip_connection", "transcode")
+
+
+def export_sae(module_or_sae, output_dir: str | Path) -> Path:
+    """Write ``cfg.json`` + ``sae.safetensors`` (sparsify's layout: ``encoder.weight`` (F, d), ``encoder.bias``,
+    ``W_dec`` (F, d), ``b_dec``) for an ``SAEModule`` or a ``BatchTopKSAE``.
+
+    The input scale is folded into the biases and the threshold (see ``fold_input_scale``), so the exported SAE
+    takes raw activations. The inference threshold (input units), the full BatchTopK config and the folded scale are
+    in ``cfg.json``; the training-only dead-latent counters stay in the Lightning checkpoint.
+    """
+    import copy
+    import json
+
+    from safetensors.torch import save_file
+
+    from lightning_modules.components.batch_topk import BatchTopKSAE, fold_input_scale
+
+    sae = getattr(module_or_sae, "sae", module_or_sae)
+    if not isinstance(sae, BatchTopKSAE):
+        raise TypeError(f"export_sae needs an SAEModule or a BatchTopKSAE, got {type(module_or_sae).__name__}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scale = float(sae.input_scale)
+    folded = fold_input_scale(copy.deepcopy(sae).cpu().float())
+    tensors = {"encoder.weight": folded.W_enc, "encoder.bias": folded.b_enc, "W_dec": folded.W_dec,
+               "b_dec": folded.b_dec}
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(output_dir / "sae.safetensors"))
+    cfg = sae.cfg
+    meta = {
+        "activation": "topk", "expansion_factor": cfg.expansion_factor, "normalize_decoder": True,
+        "num_latents": sae.num_latents, "k": cfg.k, "multi_topk": False, "skip_connection": False,
+        "transcode": False, "d_in": cfg.d_in,
+        "architecture": "batch_topk",
+        "threshold": float(folded.threshold),
+        "input_scale_folded": scale,
+        "training_steps": int(sae.steps),
+        "batch_topk": cfg.to_dict(),
+    }
+    (output_dir / "cfg.json").write_text(json.dumps(meta, indent=1))
+    return output_dir
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu"):
+    """A ``BatchTopKSAE`` (eval mode: codes by threshold) from a folder written by :func:`export_sae`.
+
+    Folders written by sparsify (no ``batch_topk`` entry) load as BatchTopK SAEs with their k and no threshold.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
+
+    path = Path(path)
+    for name in ("cfg.json", "sae.safetensors"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} not found: not an SAE folder written by export_sae")
+    meta = json.loads((path / "cfg.json").read_text())
+    if "batch_topk" in meta:
+        cfg = BatchTopKConfig.from_dict({**meta["batch_topk"], "normalize_input": False})
+    else:
+        cfg = BatchTopKConfig(d_in=meta["d_in"], num_latents=meta.get("num_latents") or 0,
+                              expansion_factor=meta.get("expansion_factor", 8), k=meta["k"], normalize_input=False)
+    sae = BatchTopKSAE(cfg)
+    tensors = load_file(str(path / "sae.safetensors"))
+    expected = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
+    if set(tensors) != expected:
+        raise ValueError(f"{path / 'sae.safetensors'}: tensors {sorted(tensors)}, expected {sorted(expected)}")
+    with torch.no_grad():
+        for name, param in (("encoder.weight", sae.W_enc), ("encoder.bias", sae.b_enc), ("W_dec", sae.W_dec),
+                            ("b_dec", sae.b_dec)):
+            if tensors[name].shape != param.shape:
+                raise ValueError(f"{path / 'sae.safetensors'}: {name} has shape {tuple(tensors[name].shape)}, "
+                                 f"cfg.json implies {tuple(param.shape)}")
+            param.copy_(tensors[name])
+        sae.threshold.fill_(meta.get("threshold", -1.0))
+        sae.steps.fill_(meta.get("training_steps", 0))
+        sae.initialized.fill_(True)
+    return sae.to(device).eval()

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[capture],
     )
+    # DDP re-seeds every rank in its setup (reset_seed), after the model consumed random numbers for its MLP:
+    # re-seed here too, so 1 and 2 processes start training from the same RNG state (HNM's seeded draws).
+    pl.seed_everything(0)
     trainer.fit(model, data)
     if trainer.global_rank == 0:
         torch.save({"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "grads": capture.grads},

@@ -24,7 +24,13 @@ def patch(node, paths: dict, tmp_path: Path, data_class: str | None = None):
         if key == "model_name_or_path":
             value = paths["model"]
         elif key == "source" and cls:
-            value = str(paths["nli"] if "NLI" in cls else paths["sentences"])
+            value = str(paths["nli"] if "NLI" in cls or node.get("columns") else paths["sentences"])
+        elif key == "in_dim":
+            value = 32  # the tiny model's hidden size
+        elif key == "out_dim":
+            value = min(value, 16)
+        elif key == "cache_path":
+            value = str(tmp_path / "cache.safetensors")
         elif key in ("data_files", "subset"):
             value = None
         elif key == "task" and cls and "STSEvaluator" in cls:
@@ -33,8 +39,8 @@ def patch(node, paths: dict, tmp_path: Path, data_class: str | None = None):
             value = str(tmp_path / key)
         elif key == "batch_size":
             value = min(value, 8)
-        elif key == "columns" and cls and "NLI" in cls:
-            value = ["sent0", "sent1", "hard_neg"]
+        elif key == "columns" and value and not set(value) <= {"sent0", "sent1", "hard_neg"}:
+            value = ["sent0", "sent1", "hard_neg"][: len(value)]
         else:
             value = patch(value, paths, tmp_path, cls)
         out[key] = value

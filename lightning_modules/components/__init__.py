@@ -1,7 +1,8 @@
 """Plain ``nn.Module`` building blocks. Nothing here imports Lightning."""
 
+from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
 from lightning_modules.components.encoder import Encoder
 from lightning_modules.components.heads import MLPHead
 from lightning_modules.components.pooling import POOLERS, pool
 
-__all__ = ["Encoder", "MLPHead", "POOLERS", "pool"]
+__all__ = ["BatchTopKConfig", "BatchTopKSAE", "Encoder", "MLPHead", "POOLERS", "pool"]

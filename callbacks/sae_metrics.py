@@ -1,0 +1,44 @@
+"""End-of-fit report for sparse autoencoders: export the SAE and record its final metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_only
+
+
+class SAEReport(pl.Callback):
+    """When ``fit`` ends: export the SAE of the best checkpoint (else the final weights) as ``cfg.json`` +
+    ``sae.safetensors`` (``lightning_modules.export.export_sae``) and write ``sae_metrics.json`` beside it with the
+    last logged ``sae/*`` and ``val/sae/*`` values, the threshold and the dead-latent count.
+
+    Args:
+        output_dir: target folder; default ``<log_dir>/sae``.
+    """
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        self.output_dir = output_dir
+        self.exported: Path | None = None
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_modules.export import export_sae, load_module
+
+        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        module = load_module(ckpt) if ckpt else pl_module
+        out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "sae")
+        self.exported = export_sae(module, out)
+        sae = module.sae
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "sae/" in k}
+        metrics.update({
+            "checkpoint": ckpt or None,
+            "global_step": trainer.global_step,
+            "threshold_input_units": float(sae.threshold * sae.input_scale) if sae.threshold >= 0 else None,
+            "dead_latents": int((sae.tokens_since_fired >= sae.cfg.dead_after).sum()),
+            "num_latents": sae.num_latents,
+        })
+        (out / "sae_metrics.json").write_text(json.dumps(metrics, indent=1))
+        print(f"checkpoint:   {ckpt or '(none saved; exported the final weights)'}\n"
+              f"exported SAE: {self.exported}  (lightning_modules.export.load_sae('{self.exported}'))", flush=True)

@@ -1,0 +1,158 @@
+"""Sentences with a row index and optional group labels, for MCR2 projection heads over a frozen teacher.
+
+Every batch carries ``index`` (B,): the row's position in the dataset, so a module can look up embeddings it
+computed once per sentence (a frozen teacher's, or k-means clusters of them); sentence ``v`` of row ``i`` has the
+flat position ``i * V + v`` in :meth:`GroupedTextDataModule.sentence_ids`. Where the groups come from:
+
+- pairs: rows of V >= 2 sentences, each row one group, e.g. ``columns: [sent0, sent1]`` on an NLI CSV gives
+  (premise, entailment) 2-member groups. A batch always holds whole groups.
+- given labels: ``label_column`` names a column whose value is the row's group; batches carry ``group`` (B,).
+- k-means: plain sentences; the module clusters the teacher's embeddings once (:func:`kmeans_groups`).
+
+Why not NLIDataModule with 2 columns: it works for pairs, but its batches carry no row index, so the teacher
+would be run on every batch and k-means clusters could not be looked up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from datamodules.base import DataError, PadCollator, TextDataModule, looks_like_hub_name, resolve
+from datamodules.nli import read_rows
+from datamodules.sentences import read_sentences
+
+
+class GroupedRows(Dataset):
+    """Items ``(index, token ids of the row's V sentences, group label or -1)``."""
+
+    def __init__(self, rows: list[tuple[list[int], ...]], labels: list[int] | None) -> None:
+        self.rows, self.labels = rows, labels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, tuple[list[int], ...], int]:
+        return i, self.rows[i], self.labels[i] if self.labels is not None else -1
+
+
+class GroupCollator:
+    """``input_ids`` / ``attention_mask`` (B, V, L), ``index`` (B,) and, when rows are labelled, ``group`` (B,)."""
+
+    def __init__(self, pad_token_id: int, labelled: bool) -> None:
+        self.pad, self.labelled = PadCollator(pad_token_id), labelled
+
+    def __call__(self, items: list[tuple[int, tuple[list[int], ...], int]]) -> dict[str, Tensor]:
+        index, rows, labels = zip(*items)
+        out = self.pad(list(rows))
+        out["index"] = torch.tensor(index, dtype=torch.long)
+        if self.labelled:
+            out["group"] = torch.tensor(labels, dtype=torch.long)
+        return out
+
+
+def kmeans_groups(embeddings_ND: Tensor, num_clusters: int, seed: int = 0) -> Tensor:
+    """Cluster id (N,) of each L2-normalised row: scikit-learn's KMeans (k-means++, 3 restarts), on CPU.
+
+    On the unit sphere, Euclidean k-means ranks points like cosine similarity does.
+    """
+    from sklearn.cluster import KMeans
+
+    n = embeddings_ND.shape[0]
+    if not 2 <= num_clusters <= n:
+        raise DataError(f"num_clusters must be between 2 and the number of sentences ({n}), got {num_clusters}")
+    x_ND = torch.nn.functional.normalize(embeddings_ND.detach().float().cpu(), dim=-1).numpy()
+    labels = KMeans(num_clusters, n_init=3, random_state=seed).fit_predict(x_ND)
+    return torch.as_tensor(labels, dtype=torch.long)
+
+
+class GroupedTextDataModule(TextDataModule):
+    """Rows of sentences with their index (and group label) for MCR2 training.
+
+    Args:
+        source: a ``.txt`` file (one sentence per line), a ``.csv``/``.tsv`` file with a header, or a Hugging
+            Face hub dataset name; absolute or under ``data_root``.
+        columns: the text columns of each row, in order; several columns make each row one group (pairs).
+            Default: ``[text]`` (a ``.txt`` file has no columns).
+        label_column: a column holding each row's group label (any strings, mapped to ids in sorted order).
+        split, subset, data_files: hub dataset split, configuration and file(s).
+        **kwargs: see :class:`~datamodules.base.TextDataModule`.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        columns: list[str] | None = None,
+        label_column: str | None = None,
+        split: str = "train",
+        subset: str | None = None,
+        data_files: str | None = None,
+        data_root: str | None = None,
+        batch_size: int = 1000,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        max_rows: int | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(data_root, batch_size, num_workers, shuffle, drop_last, max_rows, pin_memory)
+        self.columns = list(columns) if columns else ["text"]
+        if label_column is not None and label_column in self.columns:
+            raise DataError(f"data.label_column {label_column!r} is also one of data.columns {self.columns}")
+        self.source, self.label_column, self.split, self.subset = source, label_column, split, subset
+        self.data_files = data_files
+        self.source_name = Path(source).name
+        self.label_names: list[str] = []
+
+    @property
+    def views(self) -> int:
+        """V, the sentences per row."""
+        return len(self.columns)
+
+    def load_rows(self) -> list[tuple[str, ...]]:
+        """Rows of the V texts, followed by the label when ``label_column`` is set."""
+        path = resolve(self.source, self.data_root)
+        if path is None and not looks_like_hub_name(self.source):
+            raise DataError(f"data file {self.source!r} not found (looked in {self.data_root or '.'} and the "
+                            "working directory)")
+        if path is not None and path.suffix == ".txt":
+            if self.label_column is not None or self.columns != ["text"]:
+                raise DataError(f"{path}: a .txt file holds one sentence per line and no columns; use a CSV/TSV "
+                                "with a header for data.columns / data.label_column")
+            return [(s,) for s in read_sentences(str(path))]
+        extra = [self.label_column] if self.label_column else []
+        return read_rows(self.source, self.columns + extra, self.data_root, self.split, self.subset,
+                         self.data_files)
+
+    def tokenized(self) -> GroupedRows:
+        if self.tokenizer is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no tokenizer: call connect(tokenizer, max_length) first "
+                "(a LightningModule derived from EmbeddingModule does this in its setup hook)"
+            )
+        if self._dataset is None:
+            V, rows = self.views, self.texts
+            labels = None
+            if self.label_column is not None:
+                self.label_names = sorted({row[V] for row in rows})
+                ids_of = {name: i for i, name in enumerate(self.label_names)}
+                labels = [ids_of[row[V]] for row in rows]
+            flat = [t for row in rows for t in row[:V]]
+            ids = self.tokenizer(flat, truncation=True, max_length=self.max_length)["input_ids"]
+            self._dataset = GroupedRows([tuple(ids[i * V : (i + 1) * V]) for i in range(len(rows))], labels)
+        return self._dataset
+
+    def collator(self) -> GroupCollator:
+        return GroupCollator(self.tokenizer.pad_token_id, self.label_column is not None)
+
+    def sentence_ids(self) -> list[list[int]]:
+        """Token ids of every sentence, sentence ``v`` of row ``i`` at position ``i * V + v``."""
+        return [ids for row in self.tokenized().rows for ids in row]
+
+    def labels(self) -> Tensor | None:
+        """Group label id per row (N,), or None without ``label_column``."""
+        labels = self.tokenized().labels
+        return None if labels is None else torch.tensor(labels, dtype=torch.long)

@@ -1,0 +1,342 @@
+"""STS evaluation in the SimCSE protocol, and the ``train.py evaluate`` command.
+
+    python train.py evaluate --model runs/x/checkpoints/last.ckpt --data_root ../shared/data
+    python train.py evaluate --model sentence-transformers/all-MiniLM-L6-v2 --tasks stsb,sickr --output r.json
+
+The protocol is that of SimCSE's ``evaluation.py --mode test --task_set sts`` (on SentEval): cosine
+similarity of the model's own embeddings against the gold scores, Spearman x 100.
+
+- STS12-16: every subset file of a year, unscored pairs (empty gold line) skipped. ``all`` is the Spearman
+  over the concatenation of the subsets (the number papers print); ``wmean`` the mean of per-subset Spearman
+  weighted by subset size, ``mean`` the unweighted one (SentEval reports both).
+- STS-B and SICK-R: the test split (one subset, so all three figures agree).
+
+Text (``--text``): by default as SentEval leaves it, which is what SimCSE scored (``senteval``: Moses tokens,
+lower-cased for STS12-16 and STS-B). MTEB's copies of STS12-16 are those same SentEval files (their distinct
+texts and pairs match MTEB's descriptive statistics exactly), but MTEB keeps STS-B raw (``--text mteb``);
+``raw`` uses the organisers' files untouched. For all-MiniLM-L6-v2 the forms agree to 0.01 (only STS14 moves,
+by 0.01). MTEB's SICK-R is train + trial + test (9,927 pairs), not the test split: ``--tasks sickr_all``
+scores those, to compare with MTEB.
+
+Three kinds of model are accepted: a Lightning checkpoint (``.ckpt``; encoded by the module's own
+``encode``, pooling and head included), a sentence-transformers folder (e.g. from ``train.py export``) or a
+plain Hugging Face folder, and a hub name (sentence-transformers' default mean pooling for plain models).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from torch import Tensor
+
+from datamodules.base import DataError
+from datamodules.sts import SICK_FILES, STS_TASKS, TEXT_FORMS, STSPairs, load_sts_subsets
+
+#: The SimCSE table: task -> column title, in the paper's order.
+PAPER_COLUMNS = {
+    "sts12": "STS12",
+    "sts13": "STS13",
+    "sts14": "STS14",
+    "sts15": "STS15",
+    "sts16": "STS16",
+    "stsb": "STSBenchmark",
+    "sickr": "SICKRelatedness",
+    "sickr_all": "SICK-R(all 3 files)",
+}
+#: Tasks the evaluator knows besides a TSV path: the seven of the paper, and SICK-R as MTEB scores it.
+KNOWN_TASKS = (*STS_TASKS, "sickr_all")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """What the evaluation needs of a model: a name, and ``encode(sentences)`` -> (N, D) float on CPU."""
+
+    name: str
+
+    def encode(self, sentences: list[str]) -> Tensor: ...
+
+
+class ModuleEmbedder:
+    """A trained :class:`~lightning_modules.base.EmbeddingModule` through its own ``encode`` (no dropout)."""
+
+    def __init__(self, module, name: str, batch_size: int = 128) -> None:
+        self.module, self.name, self.batch_size = module, name, batch_size
+
+    def encode(self, sentences: list[str]) -> Tensor:
+        return self.module.encode(sentences, batch_size=self.batch_size).float()
+
+
+class SentenceTransformerEmbedder:
+    """A ``SentenceTransformer`` (exported folder, plain Hugging Face folder or hub name)."""
+
+    def __init__(self, model, name: str, batch_size: int = 128) -> None:
+        self.model, self.name, self.batch_size = model, name, batch_size
+
+    def encode(self, sentences: list[str]) -> Tensor:
+        z = self.model.encode(
+            sentences, batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=False
+        )
+        return z.float().cpu()
+
+
+def _check_weights(folder: Path) -> None:
+    """Raise when a model folder (or its Transformer module's sub-folder) holds a config but no weights."""
+    transformer_dirs = [folder]
+    modules_json = folder / "modules.json"
+    if modules_json.is_file():
+        modules = json.loads(modules_json.read_text())
+        transformer_dirs = [
+            folder / m.get("path", "") for m in modules if m.get("type", "").endswith("Transformer")
+        ]
+    for d in transformer_dirs:
+        if not any((d / w).is_file() for w in WEIGHT_FILES):
+            raise FileNotFoundError(
+                f"model folder {str(d)!r} has no weights: expected one of {', '.join(WEIGHT_FILES)} "
+                f"(found {sorted(p.name for p in d.iterdir())})"
+            )
+
+
+def load_embedder(
+    model: str, batch_size: int = 128, max_length: int | None = None, device: str = "cpu"
+) -> Embedder:
+    """An :class:`Embedder` for a checkpoint, a model folder or a hub name (see the module docstring).
+
+    Args:
+        model: ``*.ckpt`` path, folder (sentence-transformers or Hugging Face) or hub name.
+        batch_size: sentences per forward pass.
+        max_length: tokens kept per sentence; None keeps the model's own setting (the checkpoint's
+            ``max_length``, the exported folder's ``max_seq_length``: they agree, and so do the numbers).
+        device: ``cpu``, ``cuda``, ... or ``auto`` (CUDA when available).
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = Path(model).expanduser()
+    if path.suffix == ".ckpt" or path.is_file():
+        from lightning_modules.export import load_module
+
+        module = load_module(path).to(device)
+        if max_length is not None:
+            module.encoder.max_length = max_length
+        return ModuleEmbedder(module, str(path), batch_size)
+
+    from sentence_transformers import SentenceTransformer
+
+    from lightning_modules.components.encoder import resolve_model
+
+    if path.is_dir():
+        if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{str(path)!r} is neither a sentence-transformers folder (modules.json) nor a "
+                "Hugging Face model folder (config.json)"
+            )
+        _check_weights(path)
+        source = str(path)
+    else:
+        source = resolve_model(model)
+    try:
+        st = SentenceTransformer(source, device=device)
+    except OSError as err:
+        raise OSError(
+            f"could not load model {model!r}: not a checkpoint or local folder, and the Hugging Face hub "
+            f"could not provide it (offline, or a wrong name). Original error: {err}"
+        ) from None
+    if max_length is not None:
+        st.max_seq_length = max_length
+    return SentenceTransformerEmbedder(st, model, batch_size)
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+def spearman100(x: Tensor | Sequence[float], y: Tensor | Sequence[float]) -> float:
+    """Spearman's rho x 100, float64, scipy (average ranks for ties), as SentEval and MTEB compute it."""
+    x = torch.as_tensor(x, dtype=torch.float64).numpy()
+    y = torch.as_tensor(y, dtype=torch.float64).numpy()
+    return float(spearmanr(x, y).statistic * 100)
+
+
+@dataclass
+class TaskScore:
+    """A task's result: ``all`` (Spearman over all pairs), ``wmean`` / ``mean`` over subsets, per subset."""
+
+    task: str
+    all: float
+    wmean: float
+    mean: float
+    n_pairs: int
+    subsets: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def score_subsets(embedder: Embedder, task: str, subsets: list[STSPairs]) -> TaskScore:
+    """Encode each distinct sentence of a task once, then score every subset and their concatenation."""
+    start = time.perf_counter()
+    unique = sorted({s for p in subsets for s in (*p.sentences1, *p.sentences2)})
+    where = {s: i for i, s in enumerate(unique)}
+    z_UD = F.normalize(embedder.encode(unique).double(), dim=-1)
+    cos_parts, gold_parts, detail = [], [], {}
+    for p in subsets:
+        cos_P = (z_UD[[where[s] for s in p.sentences1]] * z_UD[[where[s] for s in p.sentences2]]).sum(-1)
+        cos_parts.append(cos_P)
+        gold_parts.append(torch.tensor(p.scores, dtype=torch.float64))
+        detail[p.name] = {"n": len(p), "spearman": spearman100(cos_P, p.scores)}
+    n_total = sum(d["n"] for d in detail.values())
+    wmean = sum(d["n"] * d["spearman"] for d in detail.values()) / n_total
+    mean = sum(d["spearman"] for d in detail.values()) / len(detail)
+    rho_all = spearman100(torch.cat(cos_parts), torch.cat(gold_parts))
+    return TaskScore(task, rho_all, wmean, mean, n_total, detail, time.perf_counter() - start)
+
+
+def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """``"sts12,stsb"`` or a list -> names, checked: each a known task or an existing ``.tsv`` file."""
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if not names:
+        raise DataError(f"no tasks given; known tasks: {', '.join(KNOWN_TASKS)} (or a .tsv path)")
+    for name in names:
+        if name not in KNOWN_TASKS and not (name.endswith(".tsv") and Path(name).is_file()):
+            hint = f" ({name} does not exist)" if name.endswith(".tsv") else ""
+            raise DataError(
+                f"unknown task {name!r}{hint}; known tasks: {', '.join(KNOWN_TASKS)}, or a path to a "
+                ".tsv file with the header sentence1, sentence2, score"
+            )
+    return names
+
+
+def task_subsets(task: str, data_root: str | None, text: str = "senteval") -> list[STSPairs]:
+    """The subsets scored for ``task``; with ``data_root`` a local file must exist (no silent hub copy)."""
+    hub = data_root is None
+    if task == "sickr_all":  # MTEB's SICK-R: train, trial and test files together
+        parts = {split: load_sts_subsets("sickr", split, data_root, hub, text)[0] for split in SICK_FILES}
+        return [STSPairs(SICK_FILES[s], p.sentences1, p.sentences2, p.scores) for s, p in parts.items()]
+    return load_sts_subsets(task, "test", data_root, hub, text)
+
+
+def evaluate_sts(
+    embedder: Embedder,
+    tasks: str | Sequence[str] = STS_TASKS,
+    data_root: str | None = None,
+    text: str = "senteval",
+) -> dict[str, TaskScore]:
+    """Score ``embedder`` on each task (see the module docstring); data is loaded before any encoding."""
+    names = parse_tasks(tasks)
+    data = {t: task_subsets(t, data_root, text) for t in names}
+    return {t: score_subsets(embedder, t, subsets) for t, subsets in data.items()}
+
+
+# --------------------------------------------------------------------------------------------- reporting
+def averages(scores: dict[str, TaskScore]) -> dict[str, float]:
+    return {
+        "all": sum(s.all for s in scores.values()) / len(scores),
+        "wmean": sum(s.wmean for s in scores.values()) / len(scores),
+    }
+
+
+def format_table(scores: dict[str, TaskScore]) -> str:
+    """The table SimCSE prints (one column per task, then ``Avg.``), with a second row for ``wmean``."""
+    titles = [PAPER_COLUMNS.get(t, Path(t).stem) for t in scores] + ["Avg."]
+    avg = averages(scores)
+    rows = [
+        ["all"] + [f"{s.all:.2f}" for s in scores.values()] + [f"{avg['all']:.2f}"],
+        ["wmean"] + [f"{s.wmean:.2f}" for s in scores.values()] + [f"{avg['wmean']:.2f}"],
+    ]
+    widths = [max(len(r[i]) for r in [[""] + titles, *rows]) for i in range(len(titles) + 1)]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+
+    def fmt(cells: list[str]) -> str:
+        return "| " + " | ".join(c.center(w) for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([line, fmt([""] + titles), line, *map(fmt, rows), line])
+
+
+def to_json(
+    scores: dict[str, TaskScore], model: str, data_root: str | None, seconds: float, text: str = "senteval"
+) -> dict:
+    def clean(x: float) -> float | None:
+        return None if math.isnan(x) else x
+
+    return {
+        "model": model,
+        "protocol": "simcse: Spearman x100 of cosine; STS12-16 'all' = concatenated subsets, unscored pairs "
+        "skipped; STS-B and SICK-R test",
+        "text": text,
+        "data_root": data_root,
+        "tasks": {
+            t: {**asdict(s), "all": clean(s.all), "wmean": clean(s.wmean), "mean": clean(s.mean)}
+            for t, s in scores.items()
+        },
+        "avg": averages(scores),
+        "seconds": seconds,
+    }
+
+
+def evaluate_main(argv: list[str]) -> dict:
+    """``evaluate --model M [--tasks T,...] [--data_root DIR] [--output FILE]``: the SimCSE STS table."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="train.py evaluate", description=evaluate_main.__doc__)
+    parser.add_argument(
+        "--model",
+        type=str,
+        required=True,
+        help="a .ckpt written by `train.py fit`, a sentence-transformers / Hugging Face folder, "
+        "or a hub name",
+    )
+    parser.add_argument(
+        "--tasks",
+        type=str,
+        default=",".join(STS_TASKS),
+        help=f"comma-separated: {', '.join(KNOWN_TASKS)}, or .tsv paths",
+    )
+    parser.add_argument(
+        "--data_root",
+        type=str,
+        default=None,
+        help="folder with stsb/, sts12-16/, sick/ (see datamodules/sts.py); without it the hub "
+        "copies are used",
+    )
+    parser.add_argument(
+        "--text",
+        type=str,
+        default="senteval",
+        choices=TEXT_FORMS,
+        help="text form: senteval (SimCSE's data), mteb (MTEB's copies), raw (organisers' files)",
+    )
+    parser.add_argument("--output", type=str, default=None, help="JSON file to write")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument(
+        "--max_length", type=int, default=None, help="tokens per sentence; default: the model's own"
+    )
+    parser.add_argument("--device", type=str, default="auto")
+    args = parser.parse_args(argv)
+
+    tasks = parse_tasks(args.tasks)  # fail on a bad name before loading anything
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        raise DataError(f"--data_root {args.data_root!r} is not a folder")
+    start = time.perf_counter()
+    data = {t: task_subsets(t, args.data_root, args.text) for t in tasks}
+    embedder = load_embedder(args.model, args.batch_size, args.max_length, args.device)
+    scores = {t: score_subsets(embedder, t, subsets) for t, subsets in data.items()}
+    result = to_json(scores, args.model, args.data_root, time.perf_counter() - start, args.text)
+    print(format_table(scores))
+    print(
+        f"({result['seconds']:.1f} s; 'all': Spearman x100 over every pair of a task; 'wmean': mean over its "
+        "subsets weighted by size)"
+    )
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.output}")
+    return result

@@ -1,0 +1,302 @@
+"""MCR2Module: a projection head trained with MCR2 (+ optional similarity distillation) on a frozen teacher."""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_modules.base import EmbeddingModule
+from lightning_modules.components.encoder import Encoder
+from lightning_modules.components.heads import ProjectionHead
+from lightning_modules.losses.mcr2 import MCR2Output, mcr2_loss
+
+Grouping = Literal["pairs", "kmeans", "labels"]
+GROUPINGS = ("pairs", "kmeans", "labels")
+
+
+class MCR2Module(EmbeddingModule):
+    """Compresses a frozen sentence encoder's embeddings (D) to ``out_dim`` (K) with a trained projection head.
+
+    The teacher (``self.encoder``) stays in eval mode with ``requires_grad=False`` (no dropout, no gradient, no
+    optimiser state); only ``self.head`` trains. ``encode`` / ``encode_ids`` / validation return the compressed
+    embedding, and the sentence-transformers export appends the head as Dense module(s) (:meth:`extra_st_modules`).
+
+    Batches come from :class:`~datamodules.groups.GroupedTextDataModule` (``input_ids`` (B, V, L), ``index`` (B,),
+    optionally ``group`` (B,)). With ``cache_teacher`` every training sentence is embedded once at the start of
+    ``fit`` (optionally read from / written to ``cache_path``), so a step costs only the head and the loss.
+    The loss is computed on the batch gathered over all ranks (the coding rate depends on the batch size m).
+
+    Args:
+        model_name_or_path: the teacher (hub name or local folder).
+        pooler: the teacher's pooler (``mean`` for sentence-transformers models such as all-MiniLM-L6-v2).
+        max_length: tokens per sentence.
+        out_dim: K, the compressed size (e.g. 32, 64, 128, 256).
+        hidden_dim: hidden size of an MLP head; None for a linear head.
+        activation: MLP activation (``relu``, ``gelu``, ``tanh``).
+        normalize_input: L2-normalise the teacher's embedding before the head (the teacher model's own output).
+        in_dim: the teacher embedding size the head is configured for; None takes the teacher's. A mismatch with
+            the teacher is a configuration error (raised at construction).
+        grouping: ``pairs`` (each row's V >= 2 sentences are one group, e.g. NLI premise + entailment),
+            ``kmeans`` (k-means clusters of the teacher's embeddings of all training sentences, computed once),
+            ``labels`` (the datamodule's ``label_column``).
+        num_clusters: k for ``kmeans``.
+        kmeans_seed: seed of the k-means initialisation.
+        eps2: epsilon squared of the coding rate.
+        gamma: weight of R in ``-gamma R + R_c``.
+        distill_weight: weight of the term keeping the student's pairwise cosines close to the teacher's (0: off).
+        init: ``random`` or ``pca`` (a linear head starts as the PCA projection of the training sentences'
+            teacher embeddings; skipped when resuming from a checkpoint).
+        cache_teacher: embed each training sentence once, up front (needs a datamodule with ``sentence_ids``).
+        cache_path: a ``.safetensors`` file for that cache; reused when it was written for the same teacher,
+            pooler, max_length and sentences, rewritten otherwise.
+        check_finite_every_n_steps: the first batch with a non-finite loss is recorded on the device every step
+            (no host sync); every n steps, and at epoch end, the record is read (one sync) and training stops
+            with an error naming that batch. 1 stops before a non-finite update reaches the weights.
+        lr, weight_decay, warmup_ratio: see :class:`EmbeddingModule`.
+        attn_implementation: e.g. ``sdpa``; None keeps the model's default.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2",
+        pooler: str = "mean",
+        max_length: int = 256,
+        out_dim: int = 128,
+        hidden_dim: int | None = None,
+        activation: Literal["relu", "gelu", "tanh"] = "gelu",
+        normalize_input: bool = True,
+        in_dim: int | None = None,
+        grouping: Grouping = "pairs",
+        num_clusters: int = 64,
+        kmeans_seed: int = 0,
+        eps2: float = 0.5,
+        gamma: float = 1.0,
+        distill_weight: float = 0.0,
+        init: Literal["random", "pca"] = "random",
+        cache_teacher: bool = True,
+        cache_path: str | None = None,
+        check_finite_every_n_steps: int = 50,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.0,
+        attn_implementation: str | None = None,
+    ) -> None:
+        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+        if grouping not in GROUPINGS:
+            raise ValueError(f"model.grouping must be one of {', '.join(GROUPINGS)}, got {grouping!r}")
+        if init not in ("random", "pca"):
+            raise ValueError(f"model.init must be 'random' or 'pca', got {init!r}")
+        if init == "pca" and hidden_dim is not None:
+            raise ValueError("model.init 'pca' initialises a linear head: set model.hidden_dim to null")
+        if not eps2 > 0:
+            raise ValueError(f"model.eps2 must be > 0, got {eps2}")
+        if distill_weight < 0 or gamma <= 0:
+            raise ValueError(f"model.gamma must be > 0 and model.distill_weight >= 0, got {gamma}, {distill_weight}")
+        if grouping == "kmeans" and num_clusters < 2:
+            raise ValueError(f"model.num_clusters must be >= 2, got {num_clusters}")
+        if check_finite_every_n_steps < 1:
+            raise ValueError(f"model.check_finite_every_n_steps must be >= 1, got {check_finite_every_n_steps}")
+        self.save_hyperparameters()
+        self.encoder = Encoder(model_name_or_path, pooler, "none", max_length, attn_implementation)
+        self.encoder.requires_grad_(False).eval()  # frozen teacher (pitfalls.md #2)
+        if in_dim is not None and in_dim != self.encoder.dim:
+            raise ValueError(
+                f"configuration error: model.in_dim is {in_dim} but the teacher {model_name_or_path!r} gives "
+                f"{self.encoder.dim}-d embeddings; set model.in_dim to {self.encoder.dim} (or null to take the "
+                "teacher's size)"
+            )
+        if init == "pca" and out_dim > self.encoder.dim:
+            raise ValueError(f"model.init 'pca' gives at most {self.encoder.dim} dims (the teacher's); "
+                             f"model.out_dim is {out_dim}")
+        self.head = ProjectionHead(self.encoder.dim, out_dim, hidden_dim, activation, normalize_input)
+        self.grouping, self.num_clusters, self.kmeans_seed = grouping, num_clusters, kmeans_seed
+        self.eps2, self.gamma, self.distill_weight = eps2, gamma, distill_weight
+        self.init, self.cache_teacher, self.cache_path = init, cache_teacher, cache_path
+        self.check_every = check_finite_every_n_steps
+        self._cache_ND: Tensor | None = None  # teacher embedding of every training sentence (not checkpointed)
+        self._clusters_N: Tensor | None = None
+        self._bad: Tensor | None = None  # record of the first non-finite batch, kept on the device
+
+    # ----------------------------------------------------------------------------------------- frozen teacher
+    def train(self, mode: bool = True) -> MCR2Module:
+        super().train(mode)
+        self.encoder.eval()  # Lightning (and any .train() call) must never switch the teacher to train mode
+        return self
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.head]
+
+    # -------------------------------------------------------------------------------------------- inference
+    def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 128) -> Tensor:
+        """Compressed embeddings (N, K) on CPU (float32, not normalised; the export ends with Normalize)."""
+        return self.project(self.encoder.encode_ids(ids, batch_size=batch_size))
+
+    @torch.inference_mode()
+    def project(self, teacher_ND: Tensor) -> Tensor:
+        """Apply the head to teacher embeddings (any device); returns (N, K) float32 on CPU."""
+        device = next(self.head.parameters()).device
+        return self.head(teacher_ND.to(device)).float().cpu()
+
+    def embed_batch(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        with torch.no_grad():
+            teacher_BD = self.encoder(input_ids, attention_mask)
+        return self.head(teacher_BD)
+
+    def extra_st_modules(self) -> list[nn.Module]:
+        """The head as sentence-transformers modules: [Normalize] + one Dense per Linear (linear: Identity
+        activation, pitfalls.md #7; MLP: the hidden Dense carries the activation)."""
+        from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+
+        modules: list[nn.Module] = [Normalize()] if self.head.normalize_input else []
+        for linear, activation in self.head.dense_layers():
+            modules.append(Dense(linear.in_features, linear.out_features, activation_function=type(activation)(),
+                                 init_weight=linear.weight.detach().float().cpu().clone(),
+                                 init_bias=linear.bias.detach().float().cpu().clone()))
+        return modules
+
+    # ------------------------------------------------------------------------------------ once, at fit start
+    def on_fit_start(self) -> None:
+        fresh = self.trainer.ckpt_path is None
+        needs = {"cache_teacher": self.cache_teacher, "grouping 'kmeans'": self.grouping == "kmeans",
+                 "init 'pca'": self.init == "pca" and fresh}
+        if not any(needs.values()):
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        if not hasattr(dm, "sentence_ids"):
+            required = [k for k, v in needs.items() if v and k != "cache_teacher"]
+            if required:
+                raise ValueError(f"model {' and '.join(required)} needs every training sentence up front: use "
+                                 f"datamodules.GroupedTextDataModule (got {type(dm).__name__})")
+            rank_zero_warn(f"{type(dm).__name__} does not list its sentences: the teacher runs on every batch")
+            return
+        self._cache_ND = self.teacher_cache(dm.sentence_ids()).to(self.device)
+        strategy = self.trainer.strategy
+        if self.grouping == "kmeans":
+            from datamodules.groups import kmeans_groups
+
+            clusters = kmeans_groups(self._cache_ND, self.num_clusters, self.kmeans_seed) if self.global_rank == 0 \
+                else None
+            self._clusters_N = strategy.broadcast(clusters, src=0).to(self.device)
+        if needs["init 'pca'"]:
+            state = None
+            if self.global_rank == 0:
+                explained = self.head.init_pca(self._cache_ND)
+                rank_zero_info(f"head initialised by PCA: {float(explained):.1%} of the variance kept")
+                state = {k: v.cpu() for k, v in self.head.state_dict().items()}
+            self.head.load_state_dict(strategy.broadcast(state, src=0))
+
+    def teacher_cache(self, ids: Sequence[Sequence[int]]) -> Tensor:
+        """Teacher embeddings (N, D) of ``ids``, read from ``cache_path`` when it matches, else computed once."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        h = hashlib.sha256(f"{self.hparams.model_name_or_path}|{self.encoder.pooler}|{self.encoder.max_length}"
+                           .encode())
+        for row in ids:
+            h.update(array("q", row).tobytes() + b"|")
+        fingerprint = h.hexdigest()
+        path = Path(self.cache_path) if self.cache_path else None
+        if path is not None and path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("fingerprint") == fingerprint:
+                    cached = f.get_tensor("embeddings")
+                    if cached.shape == (len(ids), self.encoder.dim):
+                        rank_zero_info(f"teacher embeddings read from {path}")
+                        return cached
+            rank_zero_warn(f"{path} was written for another teacher or other sentences: recomputing it")
+        embeddings = self.encoder.encode_ids(ids)
+        if path is not None and self.global_rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"embeddings": embeddings}, str(path), metadata={"fingerprint": fingerprint})
+        return embeddings
+
+    # ------------------------------------------------------------------------------------------------ training
+    def teacher_embeddings(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B * V, D) teacher embeddings of a batch, row ``b * V + v``: from the cache, else a no-grad forward."""
+        B, V, L = batch["input_ids"].shape
+        if self._cache_ND is not None and "index" in batch:
+            flat_N = (batch["index"][:, None] * V + torch.arange(V, device=batch["index"].device)).reshape(-1)
+            return self._cache_ND[flat_N]
+        with torch.no_grad():
+            return self.encoder(batch["input_ids"].reshape(B * V, L), batch["attention_mask"].reshape(B * V, L))
+
+    def batch_groups(self, batch: dict[str, Tensor]) -> Tensor | int:
+        """Group ids of the gathered rows, or the group size V when each row is one group."""
+        B, V, _ = batch["input_ids"].shape
+        if self.grouping == "pairs":
+            if V < 2:
+                raise ValueError("model.grouping 'pairs' needs rows of at least 2 sentences: set data.columns, "
+                                 "e.g. [sent0, sent1] for NLI (premise, entailment)")
+            return V
+        if self.grouping == "labels":
+            if "group" not in batch:
+                raise ValueError("model.grouping 'labels' needs labelled rows: set data.label_column")
+            groups_B = batch["group"]
+        else:
+            if self._clusters_N is None or "index" not in batch:
+                raise ValueError("model.grouping 'kmeans' needs datamodules.GroupedTextDataModule (row indices)")
+            groups_B = self._clusters_N[batch["index"][:, None] * V + torch.arange(V, device=self.device)]
+        groups_N = groups_B.reshape(B, -1).expand(B, V).reshape(-1)
+        if self.trainer.world_size == 1:
+            return groups_N
+        return self.all_gather(groups_N).reshape(-1)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        teacher_ND = self.teacher_embeddings(batch)
+        z_GK, _ = self.gather(self.head(teacher_ND))
+        teacher_GD = self.gather(teacher_ND)[0] if self.distill_weight else None
+        out = mcr2_loss(z_GK, self.batch_groups(batch), self.eps2, self.gamma, teacher_GD, self.distill_weight)
+        self.watch_finite(out, teacher_ND, batch_idx)
+        B = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=B)
+        self.log_dict({"train/rate": out.rate, "train/rate_c": out.rate_c, "train/delta_r": out.delta_r},
+                      batch_size=B)
+        if self.distill_weight:
+            self.log("train/distill", out.distill, batch_size=B)
+        return out.loss
+
+    # ----------------------------------------------------------------------------------- non-finite losses
+    def watch_finite(self, out: MCR2Output, teacher_ND: Tensor, batch_idx: int) -> None:
+        """Record the first batch whose loss is not finite without a host sync; read the record every n steps."""
+        dev = out.loss.device
+        bad = ~torch.isfinite(out.loss)
+        # torch.full fills on the device (no host-to-device copy, which would synchronise)
+        where = [torch.full((), float(v), device=dev) for v in (batch_idx, self.current_epoch, self.global_step)]
+        stats = torch.stack(where + [out.rate, out.rate_c, out.distill, out.smallest_group.float(),
+                                     torch.isfinite(teacher_ND).all().float(), torch.ones((), device=dev)])
+        if self._bad is None:
+            self._bad = torch.zeros_like(stats)
+        self._bad = torch.where(bad & (self._bad[-1] == 0), stats, self._bad)
+        if (self.global_step + 1) % self.check_every == 0:
+            self.raise_if_not_finite()
+
+    def on_train_epoch_end(self) -> None:
+        self.raise_if_not_finite()
+
+    def raise_if_not_finite(self) -> None:
+        if self._bad is None or not bool(self._bad[-1]):
+            return
+        batch_idx, epoch, step, rate, rate_c, distill, smallest, teacher_ok, _ = self._bad.tolist()
+        d = self.head.out_dim
+        causes = []
+        if not teacher_ok:
+            causes.append("the teacher embeddings themselves hold NaN/Inf (fp16 overflow in the teacher, or a "
+                          "corrupt cache_path file)")
+        scale = d / (max(smallest, 1) * self.eps2)
+        causes.append(f"eps2 = {self.eps2} may be too small: the largest scale d / (m_j eps2) in the batch is "
+                      f"{scale:.3g}, and float32 Cholesky fails when it is large and rows repeat (raise eps2)")
+        if smallest <= 1:
+            causes.append("the batch has groups of one sample, which get that largest scale (use larger groups, "
+                          "fewer k-means clusters or a larger batch)")
+        raise FloatingPointError(
+            f"MCR2 loss is not finite at batch {int(batch_idx)} of epoch {int(epoch)} (global step {int(step)}): "
+            f"R = {rate:.4g}, R_c = {rate_c:.4g}, distillation = {distill:.4g}; smallest group {int(smallest)} "
+            f"sample(s). Likely cause(s): " + "; ".join(causes) + "."
+        )

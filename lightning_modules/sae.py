@@ -1,0 +1,235 @@
+"""SAEModule: trains a BatchTopK sparse autoencoder on cached encoder activations (datamodules.ActivationsDataModule).
+
+There is no text encoder to train here, so this is a plain LightningModule (not an EmbeddingModule). The maths is in
+``components/batch_topk.py`` and ``losses/sae.py``; this module wires it to the data, the optimiser, DDP and logging.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
+from lightning_modules.losses.sae import dead_fraction, mean_cosine
+
+
+class FVU(Metric):
+    """Fraction of variance unexplained over everything seen (summed statistics, so it is exact across batches and
+    ranks): ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` with the mean over all rows."""
+
+    full_state_update = False
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.add_state("sse", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sum_x", torch.zeros(dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sum_sq", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, x_BD: Tensor, x_hat_BD: Tensor) -> None:
+        x = x_BD.double()
+        self.sse += (x - x_hat_BD.double()).pow(2).sum()
+        self.sum_x += x.sum(0)
+        self.sum_sq += x.pow(2).sum()
+        self.n += x.shape[0]
+
+    def compute(self) -> Tensor:
+        return self.sse / (self.sum_sq - self.sum_x.pow(2).sum() / self.n)
+
+
+class LatentCounts(Metric):
+    """How often each latent fires, and the number of rows and non-zero codes (for L0 and dead latents)."""
+
+    full_state_update = False
+
+    def __init__(self, num_latents: int) -> None:
+        super().__init__()
+        self.add_state("counts", torch.zeros(num_latents, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("rows", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, latents: Tensor, n_rows: int) -> None:
+        self.counts += torch.bincount(latents, minlength=self.counts.numel())
+        self.rows += n_rows
+
+    def compute(self) -> dict[str, Tensor]:
+        return {"l0": self.counts.sum() / self.rows.clamp_min(1), "dead_fraction": (self.counts == 0).float().mean()}
+
+
+class SAEModule(pl.LightningModule):
+    """Train a :class:`~lightning_modules.components.batch_topk.BatchTopKSAE`.
+
+    Batches are (B, d) float tensors. Training logs ``sae/loss``, ``sae/mse``, ``sae/fvu``,
+    ``sae/explained_variance`` (= 1 - FVU), ``sae/l0`` (non-zeros per row), ``sae/dead_fraction`` (no firing for
+    ``dead_after`` tokens), ``sae/aux_loss`` and ``sae/threshold`` (input units; -1 until estimated). Validation
+    uses the inference threshold and logs ``val/sae/fvu``, ``val/sae/explained_variance`` (torchmetrics states,
+    exact over the whole split and all ranks), ``val/sae/l0``, ``val/sae/dead_fraction`` (latents that never fire
+    on the split), ``val/sae/cosine``.
+
+    Under DDP each rank selects its own batch's top k * B_local; firing statistics, the threshold's batch minimum
+    and token counts are reduced over ranks, so every rank keeps identical buffers.
+
+    Args:
+        d_in: input dimension; None takes it from the datamodule (``dim``) and records it in the hyper-parameters.
+        expansion_factor, num_latents, k, k_aux, aux_coef, dead_after, aux_detach, aux_normalize, threshold_beta,
+            threshold_start, normalize_input, b_dec_init, candidates_per_row: see
+            :class:`~lightning_modules.components.batch_topk.BatchTopKConfig`.
+        lr: Adam learning rate; None uses ``2e-4 / sqrt(F / 2**14)`` (dictionary_learning / sparsify scaling).
+        warmup_ratio: fraction of the steps with a linear warm-up from 0.
+        decay_ratio: fraction of the steps at the end with a linear decay to 0 (dictionary_learning: last 20%).
+        init_samples: vectors drawn from the datamodule (``sample``) to set the input scale and ``b_dec``; the first
+            batch is used when the datamodule cannot sample.
+        seed: seed of that draw.
+    """
+
+    def __init__(
+        self,
+        d_in: int | None = None,
+        expansion_factor: int = 8,
+        num_latents: int = 0,
+        k: int = 32,
+        k_aux: int = 0,
+        aux_coef: float = 1 / 32,
+        dead_after: int = 10_000_000,
+        aux_detach: bool = True,
+        aux_normalize: bool = True,
+        threshold_beta: float = 0.999,
+        threshold_start: int = 1000,
+        normalize_input: bool = True,
+        b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median",
+        candidates_per_row: int = 4,
+        lr: float | None = None,
+        warmup_ratio: float = 0.05,
+        decay_ratio: float = 0.2,
+        init_samples: int = 16384,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not (0 <= warmup_ratio < 1 and 0 <= decay_ratio < 1 and warmup_ratio + decay_ratio <= 1):
+            raise ValueError(f"warmup_ratio and decay_ratio must be in [0, 1) and sum to <= 1, got "
+                             f"{warmup_ratio}, {decay_ratio}")
+        self.save_hyperparameters()
+        self.sae: BatchTopKSAE | None = None
+        if d_in is not None:
+            self._build(d_in)
+
+    def _sae_config(self, d_in: int) -> BatchTopKConfig:
+        names = set(BatchTopKConfig.__dataclass_fields__) - {"d_in"}
+        return BatchTopKConfig(d_in=d_in, **{n: self.hparams[n] for n in names})
+
+    def _build(self, d_in: int) -> None:
+        self.sae = BatchTopKSAE(self._sae_config(d_in))
+        self.val_fvu = FVU(d_in)
+        self.val_counts = LatentCounts(self.sae.num_latents)
+
+    # --------------------------------------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dim = getattr(dm, "dim", None)
+        if self.sae is None:
+            if dim is None:
+                raise ValueError("SAEModule: d_in is not set and the datamodule has no `dim`: set model.d_in")
+            self.hparams["d_in"] = int(dim)
+            self._build(int(dim))
+        elif dim is not None and dim != self.sae.cfg.d_in:
+            raise ValueError(f"SAEModule was built for d_in={self.sae.cfg.d_in} but the datamodule yields "
+                             f"{dim}-dimensional vectors: set model.d_in to {dim} or null")
+
+    def on_fit_start(self) -> None:
+        if bool(self.sae.initialized):
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        if hasattr(dm, "sample"):
+            self.sae.initialize(dm.sample(self.hparams.init_samples, seed=self.hparams.seed).to(self.device))
+
+    # ------------------------------------------------------------------------------------------- training
+    def training_step(self, x_BD: Tensor, batch_idx: int) -> Tensor:
+        sae = self.sae
+        if not bool(sae.initialized):  # no datamodule sample: initialise on the first batch (same on all ranks
+            sae.initialize(self._all_gather_rows(x_BD))  # because the gathered batch is the same everywhere)
+        out = sae(x_BD)
+        fired_F = self._reduce(out.fired.to(torch.int32), "max").bool()
+        min_act = out.acts.min() / sae.input_scale if out.acts.numel() else x_BD.new_tensor(math.inf)
+        min_act = self._reduce(min_act.float(), "min")
+        n_tokens = x_BD.shape[0] * self.trainer.world_size
+        sae.update_stats(fired_F, n_tokens, min_act)
+        B = x_BD.shape[0]
+        self.log("sae/fvu", out.fvu, on_step=True, on_epoch=False, prog_bar=True)
+        self.log_dict({
+            "sae/loss": out.loss.detach(),
+            "sae/mse": out.mse.detach(),
+            "sae/explained_variance": 1 - out.fvu,
+            "sae/l0": torch.tensor(out.acts.numel() / B, device=self.device),
+            "sae/dead_fraction": dead_fraction(sae.tokens_since_fired, sae.cfg.dead_after),
+            "sae/aux_loss": out.aux_loss.detach(),
+            "sae/threshold": torch.where(sae.threshold >= 0, sae.threshold * sae.input_scale, sae.threshold),
+        }, on_step=True, on_epoch=False)
+        return out.loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.sae.project_decoder_grad()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.sae.normalize_decoder()
+
+    def _reduce(self, t: Tensor, op: str) -> Tensor:
+        if self.trainer.world_size == 1 or not dist.is_available() or not dist.is_initialized():
+            return t
+        t = t.clone()
+        dist.all_reduce(t, op={"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+        return t
+
+    def _all_gather_rows(self, x_BD: Tensor) -> Tensor:
+        if self.trainer.world_size == 1:
+            return x_BD
+        return self.all_gather(x_BD).reshape(-1, x_BD.shape[-1])
+
+    # ----------------------------------------------------------------------------------------- validation
+    def validation_step(self, x_BD: Tensor, batch_idx: int) -> None:
+        out = self.sae(x_BD)  # eval mode: the threshold
+        self.val_fvu.update(x_BD, out.x_hat)
+        self.val_counts.update(out.latents, x_BD.shape[0])
+        self.log("val/sae/cosine", mean_cosine(x_BD.float(), out.x_hat.float()), on_epoch=True, sync_dist=True,
+                 batch_size=x_BD.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        value = self.val_fvu.compute().float()
+        counts = self.val_counts.compute()
+        self.log_dict({"val/sae/fvu": value, "val/sae/explained_variance": 1 - value,
+                       "val/sae/l0": counts["l0"].float(), "val/sae/dead_fraction": counts["dead_fraction"]})
+        self.val_fvu.reset()
+        self.val_counts.reset()
+
+    # --------------------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        lr = self.hparams.lr or 2e-4 / math.sqrt(self.sae.num_latents / 2**14)
+        optimizer = torch.optim.Adam(self.sae.parameters(), lr=lr, betas=(0.9, 0.999))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(self.hparams.warmup_ratio * total)
+        decay_start = total - int(self.hparams.decay_ratio * total)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if step >= decay_start:
+                return max(total - step, 0) / max(total - decay_start, 1)
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def encode(self, x_BD: Tensor) -> Tensor:
+        """(B, F) codes of activation vectors with the inference threshold, input units."""
+        was = self.sae.training
+        self.sae.eval()
+        try:
+            return self.sae.encode(x_BD.to(self.device))
+        finally:
+            self.sae.train(was)

@@ -1,0 +1,42 @@
+"""A few SAEModule steps on N CPU processes (gloo), for the DDP test: every rank writes its state dict.
+
+    python tests/sae_ddp_steps.py --cache DIR --devices 2 --steps 3 --out_dir OUT
+
+Run as a script: strategy="ddp" re-launches it (pitfalls.md #9).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytorch_lightning as pl
+import torch
+
+
+def main() -> None:
+    from datamodules import ActivationsDataModule
+    from lightning_modules import SAEModule
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model_dir", required=True)
+    ap.add_argument("--source", required=True)
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out_dir", required=True)
+    args = ap.parse_args()
+
+    pl.seed_everything(0)
+    data = ActivationsDataModule(model_name_or_path=args.model_dir, source=args.source, cache_path=args.cache,
+                                 batch_size=32, max_length=32)
+    model = SAEModule(expansion_factor=2, k=4, dead_after=64, threshold_start=1, init_samples=256)
+    trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+                         max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(model, data)
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
+               f"{args.out_dir}/rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
