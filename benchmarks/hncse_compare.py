@@ -236,7 +236,8 @@ def main() -> None:
     result = json.loads(out.read_text()) if out.exists() else {}
     if result.get("settings") != settings:
         result = {}
-    result.update({"benchmark": "hncse_compare", "settings": settings, "command": " ".join(sys.argv),
+    result.setdefault("commands", []).append(" ".join(["python", *sys.argv]))  # every (resumed) invocation
+    result.update({"benchmark": "hncse_compare", "settings": settings,
                    "machine": {"cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                                "load_average_at_start": os.getloadavg()},
                    "versions": {"torch": torch.__version__, "pytorch_lightning": pl.__version__,
