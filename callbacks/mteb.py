@@ -234,8 +234,22 @@ class MTEBEvaluator(pl.Callback):
 
     # ---------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.is_global_zero:
-            self.load_tasks()  # fail on a bad task name or missing data before training starts
+        # fail on a bad task name or missing data before training starts, on every rank (none left waiting)
+        if stage != "fit":
+            return
+        failure = None
+        if trainer.is_global_zero:
+            try:
+                self.load_tasks()
+            except Exception as err:
+                failure = err
+        message = trainer.strategy.broadcast(
+            None if failure is None else f"{type(failure).__name__}: {failure}"
+        )
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise RuntimeError(f"MTEBEvaluator could not load its tasks on rank 0: {message}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -79,7 +79,9 @@ class GroupedTextDataModule(TextDataModule):
             Default: ``[text]`` (a ``.txt`` file has no columns).
         label_column: a column holding each row's group label (any strings, mapped to ids in sorted order).
         split, subset, data_files: hub dataset split, configuration and file(s).
-        **kwargs: see :class:`~datamodules.base.TextDataModule`.
+        batch_size: rows per batch on each process (default 1000: the coding rate depends on the batch size, and
+            the MCR2 paper uses m = 1000; with pairs, 500 rows are 1000 sentences).
+        **kwargs: see :class:`~datamodules.base.TextDataModule` (data_root, shuffle, drop_last, max_rows, seed...).
     """
 
     def __init__(
@@ -90,15 +92,10 @@ class GroupedTextDataModule(TextDataModule):
         split: str = "train",
         subset: str | None = None,
         data_files: str | None = None,
-        data_root: str | None = None,
         batch_size: int = 1000,
-        num_workers: int = 0,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        max_rows: int | None = None,
-        pin_memory: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(data_root, batch_size, num_workers, shuffle, drop_last, max_rows, pin_memory)
+        super().__init__(batch_size=batch_size, **kwargs)
         self.columns = list(columns) if columns else ["text"]
         if label_column is not None and label_column in self.columns:
             raise DataError(f"data.label_column {label_column!r} is also one of data.columns {self.columns}")

@@ -126,7 +126,12 @@ def load_embedder(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     path = Path(model).expanduser()
-    if path.suffix == ".ckpt" or path.is_file():
+    if path.is_file() and path.suffix != ".ckpt":
+        raise ValueError(
+            f"{str(path)!r} is a file but not a Lightning checkpoint (.ckpt); give a checkpoint, "
+            "a model folder or a hub name"
+        )
+    if path.suffix == ".ckpt":
         from lightning_modules.export import load_module
 
         module = load_module(path).to(device)
@@ -178,18 +183,33 @@ class TaskScore:
     mean: float
     n_pairs: int
     subsets: dict[str, dict[str, float]] = field(default_factory=dict)
-    seconds: float = 0.0
 
 
-def score_subsets(embedder: Embedder, task: str, subsets: list[STSPairs]) -> TaskScore:
-    """Encode each distinct sentence of a task once, then score every subset and their concatenation."""
-    start = time.perf_counter()
-    unique = sorted({s for p in subsets for s in (*p.sentences1, *p.sentences2)})
-    where = {s: i for i, s in enumerate(unique)}
-    z_UD = F.normalize(embedder.encode(unique).double(), dim=-1)
+class SentenceEmbeddings:
+    """Each distinct sentence of some tasks encoded once (tasks share many: STS-B was drawn from STS12-16),
+    L2-normalised in float64 so that a cosine is a dot product."""
+
+    def __init__(self, embedder: Embedder, data: dict[str, list[STSPairs]]) -> None:
+        start = time.perf_counter()
+        unique = sorted(
+            {s for subsets in data.values() for p in subsets for s in (*p.sentences1, *p.sentences2)}
+        )
+        self.index = {s: i for i, s in enumerate(unique)}
+        self.z_UD = F.normalize(embedder.encode(unique).double(), dim=-1)
+        self.seconds = time.perf_counter() - start
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def rows(self, sentences: list[str]) -> Tensor:
+        return self.z_UD[[self.index[s] for s in sentences]]
+
+
+def score_subsets(task: str, subsets: list[STSPairs], emb: SentenceEmbeddings) -> TaskScore:
+    """Spearman x 100 of cosine on every subset of a task and on their concatenation."""
     cos_parts, gold_parts, detail = [], [], {}
     for p in subsets:
-        cos_P = (z_UD[[where[s] for s in p.sentences1]] * z_UD[[where[s] for s in p.sentences2]]).sum(-1)
+        cos_P = (emb.rows(p.sentences1) * emb.rows(p.sentences2)).sum(-1)
         cos_parts.append(cos_P)
         gold_parts.append(torch.tensor(p.scores, dtype=torch.float64))
         detail[p.name] = {"n": len(p), "spearman": spearman100(cos_P, p.scores)}
@@ -197,7 +217,7 @@ def score_subsets(embedder: Embedder, task: str, subsets: list[STSPairs]) -> Tas
     wmean = sum(d["n"] * d["spearman"] for d in detail.values()) / n_total
     mean = sum(d["spearman"] for d in detail.values()) / len(detail)
     rho_all = spearman100(torch.cat(cos_parts), torch.cat(gold_parts))
-    return TaskScore(task, rho_all, wmean, mean, n_total, detail, time.perf_counter() - start)
+    return TaskScore(task, rho_all, wmean, mean, n_total, detail)
 
 
 def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
@@ -233,7 +253,8 @@ def evaluate_sts(
     """Score ``embedder`` on each task (see the module docstring); data is loaded before any encoding."""
     names = parse_tasks(tasks)
     data = {t: task_subsets(t, data_root, text) for t in names}
-    return {t: score_subsets(embedder, t, subsets) for t, subsets in data.items()}
+    emb = SentenceEmbeddings(embedder, data)
+    return {t: score_subsets(t, subsets, emb) for t, subsets in data.items()}
 
 
 # --------------------------------------------------------------------------------------------- reporting
@@ -328,8 +349,10 @@ def evaluate_main(argv: list[str]) -> dict:
     start = time.perf_counter()
     data = {t: task_subsets(t, args.data_root, args.text) for t in tasks}
     embedder = load_embedder(args.model, args.batch_size, args.max_length, args.device)
-    scores = {t: score_subsets(embedder, t, subsets) for t, subsets in data.items()}
+    emb = SentenceEmbeddings(embedder, data)
+    scores = {t: score_subsets(t, subsets, emb) for t, subsets in data.items()}
     result = to_json(scores, args.model, args.data_root, time.perf_counter() - start, args.text)
+    result.update(n_sentences=len(emb), encode_seconds=emb.seconds)
     print(format_table(scores))
     print(
         f"({result['seconds']:.1f} s; 'all': Spearman x100 over every pair of a task; 'wmean': mean over its "

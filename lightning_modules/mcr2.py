@@ -63,6 +63,9 @@ class MCR2Module(EmbeddingModule):
         attn_implementation: e.g. ``sdpa``; None keeps the model's default.
     """
 
+    MEMO_SIZE = 4  #: teacher outputs of this many distinct id lists are kept by :meth:`encode_ids`
+    MEMO_MAX_ROWS = 50_000  #: ... when they hold at most this many sentences
+
     def __init__(
         self,
         model_name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2",
@@ -123,6 +126,7 @@ class MCR2Module(EmbeddingModule):
         self._cache_ND: Tensor | None = None  # teacher embedding of every training sentence (not checkpointed)
         self._clusters_N: Tensor | None = None
         self._bad: Tensor | None = None  # record of the first non-finite batch, kept on the device
+        self._teacher_memo: dict[int, Tensor] = {}
 
     # ----------------------------------------------------------------------------------------- frozen teacher
     def train(self, mode: bool = True) -> MCR2Module:
@@ -135,8 +139,21 @@ class MCR2Module(EmbeddingModule):
 
     # -------------------------------------------------------------------------------------------- inference
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 128) -> Tensor:
-        """Compressed embeddings (N, K) on CPU (float32, not normalised; the export ends with Normalize)."""
-        return self.project(self.encoder.encode_ids(ids, batch_size=batch_size))
+        """Compressed embeddings (N, K) on CPU (float32, not normalised; the export ends with Normalize).
+
+        The frozen teacher's output for the last few distinct id lists is memoised, so an evaluation callback
+        scoring the same dev set every N steps runs the teacher once and only the head afterwards.
+        """
+        if len(ids) > self.MEMO_MAX_ROWS:  # a corpus, not a dev set: nothing kept
+            return self.project(self.encoder.encode_ids(ids, batch_size=batch_size))
+        key = hash(tuple(map(tuple, ids)))
+        teacher_ND = self._teacher_memo.pop(key, None)
+        if teacher_ND is None:
+            teacher_ND = self.encoder.encode_ids(ids, batch_size=batch_size)
+        self._teacher_memo[key] = teacher_ND  # most recent last
+        while len(self._teacher_memo) > self.MEMO_SIZE:
+            self._teacher_memo.pop(next(iter(self._teacher_memo)))
+        return self.project(teacher_ND)
 
     @torch.inference_mode()
     def project(self, teacher_ND: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ import torch
 from datamodules.base import DataError
 from datamodules.sts import STSPairs, apply_text_form, load_sts, load_sts_subsets, senteval_text
 from lightning_modules.evaluate import (
+    SentenceEmbeddings,
     evaluate_sts,
     format_table,
     load_embedder,
@@ -67,7 +68,7 @@ def test_score_subsets_all_wmean_mean_against_a_loop():
         ),
     ]
     emb = TableEmbedder(vectors)
-    got = score_subsets(emb, "toy", subsets)
+    got = score_subsets("toy", subsets, SentenceEmbeddings(emb, {"toy": subsets}))
 
     def cos(a, b):
         va, vb = torch.tensor(vectors[a]), torch.tensor(vectors[b])
@@ -87,6 +88,31 @@ def test_score_subsets_all_wmean_mean_against_a_loop():
     assert got.wmean == pytest.approx((10 * per["a"] + 6 * per["b"] + 5 * per["c"]) / 21, abs=1e-9)
     assert got.mean == pytest.approx(sum(per.values()) / 3, abs=1e-9)
     assert len(emb.calls) == 1 and len(emb.calls[0]) == 40  # each distinct sentence encoded once
+
+
+def test_tasks_share_one_encoding_of_each_sentence(tmp_path):
+    write_semeval_year(tmp_path / "sts12-16" / "STS12")
+    rows = [
+        "genre\tfile\t2012\t1\t4.2\ta man reads\ta guy reads",
+        "genre\tfile\t2012\t2\t2.0\ta dog\tnew one",
+    ]
+    (tmp_path / "stsb").mkdir()
+    (tmp_path / "stsb" / "sts-test.csv").write_text("\n".join(rows) + "\n")
+    sentences = [
+        "a man reads",
+        "a guy reads",
+        "a dog",
+        "the puppy",
+        "the car",
+        "a box",
+        "a lady paints",
+        "a woman paints",
+        "new one",
+    ]
+    emb = TableEmbedder({s: [float(i), 1.0] for i, s in enumerate(sentences)})
+    got = evaluate_sts(emb, "sts12,stsb", data_root=str(tmp_path), text="raw")
+    assert got["sts12"].n_pairs == 3 and got["stsb"].n_pairs == 2
+    assert len(emb.calls) == 1 and sorted(emb.calls[0]) == sorted(set(sentences) - {"the puppy"})
 
 
 def write_semeval_year(folder: Path) -> Path:
@@ -171,7 +197,7 @@ def test_missing_data_names_path_and_layout(tmp_path):
         evaluate_sts(TableEmbedder({}), "stsb", data_root=str(tmp_path))
 
 
-def test_model_folder_without_weights(tiny_model, tmp_path):
+def test_bad_model_paths_and_names(tiny_model, tmp_path, monkeypatch):
     folder = tmp_path / "no_weights"
     shutil.copytree(tiny_model, folder)
     for f in folder.glob("*.safetensors"):
@@ -182,8 +208,13 @@ def test_model_folder_without_weights(tiny_model, tmp_path):
         load_embedder(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not found"):
         load_embedder(str(tmp_path / "nothing.ckpt"))
+    with pytest.raises(ValueError, match="config.json' is a file but not a Lightning checkpoint"):
+        load_embedder(str(folder / "config.json"))
+    # huggingface_hub reads HF_HUB_OFFLINE when imported, before the conftest fixture sets it; without this,
+    # the hub is tried over the network, with retries (a minute here)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(OSError, match="could not load model 'someone/not-a-model'.*offline, or a wrong name"):
-        load_embedder("someone/not-a-model")  # HF_HUB_OFFLINE=1 in tests
+        load_embedder("someone/not-a-model")
 
 
 # ----------------------------------------------------------------------------- checkpoint == exported folder

@@ -201,6 +201,16 @@ def test_failure_on_rank0_raises_on_every_rank(monkeypatch):
         cb.evaluate_and_log(fake_trainer(1, ("error", "OSError: dataset unreachable", [])), None)
 
 
+def test_setup_failure_stops_every_rank():
+    cb = MTEBEvaluator(["NoSuchTask"])
+    zero = fake_trainer(0, "ValueError: unknown MTEB task")
+    with pytest.raises(ValueError, match="unknown MTEB task 'NoSuchTask'"):
+        cb.setup(zero, None, "fit")
+    assert zero.strategy.sent[0].startswith("ValueError: unknown MTEB task 'NoSuchTask'")  # told the others
+    with pytest.raises(RuntimeError, match="could not load its tasks on rank 0: ValueError: unknown MTEB"):
+        cb.setup(fake_trainer(1, "ValueError: unknown MTEB task"), None, "fit")
+
+
 # ------------------------------------------------------------------------------------------------ W&B
 def test_wandb_gets_the_metric_and_a_table(module, sample_data, pairs_tsv, tmp_path):
     import pytorch_lightning as pl

@@ -43,9 +43,12 @@ def logdet_identity_plus_gram(z_KSD: Tensor, scale_K: Tensor | float) -> Tensor:
         z_KSD = _float32(z_KSD)
         S, D = z_KSD.shape[-2:]
         gram_KNN = z_KSD @ z_KSD.mT if S < D else z_KSD.mT @ z_KSD
-        scale_K11 = torch.as_tensor(scale_K, dtype=torch.float32, device=z_KSD.device).reshape(-1, 1, 1)
+        if isinstance(scale_K, Tensor):
+            gram_KNN = scale_K.float().reshape(-1, 1, 1) * gram_KNN
+        else:  # a Python number: no host-to-device copy
+            gram_KNN = scale_K * gram_KNN
         eye_NN = torch.eye(gram_KNN.shape[-1], dtype=torch.float32, device=z_KSD.device)
-        chol_KNN, info_K = torch.linalg.cholesky_ex(eye_NN + scale_K11 * gram_KNN)
+        chol_KNN, info_K = torch.linalg.cholesky_ex(eye_NN + gram_KNN)
         logdet_K = 2 * chol_KNN.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         logdet_K = torch.where(info_K == 0, logdet_K, torch.full_like(logdet_K, float("nan")))
     return logdet_K[0] if single else logdet_K
