@@ -24,11 +24,10 @@ class ExportOnFitEnd(pl.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_modules.export import export_sentence_transformer, load_module
+        from lightning_modules.export import best_or_current, export_sentence_transformer
 
-        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        module, ckpt = best_or_current(trainer, pl_module)
         out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "export")
-        module = load_module(ckpt) if ckpt else pl_module
         self.exported = export_sentence_transformer(module, out)
         lines = [f"checkpoint:     {ckpt or '(none saved; exported the final weights)'}",
                  f"exported model: {self.exported}  (SentenceTransformer('{self.exported}'))"]

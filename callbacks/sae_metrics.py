@@ -24,10 +24,9 @@ class SAEReport(pl.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_modules.export import export_sae, load_module
+        from lightning_modules.export import best_or_current, export_sae
 
-        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        module = load_module(ckpt) if ckpt else pl_module
+        module, ckpt = best_or_current(trainer, pl_module)
         out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "sae")
         self.exported = export_sae(module, out)
         sae = module.sae

@@ -15,7 +15,18 @@ from lightning_modules.components.encoder import Encoder
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
-class EmbeddingModule(pl.LightningModule):
+CLASS_PATH_KEY = "embedlab_class_path"
+
+
+class RecordsClassPath:
+    """Mixin for LightningModules: every checkpoint records the module's class, so ``export.load_module`` rebuilds
+    the right class whether or not the run was launched through LightningCLI (which records ``_class_path``)."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CLASS_PATH_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+
+class EmbeddingModule(RecordsClassPath, pl.LightningModule):
     """Base class: holds ``self.encoder``, exposes ``encode``, builds AdamW + linear warmup/decay.
 
     Callbacks talk to a module only through :meth:`encode` (and :attr:`encoder` for tokenisation caches).

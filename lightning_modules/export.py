@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_modules.base import EmbeddingModule
+from lightning_modules.base import CLASS_PATH_KEY, EmbeddingModule
 
 
 def sentence_transformer_modules(module: EmbeddingModule, transformer_dir: str | Path) -> list[nn.Module]:
@@ -72,11 +72,21 @@ def export_sentence_transformer(module: EmbeddingModule, output_dir: str | Path)
 
 
 def module_class_from_checkpoint(ckpt_path: str | Path) -> type[EmbeddingModule]:
-    """The LightningModule class a checkpoint was written by (recorded by LightningCLI as ``_class_path``)."""
+    """The LightningModule class a checkpoint was written by (``RecordsClassPath``; LightningCLI's ``_class_path``)."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    class_path = ckpt.get("hyper_parameters", {}).get("_class_path", "lightning_modules.ContrastiveModule")
+    class_path = ckpt.get(CLASS_PATH_KEY) or ckpt.get("hyper_parameters", {}).get("_class_path")
+    if class_path is None:
+        raise ValueError(f"{ckpt_path}: the checkpoint does not say which LightningModule wrote it (written by "
+                         "another framework?); load it with YourModule.load_from_checkpoint instead")
     module_name, _, class_name = class_path.rpartition(".")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def best_or_current(trainer, pl_module):
+    """The module of the trainer's best checkpoint, or ``pl_module`` itself when no checkpoint was kept; and that
+    checkpoint's path ("" when none). What the end-of-fit export callbacks export."""
+    ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    return (load_module(ckpt) if ckpt else pl_module), ckpt
 
 
 def load_module(ckpt_path: str | Path) -> EmbeddingModule:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_modules.base import RecordsClassPath
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
 from lightning_modules.losses.sae import dead_fraction, mean_cosine
 
@@ -61,7 +62,7 @@ class LatentCounts(Metric):
         return {"l0": self.counts.sum() / self.rows.clamp_min(1), "dead_fraction": (self.counts == 0).float().mean()}
 
 
-class SAEModule(pl.LightningModule):
+class SAEModule(RecordsClassPath, pl.LightningModule):
     """Train a :class:`~lightning_modules.components.batch_topk.BatchTopKSAE`.
 
     Batches are (B, d) float tensors. Training logs ``sae/loss``, ``sae/mse``, ``sae/fvu``,

@@ -383,9 +383,12 @@ def test_checkpoint_round_trip(tiny_model, group_files, tmp_path):
     t = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, default_root_dir=tmp_path,
                    enable_progress_bar=False, enable_model_summary=False)
     t.fit(module, datamodule(group_files, "pairs"))
-    # (export.load_module finds the class through LightningCLI's _class_path: see the config test)
+    # a plain-Trainer checkpoint (no LightningCLI) still names its class: load_module rebuilds an MCR2Module
     ckpt = t.checkpoint_callback.best_model_path
-    loaded = MCR2Module.load_from_checkpoint(ckpt, map_location="cpu")
+    from lightning_modules.export import load_module
+
+    loaded = load_module(ckpt)
+    assert type(loaded) is MCR2Module
     assert isinstance(loaded, MCR2Module)
     torch.testing.assert_close(loaded.encode(SENTENCES[:4]), module.encode(SENTENCES[:4]))
     # resuming keeps the trained head: the PCA initialisation applies to fresh runs only
