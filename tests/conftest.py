@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Before anything imports huggingface_hub (it reads these once, at import): tests never touch the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EMBEDLAB_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
