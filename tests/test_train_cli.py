@@ -125,12 +125,13 @@ def test_wandb_offline_records_the_config_and_metrics(tmp_path, tiny_model, samp
     args = fit_args(tmp_path, tiny_model, sample_data)
     i = args.index("--trainer.logger")
     del args[i : i + 4]
-    train.main([*args, "--config", str(tmp_path / "wandb.yaml"), "--model.temperature", "0.07"])
-    import wandb
-
-    wandb.finish()
-    run_file = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))[0]
+    cli = train.main([*args, "--config", str(tmp_path / "wandb.yaml"), "--model.temperature", "0.07"])
+    run = cli.trainer.logger.experiment
+    run_dir = Path(run.dir).parent
+    run.finish()  # this run, whatever else the session has open: flushes every record to its file
+    run_file = glob.glob(str(run_dir / "run-*.wandb"))[0]
     config = logged_config(run_file)
+    assert "model" in config, sorted(config)
     assert config["model"]["init_args"]["temperature"] == 0.07
     assert config["data"]["init_args"]["batch_size"] == 8
     history = logged_history(run_file)
