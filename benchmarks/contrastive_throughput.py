@@ -7,7 +7,7 @@ its warm-up steps to the end of its last step (data loading, forward, backward, 
 rounds alternate between the two so machine noise hits both alike. Sentences per second counts each input
 sentence once (both sides encode it twice).
 
-    python benchmarks/contrastive_throughput.py [--batch_size 64] [--steps 10] [--warmup 3] [--rounds 2]
+    python benchmarks/contrastive_throughput.py [--batch_size 64] [--steps 10] [--warmup 3] [--rounds 2] [--out F]
 
 Writes benchmarks/results/contrastive_throughput-<device>.json and prints a table.
 """
@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--attn", default=None, help="attn_implementation for embedlab, e.g. sdpa")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/contrastive_throughput-<tag>)")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -139,7 +140,8 @@ def main() -> None:
                      "python": platform.python_version()},
     }
     tag = "gpu" if cuda else "cpu"
-    out = ROOT / "benchmarks" / "results" / f"contrastive_throughput-{tag}.json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"contrastive_throughput-{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     mine, other = (", ".join(f"{x:.1f}" for x in xs) for xs in (ours, theirs))
     print(f"\n| side | sentences/s (per round) |\n|---|---|\n| embedlab SimCSE | {mine} |"

@@ -71,14 +71,23 @@ class TokenizedRows(Dataset):
 
 
 class PadCollator:
-    """Pads a list of V-tuples of ids to ``input_ids`` / ``attention_mask`` of shape (B, V, L)."""
+    """Pads a list of V-tuples of ids to ``input_ids`` / ``attention_mask`` of shape (B, V, L).
 
-    def __init__(self, pad_token_id: int) -> None:
+    L is the longest sequence of the batch, rounded up to a multiple of ``pad_to_multiple_of`` when set: a
+    compiled encoder (or CUDA graphs) then sees a few lengths instead of every one, and tensor-core shapes align.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise DataError(f"pad_to_multiple_of must be >= 1 or null, got {pad_to_multiple_of}")
         self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: list[tuple[list[int], ...]]) -> dict[str, Tensor]:
         B, V = len(rows), len(rows[0])
         L = max(len(ids) for row in rows for ids in row)
+        if self.pad_to_multiple_of:
+            L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((B, V, L), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((B, V, L), dtype=torch.long)
         for b, row in enumerate(rows):
@@ -98,9 +107,56 @@ class ResumableSampler(DistributedSampler):
     skip: int = 0
 
     def __iter__(self):
-        indices = list(super().__iter__())
+        indices = self.order(list(super().__iter__()))
         skip, self.skip = self.skip, 0
         return iter(indices[skip:])
+
+    def order(self, indices: list[int]) -> list[int]:
+        """This rank's indices of the epoch, in the order batches are cut from; subclasses reorder them."""
+        return indices
+
+
+class LengthGroupedSampler(ResumableSampler):
+    """Batches of similar lengths (less padding), drawn from a shuffled order, deterministic and resumable.
+
+    The epoch's order is :class:`ResumableSampler`'s (shuffled from ``seed + epoch``, this rank's share). It is
+    cut into windows of ``window_batches * batch_size`` indices; each window is sorted by length (stable) and cut
+    into batches, whose order within the window is shuffled (from ``seed + epoch`` too). A trailing incomplete
+    batch stays last, so batches never straddle a cut. The result depends only on (seed, epoch, rank), hence a
+    resumed run skips to the same sample (``skip`` applies to this order).
+
+    In-batch negatives of similar length: for contrastive training this changes which negatives meet (off by
+    default); HF's ``LengthGroupedSampler`` does the same with 50-batch "megabatches".
+
+    Args:
+        lengths: the padded length each dataset row needs (longest of its views).
+        batch_size: rows per batch (per rank).
+        window_batches: batches per sorting window; larger means less padding and less randomness.
+        **kwargs: :class:`~torch.utils.data.DistributedSampler`'s (num_replicas, rank, shuffle, seed, drop_last).
+    """
+
+    def __init__(self, dataset, lengths: Sequence[int], batch_size: int, window_batches: int = 50,
+                 **kwargs) -> None:
+        super().__init__(dataset, **kwargs)
+        if len(lengths) != len(dataset):
+            raise ValueError(f"{len(lengths)} lengths for {len(dataset)} rows")
+        if window_batches < 1:
+            raise DataError(f"length_group_batches must be >= 1, got {window_batches}")
+        self.lengths, self.batch_size, self.window_batches = list(lengths), batch_size, window_batches
+
+    def order(self, indices: list[int]) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch + 1_000_003)  # not the permutation's stream
+        window = self.window_batches * self.batch_size
+        out: list[int] = []
+        for start in range(0, len(indices), window):
+            chunk = sorted(indices[start : start + window], key=self.lengths.__getitem__)
+            batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            tail = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+            for b in torch.randperm(len(batches), generator=g).tolist() if self.shuffle else range(len(batches)):
+                out.extend(batches[b])
+            for b in tail:
+                out.extend(b)
+        return out
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -120,6 +176,11 @@ class TextDataModule(pl.LightningDataModule):
         pin_memory: pin host memory for faster copies to a GPU.
         seed: seed of the shuffling order (each epoch's order is drawn from seed + epoch, so a run resumed from a
             checkpoint, even mid-epoch, sees the same batches as an uninterrupted one).
+        pad_to_multiple_of: round each batch's padded length up to a multiple of this (e.g. 8 or 16), so a
+            compiled encoder sees few shapes; None pads to the longest row only.
+        group_by_length: batch rows of similar length together within shuffled windows
+            (:class:`LengthGroupedSampler`): less padding; still deterministic per seed and resumable.
+        length_group_batches: batches per sorting window of ``group_by_length``.
     """
 
     source_name: str = "data"
@@ -134,10 +195,20 @@ class TextDataModule(pl.LightningDataModule):
         max_rows: int | None = None,
         pin_memory: bool = False,
         seed: int = 0,
+        pad_to_multiple_of: int | None = None,
+        group_by_length: bool = False,
+        length_group_batches: int = 50,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise DataError(f"pad_to_multiple_of must be >= 1 or null, got {pad_to_multiple_of}")
+        if length_group_batches < 1:
+            raise DataError(f"length_group_batches must be >= 1, got {length_group_batches}")
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.group_by_length = group_by_length
+        self.length_group_batches = length_group_batches
         self.data_root = data_root
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -202,8 +273,12 @@ class TextDataModule(pl.LightningDataModule):
         # Our own sampler, also on one process: Lightning's would always shuffle the training set, and this one
         # draws each epoch's order from (seed, epoch) and can skip what a resumed run already saw.
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=self.shuffle,
-                                   seed=self.seed, drop_last=self.drop_last)
+        kwargs = dict(num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last)
+        if self.group_by_length:
+            lengths = [max(len(ids) for ids in row) for row in dataset.rows]
+            sampler = LengthGroupedSampler(dataset, lengths, self.batch_size, self.length_group_batches, **kwargs)
+        else:
+            sampler = ResumableSampler(dataset, **kwargs)
         if self._resume is not None:
             sampler.set_epoch(self._resume["epoch"])
             sampler.skip = self._resume["batches"] * self.batch_size
@@ -236,4 +311,4 @@ class TextDataModule(pl.LightningDataModule):
 
     def collator(self):
         """The training DataLoader's ``collate_fn``; datamodules whose rows carry more than token ids override it."""
-        return PadCollator(self.tokenizer.pad_token_id)
+        return PadCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)

@@ -42,8 +42,8 @@ class GroupedRows(Dataset):
 class GroupCollator:
     """``input_ids`` / ``attention_mask`` (B, V, L), ``index`` (B,) and, when rows are labelled, ``group`` (B,)."""
 
-    def __init__(self, pad_token_id: int, labelled: bool) -> None:
-        self.pad, self.labelled = PadCollator(pad_token_id), labelled
+    def __init__(self, pad_token_id: int, labelled: bool, pad_to_multiple_of: int | None = None) -> None:
+        self.pad, self.labelled = PadCollator(pad_token_id, pad_to_multiple_of), labelled
 
     def __call__(self, items: list[tuple[int, tuple[list[int], ...], int]]) -> dict[str, Tensor]:
         index, rows, labels = zip(*items)
@@ -143,7 +143,7 @@ class GroupedTextDataModule(TextDataModule):
         return self._dataset
 
     def collator(self) -> GroupCollator:
-        return GroupCollator(self.tokenizer.pad_token_id, self.label_column is not None)
+        return GroupCollator(self.tokenizer.pad_token_id, self.label_column is not None, self.pad_to_multiple_of)
 
     def sentence_ids(self) -> list[list[int]]:
         """Token ids of every sentence, sentence ``v`` of row ``i`` at position ``i * V + v``."""

@@ -112,7 +112,7 @@ class EmbeddingModule(RecordsClassPath, pl.LightningModule):
         ``all_gather`` returns (world, B, D), or just the input when there is one process (pitfalls.md #3);
         ``sync_grads=True`` is required for correct gradients (pitfalls.md #3).
         """
-        if self.trainer is None or self.trainer.world_size == 1:
+        if self._trainer is None or self.trainer.world_size == 1:  # not attached (unit tests) or one process
             return x_BD, 0
         g_WBD = self.all_gather(x_BD.contiguous(), sync_grads=True)
         return g_WBD.reshape(-1, *x_BD.shape[1:]), self.global_rank * x_BD.shape[0]

@@ -7,6 +7,7 @@ from torch import Tensor
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.components.encoder import Encoder, MLPMode
 from lightning_modules.losses.contrastive import CandidateBuilder, InBatchNegatives, Views, info_nce
+from lightning_modules.losses.grad_cache import grad_cached_loss
 
 
 class ContrastiveModule(EmbeddingModule):
@@ -26,6 +27,11 @@ class ContrastiveModule(EmbeddingModule):
         candidates: the candidate builder; default :class:`InBatchNegatives` (SimCSE).
         lr, weight_decay, warmup_ratio: see :class:`EmbeddingModule`.
         attn_implementation: e.g. ``sdpa``; None keeps the model's default.
+        mini_batch_size: GradCache (:mod:`lightning_modules.losses.grad_cache`): embed the batch in chunks of this
+            many rows and cache the embedding gradients, so activation memory is that of one chunk while the loss
+            still sees the whole (gathered) batch. Costs one extra forward pass per chunk. None: one pass.
+        gradient_checkpointing: recompute each transformer layer in the backward pass (see :class:`Encoder`).
+        compile: ``torch.compile`` the transformer (see :class:`Encoder`); for GPUs.
     """
 
     def __init__(
@@ -40,14 +46,21 @@ class ContrastiveModule(EmbeddingModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.0,
         attn_implementation: str | None = None,
+        mini_batch_size: int | None = None,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if mini_batch_size is not None and mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1 or null, got {mini_batch_size}")
         self.save_hyperparameters()
-        self.encoder = Encoder(model_name_or_path, pooler, mlp, max_length, attn_implementation)
+        self.encoder = Encoder(model_name_or_path, pooler, mlp, max_length, attn_implementation,
+                               gradient_checkpointing=gradient_checkpointing, compile=compile)
         self.temperature = temperature
         self.candidates = candidates if candidates is not None else InBatchNegatives()
+        self.mini_batch_size = mini_batch_size
 
     def embed_views(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, V, L) token ids -> (B, V', D) embeddings, V' = 2 when V = 1 (two dropout views)."""
@@ -57,13 +70,25 @@ class ContrastiveModule(EmbeddingModule):
         z_ND = self.encoder(input_ids.reshape(B * V, L), attention_mask.reshape(B * V, L))
         return z_ND.view(B, V, -1)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        z_BVD = self.embed_views(batch["input_ids"], batch["attention_mask"])
+    def views_loss(self, z_BVD: Tensor) -> Tensor:
+        """InfoNCE of this rank's rows against the candidates built from the batch gathered over all ranks."""
         B = z_BVD.shape[0]
         z1_GD, offset = self.gather(z_BVD[:, 0])
         z2_GD, _ = self.gather(z_BVD[:, 1])
         z3_GD = self.gather(z_BVD[:, 2])[0] if z_BVD.shape[1] > 2 else None
         views = Views(z1_GD, z2_GD, z3_GD, offset, B)
-        loss = info_nce(self.candidates(views, self.temperature), self.temperature)
+        return info_nce(self.candidates(views, self.temperature), self.temperature)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        B = input_ids.shape[0]
+        if self.mini_batch_size is None or self.mini_batch_size >= B:
+            loss = self.views_loss(self.embed_views(input_ids, attention_mask))
+        else:
+            # Under DDP every parameter's gradient must reach the reducer once: see grad_cached_loss(params=...).
+            ddp = self._trainer is not None and self.trainer.world_size > 1
+            params = [p for p in self.encoder.parameters() if p.requires_grad] if ddp else None
+            loss = grad_cached_loss(self.embed_views, self.views_loss, input_ids, attention_mask,
+                                    self.mini_batch_size, params=params)
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         return loss

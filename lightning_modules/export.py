@@ -89,12 +89,22 @@ def best_or_current(trainer, pl_module):
     return (load_module(ckpt) if ckpt else pl_module), ckpt
 
 
+#: Training-speed switches turned off when a checkpoint is rebuilt for export or evaluation (a run compiled on a
+#: GPU must not spend minutes compiling on the CPU that exports it).
+INFERENCE_OVERRIDES = {"compile": False, "gradient_checkpointing": False}
+
+
 def load_module(ckpt_path: str | Path) -> EmbeddingModule:
-    """Rebuild a trained module from a checkpoint, on CPU."""
+    """Rebuild a trained module from a checkpoint, on CPU, without its training-speed switches."""
+    import inspect
+
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
-    return module_class_from_checkpoint(path).load_from_checkpoint(path, map_location="cpu")
+    cls = module_class_from_checkpoint(path)
+    accepted = inspect.signature(cls.__init__).parameters
+    overrides = {k: v for k, v in INFERENCE_OVERRIDES.items() if k in accepted}
+    return cls.load_from_checkpoint(path, map_location="cpu", **overrides)
 
 
 # ------------------------------------------------------------------------------------------ sparse autoencoders

@@ -1,7 +1,8 @@
 """One optimiser step of a ContrastiveModule on N CPU processes (gloo), for the DDP equivalence tests.
 
     python tests/ddp_one_step.py --model_dir D --data FILE --devices 2 --batch_size 4 --out step.pt \
-        [--builder '{"class_path": "lightning_modules.losses.InBatchNegatives", "init_args": {}}']
+        [--builder '{"class_path": "lightning_modules.losses.InBatchNegatives", "init_args": {}}'] \
+        [--mini_batch_size 2]
 
 Rank 0 writes {"params": state_dict after the step, "grads": gradients before it} to --out. The data is read in
 order (no shuffling), so 2 processes x batch B see the same SET of 2B rows as 1 process x batch 2B; the
@@ -50,11 +51,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pooler", default="mean")
     ap.add_argument("--out", required=True)
     ap.add_argument("--no_sync_grads", action="store_true", help="gather without gradients (the known-wrong way)")
+    ap.add_argument("--mini_batch_size", type=int, default=None, help="GradCache chunk size (rows)")
     args = ap.parse_args(argv)
 
     pl.seed_everything(0)
     model = ContrastiveModule(
-        args.model_dir, pooler=args.pooler, mlp="train_only", lr=args.lr, candidates=build(args.builder)
+        args.model_dir, pooler=args.pooler, mlp="train_only", lr=args.lr, candidates=build(args.builder),
+        mini_batch_size=args.mini_batch_size,
     )
     if args.no_sync_grads:
         def gather_no_grad(x):

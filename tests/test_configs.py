@@ -75,3 +75,40 @@ def test_trainer_overrides_parse(override, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     for key, value in yaml.safe_load(override.read_text())["trainer"].items():
         assert printed["trainer"][key] == value
+
+
+#: What turns a GPU trainer override into a CPU one here; compile is also switched off (minutes on CPU,
+#: pitfalls.md #10: tests/test_fast_paths.py compiles one tiny forward instead).
+CPU_ARGS = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto",
+            "--trainer.precision=32-true"]
+
+
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")
+@pytest.mark.parametrize("override", OVERRIDES, ids=lambda p: p.stem)
+def test_trainer_overrides_train_a_step_on_cpu(override, tmp_path, local_paths, monkeypatch):
+    """Each override instantiates with a quick recipe: trainer, plugins (SLURMEnvironment), model and data switches."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    from datamodules.base import LengthGroupedSampler
+
+    monkeypatch.chdir(tmp_path)
+    cfg = patch(yaml.safe_load((CONFIGS / "quickstart.yaml").read_text()), local_paths, tmp_path)
+    cfg["trainer"].update(max_steps=1, logger=False, callbacks=[], enable_progress_bar=False,
+                          enable_checkpointing=False)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(cfg))
+    spec = yaml.safe_load(override.read_text())
+    extra = ["--model.init_args.compile=false"] if spec.get("model", {}).get("init_args", {}).get("compile") else []
+    if spec.get("data", {}).get("init_args", {}).get("num_workers"):
+        extra.append("--data.init_args.num_workers=1")  # the worker path, without 4 processes on a small CPU
+    cli = train.main(["fit", "--config", str(tmp_path / "recipe.yaml"), "--config", str(override), *CPU_ARGS,
+                      "--trainer.max_steps=1", *extra])
+    assert cli.trainer.global_step == 1
+    plugins = spec["trainer"].get("plugins", [])
+    if any("SLURMEnvironment" in p["class_path"] for p in plugins):
+        env = cli.trainer._accelerator_connector.cluster_environment
+        assert isinstance(env, SLURMEnvironment) and env.auto_requeue
+        assert env.requeue_signal.name == "SIGUSR1"
+    if override.stem == "gpu_fast":
+        assert cli.model.encoder.model.config._attn_implementation == "sdpa"
+        assert cli.datamodule.pad_to_multiple_of == 8 and cli.datamodule.pin_memory
+        assert isinstance(cli.datamodule._sampler, LengthGroupedSampler)

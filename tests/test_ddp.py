@@ -49,3 +49,15 @@ def test_two_processes_equal_one_with_the_double_batch(tmp_path, tiny_model_no_d
     if setting == "sup":  # negative control: gathering without gradients is measurably wrong
         wrong = one_step(tiny_model_no_dropout, data, 2, 4, tmp_path / "bad.pt", "--no_sync_grads")
         assert max_diff(single["grads"], wrong["grads"]) > 1e-3
+
+
+@pytest.mark.parametrize("setting", ["unsup", "sup"])
+def test_grad_cache_under_ddp_equals_one_process_without_it(tmp_path, tiny_model_no_dropout, setting):
+    """GradCache chunks of 2 rows on 2 processes x batch 4 == one pass on 1 process x batch 8: the gather inside
+    the cached loss, and every parameter's gradient reaching DDP's reducer once (one final backward)."""
+    data = write_data(tmp_path)[setting]
+    single = one_step(tiny_model_no_dropout, data, 1, 8, tmp_path / "one.pt")
+    cached = one_step(tiny_model_no_dropout, data, 2, 4, tmp_path / "two.pt", "--mini_batch_size", "2")
+    assert max(g.abs().max().item() for g in single["grads"].values()) > 1e-2  # a real gradient
+    assert max_diff(single["grads"], cached["grads"]) < 1e-5  # per-chunk backward under DDP: off by 8
+    assert max_diff(single["params"], cached["params"]) < 1e-5

@@ -57,6 +57,23 @@ def load_pretrained(model_name_or_path: str, **model_kwargs) -> tuple[nn.Module,
     return model, tokenizer
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Hugging Face activation (gradient) checkpointing of every layer, non-reentrant (RNG replayed)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether :func:`enable_checkpointing` is in effect."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
 class Encoder(nn.Module):
     """Sentence encoder: transformer -> pooler -> (MLP head).
 
@@ -68,6 +85,12 @@ class Encoder(nn.Module):
             ``cls``, ``none`` for the other poolers.
         max_length: tokens kept per sentence (truncation).
         attn_implementation: passed to ``from_pretrained`` (e.g. ``sdpa``, ``eager``); None keeps the default.
+        gradient_checkpointing: recompute each transformer layer's activations in the backward pass instead of
+            keeping them (Hugging Face's activation / gradient checkpointing, ``use_reentrant=False``: it replays
+            the RNG, so dropout masks and gradients are unchanged). Less memory, about one more forward pass.
+        compile: ``torch.compile`` the transformer in place (``nn.Module.compile``, so parameter names and
+            checkpoints are unchanged) with ``dynamic=True``: one graph serves every batch size and padded length.
+            For GPUs; on CPU compiling costs minutes (pitfalls.md #10).
     """
 
     def __init__(
@@ -77,6 +100,8 @@ class Encoder(nn.Module):
         mlp: MLPMode | None = None,
         max_length: int = 32,
         attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if pooler not in POOLERS:
@@ -93,6 +118,10 @@ class Encoder(nn.Module):
         self.model, self.tokenizer = load_pretrained(model_name_or_path, **kwargs)
         # from_pretrained returns eval mode; SimCSE's dropout views need train mode (pitfalls.md #1).
         self.model.train()
+        if gradient_checkpointing:
+            enable_checkpointing(self.model)
+        if compile:
+            self.model.compile(dynamic=True)
         self.model_name_or_path = model_name_or_path
         self.pooler = pooler
         self.mlp_mode: MLPMode = mlp

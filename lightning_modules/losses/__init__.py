@@ -8,6 +8,7 @@ from lightning_modules.losses.contrastive import (
     contrastive_logits,
     info_nce,
 )
+from lightning_modules.losses.grad_cache import grad_cached_loss
 from lightning_modules.losses.hard_negatives import HardNegativeMixing, PositiveMixing
 from lightning_modules.losses.mcr2 import (
     MCR2Output,
@@ -36,6 +37,7 @@ __all__ = [
     "coding_rate",
     "contrastive_logits",
     "cosine_distillation",
+    "grad_cached_loss",
     "grouped_coding_rate",
     "info_nce",
     "mcr2_loss",

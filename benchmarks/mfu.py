@@ -1,0 +1,173 @@
+"""Model FLOPs utilisation (MFU) of the unsupervised SimCSE training step on a BERT-base-sized encoder.
+
+    python benchmarks/mfu.py [--batch_sizes 64 512] [--max_length 32] [--steps 5] [--warmup 2] [--compile]
+    python benchmarks/mfu.py --layers 2 --batch_sizes 8 --steps 1   # a quick check of the script itself
+
+The encoder is ``BertConfig()`` (12 layers, hidden 768, FFN 3072, 12 heads; ``--layers`` / ``--hidden`` shrink it)
+with random weights, written to a temporary folder with a synthetic 30,522-token vocabulary: nothing is
+downloaded. The step is ContrastiveModule's (``pooler: cls``, MLP head in training, two dropout views per
+sentence, in-batch negatives): ``training_step`` + backward + AdamW step, on full-length rows (every sentence
+``max_length`` tokens, so every token is real). On CUDA: bf16 autocast and SDPA attention (and ``torch.compile``
+with ``--compile``), timed with synchronisation; on CPU: float32.
+
+FLOPs per step, counted analytically (the PaLM appendix B convention; multiply-add = 2 FLOPs, backward = 2 x
+forward, so training = 3 x forward):
+
+    T      = B * V * L                   tokens encoded (V = 2 views of each of B sentences, L = max_length)
+    dense  = 6 * P_layers * T            P_layers: the weight matrices of the transformer layers, i.e. the
+                                          non-embedding parameters less biases and LayerNorm (0.1% of them);
+                                          embeddings are lookups, not matmuls
+    attn   = 12 * n_layers * L * d * T   Q K^T and (softmax) V: 2 * 2 * L * d forward FLOPs per token per layer
+    head   = 6 * P_head * B * V          the MLP head (its d x d weight) on each pooled [CLS] vector
+    loss   = 6 * B * B * d               the (B, B) cosine logits
+    FLOPs  = dense + attn + head + loss
+
+Not counted (not matmuls, well under 1% together): biases, LayerNorm, softmax, GELU, dropout, the embedding
+sums, the optimiser. The count equals ``torch.utils.flop_counter.FlopCounterMode``'s for the same step
+(tests/test_benchmarks.py). MFU = FLOPs / step time / peak, with the peak dense bf16 throughput of the device
+(table below; ``--peak_tflops`` overrides). On CPU (no such peak here) the achieved FLOP/s is reported alone.
+Writes JSON (default benchmarks/results/mfu-<device>.json) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's data sheets; matched in this order against
+#: ``torch.cuda.get_device_name()`` (all words of a key must occur in it).
+PEAK_BF16_DENSE = [
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756.5e12),
+    ("H100 NVL", 835.5e12),
+    ("H100", 989.4e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("A100", 312.0e12),  # SXM4 and PCIe alike
+]
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, peak in PEAK_BF16_DENSE:
+        if all(word in device_name for word in key.split()):
+            return peak
+    return None
+
+
+def write_random_bert(folder: Path, layers: int | None, hidden: int | None):
+    """A random-weight BERT (``BertConfig`` defaults unless shrunk) and a synthetic tokenizer; returns its config."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    config = BertConfig()
+    if layers:
+        config.num_hidden_layers = layers
+    if hidden:
+        config.hidden_size, config.intermediate_size = hidden, 4 * hidden
+        config.num_attention_heads = max(1, hidden // 64)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(config.vocab_size - 5)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return config
+
+
+def step_flops(module, B: int, L: int, views: int = 2) -> dict[str, float]:
+    model, cfg = module.encoder.model, module.encoder.model.config
+    # matmul weights only: biases and LayerNorm (0.1% of BERT-base's layer parameters) are not matmuls
+    p_layers = sum(p.numel() for p in model.encoder.parameters() if p.dim() == 2)
+    p_head = sum(p.numel() for p in module.encoder.mlp.parameters() if p.dim() == 2) if module.encoder.mlp else 0
+    T, d, n = B * views * L, cfg.hidden_size, cfg.num_hidden_layers
+    parts = {"dense": 6 * p_layers * T, "attention": 12 * n * L * d * T, "head": 6 * p_head * B * views,
+             "loss": 6 * B * B * d}
+    return {**parts, "total": sum(parts.values()), "params_layers": p_layers, "tokens": T}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch_sizes", type=int, nargs="+", default=[64, 512])
+    ap.add_argument("--max_length", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers (smoke runs)")
+    ap.add_argument("--hidden", type=int, default=None, help="another hidden size (smoke runs)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
+    ap.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, if not in the table")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer
+
+    from lightning_modules import ContrastiveModule
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})"
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_flops(name) if cuda else None)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = write_random_bert(Path(tmp), args.layers, args.hidden)
+        module = ContrastiveModule(tmp, pooler="cls", mlp="train_only", max_length=args.max_length,
+                                   attn_implementation="sdpa", compile=args.compile and cuda).to(device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    for B in args.batch_sizes:
+        g = torch.Generator().manual_seed(B)
+        ids = torch.randint(5, config.vocab_size, (B, 1, args.max_length), generator=g)
+        ids[..., 0], ids[..., -1] = 2, 3  # [CLS] ... [SEP]
+        batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+        times = []
+        for i in range(args.warmup + args.steps):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with autocast:
+                loss = module.training_step(batch, 0)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+        flops = step_flops(module, B, args.max_length)
+        step_s = statistics.median(times)
+        achieved = flops["total"] / step_s
+        rows.append({"batch_size": B, "median_step_s": step_s, "step_s": times, "flops_per_step": flops,
+                     "achieved_tflops": achieved / 1e12, "mfu": achieved / peak if peak else None,
+                     "sentences_per_s": B / step_s})
+        print(f"batch {B}: {step_s * 1000:.1f} ms/step, {achieved / 1e12:.2f} TFLOP/s"
+              + (f", MFU {achieved / peak:.1%}" if peak else ""), flush=True)
+    result = {"benchmark": "mfu", "device": name, "peak_bf16_dense_tflops": peak / 1e12 if peak else None,
+              "precision": "bf16-mixed" if cuda else "32-true", "attn_implementation": "sdpa",
+              "compile": bool(args.compile and cuda), "torch_threads": torch.get_num_threads(),
+              "encoder": {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
+                          "ffn": config.intermediate_size, "heads": config.num_attention_heads},
+              "max_length": args.max_length, "steps": args.steps, "warmup": args.warmup, "results": rows,
+              "flops_formula": "6*P_layers*T + 12*n_layers*L*d*T + 6*P_head*B*V + 6*B*B*d, T = B*V*L, V = 2",
+              "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"mfu-{'gpu' if cuda else 'cpu'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| batch | step ms | sentences/s | GFLOP/step | achieved TFLOP/s | MFU |\n|---|---|---|---|---|---|")
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "- (no peak on CPU)"
+        print(f"| {r['batch_size']} | {r['median_step_s'] * 1000:.1f} | {r['sentences_per_s']:.1f} | "
+              f"{r['flops_per_step']['total'] / 1e9:.1f} | {r['achieved_tflops']:.3f} | {mfu} |")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
