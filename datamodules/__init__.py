@@ -7,6 +7,7 @@ from datamodules.groups import GroupedTextDataModule, kmeans_groups
 from datamodules.nli import NLIDataModule
 from datamodules.sentences import SentencesDataModule
 from datamodules.sts import STS_TASKS, STSDataModule, STSPairs, load_sts
+from datamodules.wic import WiCDataModule, WiCPair, load_wic, read_wic
 
 __all__ = [
     "ActivationCache",
@@ -23,4 +24,8 @@ __all__ = [
     "STSPairs",
     "STS_TASKS",
     "load_sts",
+    "WiCDataModule",
+    "WiCPair",
+    "load_wic",
+    "read_wic",
 ]

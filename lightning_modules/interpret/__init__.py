@@ -1,0 +1,13 @@
+"""Interpretability suite for SAEs over token activations (methods.md 5): plain functions, no Lightning."""
+
+from lightning_modules.interpret.browser import write_feature_browser
+from lightning_modules.interpret.codes import SparseCodes, encode_sparse
+from lightning_modules.interpret.pooling import decompose_sentence, pooling_contributions
+from lightning_modules.interpret.pos import label_features, purity_summary
+from lightning_modules.interpret.pseval import PSEvalResult, ps_eval
+from lightning_modules.interpret.report import InterpretReport, interpret_sae
+from lightning_modules.interpret.stability import group_share, match_decoders
+
+__all__ = ["InterpretReport", "SparseCodes", "decompose_sentence", "encode_sparse", "group_share",
+           "interpret_sae", "label_features", "match_decoders", "pooling_contributions", "purity_summary"]
+__all__ += ["PSEvalResult", "ps_eval", "write_feature_browser"]
