@@ -254,7 +254,9 @@ def test_checkpoint_and_export_give_the_same_numbers(trained, sample_data, tiny_
     from_folder = evaluate_sts(load_embedder(str(folder)), [tsv])[tsv]
     untrained = evaluate_sts(load_embedder(tiny_model), [tsv])[tsv]
     assert from_ckpt.n_pairs == 60
-    assert from_ckpt.all == pytest.approx(from_folder.all, abs=1e-6)
+    # The two encode paths agree to ~1e-7 per coordinate; on some CPUs that swaps the ranks of two near-tied cosine
+    # similarities of this tiny random model (seen: 8e-4 on Spearman x 100), so allow a rank swap, not more.
+    assert from_ckpt.all == pytest.approx(from_folder.all, abs=5e-3)
     assert abs(from_ckpt.all - untrained.all) > 0.1  # the trained weights were really used
 
 
