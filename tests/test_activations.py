@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mini_brown import write_mini_nltk
 
 from datamodules.activations import (
     META_COLUMNS,
@@ -35,15 +36,7 @@ TAG_MAP = "AT\tDET\nNN\tNOUN\nNN-TL\tNOUN\nBEZ\tVERB\nVBG\tVERB\nVBZ\tVERB\nCD\t
 def nltk_root(tmp_path_factory) -> Path:
     """A miniature NLTK data folder in the real format (corpora/brown.zip + taggers/universal_tagset.zip)."""
     root = tmp_path_factory.mktemp("nltk") / "nltk_data"
-    (root / "corpora").mkdir(parents=True)
-    (root / "taggers").mkdir()
-    with zipfile.ZipFile(root / "corpora" / "brown.zip", "w") as z:
-        for name, text in BROWN_FILES.items():
-            z.writestr(name, text)
-        z.writestr("brown/cats.txt", "ca01 news\ncb01 editorial\n")
-    with zipfile.ZipFile(root / "taggers" / "universal_tagset.zip", "w") as z:
-        z.writestr("universal_tagset/en-brown.map", TAG_MAP)
-    return root.parent
+    return write_mini_nltk(root, BROWN_FILES, "ca01 news\ncb01 editorial\n", TAG_MAP).parent
 
 
 def make_dm(model: str, tmp_path: Path, **kw) -> ActivationsDataModule:

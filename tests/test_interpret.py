@@ -5,13 +5,13 @@ tiny BERT over a handmade Brown corpus."""
 from __future__ import annotations
 
 import json
-import zipfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mini_brown import write_mini_nltk
 
 from datamodules.activations import META_COLUMNS, POS_TAGS, SPECIAL, ActivationCache, ActivationsDataModule
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
@@ -329,15 +329,7 @@ def test_context_tokens_highlight_the_activating_word():
 
 
 def test_report_on_a_tiny_bert_brown_cache(tiny_model_no_dropout, tmp_path):
-    root = tmp_path / "nltk_data"
-    (root / "corpora").mkdir(parents=True)
-    (root / "taggers").mkdir()
-    with zipfile.ZipFile(root / "corpora" / "brown.zip", "w") as z:
-        for name, text in BROWN.items():
-            z.writestr(name, text)
-        z.writestr("brown/cats.txt", "ca01 news\nck01 fiction\n")
-    with zipfile.ZipFile(root / "taggers" / "universal_tagset.zip", "w") as z:
-        z.writestr("universal_tagset/en-brown.map", TAG_MAP)
+    write_mini_nltk(tmp_path / "nltk_data", BROWN, "ca01 news\nck01 fiction\n", TAG_MAP)
     dm = ActivationsDataModule(tiny_model_no_dropout, source="brown", data_root=str(tmp_path), special_tokens="keep",
                                cache_dir=str(tmp_path / "cache"), max_length=32, cache_dtype="float32")
     dm.setup()
