@@ -26,6 +26,13 @@ class RecordsClassPath:
         checkpoint[CLASS_PATH_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
 
+def can_fuse(params) -> bool:
+    """Whether torch's fused Adam/AdamW kernel takes these parameters (floating point, on CPU or CUDA). It is what
+    transformers' Trainer (so sentence-transformers) uses by default since torch 2.8: measured here on MiniLM's 22M
+    parameters on 2 CPU cores, one step takes about a fifth of the time of the default foreach kernel."""
+    return all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+
+
 class EmbeddingModule(RecordsClassPath, pl.LightningModule):
     """Base class: holds ``self.encoder``, exposes ``encode``, builds AdamW + linear warmup/decay.
 
@@ -124,7 +131,7 @@ class EmbeddingModule(RecordsClassPath, pl.LightningModule):
             if p.requires_grad:
                 (no_decay if name.endswith(NO_DECAY) else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, fused=can_fuse(decay + no_decay))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_modules.base import RecordsClassPath
+from lightning_modules.base import RecordsClassPath, can_fuse
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
 from lightning_modules.losses.sae import dead_fraction, mean_cosine
 
@@ -209,7 +209,8 @@ class SAEModule(RecordsClassPath, pl.LightningModule):
     # --------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         lr = self.hparams.lr or 2e-4 / math.sqrt(self.sae.num_latents / 2**14)
-        optimizer = torch.optim.Adam(self.sae.parameters(), lr=lr, betas=(0.9, 0.999))
+        params = list(self.sae.parameters())
+        optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=can_fuse(params))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(self.hparams.warmup_ratio * total)
         decay_start = total - int(self.hparams.decay_ratio * total)
