@@ -3,6 +3,8 @@
     python train.py fit --config configs/quickstart.yaml            # train (also: validate, test)
     python train.py fit --config configs/simcse_unsup_bert_base.yaml --model.temperature 0.1
     python train.py export --ckpt_path CKPT --output_dir DIR         # -> sentence-transformers folder
+    python train.py evaluate --model DIR_OR_CKPT --tasks sts          # STS / MTEB scores
+    python train.py interpret --sae SAE_DIR --cache CACHE_DIR         # SAE interpretability suite + browser
 
 Model, datamodule, logger and callbacks are chosen in YAML (``class_path`` / ``init_args``) and overridable on the
 command line; unknown keys are rejected at parse time.
@@ -58,6 +60,11 @@ def main(argv: list[str] | None = None) -> EmbedLabCLI | None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "export":
         export_main(args[1:])
+        return None
+    if args and args[0] == "interpret":
+        from callbacks.interpret import interpret_main
+
+        interpret_main(args[1:])
         return None
     if args and args[0] == "evaluate":
         from lightning_modules.evaluate import evaluate_main

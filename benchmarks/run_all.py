@@ -106,6 +106,11 @@ def _mfu(r: dict) -> str:
                      + (f", MFU {x['mfu']:.1%}" if x["mfu"] is not None else "") for x in r["results"])
 
 
+def _interpret(r: dict) -> str:
+    return (f"{r['tokens']:,} tokens x {r['num_latents']} features: {_fmt(r['seconds']['total'] / 60, 1)} min "
+            f"(x{_fmt(r['ratio_total_to_bare_encode'], 1)} the bare encoder pass; target < 10 min)")
+
+
 BENCHMARKS: dict[str, Bench] = {
     "contrastive_throughput": Bench(
         "contrastive_throughput.py", ["--batch_size", "16", "--steps", "2", "--warmup", "1", "--rounds", "1"],
@@ -120,6 +125,11 @@ BENCHMARKS: dict[str, Bench] = {
     "grad_cache": Bench("grad_cache.py", ["--batch_size", "16", "--mini", "0", "8", "4", "--steps", "1"],
                         needs=_needs_minilm, headline=_grad_cache),
     "mfu": Bench("mfu.py", ["--batch_sizes", "8", "--steps", "1", "--warmup", "1"], headline=_mfu),
+    "interpret_cost": Bench(
+        "interpret_cost.py", ["--max_sentences", "300", "--tokens", "5000", "--num_latents", "1024", "--train_steps",
+                              "6", "--batch_size", "256"],
+        needs=lambda: _needs("wic/dev/dev.data.txt")() or _needs("nltk_data/corpora/brown.zip")(),
+        headline=_interpret),
     "compression": Bench("compression.py", [], needs=lambda: "long (hours on CPU): run benchmarks/compression.py "
                                                              "by itself"),
 }

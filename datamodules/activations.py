@@ -23,6 +23,7 @@ gets its word's universal tag, its word index and whether it is the word's first
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -210,9 +211,11 @@ class ActivationCache:
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.dim: int = self.meta["dim"]
         self._vectors: list[np.ndarray] | None = None
+        self.rows: np.ndarray | None = None
+        """Cache rows of a view (:meth:`sample_sentences`); None for the whole cache."""
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return int(self.offsets[-1]) if self.rows is None else len(self.rows)
 
     def __getstate__(self) -> dict:  # DataLoader workers re-open the memory maps instead of pickling them
         return {**self.__dict__, "_vectors": None}
@@ -223,8 +226,10 @@ class ActivationCache:
         return self._vectors
 
     def gather(self, rows: np.ndarray) -> Tensor:
-        """Vectors at global ``rows`` as a float32 (len(rows), D) tensor, in the order given."""
+        """Vectors at ``rows`` (of this view, when it is one) as a float32 (len(rows), D) tensor, in the order given."""
         rows = np.asarray(rows, dtype=np.int64)
+        if self.rows is not None:
+            rows = self.rows[rows]
         order = np.argsort(rows, kind="stable")  # read each shard in increasing row order (page-cache friendly)
         sorted_rows = rows[order]
         shard_of = np.searchsorted(self.offsets, sorted_rows, side="right") - 1
@@ -239,7 +244,27 @@ class ActivationCache:
 
     def metadata(self) -> np.ndarray:
         """(N, 6) int32 array of :data:`META_COLUMNS` for every vector, in row order."""
-        return np.concatenate([np.load(self.folder / f"{s}.meta.npy") for s in self.shards])
+        meta = np.concatenate([np.load(self.folder / f"{s}.meta.npy") for s in self.shards])
+        return meta if self.rows is None else meta[self.rows]
+
+    def sample_sentences(self, max_rows: int, seed: int = 0) -> ActivationCache:
+        """A view of whole sentences drawn at random (seeded) until the next one would pass ``max_rows`` vectors,
+        kept in cache order (so every genre of an ordered corpus like Brown is represented). Nothing is copied; row
+        ``i`` of the view is row ``view.rows[i]`` of the cache, and ``sentences()`` still lists every sentence."""
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        if max_rows >= len(self):
+            return self
+        sid = self.metadata()[:, 0]
+        ids, counts = np.unique(sid, return_counts=True)
+        order = np.random.default_rng(seed).permutation(len(ids))
+        chosen = ids[order[: int(np.searchsorted(np.cumsum(counts[order]), max_rows, side="right"))]]
+        if not len(chosen):
+            raise ValueError(f"{self.folder}: max_rows={max_rows} is smaller than the sentence drawn first")
+        local = np.flatnonzero(np.isin(sid, chosen))
+        view = copy.copy(self)
+        view.rows = local if self.rows is None else self.rows[local]
+        return view
 
     def sentences(self) -> list[dict]:
         with (self.folder / "texts.jsonl").open(encoding="utf-8") as f:

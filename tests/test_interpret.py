@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mini_brown import write_mini_nltk
+from mini_brown import write_two_genres
 
 from datamodules.activations import META_COLUMNS, POS_TAGS, SPECIAL, ActivationCache, ActivationsDataModule
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
@@ -299,9 +299,6 @@ def test_group_share_equals_its_formula():
 
 
 # ------------------------------------------------------------------------------------------ whole report
-BROWN = {"brown/ca01": "\n\n\tThe/at man/nn is/bez playing/vbg the/at guitar/nn ./.\n\n\tA/at dog/nn reads/vbz ./.\n",
-         "brown/ck01": "\n\n\tthe/at boy./nn paints/vbz a/at car/nn\n\tTwo/cd kids/nns cooking/vbg pasta/nn ./.\n"}
-TAG_MAP = "AT\tDET\nNN\tNOUN\nNNS\tNOUN\nBEZ\tVERB\nVBG\tVERB\nVBZ\tVERB\nCD\tNUM\n.\t.\n"
 REC_KEYS = {"id", "label", "purity", "energy", "fires", "pos_dist", "hist", "contexts", "contribution", "survival",
             "stability_cos"}
 
@@ -329,7 +326,7 @@ def test_context_tokens_highlight_the_activating_word():
 
 
 def test_report_on_a_tiny_bert_brown_cache(tiny_model_no_dropout, tmp_path):
-    write_mini_nltk(tmp_path / "nltk_data", BROWN, "ca01 news\nck01 fiction\n", TAG_MAP)
+    write_two_genres(tmp_path)
     dm = ActivationsDataModule(tiny_model_no_dropout, source="brown", data_root=str(tmp_path), special_tokens="keep",
                                cache_dir=str(tmp_path / "cache"), max_length=32, cache_dtype="float32")
     dm.setup()

@@ -74,6 +74,8 @@ def read_rows(source: ActivationCache | np.ndarray | Tensor, lo: int, hi: int) -
     """Rows ``[lo, hi)`` of a cache (contiguous slices of its memory-mapped shards) or of an array, float32."""
     if not isinstance(source, ActivationCache):
         return torch.as_tensor(np.asarray(source[lo:hi], dtype=np.float32))
+    if source.rows is not None:  # a view of chosen sentences
+        return source.gather(np.arange(lo, hi))
     parts, vecs, off = [], source.vectors(), source.offsets
     for s in range(len(vecs)):
         a, b = max(lo, int(off[s])), min(hi, int(off[s + 1]))

@@ -16,6 +16,7 @@ Caches without words show the cached wordpieces when a tokenizer is given, else 
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from typing import Literal, NamedTuple
 
@@ -41,9 +42,22 @@ from lightning_modules.interpret.stability import (
 class InterpretReport(NamedTuple):
     summary: dict[str, float | str]
     """Scalars for W&B, keys ``interpret/...`` (``interpret/stability_method`` and ``interpret/pooling_tokens``
-    are strings)."""
+    are strings); ``interpret/seconds/<part>`` is the time each part took."""
     features: list[dict]
     """One record per feature (schema in the module docstring)."""
+
+
+class Clock:
+    """Seconds since the previous call, recorded under the name given: ``clock("codes")``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self.last
+        self.last = now
 
 
 def _finite(x: float) -> float | None:
@@ -110,9 +124,12 @@ def interpret_sae(sae: BatchTopKSAE, cache: ActivationCache, sae_b: BatchTopKSAE
             the sentences have those categories; None skips it.
         match: decoder matching method of :func:`match_decoders`.
     """
+    clock = Clock()
     sentences = cache.sentences()
     codes = encode_sparse(sae, cache, chunk_rows=chunk_rows)
+    clock("codes")
     labels = label_features(codes, sentences, top_k=top_k, n_unique=n_unique, n_contexts=n_contexts)
+    clock("pos_labels")
     summary: dict[str, float | str] = {
         "interpret/n_tokens": float(codes.n_rows), "interpret/n_features": float(codes.n_features),
         "interpret/alive_share": float(codes.alive.mean()), "interpret/l0": len(codes.values) / max(codes.n_rows, 1),
@@ -128,6 +145,7 @@ def interpret_sae(sae: BatchTopKSAE, cache: ActivationCache, sae_b: BatchTopKSAE
         stats = pooling_contributions(sae, codes, cache, include_special=pooling == "model")
         summary["interpret/pooling_tokens"] = "all" if pooling == "model" else "words"
         summary.update(pooling_summary(stats, labels))
+        clock("pooling")
     matching = None
     if sae_b is not None:
         matching = match_decoders(sae.W_dec, sae_b.W_dec, method=match)
@@ -135,13 +153,19 @@ def interpret_sae(sae: BatchTopKSAE, cache: ActivationCache, sae_b: BatchTopKSAE
         summary["interpret/stability_method"] = matching.method
         for k, c in enumerate(stability_by_decile(matching, codes.energy)):
             summary[f"interpret/stability_mean_cos/decile_{k}"] = float(c)
+        clock("stability")
     if groups == "auto":
-        present = {s.get("category") for s in sentences}
+        in_rows = np.unique(codes.meta[:, SID]) if codes.meta is not None else range(len(sentences))
+        present = {sentences[i].get("category") for i in in_rows}
         groups = (INFORMATIVE, IMAGINATIVE) if present & set(INFORMATIVE) and present & set(IMAGINATIVE) else None
     if groups is not None:
         score = group_share(codes, brown_groups(codes.meta, sentences, tuple(groups[0]), tuple(groups[1])))
         summary.update(group_share_summary(score))
-    return InterpretReport(summary, feature_records(codes, labels, sentences, stats, matching, tokenizer))
+        clock("group_share")
+    records = feature_records(codes, labels, sentences, stats, matching, tokenizer)
+    clock("records")
+    summary.update({f"interpret/seconds/{k}": v for k, v in clock.seconds.items()})
+    return InterpretReport(summary, records)
 
 
 __all__ = ["InterpretReport", "context_tokens", "feature_records", "interpret_sae"]

@@ -1,0 +1,225 @@
+"""The SAE interpretability suite (methods.md 5) as a callback: at the end of fit, and on demand through
+:meth:`InterpretSAE.run` or ``python train.py interpret`` (same code, same files, same logged keys)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+
+from datamodules.base import DataError
+
+#: Columns of the W&B feature table (one row per feature).
+FEATURE_COLUMNS = ["id", "label", "purity", "energy", "fires", "contribution", "survival", "stability_cos",
+                   "top_tokens"]
+PSEVAL_COLUMNS = ["layer", "tp", "fp", "tn", "fn", "precision", "recall", "f1", "accuracy", "specificity", "pairs"]
+
+
+def top_tokens(record: dict, n: int = 10) -> str:
+    """The first ``n`` distinct activating tokens of a feature's top contexts, comma-separated."""
+    seen: list[str] = []
+    for ctx in record["contexts"]:
+        if 0 <= ctx["index"] < len(ctx["tokens"]) and ctx["tokens"][ctx["index"]] not in seen:
+            seen.append(ctx["tokens"][ctx["index"]])
+    return ", ".join(seen[:n])
+
+
+def log_suite(loggers: list[Logger], result, step: int | None = None, browser: bool = True) -> None:
+    """Scalars to every logger; on W&B also the string settings (run summary), a feature table, a PS-Eval table, a
+    purity-by-tag table and the browser page (``wandb.Html``)."""
+    scalars = {k: float(v) for k, v in result.summary.items() if isinstance(v, int | float)}
+    for logger in loggers:
+        logger.log_metrics(scalars, step=step)
+        if not isinstance(logger, WandbLogger):
+            continue
+        run = logger.experiment
+        for k, v in result.summary.items():
+            if isinstance(v, str):
+                run.summary[k] = v
+        rows = [[r["id"], r["label"], r["purity"], r["energy"], r["fires"], r["contribution"], r["survival"],
+                 r["stability_cos"], top_tokens(r)] for r in result.features]
+        logger.log_table("interpret/features", columns=FEATURE_COLUMNS, data=rows, step=step)
+        tags = sorted({k.rsplit("/", 1)[1] for k in result.summary if k.startswith("interpret/pos_purity_ge_0.8/")})
+        if tags:
+            logger.log_table("interpret/purity_by_tag", columns=["tag", "share_of_alive", "share_pure"], step=step,
+                             data=[[t, result.summary[f"interpret/pos_dominant_share/{t}"],
+                                    result.summary[f"interpret/pos_purity_ge_0.8/{t}"]] for t in tags])
+        if result.pseval:
+            logger.log_table("interpret/pseval", columns=PSEVAL_COLUMNS, step=step, data=[
+                [layer, r.confusion.tp, r.confusion.fp, r.confusion.tn, r.confusion.fn, r.precision, r.recall, r.f1,
+                 r.accuracy, r.specificity, r.counts.get("balanced")] for layer, r in sorted(result.pseval.items())])
+        if browser and "browser" in result.files:
+            import wandb
+
+            page = wandb.Html(result.files["browser"].read_text(encoding="utf-8"))
+            logger.log_metrics({"interpret/browser": page}, step=step)  # type: ignore[dict-item]
+
+
+class InterpretSAE(pl.Callback):
+    """Run the interpretability suite on the trained SAE when ``fit`` ends (the best checkpoint's weights, else the
+    final ones) and log it; :meth:`run` runs it on demand.
+
+    Args:
+        cache: token-level activation cache folder; default: the datamodule's (an ``ActivationsDataModule``).
+        compare_sae: an exported SAE (``cfg.json`` + ``sae.safetensors``) of the same data trained with another seed,
+            for the stability scores; None skips them.
+        pseval: PS-Eval on WiC: ``True`` runs it (a missing WiC is an error), ``None`` runs it when WiC loads (else a
+            warning), ``False`` skips it.
+        pseval_saes: ``{layer: exported SAE folder}`` of other layers of the same encoder, scored by PS-Eval too.
+        wic_split, wic_data_root: see :func:`datamodules.wic.load_wic`; the root defaults to the datamodule's
+            ``data_root``.
+        max_tokens: analyse only whole sentences drawn at random (seeded) up to this many tokens.
+        output_dir: default ``<log_dir>/interpret``.
+        log_browser: also log the browser page to W&B (it can be tens of MB for large dictionaries).
+        top_k, n_unique, n_contexts: see :func:`lightning_modules.interpret.pos.label_features`.
+    """
+
+    def __init__(self, cache: str | None = None, compare_sae: str | None = None, pseval: bool | None = None,
+                 pseval_saes: Mapping[int, str] | None = None, wic_split: str = "dev",
+                 wic_data_root: str | None = None, max_tokens: int | None = None, output_dir: str | None = None,
+                 log_browser: bool = True, top_k: int = 500, n_unique: int = 100, n_contexts: int = 10) -> None:
+        self.cache, self.compare_sae, self.pseval = cache, compare_sae, pseval
+        self.pseval_saes = dict(pseval_saes or {})
+        self.wic_split, self.wic_data_root, self.max_tokens = wic_split, wic_data_root, max_tokens
+        self.output_dir, self.log_browser = output_dir, log_browser
+        self.label_kwargs = {"top_k": top_k, "n_unique": n_unique, "n_contexts": n_contexts}
+        self.result = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check the paths before training, not hours later when fit ends."""
+        if stage != "fit":
+            return
+        for what, path in [("compare_sae", self.compare_sae),
+                           *((f"pseval_saes[{k}]", v) for k, v in self.pseval_saes.items())]:
+            if path is not None and not (Path(path) / "cfg.json").is_file():
+                raise DataError(f"InterpretSAE {what}={path!r}: not an exported SAE folder (no cfg.json)")
+        if self.cache is not None and not (Path(self.cache) / "meta.json").is_file():
+            raise DataError(f"InterpretSAE cache={self.cache!r}: not an activation cache (no meta.json)")
+        if self.pseval:
+            self._wic(self.wic_data_root or getattr(trainer.datamodule, "data_root", None))
+
+    def _cache(self, trainer: pl.Trainer):
+        from datamodules.activations import ActivationCache
+
+        if self.cache is not None:
+            return ActivationCache(self.cache)
+        cache = getattr(trainer.datamodule, "cache", None)
+        if cache is None:
+            raise DataError("InterpretSAE: no activation cache: set callbacks' InterpretSAE cache=<folder>, or train "
+                            "with datamodules.ActivationsDataModule")
+        return cache
+
+    def _wic(self, data_root: str | None):
+        if self.pseval is False:
+            return None
+        from datamodules.wic import load_wic
+
+        root = self.wic_data_root or data_root
+        try:
+            return load_wic(self.wic_split, root)
+        except (DataError, OSError) as err:
+            if self.pseval:
+                raise
+            rank_zero_warn(f"InterpretSAE: PS-Eval skipped, WiC did not load ({err}); set pseval=False to silence "
+                           "this, or wic_data_root to a folder holding wic/")
+            return None
+
+    def run(self, sae, cache, loggers: Sequence[Logger] = (), output_dir: str | Path = "interpret",
+            step: int | None = None, data_root: str | None = None):
+        """Run the suite on ``sae`` over ``cache``, write the files to ``output_dir`` and log to ``loggers``
+        (``data_root``: where WiC is looked for when ``wic_data_root`` is unset)."""
+        from lightning_modules.export import load_sae
+        from lightning_modules.interpret.suite import run_suite
+
+        sae_b = load_sae(self.compare_sae) if self.compare_sae else None
+        others = {int(layer): load_sae(path) for layer, path in self.pseval_saes.items()}
+        self.result = run_suite(sae, cache, output_dir, sae_b=sae_b, wic_pairs=self._wic(data_root),
+                                pseval_saes=others, max_tokens=self.max_tokens, **self.label_kwargs)
+        log_suite(list(loggers), self.result, step=step, browser=self.log_browser)
+        print(f"interpretability suite: {self.result.files['browser']} (open in a browser), "
+              f"{self.result.files['summary']}", flush=True)
+        return self.result
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_modules.export import best_or_current
+
+        module, _ = best_or_current(trainer, pl_module)
+        sae = module.sae.eval()
+        out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "interpret")
+        self.run(sae, self._cache(trainer), trainer.loggers, out, step=trainer.global_step,
+                 data_root=getattr(trainer.datamodule, "data_root", None))
+
+
+def load_any_sae(path: str | Path):
+    """An SAE in eval mode from an exported folder (``cfg.json`` + ``sae.safetensors``) or an ``SAEModule``
+    checkpoint (``.ckpt``)."""
+    from lightning_modules.export import load_module, load_sae
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".ckpt":
+        module = load_module(path)
+        if not hasattr(module, "sae"):
+            raise DataError(f"{path} is a {type(module).__name__} checkpoint, not an SAEModule one")
+        return module.sae.eval()
+    if not (path / "cfg.json").is_file():
+        raise DataError(f"{path}: neither an SAE checkpoint (.ckpt) nor an exported SAE folder (cfg.json + "
+                        "sae.safetensors)")
+    return load_sae(path).eval()
+
+
+def interpret_main(argv: list[str]) -> None:
+    """``interpret --sae SAE --cache CACHE``: run the interpretability suite on demand (the same files and logged
+    keys as the ``InterpretSAE`` callback at the end of fit)."""
+    from jsonargparse import ArgumentParser
+
+    from datamodules.activations import ActivationCache
+
+    parser = ArgumentParser(prog="train.py interpret", description=interpret_main.__doc__)
+    parser.add_argument("--sae", type=str, required=True, help="exported SAE folder or SAEModule checkpoint")
+    parser.add_argument("--cache", type=str, required=True, help="token-level activation cache folder the SAE was "
+                        "trained on (printed by `train.py fit`; under $EMBEDLAB_CACHE)")
+    parser.add_argument("--output_dir", type=str, default=None, help="default: <sae folder>/interpret")
+    parser.add_argument("--compare_sae", type=str, default=None, help="the same SAE trained with another seed")
+    parser.add_argument("--pseval", type=bool | None, default=None,
+                        help="PS-Eval on WiC: true (required), false (skip), null (when WiC loads)")
+    parser.add_argument("--pseval_saes", type=dict[int, str], default={},
+                        help='SAEs of other layers for PS-Eval, e.g. \'{"3": "runs/l3/sae"}\'')
+    parser.add_argument("--wic_split", type=str, default="dev")
+    parser.add_argument("--data_root", type=str, default=None, help="folder holding wic/ (e.g. ../shared/data)")
+    parser.add_argument("--max_tokens", type=int | None, default=None, help="random whole sentences up to N tokens")
+    parser.add_argument("--top_k", type=int, default=500)
+    parser.add_argument("--n_unique", type=int, default=100)
+    parser.add_argument("--n_contexts", type=int, default=10)
+    parser.add_argument("--wandb_project", type=str | None, default=None, help="also log to this W&B project")
+    parser.add_argument("--wandb_offline", type=bool, default=True, help="offline W&B run (`wandb sync` later)")
+    parser.add_argument("--log_browser", type=bool, default=True, help="log the browser page to W&B too")
+    args = parser.parse_args(argv)
+    from pytorch_lightning.loggers import CSVLogger
+
+    sae_path = Path(args.sae)
+    out = Path(args.output_dir or (sae_path.parent if sae_path.is_file() else sae_path) / "interpret")
+    sae = load_any_sae(sae_path)
+    cache = ActivationCache(args.cache)
+    loggers: list[Logger] = [CSVLogger(str(out), name="csv")]
+    if args.wandb_project:
+        loggers.append(WandbLogger(project=args.wandb_project, save_dir=str(out), offline=args.wandb_offline,
+                                   name=f"interpret-{sae_path.name}", job_type="interpret"))
+        loggers[-1].log_hyperparams({k: v for k, v in vars(args).items() if k != "__path__"})
+    callback = InterpretSAE(compare_sae=args.compare_sae, pseval=args.pseval, pseval_saes=args.pseval_saes,
+                            wic_split=args.wic_split, max_tokens=args.max_tokens, log_browser=args.log_browser,
+                            top_k=args.top_k, n_unique=args.n_unique, n_contexts=args.n_contexts)
+    result = callback.run(sae, cache, loggers, out, data_root=args.data_root)
+    for logger in loggers:
+        logger.finalize("success")
+    if args.wandb_project:
+        import wandb
+
+        wandb.finish()
+    width = max(len(k) for k in result.summary)
+    for k, v in result.summary.items():
+        if "/decile_" not in k and "_hist/" not in k:
+            print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")

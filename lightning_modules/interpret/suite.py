@@ -1,0 +1,109 @@
+"""The whole interpretability suite as one run that writes files: what the ``InterpretSAE`` callback (end of fit)
+and ``python train.py interpret`` (on demand) both call.
+
+Files written to ``output_dir``:
+
+- ``summary.json``: every scalar (``interpret/...``, ``interpret/pseval/layer<L>/...``) and the seconds each part took;
+- ``features.json``: one record per feature (schema in :mod:`lightning_modules.interpret.report`);
+- ``pseval.json``: per layer, the confusion matrix, the metrics and the pair counts (when PS-Eval ran);
+- ``features.html``: the feature browser, one static file that opens from disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datamodules.activations import ActivationCache
+from lightning_modules.interpret.browser import write_feature_browser
+from lightning_modules.interpret.pseval import PSEvalResult, ps_eval
+from lightning_modules.interpret.report import interpret_sae
+
+
+@dataclass
+class SuiteResult:
+    summary: dict[str, float | str]
+    features: list[dict]
+    pseval: dict[int, PSEvalResult] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def cache_layer(cache: ActivationCache) -> int | None:
+    """The ``hidden_states`` index the cache's vectors come from (its identity; None when it does not say)."""
+    if cache.meta.get("level") != "token":
+        raise ValueError(f"{cache.folder} holds {cache.meta.get('level')}-level vectors; the interpretability suite "
+                         "needs a token-level cache (data.level=token)")
+    return None if cache.meta.get("layer") is None else int(cache.meta["layer"])
+
+
+def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None,
+              wic_pairs: Sequence | None = None, pseval_saes: Mapping[int, object] | None = None,
+              encoder=None, max_tokens: int | None = None, title: str = "SAE features",
+              **interpret_kwargs) -> SuiteResult:
+    """Run codes, POS labels, pooling decomposition, stability (with ``sae_b``), group share and PS-Eval (with
+    ``wic_pairs``), and write the files listed in the module docstring.
+
+    Args:
+        sae: the SAE under study, trained on ``cache``'s vectors.
+        cache: token-level activation cache; ``max_tokens`` keeps whole sentences drawn at random
+            (seeded) up to that many tokens.
+        output_dir: folder for the files (created).
+        sae_b: the same SAE trained with another seed, for stability; None skips it.
+        wic_pairs: WiC pairs (:func:`datamodules.wic.load_wic`); None skips PS-Eval.
+        pseval_saes: ``{layer: SAE}`` of other layers of the same encoder, scored by PS-Eval next to ``sae``
+            (whose layer is the cache's).
+        encoder: model name / folder, ``(model, tokenizer)`` or ``Encoder`` for PS-Eval and for naming special
+            tokens; default: the cache's model (loads offline when installed).
+        interpret_kwargs: passed to :func:`~lightning_modules.interpret.report.interpret_sae`.
+    """
+    layer = cache_layer(cache)
+    if wic_pairs is not None and layer is None:
+        raise ValueError(f"{cache.folder}: its meta.json names no layer, so PS-Eval cannot know which hidden states "
+                         "the SAE reads")
+    for name, other in [("sae", sae), ("sae_b", sae_b), *((f"pseval_saes[{k}]", v) for k, v in
+                                                          (pseval_saes or {}).items())]:
+        if other is not None and other.cfg.d_in != cache.dim:
+            raise ValueError(f"{name} takes {other.cfg.d_in}-d inputs but {cache.folder} holds {cache.dim}-d vectors: "
+                             "an SAE of another model?")
+    if max_tokens:
+        cache = cache.sample_sentences(max_tokens)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = None
+    if wic_pairs is not None or encoder is not None:
+        from lightning_modules.interpret.pseval import _model_and_tokenizer
+
+        encoder = _model_and_tokenizer(encoder if encoder is not None else cache.meta["model"])
+        tokenizer = encoder[1]
+    seconds: dict[str, float] = {}
+    report = interpret_sae(sae, cache, sae_b, tokenizer=tokenizer, **interpret_kwargs)
+    summary = dict(report.summary)
+    results: dict[int, PSEvalResult] = {}
+    if wic_pairs is not None:
+        saes = {layer: sae, **dict(pseval_saes or {})}
+        t0 = time.perf_counter()
+        results = ps_eval(encoder, saes, wic_pairs)
+        seconds["pseval"] = time.perf_counter() - t0
+        for res in results.values():
+            summary.update(res.to_dict("interpret/pseval"))
+    files = {"summary": output_dir / "summary.json", "features": output_dir / "features.json",
+             "browser": output_dir / "features.html"}
+    t0 = time.perf_counter()
+    browser_summary = {k: v for k, v in summary.items() if "/decile_" not in k and "_hist/" not in k}
+    write_feature_browser(report.features, files["browser"], title=title, summary=browser_summary)
+    files["features"].write_text(json.dumps(report.features))
+    if results:
+        files["pseval"] = output_dir / "pseval.json"
+        files["pseval"].write_text(json.dumps(
+            {str(k): {**dataclasses.asdict(r), "layer": k} for k, r in results.items()}, indent=1))
+    seconds["write"] = time.perf_counter() - t0
+    summary.update({f"interpret/seconds/{k}": v for k, v in seconds.items()})
+    files["summary"].write_text(json.dumps({"cache": str(cache.folder), "layer": layer, **summary}, indent=1))
+    return SuiteResult(summary, report.features, results, files)
+
+
+__all__ = ["SuiteResult", "cache_layer", "run_suite"]

@@ -1,0 +1,202 @@
+"""The suite as a product: sentence samples of a cache, the InterpretSAE callback at the end of a real fit (files,
+CSV and offline W&B records equal to calling the suite's functions directly) and `train.py interpret` on the
+exported SAE giving the same numbers; bad inputs give clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mini_brown import write_two_genres
+from test_interpret import random_corpus, random_sae, write_cache
+from test_pseval import E2E_ROWS, write_wic
+
+from callbacks.interpret import FEATURE_COLUMNS, InterpretSAE
+from datamodules.activations import ActivationCache, ActivationsDataModule
+from datamodules.base import DataError
+from datamodules.wic import load_wic
+from lightning_modules.export import export_sae, load_sae
+from lightning_modules.interpret.codes import encode_sparse, read_rows
+from lightning_modules.interpret.pseval import ps_eval
+from lightning_modules.interpret.report import interpret_sae
+
+SUITE_ARGS = {"top_k": 20, "n_unique": 5, "n_contexts": 3}
+
+
+# -------------------------------------------------------------------------------------------- sampling
+def test_sentence_sample_keeps_whole_sentences_in_cache_order(tmp_path):
+    meta, sentences = random_corpus(40, seed=3)
+    vectors = np.random.default_rng(0).normal(size=(len(meta), 6)).astype(np.float32)
+    full = write_cache(tmp_path / "c", vectors, meta, sentences, cuts=(50, 90))
+    view = full.sample_sentences(len(full) // 2, seed=1)
+    assert 0 < len(view) <= len(full) // 2 and np.all(np.diff(view.rows) > 0)
+    sid = full.metadata()[:, 0]
+    chosen = np.unique(sid[view.rows])
+    assert len(view) == np.isin(sid, chosen).sum()  # every row of every chosen sentence
+    assert len(view) + np.bincount(sid)[np.setdiff1d(np.arange(40), chosen)].min() > len(full) // 2  # filled up
+    np.testing.assert_array_equal(view.metadata(), full.metadata()[view.rows])
+    torch.testing.assert_close(read_rows(view, 0, len(view)), full.gather(view.rows))
+    torch.testing.assert_close(read_rows(view, 3, 17), full.gather(view.rows[3:17]))
+    np.testing.assert_array_equal(full.sample_sentences(len(full) // 2, seed=1).rows, view.rows)
+    assert not np.array_equal(full.sample_sentences(len(full) // 2, seed=2).rows, view.rows)
+    inner = view.sample_sentences(len(view) // 2, seed=0)
+    assert set(inner.rows) < set(view.rows)
+    np.testing.assert_array_equal(inner.metadata(), full.metadata()[inner.rows])
+    assert full.sample_sentences(len(full)) is full
+    # codes of the view are the codes of its rows, with their metadata
+    sae = random_sae(d=6, n=8)
+    codes = encode_sparse(sae, view, chunk_rows=7)
+    np.testing.assert_allclose(codes.dense(), encode_sparse(sae, full.gather(view.rows).numpy()).dense(), atol=1e-6)
+    np.testing.assert_array_equal(codes.meta, view.metadata())
+    with pytest.raises(ValueError, match="max_rows=1 is smaller than the sentence drawn first"):
+        full.sample_sentences(1)
+
+
+# ---------------------------------------------------------------------------------- callback and command
+def without_seconds(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if not k.startswith("interpret/seconds/")}
+
+
+@pytest.fixture
+def brown_wic_root(tmp_path) -> Path:
+    root = write_two_genres(tmp_path / "data")
+    write_wic(root / "wic", E2E_ROWS, ["T"] * 6 + ["F"] * 6)
+    return root
+
+
+def test_callback_after_fit_and_the_command_match_the_functions(tiny_model_no_dropout, brown_wic_root, tmp_path):
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+    from wandb_records import logged_history
+
+    import train
+    from lightning_modules import SAEModule
+
+    dm = ActivationsDataModule(tiny_model_no_dropout, source="brown", data_root=str(brown_wic_root),
+                               special_tokens="keep", cache_dir=str(tmp_path / "cache"), max_length=32,
+                               cache_dtype="float32", batch_size=8)
+    other = export_sae(random_sae(d=32, n=64, seed=5), tmp_path / "other_seed")
+    cb = InterpretSAE(compare_sae=str(other), pseval=True, output_dir=str(tmp_path / "interp"), **SUITE_ARGS)
+    wandb_logger = WandbLogger(project="embedlab-test", save_dir=str(tmp_path), offline=True)
+    pl.seed_everything(0)
+    model = SAEModule(expansion_factor=2, k=4, threshold_start=2, lr=3e-3, init_samples=64)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=[CSVLogger(tmp_path / "csv"), wandb_logger],
+                         callbacks=[cb], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(model, dm)
+    run_dir = Path(wandb_logger.experiment.dir).parent
+    wandb_logger.experiment.finish()
+
+    # the files hold exactly what the suite's functions give for the trained SAE
+    sae, sae_b = model.sae.eval(), load_sae(other)
+    want = interpret_sae(sae, dm.cache, sae_b, **SUITE_ARGS)
+    pairs = load_wic("dev", str(brown_wic_root))
+    want_ps = ps_eval(tiny_model_no_dropout, {2: sae}, pairs)[2]
+    out = tmp_path / "interp"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary.pop("layer") == 2 and summary.pop("cache") == str(dm.cache.folder)
+    expected = without_seconds({**want.summary, **want_ps.to_dict("interpret/pseval")})
+    assert without_seconds(summary) == pytest.approx(expected)
+    assert json.loads((out / "features.json").read_text()) == want.features
+    assert json.loads((out / "pseval.json").read_text())["2"]["confusion"] == want_ps.confusion.__dict__
+    assert "feature-data" in (out / "features.html").read_text()
+    assert {"codes", "pos_labels", "pooling", "stability", "group_share", "records", "pseval", "write"} == {
+        k.rsplit("/", 1)[1] for k in summary if k.startswith("interpret/seconds/")}
+    assert summary["interpret/stability_method"] == "hungarian" and summary["interpret/pseval/layer2/balanced"] == 12
+
+    # the local logger and W&B got the scalars at the last step; W&B also the tables and the page
+    rows = list(csv.DictReader(open(Path(trainer.loggers[0].log_dir) / "metrics.csv")))
+    last = [r for r in rows if r.get("interpret/pos_purity_mean")]
+    assert float(last[0]["interpret/pos_purity_mean"]) == pytest.approx(want.summary["interpret/pos_purity_mean"])
+    history = logged_history(next(run_dir.glob("run-*.wandb")))
+    logged = {k: v for r in history for k, v in r.items()}
+    assert logged["interpret/pseval/layer2/specificity"] == pytest.approx(want_ps.specificity)
+    assert logged["interpret/features/_type"] == "table-file" and logged["interpret/pseval/_type"] == "table-file"
+    assert logged["interpret/browser/_type"] == "html-file"
+    table = json.loads((run_dir / "files" / logged["interpret/features/path"]).read_text())
+    assert table["columns"] == FEATURE_COLUMNS and len(table["data"]) == 64
+    assert [row[4] for row in table["data"]] == [f["fires"] for f in want.features]
+
+    # on demand, from the exported SAE: the same numbers
+    exported = export_sae(model, tmp_path / "sae")
+    train.main(["interpret", "--sae", str(exported), "--cache", str(dm.cache.folder), "--compare_sae", str(other),
+                "--data_root", str(brown_wic_root), "--pseval", "true", "--top_k", "20", "--n_unique", "5",
+                "--n_contexts", "3"])
+    again = json.loads((exported / "interpret" / "summary.json").read_text())
+    assert without_seconds(again) == pytest.approx(without_seconds(json.loads((out / "summary.json").read_text())),
+                                                   rel=1e-4, abs=1e-6)
+
+
+def test_bad_inputs_are_named(tiny_model_no_dropout, brown_wic_root, tmp_path):
+    import train
+
+    meta, sentences = random_corpus(6, seed=0)
+    cache = write_cache(tmp_path / "c", np.ones((len(meta), 6), np.float32), meta, sentences)
+    (tmp_path / "not_an_sae").mkdir()
+    with pytest.raises(DataError, match="not_an_sae: neither an SAE checkpoint"):
+        train.main(["interpret", "--sae", str(tmp_path / "not_an_sae"), "--cache", str(cache.folder)])
+    with pytest.raises(DataError, match="no meta.json"):
+        train.main(["interpret", "--sae", str(export_sae(random_sae(), tmp_path / "s")), "--cache", str(tmp_path)])
+    sentence_cache = json.loads((cache.folder / "meta.json").read_text()) | {"level": "sentence"}
+    (cache.folder / "meta.json").write_text(json.dumps(sentence_cache))
+    from lightning_modules.interpret.suite import run_suite
+
+    with pytest.raises(ValueError, match="sentence-level vectors; the interpretability suite needs a token-level"):
+        run_suite(random_sae(), ActivationCache(cache.folder), tmp_path / "o")
+    # PS-Eval: required and WiC missing is an error; auto skips it with a warning naming the reason
+    cb = InterpretSAE(pseval=True)
+    with pytest.raises(DataError, match="nowhere/wic does not exist"):
+        cb._wic(str(tmp_path / "nowhere"))
+    with pytest.warns(UserWarning, match="PS-Eval skipped, WiC did not load"):
+        assert InterpretSAE(pseval=None)._wic(str(tmp_path / "nowhere")) is None
+    assert InterpretSAE(pseval=False)._wic(str(brown_wic_root)) is None
+
+
+def test_extra_config_runs_the_suite_when_fit_ends(tiny_model_no_dropout, brown_wic_root, tmp_path, monkeypatch):
+    import yaml
+
+    import train
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    monkeypatch.chdir(tmp_path)
+    cfg = yaml.safe_load((configs / "sae_minilm_brown_tokens.yaml").read_text())
+    cfg["trainer"].update(accelerator="cpu", max_epochs=None, max_steps=4, logger=False, enable_progress_bar=False,
+                          default_root_dir=str(tmp_path / "run"), val_check_interval=None,
+                          callbacks=[{"class_path": "callbacks.SAEReport"}])
+    cfg["model"]["init_args"].update(threshold_start=2, init_samples=64)
+    cfg["data"]["init_args"].update(model_name_or_path=tiny_model_no_dropout, data_root=str(brown_wic_root),
+                                    cache_dir=str(tmp_path / "cache"), special_tokens="keep", batch_size=8,
+                                    val_fraction=0.0)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(cfg))
+    extra = yaml.safe_load((configs / "callbacks" / "interpret.yaml").read_text())
+    extra["trainer"]["callbacks+"][0]["init_args"].update(wic_data_root=str(brown_wic_root), top_k=20, n_unique=5)
+    (tmp_path / "extra.yaml").write_text(yaml.safe_dump(extra))
+    cli = train.main(["fit", "--config", str(tmp_path / "recipe.yaml"), "--config", str(tmp_path / "extra.yaml")])
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, InterpretSAE))
+    summary = json.loads((tmp_path / "run" / "interpret" / "summary.json").read_text())
+    assert summary["interpret/n_tokens"] == len(cli.datamodule.cache) == 30
+    assert summary["interpret/pooling_tokens"] == "all" and summary["interpret/pseval/layer2/balanced"] == 12
+    assert summary["interpret/pos_purity_mean"] == pytest.approx(cb.result.summary["interpret/pos_purity_mean"])
+
+
+def test_wrong_paths_fail_before_training_and_dims_are_checked(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_modules.interpret.suite import run_suite
+
+    trainer = SimpleNamespace(datamodule=None)
+    with pytest.raises(DataError, match="compare_sae='nope': not an exported SAE folder"):
+        InterpretSAE(compare_sae="nope").setup(trainer, None, "fit")
+    with pytest.raises(DataError, match=r"pseval_saes\[3\]='gone': not an exported SAE folder"):
+        InterpretSAE(pseval_saes={3: "gone"}).setup(trainer, None, "fit")
+    with pytest.raises(DataError, match="cache='nocache': not an activation cache"):
+        InterpretSAE(cache="nocache").setup(trainer, None, "fit")
+    InterpretSAE(compare_sae="nope").setup(trainer, None, "validate")  # only fit is checked
+    meta, sentences = random_corpus(4, seed=0)
+    cache = write_cache(tmp_path / "c", np.ones((len(meta), 6), np.float32), meta, sentences)
+    with pytest.raises(ValueError, match=r"sae_b takes 5-d inputs but .* holds 6-d vectors"):
+        run_suite(random_sae(d=6), cache, tmp_path / "o", sae_b=random_sae(d=5))
