@@ -189,3 +189,27 @@ def test_datamodule_option_selects_the_length_grouped_sampler(sample_data, tiny_
     again = SentencesDataModule(**kw, group_by_length=True, length_group_batches=4)
     again.connect(enc.tokenizer, 32)
     assert all(torch.equal(a, b["input_ids"]) for a, b in zip(first, again.train_dataloader()))
+
+
+def test_optimizers_use_the_fused_kernel_and_it_steps_like_foreach(tiny_model):
+    """Fused AdamW (what transformers' Trainer uses) for float parameters on CPU/CUDA; same update as foreach."""
+    from types import SimpleNamespace
+
+    from lightning_modules.base import can_fuse
+
+    assert can_fuse([torch.zeros(2)]) and not can_fuse([torch.zeros(2, dtype=torch.long)])
+    assert not can_fuse([torch.zeros(2, device="meta")])
+    module = ContrastiveModule(tiny_model, pooler="mean")
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"] is True
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fused = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    foreach = torch.optim.AdamW(twins, lr=1e-2, foreach=True)
+    for step in range(3):
+        for p, q in zip(params, twins):
+            p.grad = q.grad = torch.full_like(p, float(step + 1)) * p.detach().sign()
+        fused.step(), foreach.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q)
