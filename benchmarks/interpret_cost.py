@@ -6,7 +6,8 @@
 Data: all-MiniLM-L6-v2 layer-6 token vectors of the Brown Corpus with [CLS]/[SEP] kept (``ActivationsDataModule``,
 built on first use under $EMBEDLAB_CACHE), cut to ``--tokens`` tokens of whole sentences drawn at random.
 SAEs: ``--sae`` / ``--compare_sae`` exported folders, or else two ``--num_latents`` BatchTopK SAEs (k 32, seeds 0
-and 1) trained here for ``--train_steps`` steps of ``--batch_size`` vectors (not part of the measured cost).
+and 1) trained here for ``--train_steps`` steps of ``--batch_size`` vectors at ``--lr`` (not part of the
+measured cost).
 
 Measured: ``run_suite`` exactly as ``train.py interpret`` runs it (codes, POS labels, pooling decomposition,
 Hungarian stability, group share, PS-Eval on the WiC dev split, the JSON files and the HTML browser), per part and
@@ -40,7 +41,7 @@ MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TARGET_S = 600.0
 
 
-def train_sae(dm: ActivationsDataModule, num_latents: int, seed: int, steps: int, out: Path) -> Path:
+def train_sae(dm: ActivationsDataModule, num_latents: int, seed: int, steps: int, lr: float, out: Path) -> Path:
     """A BatchTopK SAE trained for ``steps`` steps, exported to ``out``."""
     import pytorch_lightning as pl
 
@@ -48,7 +49,7 @@ def train_sae(dm: ActivationsDataModule, num_latents: int, seed: int, steps: int
 
     pl.seed_everything(seed)
     module = SAEModule(num_latents=num_latents, k=32, threshold_start=min(20, steps // 2), dead_after=steps * 1024,
-                       init_samples=8192, seed=seed)
+                       init_samples=8192, seed=seed, lr=lr)
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     start = time.perf_counter()
@@ -74,7 +75,8 @@ def main() -> None:
     ap.add_argument("--num_latents", type=int, default=16384)
     ap.add_argument("--sae", default=None, help="exported SAE folder (else one is trained here)")
     ap.add_argument("--compare_sae", default=None, help="exported SAE of another seed (else one is trained here)")
-    ap.add_argument("--train_steps", type=int, default=100)
+    ap.add_argument("--train_steps", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=5e-3, help="of the SAEs trained here (configs/sae_minilm_brown_tokens)")
     ap.add_argument("--batch_size", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max_sentences", type=int, default=None, help="only the first N Brown sentences (quick checks)")
@@ -90,7 +92,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="interpret_cost_"))
     saes = []
     for seed, given in enumerate((args.sae, args.compare_sae)):
-        saes.append(Path(given) if given else train_sae(dm, args.num_latents, seed, args.train_steps,
+        saes.append(Path(given) if given else train_sae(dm, args.num_latents, seed, args.train_steps, args.lr,
                                                         work / f"sae_seed{seed}"))
     sae, sae_b = load_sae(saes[0]), load_sae(saes[1])
     pairs = load_wic("dev", args.data_root)

@@ -58,6 +58,13 @@ def log_suite(loggers: list[Logger], result, step: int | None = None, browser: b
             logger.log_metrics({"interpret/browser": page}, step=step)  # type: ignore[dict-item]
 
 
+def describe(sae, cache) -> str:
+    """A page title: the dictionary and the vectors it reads."""
+    meta = cache.meta
+    where = f"{Path(str(meta.get('model', '?'))).name} layer {meta.get('layer', '?')}"
+    return f"BatchTopK SAE {sae.num_latents} x k{sae.cfg.k} on {where} tokens ({Path(cache.folder).name})"
+
+
 class InterpretSAE(pl.Callback):
     """Run the interpretability suite on the trained SAE when ``fit`` ends (the best checkpoint's weights, else the
     final ones) and log it; :meth:`run` runs it on demand.
@@ -128,16 +135,17 @@ class InterpretSAE(pl.Callback):
             return None
 
     def run(self, sae, cache, loggers: Sequence[Logger] = (), output_dir: str | Path = "interpret",
-            step: int | None = None, data_root: str | None = None):
+            step: int | None = None, data_root: str | None = None, title: str | None = None):
         """Run the suite on ``sae`` over ``cache``, write the files to ``output_dir`` and log to ``loggers``
-        (``data_root``: where WiC is looked for when ``wic_data_root`` is unset)."""
+        (``data_root``: where WiC is looked for when ``wic_data_root`` is unset; ``title``: the page's)."""
         from lightning_modules.export import load_sae
         from lightning_modules.interpret.suite import run_suite
 
         sae_b = load_sae(self.compare_sae) if self.compare_sae else None
         others = {int(layer): load_sae(path) for layer, path in self.pseval_saes.items()}
         self.result = run_suite(sae, cache, output_dir, sae_b=sae_b, wic_pairs=self._wic(data_root),
-                                pseval_saes=others, max_tokens=self.max_tokens, **self.label_kwargs)
+                                pseval_saes=others, max_tokens=self.max_tokens, **self.label_kwargs,
+                                title=title or describe(sae, cache))
         log_suite(list(loggers), self.result, step=step, browser=self.log_browser)
         print(f"interpretability suite: {self.result.files['browser']} (open in a browser), "
               f"{self.result.files['summary']}", flush=True)

