@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py                       # small settings: checks everything runs (minutes on CPU)
     python benchmarks/run_all.py --size full           # each script's own defaults (GPU: the real numbers)
-    python benchmarks/run_all.py --only mfu grad_cache --threads 2
+    python benchmarks/run_all.py --only mfu grad_cache --threads 2   # re-runs these, keeps the others' entries
 
 Each benchmark runs as its own process (a crash or a timeout costs that one only) and writes its JSON to
 ``benchmarks/results/<machine>/<name>.json``; the committed single-benchmark results elsewhere in
@@ -227,11 +227,17 @@ def main() -> None:
                "command": " ".join(["python", *sys.argv]),
                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "benchmarks": {}}
     out_json, out_md = Path(args.results) / f"{tag}.json", Path(args.results) / f"{tag}.md"
+    if args.only and out_json.exists():  # re-running some: keep the other benchmarks' entries of the same size
+        previous = json.loads(out_json.read_text())
+        if previous.get("size") == args.size:
+            summary["benchmarks"] = {k: v for k, v in previous["benchmarks"].items() if k not in args.only}
     for name, bench in BENCHMARKS.items():
         if (args.only and name not in args.only) or name in args.skip:
             continue
         summary["benchmarks"][name] = run_one(name, bench, args.size, folder / f"{name}.json", env)
         out_json.write_text(json.dumps(summary, indent=1) + "\n")  # after each: an interrupted run keeps its part
+    summary["benchmarks"] = {k: summary["benchmarks"][k] for k in BENCHMARKS if k in summary["benchmarks"]}
+    out_json.write_text(json.dumps(summary, indent=1) + "\n")
     out_md.write_text(markdown(summary))
     print("\n" + markdown(summary) + f"\nwrote {out_json} and {out_md}")
     if any(b["status"] in ("failed", "timeout") for b in summary["benchmarks"].values()):

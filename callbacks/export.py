@@ -8,6 +8,12 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
 
+def fit_output_dir(trainer: pl.Trainer, output_dir: str | None, name: str) -> Path:
+    """``output_dir``, else ``<log_dir>/<name>``. Call it on every rank (in ``setup``): under DDP
+    ``trainer.log_dir`` is a broadcast, which hangs when only rank 0 calls it (from a ``rank_zero_only`` hook)."""
+    return Path(output_dir or Path(trainer.log_dir or trainer.default_root_dir) / name)
+
+
 class ExportOnFitEnd(pl.Callback):
     """At the end of ``fit``, export the best checkpoint (else the last weights) as a sentence-transformers folder.
 
@@ -21,14 +27,18 @@ class ExportOnFitEnd(pl.Callback):
     def __init__(self, output_dir: str | None = None) -> None:
         self.output_dir = output_dir
         self.exported: Path | None = None
+        self._out: Path | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._out = fit_output_dir(trainer, self.output_dir, "export")
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_modules.export import best_or_current, export_sentence_transformer
 
         module, ckpt = best_or_current(trainer, pl_module)
-        out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "export")
-        self.exported = export_sentence_transformer(module, out)
+        self.exported = export_sentence_transformer(module, self._out)
         lines = [f"checkpoint:     {ckpt or '(none saved; exported the final weights)'}",
                  f"exported model: {self.exported}  (SentenceTransformer('{self.exported}'))"]
         for logger in trainer.loggers:

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
+from callbacks.export import fit_output_dir
 from datamodules.base import DataError
 
 #: Columns of the W&B feature table (one row per feature).
@@ -32,37 +33,39 @@ def log_suite(loggers: list[Logger], result, step: int | None = None, browser: b
     purity-by-tag table and the browser page (``wandb.Html``)."""
     scalars = {k: float(v) for k, v in result.summary.items() if isinstance(v, int | float)}
     for logger in loggers:
-        logger.log_metrics(scalars, step=step)
         if not isinstance(logger, WandbLogger):
+            logger.log_metrics(scalars, step=step)
             continue
+        import wandb
+
         run = logger.experiment
         for k, v in result.summary.items():
             if isinstance(v, str):
                 run.summary[k] = v
-        rows = [[r["id"], r["label"], r["purity"], r["energy"], r["fires"], r["contribution"], r["survival"],
-                 r["stability_cos"], top_tokens(r)] for r in result.features]
-        logger.log_table("interpret/features", columns=FEATURE_COLUMNS, data=rows, step=step)
+        media: dict = {"interpret/features": wandb.Table(columns=FEATURE_COLUMNS, data=[
+            [r["id"], r["label"], r["purity"], r["energy"], r["fires"], r["contribution"], r["survival"],
+             r["stability_cos"], top_tokens(r)] for r in result.features])}
         tags = sorted({k.rsplit("/", 1)[1] for k in result.summary if k.startswith("interpret/pos_purity_ge_0.8/")})
         if tags:
-            logger.log_table("interpret/purity_by_tag", columns=["tag", "share_of_alive", "share_pure"], step=step,
-                             data=[[t, result.summary[f"interpret/pos_dominant_share/{t}"],
-                                    result.summary[f"interpret/pos_purity_ge_0.8/{t}"]] for t in tags])
+            media["interpret/purity_by_tag"] = wandb.Table(
+                columns=["tag", "share_of_alive", "share_pure"],
+                data=[[t, result.summary[f"interpret/pos_dominant_share/{t}"],
+                       result.summary[f"interpret/pos_purity_ge_0.8/{t}"]] for t in tags])
         if result.pseval:
-            logger.log_table("interpret/pseval", columns=PSEVAL_COLUMNS, step=step, data=[
+            media["interpret/pseval"] = wandb.Table(columns=PSEVAL_COLUMNS, data=[
                 [layer, r.confusion.tp, r.confusion.fp, r.confusion.tn, r.confusion.fn, r.precision, r.recall, r.f1,
                  r.accuracy, r.specificity, r.counts.get("balanced")] for layer, r in sorted(result.pseval.items())])
         if browser and "browser" in result.files:
-            import wandb
-
-            page = wandb.Html(result.files["browser"].read_text(encoding="utf-8"))
-            logger.log_metrics({"interpret/browser": page}, step=step)  # type: ignore[dict-item]
+            media["interpret/browser"] = wandb.Html(result.files["browser"].read_text(encoding="utf-8"))
+        logger.log_metrics({**scalars, **media}, step=step)  # one W&B step for all of it
 
 
-def describe(sae, cache) -> str:
+def describe(sae, cache, max_tokens: int | None = None) -> str:
     """A page title: the dictionary and the vectors it reads."""
     meta = cache.meta
     where = f"{Path(str(meta.get('model', '?'))).name} layer {meta.get('layer', '?')}"
-    return f"BatchTopK SAE {sae.num_latents} x k{sae.cfg.k} on {where} tokens ({Path(cache.folder).name})"
+    sample = f", a sample of <= {max_tokens:,} tokens" if max_tokens and max_tokens < len(cache) else ""
+    return f"BatchTopK SAE {sae.num_latents} x k{sae.cfg.k} on {where} tokens ({Path(cache.folder).name}{sample})"
 
 
 class InterpretSAE(pl.Callback):
@@ -78,7 +81,7 @@ class InterpretSAE(pl.Callback):
         pseval_saes: ``{layer: exported SAE folder}`` of other layers of the same encoder, scored by PS-Eval too.
         wic_split, wic_data_root: see :func:`datamodules.wic.load_wic`; the root defaults to the datamodule's
             ``data_root``.
-        max_tokens: analyse only whole sentences drawn at random (seeded) up to this many tokens.
+        max_tokens: analyse only whole sentences drawn at random up to this many tokens; sample_seed: their draw.
         output_dir: default ``<log_dir>/interpret``.
         log_browser: also log the browser page to W&B (it can be tens of MB for large dictionaries).
         top_k, n_unique, n_contexts: see :func:`lightning_modules.interpret.pos.label_features`.
@@ -86,19 +89,28 @@ class InterpretSAE(pl.Callback):
 
     def __init__(self, cache: str | None = None, compare_sae: str | None = None, pseval: bool | None = None,
                  pseval_saes: Mapping[int, str] | None = None, wic_split: str = "dev",
-                 wic_data_root: str | None = None, max_tokens: int | None = None, output_dir: str | None = None,
+                 wic_data_root: str | None = None, max_tokens: int | None = None, sample_seed: int = 0,
+                 output_dir: str | None = None,
                  log_browser: bool = True, top_k: int = 500, n_unique: int = 100, n_contexts: int = 10) -> None:
         self.cache, self.compare_sae, self.pseval = cache, compare_sae, pseval
         self.pseval_saes = dict(pseval_saes or {})
-        self.wic_split, self.wic_data_root, self.max_tokens = wic_split, wic_data_root, max_tokens
+        self.wic_split, self.wic_data_root = wic_split, wic_data_root
+        self.max_tokens, self.sample_seed = max_tokens, sample_seed
         self.output_dir, self.log_browser = output_dir, log_browser
         self.label_kwargs = {"top_k": top_k, "n_unique": n_unique, "n_contexts": n_contexts}
         self.result = None
+        self._out: Path | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check the paths before training, not hours later when fit ends."""
+        """Check the settings before training, not hours later when fit ends; fix the output folder (all ranks)."""
         if stage != "fit":
             return
+        self._out = fit_output_dir(trainer, self.output_dir, "interpret")
+        if not hasattr(pl_module, "sae"):
+            raise DataError(f"InterpretSAE needs an SAEModule, got {type(pl_module).__name__}")
+        if self.cache is None and getattr(trainer.datamodule, "level", None) != "token":
+            raise DataError("InterpretSAE: the datamodule does not give token-level activations (an "
+                            "ActivationsDataModule with level=token); set InterpretSAE cache=<token cache folder>")
         for what, path in [("compare_sae", self.compare_sae),
                            *((f"pseval_saes[{k}]", v) for k, v in self.pseval_saes.items())]:
             if path is not None and not (Path(path) / "cfg.json").is_file():
@@ -144,8 +156,8 @@ class InterpretSAE(pl.Callback):
         sae_b = load_sae(self.compare_sae) if self.compare_sae else None
         others = {int(layer): load_sae(path) for layer, path in self.pseval_saes.items()}
         self.result = run_suite(sae, cache, output_dir, sae_b=sae_b, wic_pairs=self._wic(data_root),
-                                pseval_saes=others, max_tokens=self.max_tokens, **self.label_kwargs,
-                                title=title or describe(sae, cache))
+                                pseval_saes=others, max_tokens=self.max_tokens, sample_seed=self.sample_seed,
+                                **self.label_kwargs, title=title or describe(sae, cache, self.max_tokens))
         log_suite(list(loggers), self.result, step=step, browser=self.log_browser)
         print(f"interpretability suite: {self.result.files['browser']} (open in a browser), "
               f"{self.result.files['summary']}", flush=True)
@@ -156,9 +168,8 @@ class InterpretSAE(pl.Callback):
         from lightning_modules.export import best_or_current
 
         module, _ = best_or_current(trainer, pl_module)
-        sae = module.sae.eval()
-        out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "interpret")
-        self.run(sae, self._cache(trainer), trainer.loggers, out, step=trainer.global_step,
+        sae = module.sae.eval().to(trainer.strategy.root_device)  # the training device (the fit left it on CPU)
+        self.run(sae, self._cache(trainer), trainer.loggers, self._out, step=trainer.global_step,
                  data_root=getattr(trainer.datamodule, "data_root", None))
 
 
@@ -199,18 +210,23 @@ def interpret_main(argv: list[str]) -> None:
     parser.add_argument("--wic_split", type=str, default="dev")
     parser.add_argument("--data_root", type=str, default=None, help="folder holding wic/ (e.g. ../shared/data)")
     parser.add_argument("--max_tokens", type=int | None, default=None, help="random whole sentences up to N tokens")
+    parser.add_argument("--sample_seed", type=int, default=0, help="the draw of those sentences")
     parser.add_argument("--top_k", type=int, default=500)
     parser.add_argument("--n_unique", type=int, default=100)
     parser.add_argument("--n_contexts", type=int, default=10)
     parser.add_argument("--wandb_project", type=str | None, default=None, help="also log to this W&B project")
     parser.add_argument("--wandb_offline", type=bool, default=True, help="offline W&B run (`wandb sync` later)")
     parser.add_argument("--log_browser", type=bool, default=True, help="log the browser page to W&B too")
+    parser.add_argument("--device", type=str, default="auto", help="auto (cuda when there is one), cpu, cuda, ...")
     args = parser.parse_args(argv)
     from pytorch_lightning.loggers import CSVLogger
 
     sae_path = Path(args.sae)
     out = Path(args.output_dir or (sae_path.parent if sae_path.is_file() else sae_path) / "interpret")
-    sae = load_any_sae(sae_path)
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    sae = load_any_sae(sae_path).to(device)
     cache = ActivationCache(args.cache)
     loggers: list[Logger] = [CSVLogger(str(out), name="csv")]
     if args.wandb_project:
@@ -218,7 +234,8 @@ def interpret_main(argv: list[str]) -> None:
                                    name=f"interpret-{sae_path.name}", job_type="interpret"))
         loggers[-1].log_hyperparams({k: v for k, v in vars(args).items() if k != "__path__"})
     callback = InterpretSAE(compare_sae=args.compare_sae, pseval=args.pseval, pseval_saes=args.pseval_saes,
-                            wic_split=args.wic_split, max_tokens=args.max_tokens, log_browser=args.log_browser,
+                            wic_split=args.wic_split, max_tokens=args.max_tokens, sample_seed=args.sample_seed,
+                            log_browser=args.log_browser,
                             top_k=args.top_k, n_unique=args.n_unique, n_contexts=args.n_contexts)
     result = callback.run(sae, cache, loggers, out, data_root=args.data_root)
     for logger in loggers:

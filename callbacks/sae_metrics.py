@@ -8,6 +8,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
+from callbacks.export import fit_output_dir
+
 
 class SAEReport(pl.Callback):
     """When ``fit`` ends: export the SAE of the best checkpoint (else the final weights) as ``cfg.json`` +
@@ -21,13 +23,18 @@ class SAEReport(pl.Callback):
     def __init__(self, output_dir: str | None = None) -> None:
         self.output_dir = output_dir
         self.exported: Path | None = None
+        self._out: Path | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._out = fit_output_dir(trainer, self.output_dir, "sae")
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_modules.export import best_or_current, export_sae
 
         module, ckpt = best_or_current(trainer, pl_module)
-        out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "sae")
+        out = self._out
         self.exported = export_sae(module, out)
         sae = module.sae
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "sae/" in k}

@@ -248,19 +248,23 @@ class ActivationCache:
         return meta if self.rows is None else meta[self.rows]
 
     def sample_sentences(self, max_rows: int, seed: int = 0) -> ActivationCache:
-        """A view of whole sentences drawn at random (seeded) until the next one would pass ``max_rows`` vectors,
-        kept in cache order (so every genre of an ordered corpus like Brown is represented). Nothing is copied; row
-        ``i`` of the view is row ``view.rows[i]`` of the cache, and ``sentences()`` still lists every sentence."""
+        """A view of whole sentences taken in a random (seeded) order, each one kept when it still fits in
+        ``max_rows`` vectors, then put back in cache order (so every genre of an ordered corpus like Brown is
+        represented). Nothing is copied; row ``i`` of the view is row ``view.rows[i]`` of the cache, and
+        ``sentences()`` still lists every sentence."""
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if max_rows >= len(self):
             return self
         sid = self.metadata()[:, 0]
         ids, counts = np.unique(sid, return_counts=True)
-        order = np.random.default_rng(seed).permutation(len(ids))
-        chosen = ids[order[: int(np.searchsorted(np.cumsum(counts[order]), max_rows, side="right"))]]
-        if not len(chosen):
-            raise ValueError(f"{self.folder}: max_rows={max_rows} is smaller than the sentence drawn first")
+        room, chosen = max_rows, []
+        for i in np.random.default_rng(seed).permutation(len(ids)).tolist():  # 57k sentences: ~20 ms
+            if counts[i] <= room:
+                chosen.append(ids[i])
+                room -= int(counts[i])
+        if not chosen:
+            raise ValueError(f"{self.folder}: every sentence has more than max_rows={max_rows} vectors")
         local = np.flatnonzero(np.isin(sid, chosen))
         view = copy.copy(self)
         view.rows = local if self.rows is None else self.rows[local]

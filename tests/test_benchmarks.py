@@ -79,3 +79,24 @@ def test_run_all_collects_a_benchmark_into_the_machine_summary(tmp_path, monkeyp
 def test_every_registered_benchmark_script_exists():
     for name, bench in run_all.BENCHMARKS.items():
         assert (BENCHMARKS / bench.script).is_file(), name
+
+
+def test_run_all_only_keeps_the_other_entries_of_the_same_size(tmp_path, monkeypatch):
+    import socket
+
+    tag = f"{run_all.slug(socket.gethostname())}-{run_all.slug(run_all.device_name())}"
+    kept = {"status": "ok", "headline": "kept from before"}
+    stale = {"status": "failed"}
+    (tmp_path / f"{tag}.json").write_text(json.dumps(
+        {"size": "small", "benchmarks": {"mfu": kept, "mcr2_step": stale, "contrastive_throughput": kept}}))
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--only", "mcr2_step", "--threads", "1",
+                                      "--results", str(tmp_path)])
+    run_all.main()
+    summary = json.loads((tmp_path / f"{tag}.json").read_text())
+    assert list(summary["benchmarks"]) == ["contrastive_throughput", "mcr2_step", "mfu"]  # registry order
+    assert summary["benchmarks"]["mfu"] == kept and summary["benchmarks"]["mcr2_step"]["status"] == "ok"
+    assert "kept from before" in (tmp_path / f"{tag}.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--only", "mcr2_step", "--threads", "1", "--size", "full",
+                                      "--results", str(tmp_path)])
+    run_all.main()  # another size: the small entries are not mixed in
+    assert list(json.loads((tmp_path / f"{tag}.json").read_text())["benchmarks"]) == ["mcr2_step"]

@@ -37,7 +37,11 @@ def test_sentence_sample_keeps_whole_sentences_in_cache_order(tmp_path):
     sid = full.metadata()[:, 0]
     chosen = np.unique(sid[view.rows])
     assert len(view) == np.isin(sid, chosen).sum()  # every row of every chosen sentence
-    assert len(view) + np.bincount(sid)[np.setdiff1d(np.arange(40), chosen)].min() > len(full) // 2  # filled up
+    sizes = np.bincount(sid)
+    for seed in range(30):  # filled up: no left-out sentence would still fit
+        v = full.sample_sentences(len(full) // 2, seed=seed)
+        left_out = np.setdiff1d(np.arange(40), np.unique(sid[v.rows]))
+        assert len(v) <= len(full) // 2 < len(v) + sizes[left_out].min()
     np.testing.assert_array_equal(view.metadata(), full.metadata()[view.rows])
     torch.testing.assert_close(read_rows(view, 0, len(view)), full.gather(view.rows))
     torch.testing.assert_close(read_rows(view, 3, 17), full.gather(view.rows[3:17]))
@@ -45,6 +49,8 @@ def test_sentence_sample_keeps_whole_sentences_in_cache_order(tmp_path):
     assert not np.array_equal(full.sample_sentences(len(full) // 2, seed=2).rows, view.rows)
     inner = view.sample_sentences(len(view) // 2, seed=0)
     assert set(inner.rows) < set(view.rows)
+    inner_sid = full.metadata()[inner.rows, 0]
+    assert len(inner) == np.isin(sid, inner_sid).sum()  # whole sentences again
     np.testing.assert_array_equal(inner.metadata(), full.metadata()[inner.rows])
     assert full.sample_sentences(len(full)) is full
     # codes of the view are the codes of its rows, with their metadata
@@ -52,7 +58,7 @@ def test_sentence_sample_keeps_whole_sentences_in_cache_order(tmp_path):
     codes = encode_sparse(sae, view, chunk_rows=7)
     np.testing.assert_allclose(codes.dense(), encode_sparse(sae, full.gather(view.rows).numpy()).dense(), atol=1e-6)
     np.testing.assert_array_equal(codes.meta, view.metadata())
-    with pytest.raises(ValueError, match="max_rows=1 is smaller than the sentence drawn first"):
+    with pytest.raises(ValueError, match="every sentence has more than max_rows=1 vectors"):
         full.sample_sentences(1)
 
 
@@ -98,13 +104,14 @@ def test_callback_after_fit_and_the_command_match_the_functions(tiny_model_no_dr
     want_ps = ps_eval(tiny_model_no_dropout, {2: sae}, pairs)[2]
     out = tmp_path / "interp"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary.pop("layer") == 2 and summary.pop("cache") == str(dm.cache.folder)
+    assert summary.pop("layer") == 2 and summary.pop("cache") == str(dm.cache.folder) and summary.pop("sample") is None
     expected = without_seconds({**want.summary, **want_ps.to_dict("interpret/pseval")})
     assert without_seconds(summary) == pytest.approx(expected)
     assert json.loads((out / "features.json").read_text()) == want.features
     assert json.loads((out / "pseval.json").read_text())["2"]["confusion"] == want_ps.confusion.__dict__
     assert "feature-data" in (out / "features.html").read_text()
-    assert {"codes", "pos_labels", "pooling", "stability", "group_share", "records", "pseval", "write"} == {
+    assert {"load_sentences", "codes", "pos_labels", "pooling", "stability", "group_share", "records", "pseval",
+            "write"} == {
         k.rsplit("/", 1)[1] for k in summary if k.startswith("interpret/seconds/")}
     assert summary["interpret/stability_method"] == "hungarian" and summary["interpret/pseval/layer2/balanced"] == 12
 
@@ -183,20 +190,55 @@ def test_extra_config_runs_the_suite_when_fit_ends(tiny_model_no_dropout, brown_
     assert summary["interpret/pos_purity_mean"] == pytest.approx(cb.result.summary["interpret/pos_purity_mean"])
 
 
-def test_wrong_paths_fail_before_training_and_dims_are_checked(tmp_path):
+def test_wrong_settings_fail_before_training_and_dims_are_checked(tmp_path):
     from types import SimpleNamespace
 
     from lightning_modules.interpret.suite import run_suite
 
-    trainer = SimpleNamespace(datamodule=None)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(level="token"), log_dir=str(tmp_path), default_root_dir=".")
+    module = SimpleNamespace(sae=None)  # an SAEModule before its setup built the SAE
+    cb = InterpretSAE()
+    cb.setup(trainer, module, "fit")
+    assert cb._out == tmp_path / "interpret"
     with pytest.raises(DataError, match="compare_sae='nope': not an exported SAE folder"):
-        InterpretSAE(compare_sae="nope").setup(trainer, None, "fit")
+        InterpretSAE(compare_sae="nope").setup(trainer, module, "fit")
     with pytest.raises(DataError, match=r"pseval_saes\[3\]='gone': not an exported SAE folder"):
-        InterpretSAE(pseval_saes={3: "gone"}).setup(trainer, None, "fit")
+        InterpretSAE(pseval_saes={3: "gone"}).setup(trainer, module, "fit")
     with pytest.raises(DataError, match="cache='nocache': not an activation cache"):
-        InterpretSAE(cache="nocache").setup(trainer, None, "fit")
-    InterpretSAE(compare_sae="nope").setup(trainer, None, "validate")  # only fit is checked
-    meta, sentences = random_corpus(4, seed=0)
-    cache = write_cache(tmp_path / "c", np.ones((len(meta), 6), np.float32), meta, sentences)
+        InterpretSAE(cache="nocache").setup(trainer, module, "fit")
+    with pytest.raises(DataError, match="needs an SAEModule, got SimpleNamespace"):
+        InterpretSAE().setup(trainer, SimpleNamespace(), "fit")
+    sentences = SimpleNamespace(datamodule=SimpleNamespace(level="sentence"), log_dir=None, default_root_dir=".")
+    with pytest.raises(DataError, match="does not give token-level activations"):
+        InterpretSAE().setup(sentences, module, "fit")
+    InterpretSAE(compare_sae="nope").setup(trainer, module, "validate")  # only fit is checked
+    meta, sents = random_corpus(4, seed=0)
+    cache = write_cache(tmp_path / "c", np.ones((len(meta), 6), np.float32), meta, sents)
     with pytest.raises(ValueError, match=r"sae_b takes 5-d inputs but .* holds 6-d vectors"):
         run_suite(random_sae(d=6), cache, tmp_path / "o", sae_b=random_sae(d=5))
+
+
+def test_a_sampled_run_is_the_suite_on_the_sampled_rows(tmp_path):
+    from lightning_modules.interpret.pooling import pooling_contributions
+    from lightning_modules.interpret.suite import run_suite
+
+    meta, sentences = random_corpus(40, seed=4)  # categories news / fiction / romance in turn
+    vectors = np.random.default_rng(1).normal(size=(len(meta), 6)).astype(np.float32)
+    full = write_cache(tmp_path / "c", vectors, meta, sentences, cuts=(60,))
+    sae = random_sae(d=6, n=8)
+    res = run_suite(sae, full, tmp_path / "o", max_tokens=len(full) // 2, sample_seed=3, **SUITE_ARGS)
+    view = full.sample_sentences(len(full) // 2, seed=3)
+    saved = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert saved["sample"] == {"max_tokens": len(full) // 2, "sample_seed": 3, "cache_tokens": len(full)}
+    assert res.summary["interpret/n_tokens"] == len(view) < len(full)
+    assert "interpret/group_share_mean" in res.summary  # both genres are in the sample
+    # the pooling decomposition of the view = that of a plain array holding the view's rows
+    x, m = full.gather(view.rows).numpy(), full.metadata()[view.rows]
+    want = pooling_contributions(sae, encode_sparse(sae, [(x, m)]), x, special_tokens="keep")
+    got = pooling_contributions(sae, encode_sparse(sae, view), view)
+    np.testing.assert_allclose(got.contribution, want.contribution, rtol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(got.error_share, want.error_share, rtol=1e-4, atol=1e-6)
+    # a sample (or cache) of one genre has no group share
+    one_genre = [{**s, "category": "news"} for s in sentences]
+    news = write_cache(tmp_path / "n", vectors, meta, one_genre)
+    assert not any("group_share" in k for k in run_suite(sae, news, tmp_path / "o2", **SUITE_ARGS).summary)

@@ -126,6 +126,7 @@ def interpret_sae(sae: BatchTopKSAE, cache: ActivationCache, sae_b: BatchTopKSAE
     """
     clock = Clock()
     sentences = cache.sentences()
+    clock("load_sentences")
     codes = encode_sparse(sae, cache, chunk_rows=chunk_rows)
     clock("codes")
     labels = label_features(codes, sentences, top_k=top_k, n_unique=n_unique, n_contexts=n_contexts)

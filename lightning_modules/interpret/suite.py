@@ -3,7 +3,8 @@ and ``python train.py interpret`` (on demand) both call.
 
 Files written to ``output_dir``:
 
-- ``summary.json``: every scalar (``interpret/...``, ``interpret/pseval/layer<L>/...``) and the seconds each part took;
+- ``summary.json``: the cache, its layer, the sample (``max_tokens``), every scalar (``interpret/...``,
+  ``interpret/pseval/layer<L>/...``) and the seconds each part took;
 - ``features.json``: one record per feature (schema in :mod:`lightning_modules.interpret.report`);
 - ``pseval.json``: per layer, the confusion matrix, the metrics and the pair counts (when PS-Eval ran);
 - ``features.html``: the feature browser, one static file that opens from disk.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from pathlib import Path
 from datamodules.activations import ActivationCache
 from lightning_modules.interpret.browser import write_feature_browser
 from lightning_modules.interpret.pseval import PSEvalResult, ps_eval
-from lightning_modules.interpret.report import interpret_sae
+from lightning_modules.interpret.report import Clock, interpret_sae
 
 
 @dataclass
@@ -58,7 +58,7 @@ def headline(summary: Mapping[str, float | str]) -> dict[str, float | str]:
 
 def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None,
               wic_pairs: Sequence | None = None, pseval_saes: Mapping[int, object] | None = None,
-              encoder=None, max_tokens: int | None = None, title: str = "SAE features",
+              encoder=None, max_tokens: int | None = None, sample_seed: int = 0, title: str = "SAE features",
               **interpret_kwargs) -> SuiteResult:
     """Run codes, POS labels, pooling decomposition, stability (with ``sae_b``), group share and PS-Eval (with
     ``wic_pairs``), and write the files listed in the module docstring.
@@ -66,7 +66,7 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
     Args:
         sae: the SAE under study, trained on ``cache``'s vectors.
         cache: token-level activation cache; ``max_tokens`` keeps whole sentences drawn at random
-            (seeded) up to that many tokens.
+            (``sample_seed``) up to that many tokens (:meth:`ActivationCache.sample_sentences`).
         output_dir: folder for the files (created).
         sae_b: the same SAE trained with another seed, for stability; None skips it.
         wic_pairs: WiC pairs (:func:`datamodules.wic.load_wic`); None skips PS-Eval.
@@ -85,8 +85,9 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
         if other is not None and other.cfg.d_in != cache.dim:
             raise ValueError(f"{name} takes {other.cfg.d_in}-d inputs but {cache.folder} holds {cache.dim}-d vectors: "
                              "an SAE of another model?")
+    n_all = len(cache)
     if max_tokens:
-        cache = cache.sample_sentences(max_tokens)
+        cache = cache.sample_sentences(max_tokens, seed=sample_seed)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = None
@@ -95,29 +96,28 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
 
         encoder = _model_and_tokenizer(encoder if encoder is not None else cache.meta["model"])
         tokenizer = encoder[1]
-    seconds: dict[str, float] = {}
     report = interpret_sae(sae, cache, sae_b, tokenizer=tokenizer, **interpret_kwargs)
     summary = dict(report.summary)
+    clock = Clock()
     results: dict[int, PSEvalResult] = {}
     if wic_pairs is not None:
-        saes = {layer: sae, **dict(pseval_saes or {})}
-        t0 = time.perf_counter()
-        results = ps_eval(encoder, saes, wic_pairs)
-        seconds["pseval"] = time.perf_counter() - t0
+        results = ps_eval(encoder, {layer: sae, **dict(pseval_saes or {})}, wic_pairs)
         for res in results.values():
             summary.update(res.to_dict("interpret/pseval"))
+        clock("pseval")
     files = {"summary": output_dir / "summary.json", "features": output_dir / "features.json",
              "browser": output_dir / "features.html"}
-    t0 = time.perf_counter()
     write_feature_browser(report.features, files["browser"], title=title, summary=headline(summary))
     files["features"].write_text(json.dumps(report.features))
     if results:
         files["pseval"] = output_dir / "pseval.json"
         files["pseval"].write_text(json.dumps(
             {str(k): {**dataclasses.asdict(r), "layer": k} for k, r in results.items()}, indent=1))
-    seconds["write"] = time.perf_counter() - t0
-    summary.update({f"interpret/seconds/{k}": v for k, v in seconds.items()})
-    files["summary"].write_text(json.dumps({"cache": str(cache.folder), "layer": layer, **summary}, indent=1))
+    clock("write")
+    summary.update({f"interpret/seconds/{k}": v for k, v in clock.seconds.items()})
+    sample = {"max_tokens": max_tokens, "sample_seed": sample_seed, "cache_tokens": n_all} if max_tokens else None
+    files["summary"].write_text(json.dumps({"cache": str(cache.folder), "layer": layer, "sample": sample, **summary},
+                                           indent=1))
     return SuiteResult(summary, report.features, results, files)
 
 
