@@ -8,13 +8,25 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
 
-def fit_output_dir(trainer: pl.Trainer, output_dir: str | None, name: str) -> Path:
-    """``output_dir``, else ``<log_dir>/<name>``. Call it on every rank (in ``setup``): under DDP
-    ``trainer.log_dir`` is a broadcast, which hangs when only rank 0 calls it (from a ``rank_zero_only`` hook)."""
-    return Path(output_dir or Path(trainer.log_dir or trainer.default_root_dir) / name)
+class WritesAtFitEnd(pl.Callback):
+    """Base of the callbacks that write a folder when ``fit`` ends: ``output_dir``, else ``<log_dir>/<subdir>``.
+
+    The folder is resolved in ``setup``, on every rank: under DDP ``trainer.log_dir`` is a broadcast, which hangs
+    when only rank 0 calls it (as from a ``rank_zero_only`` ``on_fit_end``).
+    """
+
+    subdir = "output"
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        self.output_dir = output_dir
+        self._out: Path | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / self.subdir)
 
 
-class ExportOnFitEnd(pl.Callback):
+class ExportOnFitEnd(WritesAtFitEnd):
     """At the end of ``fit``, export the best checkpoint (else the last weights) as a sentence-transformers folder.
 
     Prints the checkpoint, the exported folder and the logger locations (W&B run folder and ``wandb sync`` hint
@@ -24,14 +36,11 @@ class ExportOnFitEnd(pl.Callback):
         output_dir: target folder; default ``<log_dir>/export``.
     """
 
-    def __init__(self, output_dir: str | None = None) -> None:
-        self.output_dir = output_dir
-        self.exported: Path | None = None
-        self._out: Path | None = None
+    subdir = "export"
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._out = fit_output_dir(trainer, self.output_dir, "export")
+    def __init__(self, output_dir: str | None = None) -> None:
+        super().__init__(output_dir)
+        self.exported: Path | None = None
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

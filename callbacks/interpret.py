@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
-from callbacks.export import fit_output_dir
+from callbacks.export import WritesAtFitEnd
 from datamodules.base import DataError
 
 #: Columns of the W&B feature table (one row per feature).
@@ -68,7 +68,7 @@ def describe(sae, cache, max_tokens: int | None = None) -> str:
     return f"BatchTopK SAE {sae.num_latents} x k{sae.cfg.k} on {where} tokens ({Path(cache.folder).name}{sample})"
 
 
-class InterpretSAE(pl.Callback):
+class InterpretSAE(WritesAtFitEnd):
     """Run the interpretability suite on the trained SAE when ``fit`` ends (the best checkpoint's weights, else the
     final ones) and log it; :meth:`run` runs it on demand.
 
@@ -87,25 +87,27 @@ class InterpretSAE(pl.Callback):
         top_k, n_unique, n_contexts: see :func:`lightning_modules.interpret.pos.label_features`.
     """
 
+    subdir = "interpret"
+
     def __init__(self, cache: str | None = None, compare_sae: str | None = None, pseval: bool | None = None,
                  pseval_saes: Mapping[int, str] | None = None, wic_split: str = "dev",
                  wic_data_root: str | None = None, max_tokens: int | None = None, sample_seed: int = 0,
                  output_dir: str | None = None,
                  log_browser: bool = True, top_k: int = 500, n_unique: int = 100, n_contexts: int = 10) -> None:
+        super().__init__(output_dir)
         self.cache, self.compare_sae, self.pseval = cache, compare_sae, pseval
         self.pseval_saes = dict(pseval_saes or {})
         self.wic_split, self.wic_data_root = wic_split, wic_data_root
         self.max_tokens, self.sample_seed = max_tokens, sample_seed
-        self.output_dir, self.log_browser = output_dir, log_browser
+        self.log_browser = log_browser
         self.label_kwargs = {"top_k": top_k, "n_unique": n_unique, "n_contexts": n_contexts}
         self.result = None
-        self._out: Path | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the settings before training, not hours later when fit ends; fix the output folder (all ranks)."""
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        self._out = fit_output_dir(trainer, self.output_dir, "interpret")
         if not hasattr(pl_module, "sae"):
             raise DataError(f"InterpretSAE needs an SAEModule, got {type(pl_module).__name__}")
         if self.cache is None and getattr(trainer.datamodule, "level", None) != "token":

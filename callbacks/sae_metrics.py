@@ -8,10 +8,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
-from callbacks.export import fit_output_dir
+from callbacks.export import WritesAtFitEnd
 
 
-class SAEReport(pl.Callback):
+class SAEReport(WritesAtFitEnd):
     """When ``fit`` ends: export the SAE of the best checkpoint (else the final weights) as ``cfg.json`` +
     ``sae.safetensors`` (``lightning_modules.export.export_sae``) and write ``sae_metrics.json`` beside it with the
     last logged ``sae/*`` and ``val/sae/*`` values, the threshold and the dead-latent count.
@@ -20,14 +20,11 @@ class SAEReport(pl.Callback):
         output_dir: target folder; default ``<log_dir>/sae``.
     """
 
-    def __init__(self, output_dir: str | None = None) -> None:
-        self.output_dir = output_dir
-        self.exported: Path | None = None
-        self._out: Path | None = None
+    subdir = "sae"
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._out = fit_output_dir(trainer, self.output_dir, "sae")
+    def __init__(self, output_dir: str | None = None) -> None:
+        super().__init__(output_dir)
+        self.exported: Path | None = None
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
