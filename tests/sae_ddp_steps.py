@@ -1,4 +1,5 @@
-"""A few SAEModule steps on N CPU processes (gloo), for the DDP test: every rank writes its state dict.
+"""A few SAEModule steps on N CPU processes (gloo), for the DDP test: every rank writes its state dict; the SAE
+export and the interpretability suite run when fit ends.
 
     python tests/sae_ddp_steps.py --cache DIR --devices 2 --steps 3 --out_dir OUT
 
@@ -30,9 +31,15 @@ def main() -> None:
     data = ActivationsDataModule(model_name_or_path=args.model_dir, source=args.source, cache_path=args.cache,
                                  batch_size=32, max_length=32)
     model = SAEModule(expansion_factor=2, k=4, dead_after=64, threshold_start=1, init_samples=256)
+    # the end-of-fit writers resolve <log_dir> on every rank (a broadcast) and write on rank 0 only
+    from pytorch_lightning.loggers import CSVLogger
+
+    from callbacks import InterpretSAE, SAEReport
+
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-                         max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+                         max_steps=args.steps, logger=CSVLogger(args.out_dir, name="csv"), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[SAEReport(), InterpretSAE(pseval=False, top_k=20, n_unique=5, n_contexts=2)])
     trainer.fit(model, data)
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
                f"{args.out_dir}/rank{trainer.global_rank}.pt")

@@ -410,6 +410,8 @@ def test_recipe_runs_a_few_steps_on_a_tiny_encoder(config, tiny_model_no_dropout
 @pytest.mark.slow
 def test_ddp_two_processes_keep_identical_parameters_and_buffers(tiny_model_no_dropout, sample_data, tiny_cache,
                                                                  tmp_path):
+    from datamodules.activations import ActivationCache
+
     cmd = [sys.executable, str(ROOT / "tests" / "sae_ddp_steps.py"), "--model_dir", tiny_model_no_dropout,
            "--source", str(sample_data / "sentences.txt"), "--cache", str(tiny_cache), "--devices", "2",
            "--steps", "3", "--out_dir", str(tmp_path)]
@@ -420,6 +422,10 @@ def test_ddp_two_processes_keep_identical_parameters_and_buffers(tiny_model_no_d
     # counters count the global batch: 3 steps x 2 ranks x 32 vectors for a latent that never fired
     assert r0["sae.tokens_since_fired"].max().item() <= 3 * 2 * 32
     assert r0["sae.steps"].item() == 3 and r0["sae.threshold"].item() > 0
+    (run,) = (tmp_path / "csv").iterdir()  # one log folder, shared by the ranks
+    assert (run / "sae" / "sae.safetensors").is_file() and (run / "sae" / "sae_metrics.json").is_file()
+    summary = json.loads((run / "interpret" / "summary.json").read_text())
+    assert summary["interpret/n_tokens"] == len(ActivationCache(tiny_cache))
 
 
 def test_forward_under_bf16_autocast_computes_in_float32():
