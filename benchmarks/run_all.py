@@ -106,6 +106,10 @@ def _mfu(r: dict) -> str:
                      + (f", MFU {x['mfu']:.1%}" if x["mfu"] is not None else "") for x in r["results"])
 
 
+def _switches(r: dict) -> str:
+    return ", ".join(f"{k} x{_fmt(v)}" for k, v in r["ratio_to_baseline"].items() if k != "baseline")
+
+
 def _interpret(r: dict) -> str:
     return (f"{r['tokens']:,} tokens x {r['num_latents']} features: {_fmt(r['seconds']['total'] / 60, 1)} min "
             f"(x{_fmt(r['ratio_total_to_bare_encode'], 1)} the bare encoder pass; target < 10 min)")
@@ -115,6 +119,8 @@ BENCHMARKS: dict[str, Bench] = {
     "contrastive_throughput": Bench(
         "contrastive_throughput.py", ["--batch_size", "16", "--steps", "2", "--warmup", "1", "--rounds", "1"],
         needs=_needs_minilm, headline=_contrastive),
+    "switches": Bench("switches.py", ["--batch_size", "16", "--steps", "2", "--warmup", "1", "--rounds", "1",
+                                      "--switches", "sdpa", "group"], needs=_needs_minilm, headline=_switches),
     "eval_throughput": Bench("eval_throughput.py", ["--rounds", "1", "--batch_size", "64"], ["--suite"],
                              needs=_needs("stsb/sts-test.csv"), headline=_eval),
     "hncse_step_time": Bench(
