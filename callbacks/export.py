@@ -9,7 +9,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 
 class WritesAtFitEnd(pl.Callback):
-    """Base of the callbacks that write a folder when ``fit`` ends: ``output_dir``, else ``<log_dir>/<subdir>``.
+    """Base of the callbacks that, when ``fit`` ends, write a folder from the best checkpoint's weights (else the
+    final ones), on rank 0: ``output_dir``, else ``<log_dir>/<subdir>``. Subclasses implement :meth:`write`.
 
     The folder is resolved in ``setup``, on every rank: under DDP ``trainer.log_dir`` is a broadcast, which hangs
     when only rank 0 calls it (as from a ``rank_zero_only`` ``on_fit_end``).
@@ -24,6 +25,17 @@ class WritesAtFitEnd(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / self.subdir)
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_modules.export import best_or_current
+
+        module, ckpt = best_or_current(trainer, pl_module)
+        self.write(trainer, module, ckpt, self._out)
+
+    def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
+        """Write ``out`` from ``module`` (loaded from ``ckpt``, or the trained module itself when ``ckpt`` is None)."""
+        raise NotImplementedError
 
 
 class ExportOnFitEnd(WritesAtFitEnd):
@@ -42,12 +54,10 @@ class ExportOnFitEnd(WritesAtFitEnd):
         super().__init__(output_dir)
         self.exported: Path | None = None
 
-    @rank_zero_only
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_modules.export import best_or_current, export_sentence_transformer
+    def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
+        from lightning_modules.export import export_sentence_transformer
 
-        module, ckpt = best_or_current(trainer, pl_module)
-        self.exported = export_sentence_transformer(module, self._out)
+        self.exported = export_sentence_transformer(module, out)
         lines = [f"checkpoint:     {ckpt or '(none saved; exported the final weights)'}",
                  f"exported model: {self.exported}  (SentenceTransformer('{self.exported}'))"]
         for logger in trainer.loggers:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, WandbLogger
-from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_warn
 
 from callbacks.export import WritesAtFitEnd
 from datamodules.base import DataError
@@ -165,13 +165,9 @@ class InterpretSAE(WritesAtFitEnd):
               f"{self.result.files['summary']}", flush=True)
         return self.result
 
-    @rank_zero_only
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_modules.export import best_or_current
-
-        module, _ = best_or_current(trainer, pl_module)
+    def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
         sae = module.sae.eval().to(trainer.strategy.root_device)  # the training device (the fit left it on CPU)
-        self.run(sae, self._cache(trainer), trainer.loggers, self._out, step=trainer.global_step,
+        self.run(sae, self._cache(trainer), trainer.loggers, out, step=trainer.global_step,
                  data_root=getattr(trainer.datamodule, "data_root", None))
 
 

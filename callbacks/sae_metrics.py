@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks.export import WritesAtFitEnd
 
@@ -26,12 +25,9 @@ class SAEReport(WritesAtFitEnd):
         super().__init__(output_dir)
         self.exported: Path | None = None
 
-    @rank_zero_only
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_modules.export import best_or_current, export_sae
+    def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
+        from lightning_modules.export import export_sae
 
-        module, ckpt = best_or_current(trainer, pl_module)
-        out = self._out
         self.exported = export_sae(module, out)
         sae = module.sae
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "sae/" in k}
