@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import json
 import random
 import sys
 import time
@@ -37,6 +36,8 @@ from transformers import get_linear_schedule_with_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import write_json  # noqa: E402
 
 from datamodules.groups import kmeans_groups  # noqa: E402
 from datamodules.nli import read_rows  # noqa: E402
@@ -279,8 +280,7 @@ def report(rows: list[dict], teacher: dict, args, chosen: dict, grid: dict) -> N
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -15,7 +15,6 @@ Writes benchmarks/results/contrastive_throughput-<device>.json and prints a tabl
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from common import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -140,9 +140,7 @@ def main() -> None:
                      "python": platform.python_version()},
     }
     tag = "gpu" if cuda else "cpu"
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"contrastive_throughput-{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(args.out or ROOT / "benchmarks" / "results" / f"contrastive_throughput-{tag}.json", result)
     mine, other = (", ".join(f"{x:.1f}" for x in xs) for xs in (ours, theirs))
     print(f"\n| side | sentences/s (per round) |\n|---|---|\n| embedlab SimCSE | {mine} |"
           f"\n| sentence-transformers MNRL | {other} |"

@@ -16,7 +16,6 @@ benchmarks/results/eval_throughput-<device>.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import add_threads, parse, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -50,12 +50,10 @@ def main() -> None:
     parser.add_argument("--data_root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     parser.add_argument("--suite", action="store_true", help="also time the 7-task STS evaluation")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_threads(parser)
+    args = parse(parser)
 
     from sentence_transformers import SentenceTransformer
 
@@ -113,9 +111,7 @@ def main() -> None:
         f"batch {args.batch_size}, {torch.get_num_threads()} threads, {result['device']})"
     )
 
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"eval_throughput-{device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = write_json(args.out or ROOT / "benchmarks" / "results" / f"eval_throughput-{device}.json", result)
     if args.suite:
         from lightning_modules.evaluate import evaluate_main
 
@@ -143,8 +139,7 @@ def main() -> None:
             f"7-task STS suite: {suite_s['wall_s']:.1f} s wall, {suite_s['process_cpu_s']:.1f} s process CPU "
             "(model load and data reading included)"
         )
-
-        out.write_text(json.dumps(result, indent=1))
+        write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -17,7 +17,6 @@ Writes JSON (default benchmarks/results/grad_cache-<device>.json) and prints a t
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -29,6 +28,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import add_threads, parse, write_json  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -87,11 +88,9 @@ def main() -> None:
     ap.add_argument("--max_length", type=int, default=32)
     ap.add_argument("--mini", type=int, nargs="+", default=[0, 32, 16, 8], help="chunk sizes; 0 = one pass")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per setting (rounds)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_threads(ap)
+    args = parse(ap)
     warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer
 
     from lightning_modules import ContrastiveModule
@@ -148,9 +147,8 @@ def main() -> None:
         "precision": "bf16-mixed" if cuda else "32-true", "steps": args.steps, "results": rows,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"grad_cache-{'gpu' if cuda else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(args.out or ROOT / "benchmarks" / "results" / f"grad_cache-{'gpu' if cuda else 'cpu'}.json",
+                     result)
     print(f"| mini_batch_size | step s (median) | x one pass | saved activations MiB | x one pass |"
           f"{' CUDA peak MiB |' if cuda else ''}\n|---|---|---|---|---|{'---|' if cuda else ''}")
     for r in rows:

@@ -43,6 +43,8 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import write_json  # noqa: E402
+
 from datamodules import SentencesDataModule, STSPairs, load_sts  # noqa: E402
 from lightning_modules import ContrastiveModule  # noqa: E402
 from lightning_modules.losses import (  # noqa: E402
@@ -245,8 +247,7 @@ def main() -> None:
     result.setdefault("runs", [])
 
     def save() -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out, result)
 
     if not args.skip_timing:
         result["timing"] = time_steps(args)

@@ -19,7 +19,6 @@ Writes benchmarks/results/interpret_cost.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import sys
@@ -31,6 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import write_json  # noqa: E402
 
 from datamodules.activations import ActivationsDataModule  # noqa: E402
 from datamodules.wic import load_wic  # noqa: E402
@@ -122,8 +123,7 @@ def main() -> None:
         "browser_mib": result.files["browser"].stat().st_size / 2**20,
         "files": {k: str(v) for k, v in result.files.items()},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
     print(f"\n{out['tokens']:,} tokens, {out['num_latents']} features (alive {out['alive_share']:.1%}, L0 "
           f"{out['l0']:.1f}), {out['torch_threads']} threads")
     print(f"{'part':<24}{'seconds':>10}")

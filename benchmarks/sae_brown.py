@@ -31,6 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import write_json  # noqa: E402
+
 from datamodules.activations import ActivationsDataModule  # noqa: E402
 from lightning_modules.sae import FVU, SAEModule  # noqa: E402
 
@@ -127,7 +129,7 @@ def main() -> None:
             part = json.loads(Path(f).read_text())
             merged["data"] = part["data"]
             merged["runs"].update(part["runs"])
-        Path(args.out).write_text(json.dumps(merged, indent=1))
+        write_json(args.out, merged)
         print(f"merged {len(merged['runs'])} runs into {args.out}")
         return
 
@@ -151,8 +153,7 @@ def main() -> None:
         expansion, k = map(int, spec.split("x"))
         r = run(expansion, k, dm, args)
         results["runs"][spec] = r
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(results, indent=1))
+        write_json(out_path, results)
         print(f"{spec:>6}: F={r['num_latents']:>5} k={k:>2} tokens={r['train_tokens']:>8} ({r['epochs']:.2f} ep, "
               f"{r['train_seconds']:.0f}s) | held-out FVU {r['val_fvu']:.4f} EV {r['val_explained_variance']:.4f} "
               f"L0 {r['val_l0']:.1f} never-active {r['val_never_active_fraction']:.3f} | dead (counters) "

@@ -19,7 +19,6 @@ Gaussian vectors. Writes benchmarks/results/sae_throughput.json and prints a tab
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -32,6 +31,8 @@ from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import write_json  # noqa: E402
 
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE  # noqa: E402
 
@@ -255,8 +256,7 @@ def main() -> None:
         print(f"caching {r['vectors']} token vectors of {r['sentences']} sentences: cache "
               f"{r['vectors_per_s']['cache']:.0f} vec/s, bare forward {r['vectors_per_s']['bare_forward']:.0f} vec/s, "
               f"ratio {r['ratio']:.2f} (rounds {', '.join(f'{x:.2f}' for x in r['round_ratios'])})", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    write_json(args.out, results)
     print(f"wrote {args.out}")
 
 

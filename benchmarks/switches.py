@@ -23,7 +23,6 @@ name them to measure them anyway). Writes benchmarks/results/switches-<device>.j
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from common import write_json  # noqa: E402
 from contrastive_throughput import StepClock, load_sentences, rate  # noqa: E402
 
 SWITCHES = {
@@ -104,8 +104,7 @@ def main() -> None:
               "warmup": args.warmup, "settings": settings, "sentences_per_s": rates, "ratio_to_baseline": ratio,
               "versions": {"torch": torch.__version__, "pytorch_lightning": pl.__version__}}
     tag = "gpu" if cuda else "cpu"
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"switches-{tag}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_json(args.out or ROOT / "benchmarks" / "results" / f"switches-{tag}.json", result)
     print("\n| setting | switches | sentences/s (rounds) | x baseline |\n|---|---|---|---|")
     for key, on in settings.items():
         print(f"| {key} | {' + '.join(on) or '-'} | {', '.join(f'{x:.1f}' for x in rates[key])} | {ratio[key]:.2f} |")
