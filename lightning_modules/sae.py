@@ -210,7 +210,7 @@ class SAEModule(RecordsClassPath, pl.LightningModule):
     def configure_optimizers(self):
         lr = self.hparams.lr or 2e-4 / math.sqrt(self.sae.num_latents / 2**14)
         params = list(self.sae.parameters())
-        optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=can_fuse(params))
+        optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=can_fuse(params, self._trainer))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(self.hparams.warmup_ratio * total)
         decay_start = total - int(self.hparams.decay_ratio * total)

@@ -213,3 +213,30 @@ def test_optimizers_use_the_fused_kernel_and_it_steps_like_foreach(tiny_model):
         fused.step(), foreach.step()
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q)
+
+
+def test_mixed_precision_with_clipping_takes_foreach_and_fits(tiny_model, sample_data, tmp_path):
+    """Lightning refuses to clip gradients for an optimiser that unscales them itself (the fused kernels) under
+    bf16-mixed/16-mixed: such runs take foreach and train; without clipping they stay fused."""
+    from types import SimpleNamespace
+
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from lightning_modules.sae import SAEModule
+
+    def fit(clip: float) -> torch.optim.Optimizer:
+        module = ContrastiveModule(tiny_model, pooler="mean")
+        trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", gradient_clip_val=clip, max_steps=2,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(module, SentencesDataModule(str(sample_data / "sentences.txt"), batch_size=8))
+        assert trainer.global_step == 2
+        return trainer.optimizers[0]
+
+    assert fit(clip=1.0).defaults["fused"] is False
+    assert fit(clip=0.0).defaults["fused"] is True
+    sae = SAEModule(d_in=8, expansion_factor=2, k=2)
+    for clip, fused in [(1.0, False), (None, True)]:
+        sae._trainer = SimpleNamespace(gradient_clip_val=clip, precision_plugin=MixedPrecision("bf16-mixed", "cpu"),
+                                       estimated_stepping_batches=10)
+        assert sae.configure_optimizers()["optimizer"].defaults["fused"] is fused
