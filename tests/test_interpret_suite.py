@@ -242,3 +242,27 @@ def test_a_sampled_run_is_the_suite_on_the_sampled_rows(tmp_path):
     one_genre = [{**s, "category": "news"} for s in sentences]
     news = write_cache(tmp_path / "n", vectors, meta, one_genre)
     assert not any("group_share" in k for k in run_suite(sae, news, tmp_path / "o2", **SUITE_ARGS).summary)
+
+
+def test_without_pseval_contexts_of_a_cache_without_words_still_highlight_the_token(tiny_model_no_dropout,
+                                                                                     sample_data, tmp_path):
+    """A plain-text cache stores token ids, not words: the suite loads the cache model's tokenizer (not the model)
+    to show each context as its tokens with the activating one marked, PS-Eval or not."""
+    from transformers import AutoTokenizer
+
+    from lightning_modules.interpret.suite import run_suite
+
+    dm = ActivationsDataModule(tiny_model_no_dropout, source=str(sample_data / "sentences.txt"), max_length=32,
+                               special_tokens="keep", cache_dir=str(tmp_path / "cache"), cache_dtype="float32")
+    dm.prepare_data()
+    dm.setup()
+    result = run_suite(random_sae(d=32, n=16, seed=1), dm.cache, tmp_path / "out", **SUITE_ARGS)
+    tok = AutoTokenizer.from_pretrained(tiny_model_no_dropout)
+    sentences = (sample_data / "sentences.txt").read_text().splitlines()
+    tokenised = {tuple(tok.convert_ids_to_tokens(tok(s, truncation=True, max_length=32)["input_ids"]))
+                 for s in sentences}
+    contexts = [c for f in result.features for c in f["contexts"]]
+    assert len(contexts) > 20
+    for c in contexts:
+        assert tuple(c["tokens"]) in tokenised and 0 <= c["index"] < len(c["tokens"])
+    assert any(c["tokens"][c["index"]] not in ("[CLS]", "[SEP]") for c in contexts)

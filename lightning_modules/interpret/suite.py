@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,24 @@ def headline(summary: Mapping[str, float | str]) -> dict[str, float | str]:
     return out
 
 
+def cache_tokenizer(cache):
+    """The tokenizer of the model that wrote ``cache`` (it turns token ids back into the tokens the browser
+    highlights), or None with a warning when it does not load (offline, a moved folder)."""
+    from transformers import AutoTokenizer
+
+    from lightning_modules.components.encoder import resolve_model
+
+    name = cache.meta.get("model")
+    if name is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(str(name)))
+    except (OSError, ValueError) as err:
+        warnings.warn(f"{cache.folder}: the tokenizer of {name!r} did not load ({err}); contexts are shown as whole "
+                      "sentences without the activating token highlighted", stacklevel=2)
+        return None
+
+
 def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None,
               wic_pairs: Sequence | None = None, pseval_saes: Mapping[int, object] | None = None,
               encoder=None, max_tokens: int | None = None, sample_seed: int = 0, title: str = "SAE features",
@@ -90,12 +109,13 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
         cache = cache.sample_sentences(max_tokens, seed=sample_seed)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = None
     if wic_pairs is not None or encoder is not None:
         from lightning_modules.interpret.pseval import _model_and_tokenizer
 
         encoder = _model_and_tokenizer(encoder if encoder is not None else cache.meta["model"])
         tokenizer = encoder[1]
+    else:  # no model needed, but the tokenizer names the activating token of caches without words
+        tokenizer = cache_tokenizer(cache)
     report = interpret_sae(sae, cache, sae_b, tokenizer=tokenizer, **interpret_kwargs)
     summary = dict(report.summary)
     clock = Clock()
