@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -74,11 +75,12 @@ class InterpretSAE(WritesAtFitEnd):
 
     Args:
         cache: token-level activation cache folder; default: the datamodule's (an ``ActivationsDataModule``).
-        compare_sae: an exported SAE (``cfg.json`` + ``sae.safetensors``) of the same data trained with another seed,
-            for the stability scores; None skips them.
+        compare_sae: an exported SAE (``cfg.json`` + ``sae.safetensors``) or ``SAEModule`` checkpoint of the same
+            data trained with another seed, for the stability scores; None skips them.
         pseval: PS-Eval on WiC: ``True`` runs it (a missing WiC is an error), ``None`` runs it when WiC loads (else a
             warning), ``False`` skips it.
-        pseval_saes: ``{layer: exported SAE folder}`` of other layers of the same encoder, scored by PS-Eval too.
+        pseval_saes: ``{layer: exported SAE folder or checkpoint}`` of other layers of the same encoder, scored by
+            PS-Eval too.
         wic_split, wic_data_root: see :func:`datamodules.wic.load_wic`; the root defaults to the datamodule's
             ``data_root``.
         max_tokens: analyse only whole sentences drawn at random up to this many tokens; sample_seed: their draw.
@@ -95,6 +97,9 @@ class InterpretSAE(WritesAtFitEnd):
                  output_dir: str | None = None,
                  log_browser: bool = True, top_k: int = 500, n_unique: int = 100, n_contexts: int = 10) -> None:
         super().__init__(output_dir)
+        if max_tokens is not None and max_tokens < 1:
+            raise DataError(f"InterpretSAE max_tokens={max_tokens}: give a positive number of tokens, or None for "
+                            "the whole cache")
         self.cache, self.compare_sae, self.pseval = cache, compare_sae, pseval
         self.pseval_saes = dict(pseval_saes or {})
         self.wic_split, self.wic_data_root = wic_split, wic_data_root
@@ -113,12 +118,26 @@ class InterpretSAE(WritesAtFitEnd):
         if self.cache is None and getattr(trainer.datamodule, "level", None) != "token":
             raise DataError("InterpretSAE: the datamodule does not give token-level activations (an "
                             "ActivationsDataModule with level=token); set InterpretSAE cache=<token cache folder>")
+        dim = getattr(getattr(trainer.datamodule, "cache", None), "dim", None)
+        if self.cache is not None:
+            if not (Path(self.cache) / "meta.json").is_file():
+                raise DataError(f"InterpretSAE cache={self.cache!r}: not an activation cache (no meta.json)")
+            meta = json.loads((Path(self.cache) / "meta.json").read_text())
+            if meta.get("level") != "token":
+                raise DataError(f"InterpretSAE cache={self.cache!r} holds {meta.get('level')}-level vectors; the "
+                                "suite needs a token-level cache (data.level=token)")
+            dim = meta.get("dim")
         for what, path in [("compare_sae", self.compare_sae),
                            *((f"pseval_saes[{k}]", v) for k, v in self.pseval_saes.items())]:
-            if path is not None and not (Path(path) / "cfg.json").is_file():
-                raise DataError(f"InterpretSAE {what}={path!r}: not an exported SAE folder (no cfg.json)")
-        if self.cache is not None and not (Path(self.cache) / "meta.json").is_file():
-            raise DataError(f"InterpretSAE cache={self.cache!r}: not an activation cache (no meta.json)")
+            if path is None or (Path(path).is_file() and Path(path).suffix == ".ckpt"):
+                continue  # a checkpoint's width is checked when it is loaded, at the end of fit
+            if not (Path(path) / "cfg.json").is_file():
+                raise DataError(f"InterpretSAE {what}={path!r}: neither an exported SAE folder (no cfg.json) nor an "
+                                "SAEModule checkpoint (.ckpt)")
+            d_in = json.loads((Path(path) / "cfg.json").read_text()).get("d_in")
+            if dim is not None and d_in != dim:
+                raise DataError(f"InterpretSAE {what}={path!r} takes {d_in}-d inputs but the activations are "
+                                f"{dim}-d: an SAE of another model or layer width?")
         if self.pseval:
             self._wic(self.wic_data_root or getattr(trainer.datamodule, "data_root", None))
 
@@ -152,11 +171,10 @@ class InterpretSAE(WritesAtFitEnd):
             step: int | None = None, data_root: str | None = None, title: str | None = None):
         """Run the suite on ``sae`` over ``cache``, write the files to ``output_dir`` and log to ``loggers``
         (``data_root``: where WiC is looked for when ``wic_data_root`` is unset; ``title``: the page's)."""
-        from lightning_modules.export import load_sae
         from lightning_modules.interpret.suite import run_suite
 
-        sae_b = load_sae(self.compare_sae) if self.compare_sae else None
-        others = {int(layer): load_sae(path) for layer, path in self.pseval_saes.items()}
+        sae_b = load_any_sae(self.compare_sae) if self.compare_sae else None
+        others = {int(layer): load_any_sae(path) for layer, path in self.pseval_saes.items()}
         self.result = run_suite(sae, cache, output_dir, sae_b=sae_b, wic_pairs=self._wic(data_root),
                                 pseval_saes=others, max_tokens=self.max_tokens, sample_seed=self.sample_seed,
                                 **self.label_kwargs, title=title or describe(sae, cache, self.max_tokens))
@@ -200,7 +218,8 @@ def interpret_main(argv: list[str]) -> None:
     parser.add_argument("--cache", type=str, required=True, help="token-level activation cache folder the SAE was "
                         "trained on (printed by `train.py fit`; under $EMBEDLAB_CACHE)")
     parser.add_argument("--output_dir", type=str, default=None, help="default: <sae folder>/interpret")
-    parser.add_argument("--compare_sae", type=str, default=None, help="the same SAE trained with another seed")
+    parser.add_argument("--compare_sae", type=str, default=None,
+                        help="the same SAE trained with another seed (folder or .ckpt)")
     parser.add_argument("--pseval", type=bool | None, default=None,
                         help="PS-Eval on WiC: true (required), false (skip), null (when WiC loads)")
     parser.add_argument("--pseval_saes", type=dict[int, str], default={},

@@ -200,9 +200,9 @@ def test_wrong_settings_fail_before_training_and_dims_are_checked(tmp_path):
     cb = InterpretSAE()
     cb.setup(trainer, module, "fit")
     assert cb._out == tmp_path / "interpret"
-    with pytest.raises(DataError, match="compare_sae='nope': not an exported SAE folder"):
+    with pytest.raises(DataError, match="compare_sae='nope': neither an exported SAE folder"):
         InterpretSAE(compare_sae="nope").setup(trainer, module, "fit")
-    with pytest.raises(DataError, match=r"pseval_saes\[3\]='gone': not an exported SAE folder"):
+    with pytest.raises(DataError, match=r"pseval_saes\[3\]='gone': neither an exported SAE folder"):
         InterpretSAE(pseval_saes={3: "gone"}).setup(trainer, module, "fit")
     with pytest.raises(DataError, match="cache='nocache': not an activation cache"):
         InterpretSAE(cache="nocache").setup(trainer, module, "fit")
@@ -216,6 +216,30 @@ def test_wrong_settings_fail_before_training_and_dims_are_checked(tmp_path):
     cache = write_cache(tmp_path / "c", np.ones((len(meta), 6), np.float32), meta, sents)
     with pytest.raises(ValueError, match=r"sae_b takes 5-d inputs but .* holds 6-d vectors"):
         run_suite(random_sae(d=6), cache, tmp_path / "o", sae_b=random_sae(d=5))
+    # widths, levels and sizes are checked at setup too, against the explicit cache or the datamodule's
+    narrow = str(export_sae(random_sae(d=5), tmp_path / "narrow"))
+    with pytest.raises(DataError, match=r"compare_sae=.*narrow' takes 5-d inputs but the activations are 6-d"):
+        InterpretSAE(cache=str(cache.folder), compare_sae=narrow).setup(trainer, module, "fit")
+    with_cache = SimpleNamespace(datamodule=SimpleNamespace(level="token", cache=cache), log_dir=None,
+                                 default_root_dir=".")
+    with pytest.raises(DataError, match=r"pseval_saes\[3\]=.*narrow' takes 5-d inputs but the activations are 6-d"):
+        InterpretSAE(pseval_saes={3: narrow}).setup(with_cache, module, "fit")
+    InterpretSAE(compare_sae=str(export_sae(random_sae(d=6), tmp_path / "wide"))).setup(with_cache, module, "fit")
+    (tmp_path / "seed1.ckpt").touch()  # a checkpoint is accepted here; load_any_sae reads it when fit ends
+    InterpretSAE(compare_sae=str(tmp_path / "seed1.ckpt")).setup(with_cache, module, "fit")
+    sentence_level = json.loads((cache.folder / "meta.json").read_text()) | {"level": "sentence"}
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "meta.json").write_text(json.dumps(sentence_level))
+    with pytest.raises(DataError, match="holds sentence-level vectors; the suite needs a token-level cache"):
+        InterpretSAE(cache=str(tmp_path / "s")).setup(trainer, module, "fit")
+    with pytest.raises(DataError, match="max_tokens=0: give a positive number of tokens"):
+        InterpretSAE(max_tokens=0)
+    # the cache's own layer among the extra PS-Eval SAEs would replace the SAE under study
+    (cache.folder / "meta.json").write_text(json.dumps(json.loads((cache.folder / "meta.json").read_text())
+                                                       | {"layer": 2}))
+    with pytest.raises(ValueError, match=r"pseval_saes\[2\]: layer 2 is the cache's own"):
+        run_suite(random_sae(d=6), ActivationCache(cache.folder), tmp_path / "o", wic_pairs=[],
+                  pseval_saes={2: random_sae(d=6)})
 
 
 def test_a_sampled_run_is_the_suite_on_the_sampled_rows(tmp_path):

@@ -223,6 +223,8 @@ def test_tiny_bert_end_to_end_matches_unbatched_passes(tmp_path, tiny_model_no_d
         assert cm == confusion(want, [p.gold for p in pairs])
     with pytest.raises(DataError, match="layer 3 is out of range"):
         ps_eval(tiny_model_no_dropout, {3: saes[1]}, pairs)
+    with pytest.raises(DataError, match=r"layers \[-1, 2\] name the same hidden_states entry twice"):
+        ps_eval(tiny_model_no_dropout, {2: saes[1], -1: saes[-1]}, pairs)
 
 
 # -------------------------------------------------------------------------------------------- real data

@@ -204,6 +204,9 @@ def ps_eval(encoder, saes: Mapping[int, object], pairs: Sequence[WiCPair], seed:
     n_layers = model.config.num_hidden_layers
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     index = {layer: check_layer(layer, n_layers, name) for layer in saes}
+    if len(set(index.values())) < len(index):
+        raise DataError(f"PS-Eval: the SAEs' layers {sorted(saes)} name the same hidden_states entry twice "
+                        f"({name} has {n_layers} layers, so -1 is {n_layers}): one SAE per layer")
     kept, where, counts = single_token_pairs(pairs, tokenizer, max_length)
     gold = [p.gold for p in kept]
     counts |= {"single_token_true": sum(gold), "single_token_false": len(gold) - sum(gold)}

@@ -104,6 +104,9 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
         if other is not None and other.cfg.d_in != cache.dim:
             raise ValueError(f"{name} takes {other.cfg.d_in}-d inputs but {cache.folder} holds {cache.dim}-d vectors: "
                              "an SAE of another model?")
+    if layer is not None and int(layer) in {int(k) for k in (pseval_saes or {})}:
+        raise ValueError(f"pseval_saes[{layer}]: layer {layer} is the cache's own, which PS-Eval scores with the SAE "
+                         "under study; give only other layers")
     n_all = len(cache)
     if max_tokens:
         cache = cache.sample_sentences(max_tokens, seed=sample_seed)
