@@ -221,6 +221,18 @@ def test_tiny_bert_end_to_end_matches_unbatched_passes(tmp_path, tiny_model_no_d
                 feats.append(int(top_features(saes[layer].eval().encode(h[None]))[0]))
             want.append(feats[0] == feats[1] and feats[0] >= 0)
         assert cm == confusion(want, [p.gold for p in pairs])
+    # a text prefix (e5's "query: ") goes before every context, as the cache put it before every sentence
+    prefixed = ps_eval((model, tokenizer), {1: saes[1]}, pairs, batch_size=5, text_prefix="a man ")[1]
+    want = []
+    for p in pairs:
+        feats = []
+        for words, i in ((p.words1, p.idx1), (p.words2, p.idx2)):
+            enc = tokenizer(["a", "man", *words], is_split_into_words=True, return_tensors="pt")
+            with torch.no_grad():
+                h = model(**enc, output_hidden_states=True).hidden_states[1][0, i + 3]
+            feats.append(int(top_features(saes[1].eval().encode(h[None]))[0]))
+        want.append(feats[0] == feats[1] and feats[0] >= 0)
+    assert prefixed.confusion == confusion(want, [p.gold for p in pairs]) != res[1].confusion
     with pytest.raises(DataError, match="layer 3 is out of range"):
         ps_eval(tiny_model_no_dropout, {3: saes[1]}, pairs)
     with pytest.raises(DataError, match=r"layers \[-1, 2\] name the same hidden_states entry twice"):

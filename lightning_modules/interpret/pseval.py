@@ -185,7 +185,7 @@ def target_hidden_states(model, tokenizer, contexts: Sequence[Sequence[str]], po
 
 
 def ps_eval(encoder, saes: Mapping[int, object], pairs: Sequence[WiCPair], seed: int = 0, batch_size: int = 64,
-            max_length: int = 128) -> dict[int, PSEvalResult]:
+            max_length: int = 128, text_prefix: str = "") -> dict[int, PSEvalResult]:
     """PS-Eval of each layer's SAE on the same filtered, balanced WiC pairs.
 
     Args:
@@ -196,11 +196,17 @@ def ps_eval(encoder, saes: Mapping[int, object], pairs: Sequence[WiCPair], seed:
         seed: seed of the class balancing.
         batch_size: contexts per encoder forward pass.
         max_length: tokens kept per context; a pair whose target is truncated away is dropped (counted).
+        text_prefix: put before every context, as the SAE's activation cache put it before every sentence (e5's
+            ``"query: "``), so the SAE reads hidden states of the kind it was trained on.
 
     Returns:
         ``{layer: PSEvalResult}`` with the layers as given.
     """
     model, tokenizer = _model_and_tokenizer(encoder)
+    if text_prefix.strip():
+        n = len(text_prefix.split())
+        pairs = [p._replace(context1=f"{text_prefix.strip()} {p.context1}", idx1=p.idx1 + n,
+                            context2=f"{text_prefix.strip()} {p.context2}", idx2=p.idx2 + n) for p in pairs]
     n_layers = model.config.num_hidden_layers
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     index = {layer: check_layer(layer, n_layers, name) for layer in saes}

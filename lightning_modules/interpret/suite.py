@@ -124,7 +124,8 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
     clock = Clock()
     results: dict[int, PSEvalResult] = {}
     if wic_pairs is not None:
-        results = ps_eval(encoder, {layer: sae, **dict(pseval_saes or {})}, wic_pairs)
+        results = ps_eval(encoder, {layer: sae, **dict(pseval_saes or {})}, wic_pairs,
+                          text_prefix=cache.meta.get("text_prefix") or "")
         for res in results.values():
             summary.update(res.to_dict("interpret/pseval"))
         clock("pseval")
