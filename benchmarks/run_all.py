@@ -216,6 +216,10 @@ def markdown(summary: dict) -> str:
              "", "| benchmark | status | wall s | headline |", "|---|---|---|---|"]
     for name, b in summary["benchmarks"].items():
         what = b.get("headline") or b.get("reason") or b.get("stderr_tail", "")[-200:].replace("\n", " ")
+        run = b.get("run", {})
+        if run.get("started") != summary["started"]:  # kept by --only from an earlier run: say which
+            what += (f" (earlier run {run.get('started', '?')}, threads {run.get('threads') or 'default'}, "
+                     f"torch {run.get('versions', {}).get('torch', '?')})")
         lines.append(f"| {name} | {b['status']} | {b.get('wall_s', '-')} | {what.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
@@ -248,7 +252,9 @@ def main() -> None:
     for name, bench in BENCHMARKS.items():
         if (args.only and name not in args.only) or name in args.skip:
             continue
-        summary["benchmarks"][name] = run_one(name, bench, args.size, folder / f"{name}.json", env)
+        entry = run_one(name, bench, args.size, folder / f"{name}.json", env)
+        summary["benchmarks"][name] = {**entry, "run": {"started": summary["started"], "threads": args.threads,
+                                                        "versions": info["versions"]}}
         out_json.write_text(json.dumps(summary, indent=1) + "\n")  # after each: an interrupted run keeps its part
     summary["benchmarks"] = {k: summary["benchmarks"][k] for k in BENCHMARKS if k in summary["benchmarks"]}
     out_json.write_text(json.dumps(summary, indent=1) + "\n")

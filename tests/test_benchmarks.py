@@ -85,7 +85,8 @@ def test_run_all_only_keeps_the_other_entries_of_the_same_size(tmp_path, monkeyp
     import socket
 
     tag = f"{run_all.slug(socket.gethostname())}-{run_all.slug(run_all.device_name())}"
-    kept = {"status": "ok", "headline": "kept from before"}
+    kept = {"status": "ok", "headline": "kept from before",
+            "run": {"started": "2026-01-02T03:04:05+00:00", "threads": 2, "versions": {"torch": "2.0"}}}
     stale = {"status": "failed"}
     (tmp_path / f"{tag}.json").write_text(json.dumps(
         {"size": "small", "benchmarks": {"mfu": kept, "mcr2_step": stale, "contrastive_throughput": kept}}))
@@ -95,7 +96,11 @@ def test_run_all_only_keeps_the_other_entries_of_the_same_size(tmp_path, monkeyp
     summary = json.loads((tmp_path / f"{tag}.json").read_text())
     assert list(summary["benchmarks"]) == ["contrastive_throughput", "mcr2_step", "mfu"]  # registry order
     assert summary["benchmarks"]["mfu"] == kept and summary["benchmarks"]["mcr2_step"]["status"] == "ok"
-    assert "kept from before" in (tmp_path / f"{tag}.md").read_text()
+    table = (tmp_path / f"{tag}.md").read_text()
+    assert "kept from before (earlier run 2026-01-02T03:04:05+00:00, threads 2, torch 2.0)" in table
+    fresh = summary["benchmarks"]["mcr2_step"]["run"]
+    assert fresh["started"] == summary["started"] and fresh["threads"] == 1
+    assert [line for line in table.splitlines() if line.startswith("| mcr2_step")][0].endswith("ms |")  # no note
     monkeypatch.setattr(sys, "argv", ["run_all.py", "--only", "mcr2_step", "--threads", "1", "--size", "full",
                                       "--results", str(tmp_path)])
     run_all.main()  # another size: the small entries are not mixed in
