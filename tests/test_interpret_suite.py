@@ -187,7 +187,10 @@ def test_extra_config_runs_the_suite_when_fit_ends(tiny_model_no_dropout, brown_
     summary = json.loads((tmp_path / "run" / "interpret" / "summary.json").read_text())
     assert summary["interpret/n_tokens"] == len(cli.datamodule.cache) == 30
     assert summary["interpret/pooling_tokens"] == "all" and summary["interpret/pseval/layer2/balanced"] == 12
-    assert summary["interpret/pos_purity_mean"] == pytest.approx(cb.result.summary["interpret/pos_purity_mean"])
+    assert cb.result.files["summary"] == tmp_path / "run" / "interpret" / "summary.json"
+    want = interpret_sae(cli.model.sae.eval(), cli.datamodule.cache, top_k=20, n_unique=5).summary  # final weights
+    for key in ("interpret/pos_purity_mean", "interpret/alive_share", "interpret/pooling_feature_share"):
+        assert summary[key] == pytest.approx(want[key])
 
 
 def test_wrong_settings_fail_before_training_and_dims_are_checked(tmp_path):
