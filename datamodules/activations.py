@@ -221,6 +221,7 @@ class ActivationCache:
         return {**self.__dict__, "_vectors": None}
 
     def vectors(self) -> list[np.ndarray]:
+        """The memory-mapped shards of the whole cache, a view's rows or not (read a view with :meth:`gather`)."""
         if self._vectors is None:
             self._vectors = [np.load(self.folder / f"{s}.vectors.npy", mmap_mode="r") for s in self.shards]
         return self._vectors
