@@ -247,18 +247,20 @@ class TextDataModule(pl.LightningDataModule):
         return self._texts
 
     def tokenized(self) -> TokenizedRows:
+        if self._dataset is None:
+            self._dataset = TokenizedRows(self.tokenize_views(self.texts, len(self.texts[0])))
+        return self._dataset
+
+    def tokenize_views(self, rows: list[tuple[str, ...]], V: int) -> list[tuple[list[int], ...]]:
+        """Token ids of the first ``V`` texts of every row (one tokenizer call for all), as rows of ``V`` lists."""
         if self.tokenizer is None:
             raise RuntimeError(
                 f"{type(self).__name__} has no tokenizer: call connect(tokenizer, max_length) first "
                 "(a LightningModule derived from EmbeddingModule does this in its setup hook)"
             )
-        if self._dataset is None:
-            texts = self.texts
-            V = len(texts[0])
-            flat = [t for row in texts for t in row]
-            ids = self.tokenizer(flat, truncation=True, max_length=self.max_length)["input_ids"]
-            self._dataset = TokenizedRows([tuple(ids[i * V : (i + 1) * V]) for i in range(len(texts))])
-        return self._dataset
+        flat = [t for row in rows for t in row[:V]]
+        ids = self.tokenizer(flat, truncation=True, max_length=self.max_length)["input_ids"]
+        return [tuple(ids[i * V : (i + 1) * V]) for i in range(len(rows))]
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.tokenized()

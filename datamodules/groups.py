@@ -125,21 +125,15 @@ class GroupedTextDataModule(TextDataModule):
                          self.data_files)
 
     def tokenized(self) -> GroupedRows:
-        if self.tokenizer is None:
-            raise RuntimeError(
-                f"{type(self).__name__} has no tokenizer: call connect(tokenizer, max_length) first "
-                "(a LightningModule derived from EmbeddingModule does this in its setup hook)"
-            )
         if self._dataset is None:
             V, rows = self.views, self.texts
+            ids = self.tokenize_views(rows, V)
             labels = None
             if self.label_column is not None:
                 self.label_names = sorted({row[V] for row in rows})
                 ids_of = {name: i for i, name in enumerate(self.label_names)}
                 labels = [ids_of[row[V]] for row in rows]
-            flat = [t for row in rows for t in row[:V]]
-            ids = self.tokenizer(flat, truncation=True, max_length=self.max_length)["input_ids"]
-            self._dataset = GroupedRows([tuple(ids[i * V : (i + 1) * V]) for i in range(len(rows))], labels)
+            self._dataset = GroupedRows(ids, labels)
         return self._dataset
 
     def collator(self) -> GroupCollator:
