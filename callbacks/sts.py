@@ -56,17 +56,22 @@ class STSEvaluator(pl.Callback):
         return float(spearman_corrcoef(cos_P, torch.tensor(self.pairs.scores)) * 100)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch_end: bool) -> None:
+        rho = self._record(trainer, pl_module)
+        # self.log feeds ModelCheckpoint / EarlyStopping and the progress bar; not the loggers, which Lightning would
+        # send the value again at every later logging step of the epoch (it keeps step values until the epoch ends)
+        pl_module.log(self.metric_name, rho, prog_bar=True, logger=False, on_step=not epoch_end, on_epoch=epoch_end)
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """Evaluate, keep the point in ``history`` and log it once, at the number of optimiser steps taken."""
         rho = self.evaluate(pl_module)
         self.history.append((trainer.global_step, rho))
-        # inside a batch hook the value is logged for this step; at epoch end, for the epoch (never averaged)
-        pl_module.log(self.metric_name, rho, prog_bar=True, on_step=not epoch_end, on_epoch=epoch_end)
+        for logger in trainer.loggers:
+            logger.log_metrics({self.metric_name: rho}, step=trainer.global_step)
+        return rho
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.at_start and trainer.global_step == 0:
-            rho = self.evaluate(pl_module)
-            self.history.append((0, rho))
-            for logger in trainer.loggers:
-                logger.log_metrics({self.metric_name: rho}, step=0)
+            self._record(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not self._done_this_step(trainer):
