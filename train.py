@@ -3,7 +3,7 @@
     python train.py fit --config configs/quickstart.yaml            # train (also: validate, test)
     python train.py fit --config configs/simcse_unsup_bert_base.yaml --model.temperature 0.1
     python train.py export --ckpt_path CKPT --output_dir DIR         # -> sentence-transformers folder
-    python train.py evaluate --model DIR_OR_CKPT --tasks sts          # STS / MTEB scores
+    python train.py evaluate --model DIR_OR_CKPT --tasks stsb,sickr   # STS scores (default: the 7 STS tasks)
     python train.py interpret --sae SAE_DIR --cache CACHE_DIR         # SAE interpretability suite + browser
 
 Model, datamodule, logger and callbacks are chosen in YAML (``class_path`` / ``init_args``) and overridable on the

@@ -7,7 +7,8 @@ from lightning_modules.interpret.pos import label_features, purity_summary
 from lightning_modules.interpret.pseval import PSEvalResult, ps_eval
 from lightning_modules.interpret.report import InterpretReport, interpret_sae
 from lightning_modules.interpret.stability import group_share, match_decoders
+from lightning_modules.interpret.suite import SuiteResult, run_suite
 
 __all__ = ["InterpretReport", "SparseCodes", "decompose_sentence", "encode_sparse", "group_share",
            "interpret_sae", "label_features", "match_decoders", "pooling_contributions", "purity_summary"]
-__all__ += ["PSEvalResult", "ps_eval", "write_feature_browser"]
+__all__ += ["PSEvalResult", "SuiteResult", "ps_eval", "run_suite", "write_feature_browser"]
