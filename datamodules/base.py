@@ -50,6 +50,72 @@ def load_hub_dataset(name: str, split: str, hint: str, subset: str | None = None
         ) from None
 
 
+#: Local file types the text readers take (by suffix, any case); folders written by ``datasets.save_to_disk`` too.
+TEXT_SUFFIXES = (".txt", ".csv", ".tsv")
+
+
+def text_file_kind(path: Path) -> str:
+    """``txt``, ``csv`` or ``tsv`` for a local file, or a DataError saying what is supported."""
+    suffix = path.suffix.lower()
+    if suffix not in TEXT_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}: give a .txt file (one sentence per line), a "
+                        ".csv or .tsv file with a header, or a folder written by datasets' save_to_disk")
+    return suffix[1:]
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark is dropped), or a DataError naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def read_table(path: Path, columns: Sequence[str], kind: str | None = None, option: str | None = None
+               ) -> tuple[list[tuple[str, ...]], list[int]]:
+    """The ``columns`` of every row of a local CSV/TSV file with a header, and each row's line number (``kind``
+    ``"csv"``/``"tsv"`` overrides the suffix; ``option``: the config option naming the columns, for the error).
+
+    TSV fields are split on tabs only: quote characters are text (as in the SentEval/SimCSE files). CSV fields follow
+    RFC 4180 quoting, but a quoted field may not run over lines: a stray quote would otherwise swallow the lines after
+    it into one field. Every row must have as many fields as the header (an unquoted comma in a CSV sentence adds
+    one). Blank lines are skipped. Each problem is a DataError naming the file and line.
+    """
+    import csv
+
+    kind = kind or text_file_kind(path)
+    lines = read_lines(path)
+    if not lines:
+        raise DataError(f"{path}: the file is empty (expected a header with {', '.join(columns)})")
+    if kind == "tsv":
+        records = [(n, line.split("\t")) for n, line in enumerate(lines, 1)]
+    else:
+        reader = csv.reader(lines)
+        records, end = [], 0
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            if end > start:
+                raise DataError(f"{path}: lines {start}-{end} are one quoted field (an unclosed quote on line "
+                                f"{start}?)")
+            records.append((start, fields))
+    header = [h.strip() for h in records[0][1]]
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DataError(f"{path}: the header {header} lacks column(s) {missing}"
+                        + (f" (set data.{option})" if option else ""))
+    idx = [header.index(c) for c in columns]
+    rows, line_numbers = [], []
+    for n, fields in records[1:]:
+        if not fields or fields == [""]:  # a blank line holds no data
+            continue
+        if len(fields) != len(header):
+            hint = " (quote fields that contain commas)" if kind == "csv" and len(fields) > len(header) else ""
+            raise DataError(f"{path}: line {n} has {len(fields)} field(s), the header has {len(header)}{hint}")
+        rows.append(tuple(fields[i] for i in idx))
+        line_numbers.append(n)
+    return rows, line_numbers
+
+
 def check_nonempty(texts: Sequence[str], where: str, row_offset: int = 1) -> None:
     """Raise on the first empty or whitespace-only text, naming its row."""
     for i, text in enumerate(texts):

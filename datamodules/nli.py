@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-from datamodules.base import DataError, TextDataModule, load_hub_dataset, looks_like_hub_name, resolve
+from datamodules.base import DataError, TextDataModule, load_hub_dataset, looks_like_hub_name, read_table, resolve
 
 HUB_COLUMNS = {"sentence-transformers/all-nli": ["anchor", "positive", "negative"]}
 
@@ -23,31 +22,13 @@ def read_rows(source: str, columns: list[str], data_root: str | None = None, spl
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
             raise DataError(f"{source}: no column(s) {missing}; columns are {ds.column_names} (set data.columns)")
-        rows, where, first = list(zip(*(ds[c] for c in columns))), source, 0
+        rows, where = list(zip(*(ds[c] for c in columns))), source
     else:
-        where, first = str(path), 2
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{where}: the file is empty (expected a header {','.join(columns)})")
-            missing = [c for c in columns if c not in header]
-            if missing:
-                raise DataError(f"{where}: the header {header} lacks column(s) {missing} (set data.columns)")
-            idx = [header.index(c) for c in columns]
-            rows = []
-            for fields in reader:
-                if not fields:  # a blank line holds no data
-                    continue
-                if len(fields) != len(header):
-                    raise DataError(
-                        f"{where}: line {reader.line_num} has {len(fields)} field(s), the header has {len(header)}"
-                    )
-                rows.append(tuple(fields[i] for i in idx))
+        where, (rows, lines) = str(path), read_table(path, columns, option="columns")
     for i, row in enumerate(rows):
         for c, text in zip(columns, row):
             if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{where}: row {i + first} has an empty {c!r}")
+                raise DataError(f"{where}: {f'line {lines[i]}' if path else f'row {i}'} has an empty {c!r}")
     return [tuple(t.strip() for t in row) for row in rows]
 
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from pytorch_lightning.utilities import rank_zero_warn
 
-from datamodules.base import DataError, TextDataModule, load_hub_dataset, looks_like_hub_name, resolve
+from datamodules.base import (
+    DataError,
+    TextDataModule,
+    load_hub_dataset,
+    looks_like_hub_name,
+    read_lines,
+    read_table,
+    resolve,
+    text_file_kind,
+)
 
 
 def read_sentences(
@@ -34,26 +42,26 @@ def read_sentences(
         where = f"{source} [{split}]"
         if column not in ds.column_names:
             raise DataError(f"{where}: no column {column!r}; columns are {ds.column_names} (set data.column)")
-        texts, first_row = list(ds[column]), 0
+        texts, lines = list(ds[column]), None
     elif path.is_dir():
         import datasets
 
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise DataError(f"{path} is a folder but not a dataset written by datasets' save_to_disk: give a .txt, "
+                            ".csv or .tsv file inside it") from None
         ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
         where = str(path)
         if column not in ds.column_names:
             raise DataError(f"{where}: no column {column!r}; columns are {ds.column_names} (set data.column)")
-        texts, first_row = list(ds[column]), 0
-    elif path.suffix in (".csv", ".tsv"):
-        where, first_row = str(path), 2  # row numbers are file lines; line 1 is the header
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-            if column not in (reader.fieldnames or []):
-                raise DataError(f"{where}: no column {column!r}; the header has {reader.fieldnames} (set data.column)")
-            texts = [row[column] or "" for row in reader]
+        texts, lines = list(ds[column]), None
+    elif text_file_kind(path) == "txt":
+        where, texts = str(path), read_lines(path)
+        lines = list(range(1, len(texts) + 1))
     else:
-        where, first_row = str(path), 1
-        texts = path.read_text(encoding="utf-8").splitlines()
+        rows, lines = read_table(path, [column], option="column")
+        where, texts = str(path), [r[0] for r in rows]
     texts = [t.strip() if isinstance(t, str) else t for t in texts]
     if skip_empty:
         kept = [t for t in texts if isinstance(t, str) and t]
@@ -62,9 +70,8 @@ def read_sentences(
         return kept
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t:
-            raise DataError(
-                f"{where}: row {i + first_row} is an empty sentence (set data.skip_empty=true to drop such rows)"
-            )
+            at = f"line {lines[i]}" if lines is not None else f"row {i}"
+            raise DataError(f"{where}: {at} is an empty sentence (set data.skip_empty=true to drop such rows)")
     return texts
 
 

@@ -20,7 +20,6 @@ SentEval "wmean" (size-weighted mean of per-subset Spearman); :func:`load_sts` c
 
 from __future__ import annotations
 
-import csv
 import functools
 from pathlib import Path
 from typing import NamedTuple
@@ -29,7 +28,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.base import DataError, PadCollator, TokenizedRows, load_hub_dataset, resolve
+from datamodules.base import DataError, PadCollator, TokenizedRows, load_hub_dataset, read_table, resolve
 
 STS_TASKS = ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")
 SPLITS = {"stsb": ("train", "dev", "test"), "sickr": ("train", "dev", "test")}
@@ -176,21 +175,13 @@ def read_semeval_year(folder: Path, name: str) -> STSPairs:
 
 def read_tsv(path: Path, name: str, columns=("sentence1", "sentence2", "score"), score_range=(0.0, 5.0)) -> STSPairs:
     s1, s2, scores = [], [], []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None) or []
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise DataError(f"{path}: the header {header} lacks column(s) {missing}")
-        idx = [header.index(c) for c in columns]
-        for fields in reader:
-            if not fields:
-                continue
-            where = f"{path}:{reader.line_num}"
-            if len(fields) != len(header):
-                raise DataError(f"{where}: {len(fields)} field(s), the header has {len(header)}")
-            a, b = _pair(fields[idx[0]], fields[idx[1]], where)
-            s1.append(a), s2.append(b), scores.append(_score(fields[idx[2]], where, *score_range))
+    rows, lines = read_table(path, columns, kind="tsv")  # tab-separated whatever the suffix (SICK.txt)
+    for (first, second, score), n in zip(rows, lines):
+        where = f"{path}:{n}"
+        a, b = _pair(first, second, where)
+        s1.append(a), s2.append(b), scores.append(_score(score, where, *score_range))
+    if not s1:
+        raise DataError(f"{path}: no pairs after the header")
     return STSPairs(name, s1, s2, scores)
 
 

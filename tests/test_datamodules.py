@@ -50,7 +50,7 @@ def test_pad_collator_shapes():
 
 def test_empty_sentence_names_the_row(tmp_path):
     (tmp_path / "c.txt").write_text("one\n\nthree\n")
-    with pytest.raises(DataError, match=r"c.txt: row 2 is an empty sentence"):
+    with pytest.raises(DataError, match=r"c.txt: line 2 is an empty sentence"):
         read_sentences(str(tmp_path / "c.txt"))
     with pytest.warns(UserWarning, match="skipped 1 empty"):
         assert read_sentences(str(tmp_path / "c.txt"), skip_empty=True) == ["one", "three"]
@@ -60,9 +60,45 @@ def test_missing_file_and_wrong_column(tmp_path):
     with pytest.raises(DataError, match="sentence file 'nope.txt' not found"):
         read_sentences("nope.txt", data_root=str(tmp_path))
     (tmp_path / "c.csv").write_text("sentence,label\nhello,1\n")
-    with pytest.raises(DataError, match=r"no column 'text'; the header has \['sentence', 'label'\]"):
+    with pytest.raises(DataError, match=r"\['sentence', 'label'\] lacks column\(s\) \['text'\] \(set data.column"):
         read_sentences(str(tmp_path / "c.csv"))
     assert read_sentences(str(tmp_path / "c.csv"), column="sentence") == ["hello"]
+
+
+def test_tables_never_merge_or_cut_rows_silently(tmp_path):
+    """A stray quote must not swallow the following lines, an unquoted comma must not cut a sentence, a file type
+    the readers do not know must not be read as plain text: each is an error naming the file and line."""
+    from datamodules.base import read_table
+    from datamodules.nli import read_rows
+
+    rows = ["text", '"Twelve inch pizza is big.', 'He said "no" twice.', "plain one"]
+    (tmp_path / "q.tsv").write_text("\n".join(rows) + "\n")  # TSV: quotes are text, one row per line
+    assert read_sentences(str(tmp_path / "q.tsv")) == [r.strip() for r in rows[1:]]
+    (tmp_path / "q.csv").write_text("\n".join(rows) + "\n")  # CSV: the open quote would run to the end
+    with pytest.raises(DataError, match=r"q.csv: lines 2-3 are one quoted field \(an unclosed quote on line 2\?\)"):
+        read_sentences(str(tmp_path / "q.csv"))
+    (tmp_path / "ok.csv").write_text('text\n"a, quoted ""comma"" row"\nplain\n')
+    assert read_sentences(str(tmp_path / "ok.csv")) == ['a, quoted "comma" row', "plain"]
+    (tmp_path / "commas.csv").write_text("text\nthe puppy plays by, the sea.\nok\n")
+    with pytest.raises(DataError, match=r"commas.csv: line 2 has 2 field\(s\), the header has 1 \(quote fields"):
+        read_sentences(str(tmp_path / "commas.csv"))
+    (tmp_path / "nli.tsv").write_text('sent0\tsent1\thard_neg\n"Stop" he said\tb\tc\n\nx\ty\t\n')
+    with pytest.raises(DataError, match=r"nli.tsv: line 4 has an empty 'hard_neg'"):  # the file's line, not a count
+        read_rows(str(tmp_path / "nli.tsv"), ["sent0", "sent1", "hard_neg"])
+    assert read_table(tmp_path / "nli.tsv", ["sent0"])[0][0] == ('"Stop" he said',)
+    (tmp_path / "UP.TSV").write_text("text\tlabel\nhello\t0\n")
+    assert read_sentences(str(tmp_path / "UP.TSV")) == ["hello"]  # the suffix in any case
+    (tmp_path / "s.jsonl").write_text('{"text": "hello"}\n')
+    with pytest.raises(DataError, match=r"s.jsonl: unsupported file type '.jsonl'"):
+        read_sentences(str(tmp_path / "s.jsonl"))
+    (tmp_path / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.txt: not UTF-8 text"):
+        read_sentences(str(tmp_path / "latin.txt"))
+    (tmp_path / "bom.csv").write_text("\ufefftext\nhello\n", encoding="utf-8")
+    assert read_sentences(str(tmp_path / "bom.csv")) == ["hello"]
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match=r"folder is a folder but not a dataset written by datasets' save_to_disk"):
+        read_sentences(str(tmp_path / "folder"))
 
 
 def test_offline_hub_name_says_how_to_use_local_files():
@@ -85,7 +121,7 @@ def test_nli_triplets_and_pairs(tmp_path, tokenizer):
     "content,match",
     [
         ("sent0,sent1,hard_neg\na,b,c\nd,e\n", r"nli.csv: line 3 has 2 field\(s\), the header has 3"),
-        ("sent0,sent1,hard_neg\na,,c\n", r"nli.csv: row 2 has an empty 'sent1'"),
+        ("sent0,sent1,hard_neg\na,,c\n", r"nli.csv: line 2 has an empty 'sent1'"),
         ("premise,hypothesis\na,b\n", r"lacks column\(s\) \['sent0', 'sent1', 'hard_neg'\]"),
         ("", "the file is empty"),
     ],
@@ -117,6 +153,9 @@ def test_sts_tsv_and_bad_scores(tmp_path):
         load_sts(str(f))
     f.write_text("sentence1\tsentence2\tscore\na man\t\t3\n")
     with pytest.raises(DataError, match=r"pairs.tsv:2: empty sentence"):
+        load_sts(str(f))
+    f.write_text("sentence1\tsentence2\tscore\n\n")
+    with pytest.raises(DataError, match=r"pairs.tsv: no pairs after the header"):
         load_sts(str(f))
 
 
