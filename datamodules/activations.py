@@ -289,10 +289,14 @@ class CacheBuilder:
         self.model = self.tokenizer = None
 
     def load(self) -> None:
-        from lightning_modules.components.encoder import load_pretrained
+        from lightning_modules.components.encoder import check_max_length, load_pretrained
 
         if self.model is None:
             self.model, self.tokenizer = load_pretrained(self.model_name_or_path)
+            try:
+                check_max_length(self.max_length, self.model, self.model_name_or_path)
+            except ValueError as err:
+                raise DataError(f"data.{err}") from None
             self.model.eval().to(self.device)
             if not self.tokenizer.is_fast:
                 raise DataError(f"{self.model_name_or_path}: a fast tokenizer is needed (word_ids / offsets)")
@@ -550,6 +554,8 @@ class ActivationsDataModule(pl.LightningDataModule):
             raise DataError("batch_size, shard_sentences, encode_batch_size must be >= 1 and max_length >= 2")
         if not 0 <= val_fraction < 1:
             raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if max_sentences is not None and max_sentences < 1:
+            raise DataError(f"max_sentences must be >= 1 or null (all sentences), got {max_sentences}")
         self.model_name_or_path, self.source, self.column, self.split = model_name_or_path, source, column, split
         self.subset, self.data_files, self.data_root = subset, data_files, data_root
         self.level, self.layer, self.pooling, self.normalize = level, layer, pooling, normalize

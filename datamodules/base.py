@@ -272,6 +272,8 @@ class TextDataModule(pl.LightningDataModule):
             raise DataError(f"pad_to_multiple_of must be >= 1 or null, got {pad_to_multiple_of}")
         if length_group_batches < 1:
             raise DataError(f"length_group_batches must be >= 1, got {length_group_batches}")
+        if max_rows is not None and max_rows < 1:
+            raise DataError(f"max_rows must be >= 1 or null (all rows), got {max_rows}")
         self.pad_to_multiple_of = pad_to_multiple_of
         self.group_by_length = group_by_length
         self.length_group_batches = length_group_batches

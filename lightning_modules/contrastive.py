@@ -62,6 +62,15 @@ class ContrastiveModule(EmbeddingModule):
         self.candidates = candidates if candidates is not None else InBatchNegatives()
         self.mini_batch_size = mini_batch_size
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and getattr(dm, "batch_size", 2) * self.trainer.world_size < 2 and hasattr(dm, "texts"):
+            if len(dm.texts[0]) < 3:  # no explicit hard negative: the positive is the only candidate
+                raise ValueError(f"data.batch_size={dm.batch_size} on {self.trainer.world_size} process(es): a "
+                                 "global batch of one row leaves InfoNCE a single candidate, so the loss is 0 and "
+                                 "nothing trains; use a batch of at least 2 rows")
+
     def embed_views(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, V, L) token ids -> (B, V', D) embeddings, V' = 2 when V = 1 (two dropout views)."""
         if input_ids.shape[1] == 1:

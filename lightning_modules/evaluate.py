@@ -40,6 +40,7 @@ from torch import Tensor
 
 from datamodules.base import DataError
 from datamodules.sts import SICK_FILES, STS_TASKS, TEXT_FORMS, STSPairs, load_sts_subsets
+from lightning_modules.components.encoder import check_max_length
 
 #: The SimCSE table: task -> column title, in the paper's order.
 PAPER_COLUMNS = {
@@ -125,6 +126,8 @@ def load_embedder(
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (or unset for the model's own), got {max_length}")
     path = Path(model).expanduser()
     if path.is_file() and path.suffix != ".ckpt":
         raise ValueError(
@@ -136,6 +139,7 @@ def load_embedder(
 
         module = load_module(path).to(device)
         if max_length is not None:
+            check_max_length(max_length, module.encoder.model, str(path))
             module.encoder.max_length = max_length
         return ModuleEmbedder(module, str(path), batch_size)
 
@@ -161,6 +165,7 @@ def load_embedder(
             f"could not provide it (offline, or a wrong name). Original error: {err}"
         ) from None
     if max_length is not None:
+        check_max_length(max_length, st[0].auto_model, model)
         st.max_seq_length = max_length
     return SentenceTransformerEmbedder(st, model, batch_size)
 

@@ -73,7 +73,13 @@ def export_sentence_transformer(module: EmbeddingModule, output_dir: str | Path)
 
 def module_class_from_checkpoint(ckpt_path: str | Path) -> type[EmbeddingModule]:
     """The LightningModule class a checkpoint was written by (``RecordsClassPath``; LightningCLI's ``_class_path``)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a text file, a truncated download, a pickle of something else: torch's errors vary
+        raise ValueError(f"{ckpt_path}: not a readable Lightning checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict in it)")
     class_path = ckpt.get(CLASS_PATH_KEY) or ckpt.get("hyper_parameters", {}).get("_class_path")
     if class_path is None:
         raise ValueError(f"{ckpt_path}: the checkpoint does not say which LightningModule wrote it (written by "
@@ -99,6 +105,8 @@ def load_module(ckpt_path: str | Path) -> EmbeddingModule:
     import inspect
 
     path = Path(ckpt_path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is a folder; give the .ckpt file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
     cls = module_class_from_checkpoint(path)

@@ -234,6 +234,11 @@ def test_bad_options_are_rejected(tiny_model, tmp_path):
         make_dm(tiny_model, tmp_path, source="missing/file.txt").prepare_data()
     with pytest.raises(DataError, match="not a local folder and the Hugging Face hub could not provide it"):
         make_dm("no-such-owner/no-such-model", tmp_path, source="missing.txt").prepare_data()  # offline in tests
+    with pytest.raises(DataError, match=r"max_sentences must be >= 1 or null \(all sentences\), got -10"):
+        make_dm(tiny_model, tmp_path, max_sentences=-10)
+    (tmp_path / "s.txt").write_text("a man is playing\n")
+    with pytest.raises(DataError, match=r"data.max_length=100 is longer than .* takes: 64 tokens"):
+        make_dm(tiny_model, tmp_path, source=str(tmp_path / "s.txt"), max_length=100).prepare_data()
 
 
 # --------------------------------------------------------------------------------------------- streaming

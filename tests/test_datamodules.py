@@ -138,6 +138,8 @@ def test_batch_larger_than_data(tmp_path, tokenizer):
     dm.connect(tokenizer, 8)
     with pytest.raises(DataError, match="batch_size 64 is larger than the 3 rows"):
         dm.train_dataloader()
+    with pytest.raises(DataError, match=r"max_rows must be >= 1 or null \(all rows\), got -1"):
+        SentencesDataModule(str(tmp_path / "c.txt"), max_rows=-1)
 
 
 def test_sts_tsv_and_bad_scores(tmp_path):

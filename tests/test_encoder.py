@@ -74,6 +74,7 @@ def test_max_length_truncates(tiny_model):
         ({"pooler": "cls", "mlp": "sometimes"}, "unknown mlp mode"),
         ({"pooler": "cls_before_pooler", "mlp": "always"}, "cls_before_pooler"),
         ({"max_length": 1}, "max_length"),
+        ({"max_length": 65}, r"max_length=65 is longer than .* takes: 64 tokens"),  # its position embeddings
     ],
 )
 def test_bad_options(tiny_model, kwargs, match):

@@ -307,3 +307,24 @@ def test_minilm_stsb_test_reproduces_mteb(shared_data, minilm):
     score = evaluate_sts(embedder, "stsb", data_root=str(shared_data))["stsb"]
     assert score.n_pairs == 1379
     assert round(score.all, 2) == 82.03
+
+
+def test_broken_checkpoints_and_lengths_are_named(trained, tmp_path):
+    """A text file, a truncated download or a folder given as a checkpoint, and a max_length the model cannot
+    take: errors that name the path or option, not torch's or transformers' internals."""
+    from lightning_modules.export import load_module
+
+    _, ckpt, folder = trained
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
+    with pytest.raises(ValueError, match=r"notes.ckpt: not a readable Lightning checkpoint"):
+        load_module(tmp_path / "notes.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes(ckpt.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=r"cut.ckpt: not a readable Lightning checkpoint"):
+        load_module(tmp_path / "cut.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"is a folder; give the .ckpt file inside it"):
+        load_module(tmp_path)
+    with pytest.raises(ValueError, match=r"max_length must be at least 2 \(or unset for the model's own\), got 0"):
+        load_embedder(str(ckpt), max_length=0)
+    for model in (ckpt, folder):  # the tiny BERT has 64 positions
+        with pytest.raises(ValueError, match=r"max_length=100 is longer than .* takes: 64 tokens"):
+            load_embedder(str(model), max_length=100)

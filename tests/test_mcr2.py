@@ -250,7 +250,7 @@ def trainer(steps: int = 3, **kw) -> pl.Trainer:
 
 
 def test_datamodule_batches_carry_index_group_and_whole_pairs(tiny_model, group_files):
-    module = MCR2Module(tiny_model, out_dim=4)
+    module = MCR2Module(tiny_model, out_dim=4, max_length=16)
     dm = datamodule(group_files, "labels", shuffle=False, batch_size=5)
     dm.connect(module.tokenizer, 16)
     batch = next(iter(dm.train_dataloader()))
@@ -313,7 +313,7 @@ def test_cached_teacher_equals_running_the_teacher(tiny_model, group_files, tmp_
 
 
 def test_pca_init_starts_at_the_pca_of_the_training_sentences(tiny_model, group_files):
-    module = MCR2Module(tiny_model, out_dim=4, grouping="kmeans", num_clusters=3, init="pca", lr=0.0)
+    module = MCR2Module(tiny_model, out_dim=4, grouping="kmeans", num_clusters=3, init="pca", lr=0.0, max_length=16)
     trainer(steps=1).fit(module, datamodule(group_files, "kmeans"))
     ref = ProjectionHead(32, 4)
     ref.init_pca(module.encoder.encode(SENTENCES))
@@ -403,8 +403,8 @@ def test_checkpoint_round_trip(tiny_model, group_files, tmp_path):
 # ------------------------------------------------------------------------------------------------- bad input
 def test_teacher_head_dimension_mismatch_is_a_config_error(tiny_model):
     with pytest.raises(ValueError, match=r"configuration error: model.in_dim is 384 .* gives 32-d"):
-        MCR2Module(tiny_model, in_dim=384)
-    MCR2Module(tiny_model, in_dim=32)  # matching is fine
+        MCR2Module(tiny_model, in_dim=384, max_length=16)
+    MCR2Module(tiny_model, in_dim=32, max_length=16)  # matching is fine
 
 
 @pytest.mark.parametrize("kwargs,match", [({"eps2": 0.0}, "eps2"), ({"grouping": "clusters"}, "grouping"),
@@ -413,14 +413,14 @@ def test_teacher_head_dimension_mismatch_is_a_config_error(tiny_model):
                                           ({"check_finite_every_n_steps": 0}, "check_finite")])
 def test_bad_options_are_named(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        MCR2Module(tiny_model, **kwargs)
+        MCR2Module(tiny_model, **kwargs, max_length=16)
 
 
 def test_pairs_grouping_on_single_sentences_is_named(tiny_model, group_files):
     with pytest.raises(ValueError, match="data.columns"):
-        trainer().fit(MCR2Module(tiny_model, grouping="pairs"), datamodule(group_files, "kmeans"))
+        trainer().fit(MCR2Module(tiny_model, grouping="pairs", max_length=16), datamodule(group_files, "kmeans"))
     with pytest.raises(ValueError, match="data.label_column"):
-        trainer().fit(MCR2Module(tiny_model, grouping="labels"), datamodule(group_files, "kmeans"))
+        trainer().fit(MCR2Module(tiny_model, grouping="labels", max_length=16), datamodule(group_files, "kmeans"))
 
 
 def test_nan_teacher_embedding_names_the_batch_and_the_cause(tiny_model, group_files):

@@ -87,6 +87,12 @@ def test_typo_in_an_option_is_rejected_at_parse_time(tmp_path, tiny_model, sampl
     assert "temprature" in capsys.readouterr().err
 
 
+def test_a_batch_of_one_sentence_is_refused_before_training(tmp_path, tiny_model, sample_data):
+    """One row per step leaves InfoNCE a single candidate: loss 0, nothing learnt. Said before the first step."""
+    with pytest.raises(ValueError, match=r"data.batch_size=1 on 1 process\(es\): a global batch of one row"):
+        train.main(fit_args(tmp_path, tiny_model, sample_data, "--data.batch_size", "1"))
+
+
 def test_override_reaches_the_module(tmp_path, tiny_model, sample_data):
     cli = train.main(fit_args(tmp_path, tiny_model, sample_data, "--model.temperature", "0.1",
                               "--trainer.max_steps", "1"))

@@ -57,6 +57,21 @@ def load_pretrained(model_name_or_path: str, **model_kwargs) -> tuple[nn.Module,
     return model, tokenizer
 
 
+def check_max_length(max_length: int, model: nn.Module, name: str, option: str = "max_length") -> None:
+    """A clear error when ``max_length`` is under 2 or beyond the model's position embeddings (past them the lookup
+    fails deep inside transformers). RoBERTa-style embeddings number positions from ``padding_idx + 1``."""
+    if max_length < 2:
+        raise ValueError(f"{option} must be at least 2, got {max_length}")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if not positions:
+        return
+    table = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
+    offset = table.padding_idx + 1 if getattr(table, "padding_idx", None) is not None else 0
+    if max_length > positions - offset:
+        raise ValueError(f"{option}={max_length} is longer than {name} takes: {positions - offset} tokens "
+                         "(its position embeddings)")
+
+
 def enable_checkpointing(model: nn.Module) -> None:
     """Hugging Face activation (gradient) checkpointing of every layer, non-reentrant (RNG replayed)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
@@ -116,6 +131,7 @@ class Encoder(nn.Module):
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         self.model, self.tokenizer = load_pretrained(model_name_or_path, **kwargs)
+        check_max_length(max_length, self.model, model_name_or_path)
         # from_pretrained returns eval mode; SimCSE's dropout views need train mode (pitfalls.md #1).
         self.model.train()
         if gradient_checkpointing:
