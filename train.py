@@ -82,5 +82,30 @@ def main(argv: list[str] | None = None) -> EmbedLabCLI | None:
     )
 
 
+def user_error(err: BaseException) -> str | None:
+    """The one-line message of a bad input or option, or None for anything else (a bug keeps its traceback): a
+    DataError or missing file, or a module's ValueError that jsonargparse wrapped while instantiating the config
+    (its report buries the message under the Union subtypes it tried)."""
+    import re
+
+    from datamodules.base import DataError
+
+    text = str(err)
+    if text.startswith("Does not validate against any of the Union subtypes"):
+        reasons = [line[4:] for line in text.splitlines()
+                   if line.startswith("  - ") and not line.startswith("  - Expected a <class 'NoneType'>")]
+        which = re.search(r"Given value: Namespace\(class_path='([^']+)'", text)
+        return f"{which.group(1) + ': ' if which else ''}{'; '.join(reasons)}" if reasons else None
+    return text if isinstance(err, (DataError, FileNotFoundError)) else None
+
+
 if __name__ == "__main__":  # the guard matters: strategy="ddp" re-launches this script (pitfalls.md #9)
-    main()
+    import os
+
+    try:
+        main()
+    except (ValueError, OSError) as err:
+        message = user_error(err)
+        if message is None or os.environ.get("EMBEDLAB_TRACEBACK"):
+            raise
+        sys.exit(f"error: {message}\n(EMBEDLAB_TRACEBACK=1 shows the traceback)")

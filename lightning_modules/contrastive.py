@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from datamodules.base import DataError
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.components.encoder import Encoder, MLPMode
 from lightning_modules.losses.contrastive import CandidateBuilder, InBatchNegatives, Views, info_nce
@@ -67,7 +68,7 @@ class ContrastiveModule(EmbeddingModule):
         dm = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and getattr(dm, "batch_size", 2) * self.trainer.world_size < 2 and hasattr(dm, "texts"):
             if len(dm.texts[0]) < 3:  # no explicit hard negative: the positive is the only candidate
-                raise ValueError(f"data.batch_size={dm.batch_size} on {self.trainer.world_size} process(es): a "
+                raise DataError(f"data.batch_size={dm.batch_size} on {self.trainer.world_size} process(es): a "
                                  "global batch of one row leaves InfoNCE a single candidate, so the loss is 0 and "
                                  "nothing trains; use a batch of at least 2 rows")
 

@@ -93,6 +93,27 @@ def test_a_batch_of_one_sentence_is_refused_before_training(tmp_path, tiny_model
         train.main(fit_args(tmp_path, tiny_model, sample_data, "--data.batch_size", "1"))
 
 
+def test_bad_values_end_the_command_with_one_line_naming_them(tmp_path, tiny_model, sample_data):
+    """From the shell, a bad option value or data file ends with `error: ...` naming it, not a traceback through
+    jsonargparse or Lightning (EMBEDLAB_TRACEBACK=1 brings the traceback back)."""
+    import os
+    import subprocess
+    import sys
+
+    script = str(Path(train.__file__))
+    env = {**os.environ, "EMBEDLAB_TRACEBACK": ""}
+    for extra, message in [(["--model.temperature", "0"],
+                            "error: lightning_modules.ContrastiveModule: temperature must be > 0, got 0.0"),
+                           (["--data.source", str(tmp_path / "nope.txt")], "nope.txt' not found")]:
+        proc = subprocess.run([sys.executable, script, *fit_args(tmp_path, tiny_model, sample_data, *extra)],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, script, *fit_args(tmp_path, tiny_model, sample_data, "--model.temperature",
+                                                             "0")],
+                          capture_output=True, text=True, env={**env, "EMBEDLAB_TRACEBACK": "1"}, timeout=120)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
 def test_override_reaches_the_module(tmp_path, tiny_model, sample_data):
     cli = train.main(fit_args(tmp_path, tiny_model, sample_data, "--model.temperature", "0.1",
                               "--trainer.max_steps", "1"))
