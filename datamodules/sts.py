@@ -206,6 +206,8 @@ def _load_subsets(task: str, split: str, data_root: str | None, hub: bool) -> tu
     local = resolve(task, data_root) if task.endswith((".tsv", ".txt", ".csv")) else None
     if local is not None:
         return [read_tsv(local, local.stem)], False
+    if task not in STS_TASKS and task.endswith((".tsv", ".txt", ".csv")):
+        raise DataError(f"STS file {task!r} not found (looked in {data_root or '.'} and the working directory)")
     if task not in STS_TASKS:
         raise DataError(f"unknown STS task {task!r}: choose from {', '.join(STS_TASKS)} or give a .tsv path "
                         "(header sentence1, sentence2, score)")

@@ -159,6 +159,8 @@ def test_sts_tsv_and_bad_scores(tmp_path):
     f.write_text("sentence1\tsentence2\tscore\n\n")
     with pytest.raises(DataError, match=r"pairs.tsv: no pairs after the header"):
         load_sts(str(f))
+    with pytest.raises(DataError, match=r"STS file 'nope.tsv' not found \(looked in"):
+        load_sts("nope.tsv", data_root=str(tmp_path))
 
 
 def test_sts_unknown_task_and_split():
