@@ -157,6 +157,7 @@ def export_sae(module_or_sae, output_dir: str | Path) -> Path:
         "input_scale_folded": scale,
         "training_steps": int(sae.steps),
         "batch_topk": cfg.to_dict(),
+        "activations": sae.activations,
     }
     (output_dir / "cfg.json").write_text(json.dumps(meta, indent=1))
     return output_dir
@@ -198,4 +199,5 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu"):
         sae.threshold.fill_(meta.get("threshold", -1.0))
         sae.steps.fill_(meta.get("training_steps", 0))
         sae.initialized.fill_(True)
+    sae.activations = meta.get("activations")
     return sae.to(device).eval()

@@ -62,6 +62,14 @@ class LatentCounts(Metric):
         return {"l0": self.counts.sum() / self.rows.clamp_min(1), "dead_fraction": (self.counts == 0).float().mean()}
 
 
+ACTIVATIONS_KEY = "embedlab_activations"
+
+
+def activations_of(meta: dict) -> dict:
+    """The identity of the vectors an SAE reads, from an activation cache's ``meta.json``."""
+    return {k: meta.get(k) for k in ("model", "model_fingerprint", "layer", "level", "special_tokens", "text_prefix")}
+
+
 class SAEModule(RecordsClassPath, pl.LightningModule):
     """Train a :class:`~lightning_modules.components.batch_topk.BatchTopKSAE`.
 
@@ -140,6 +148,18 @@ class SAEModule(RecordsClassPath, pl.LightningModule):
         elif dim is not None and dim != self.sae.cfg.d_in:
             raise ValueError(f"SAEModule was built for d_in={self.sae.cfg.d_in} but the datamodule yields "
                              f"{dim}-dimensional vectors: set model.d_in to {dim} or null")
+        meta = getattr(getattr(dm, "cache", None), "meta", None)
+        if meta:  # what the SAE reads: kept in checkpoints and cfg.json, checked by the interpretability suite
+            self.sae.activations = activations_of(meta)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.sae is not None and self.sae.activations:
+            checkpoint[ACTIVATIONS_KEY] = self.sae.activations
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.sae is not None:
+            self.sae.activations = checkpoint.get(ACTIVATIONS_KEY)
 
     def on_fit_start(self) -> None:
         if bool(self.sae.initialized):

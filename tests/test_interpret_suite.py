@@ -177,7 +177,7 @@ def test_extra_config_runs_the_suite_when_fit_ends(tiny_model_no_dropout, brown_
     cfg["model"]["init_args"].update(threshold_start=2, init_samples=64)
     cfg["data"]["init_args"].update(model_name_or_path=tiny_model_no_dropout, data_root=str(brown_wic_root),
                                     cache_dir=str(tmp_path / "cache"), special_tokens="keep", batch_size=8,
-                                    val_fraction=0.0)
+                                    val_fraction=0.0, max_length=32)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(cfg))
     extra = yaml.safe_load((configs / "callbacks" / "interpret.yaml").read_text())
     extra["trainer"]["callbacks+"][0]["init_args"].update(wic_data_root=str(brown_wic_root), top_k=20, n_unique=5)

@@ -364,6 +364,24 @@ def test_smoke_fit_on_a_tiny_encoder(tiny_model_no_dropout, sample_data, tiny_ca
     restored = SAEModule.load_from_checkpoint(ckpt)
     for name in ("threshold", "tokens_since_fired", "input_scale", "steps"):
         assert torch.equal(getattr(restored.sae, name), getattr(sae, name)), name
+    # what it was trained on travels with it (checkpoint, cfg.json), and the suite refuses other vectors
+    from datamodules.activations import ActivationCache
+    from lightning_modules.export import export_sae, load_sae
+    from lightning_modules.interpret.suite import run_suite
+
+    cache = ActivationCache(tiny_cache)
+    assert sae.activations["layer"] == cache.meta["layer"] == 2 and sae.activations["level"] == "token"
+    assert restored.sae.activations == sae.activations
+    exported = load_sae(export_sae(model, tmp_path / "sae"))
+    assert exported.activations == sae.activations
+    other = tmp_path / "other_layer"
+    other.mkdir()
+    for f in Path(tiny_cache).iterdir():
+        (other / f.name).symlink_to(f)
+    (other / "meta.json").unlink()
+    (other / "meta.json").write_text(json.dumps({**cache.meta, "layer": 1}))
+    with pytest.raises(ValueError, match=r"sae was trained on other vectors than .*other_layer holds: layer 2 vs 1"):
+        run_suite(exported, ActivationCache(other), tmp_path / "interp")
 
 
 def test_d_in_mismatch_with_the_data_is_a_clear_error(tiny_model_no_dropout, sample_data, tiny_cache):
@@ -393,6 +411,7 @@ def test_recipe_runs_a_few_steps_on_a_tiny_encoder(config, tiny_model_no_dropout
         "--data.model_name_or_path", tiny_model_no_dropout, "--data.source", str(sample_data / "sentences.txt"),
         "--data.data_root", "null", "--data.subset", "null", "--data.column", "text", "--data.text_prefix", "",
         "--data.max_sentences", "null", "--data.cache_dir", str(tmp_path / "cache"), "--data.batch_size", "32",
+        "--data.max_length", "32",  # the tiny encoder's 64 positions
         "--data.val_fraction", "0.2", "--model.threshold_start", "1", "--model.init_samples", "256",
     ])
     assert cli.trainer.global_step == 3

@@ -273,6 +273,7 @@ class BatchTopKSAE(nn.Module):
 
     def __init__(self, cfg: BatchTopKConfig) -> None:
         super().__init__()
+        self.activations: dict | None = None  # what it reads (model, layer, level): set by SAEModule / load_sae
         self.cfg = cfg
         d, n = cfg.d_in, cfg.latents
         W_dec = torch.randn(n, d)

@@ -104,6 +104,14 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
         if other is not None and other.cfg.d_in != cache.dim:
             raise ValueError(f"{name} takes {other.cfg.d_in}-d inputs but {cache.folder} holds {cache.dim}-d vectors: "
                              "an SAE of another model?")
+    for name, other in (("sae", sae), ("sae_b", sae_b)):
+        trained_on = getattr(other, "activations", None)  # the model is compared by its weights' fingerprint
+        if trained_on:
+            differ = {k: (v, cache.meta.get(k)) for k, v in trained_on.items()
+                      if k != "model" and k in cache.meta and v != cache.meta[k]}
+            if differ:
+                raise ValueError(f"{name} was trained on other vectors than {cache.folder} holds: "
+                                 + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items()))
     if layer is not None and int(layer) in {int(k) for k in (pseval_saes or {})}:
         raise ValueError(f"pseval_saes[{layer}]: layer {layer} is the cache's own, which PS-Eval scores with the SAE "
                          "under study; give only other layers")
