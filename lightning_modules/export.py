@@ -51,12 +51,24 @@ def sentence_transformer_modules(module: EmbeddingModule, transformer_dir: str |
     return modules
 
 
+def prepare_output_dir(output_dir: str | Path, marker: str) -> Path:
+    """``output_dir`` made if missing; an existing one must be empty or an earlier export (it holds ``marker``), so
+    that an export never mixes its files into an unrelated folder (a model folder, a run folder...)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} exists and is a file; give a folder to export to")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / marker).is_file():
+        raise FileExistsError(f"{output_dir} is not empty and holds no earlier export ({marker}): give a new or "
+                              "empty folder")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
 def export_sentence_transformer(module: EmbeddingModule, output_dir: str | Path) -> Path:
     """Write ``module`` as a sentence-transformers folder and return its path."""
     from sentence_transformers import SentenceTransformer
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(output_dir, "modules.json")
     enc = module.encoder
     model = enc.model
     was_training = model.training
@@ -140,8 +152,7 @@ def export_sae(module_or_sae, output_dir: str | Path) -> Path:
     sae = getattr(module_or_sae, "sae", module_or_sae)
     if not isinstance(sae, BatchTopKSAE):
         raise TypeError(f"export_sae needs an SAEModule or a BatchTopKSAE, got {type(module_or_sae).__name__}")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(output_dir, "cfg.json")
     scale = float(sae.input_scale)
     folded = fold_input_scale(copy.deepcopy(sae).cpu().float())
     tensors = {"encoder.weight": folded.W_enc, "encoder.bias": folded.b_enc, "W_dec": folded.W_dec,

@@ -39,11 +39,15 @@ def patch(node, paths: dict, tmp_path: Path, data_class: str | None = None):
             value = str(tmp_path / key)
         elif key == "batch_size":
             value = min(value, 8)
+        elif key == "max_length":
+            value = min(value, 32)  # the tiny model's 64 positions
         elif key == "columns" and value and not set(value) <= {"sent0", "sent1", "hard_neg"}:
             value = ["sent0", "sent1", "hard_neg"][: len(value)]
         else:
             value = patch(value, paths, tmp_path, cls)
         out[key] = value
+    if "model_name_or_path" in node:
+        out.setdefault("max_length", 32)  # a module's default may exceed the tiny model's positions
     return out
 
 

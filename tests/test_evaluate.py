@@ -328,3 +328,19 @@ def test_broken_checkpoints_and_lengths_are_named(trained, tmp_path):
     for model in (ckpt, folder):  # the tiny BERT has 64 positions
         with pytest.raises(ValueError, match=r"max_length=100 is longer than .* takes: 64 tokens"):
             load_embedder(str(model), max_length=100)
+
+
+def test_export_never_mixes_into_an_unrelated_folder(trained, tmp_path):
+    from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
+    from lightning_modules.export import export_sae, export_sentence_transformer
+
+    module, _, folder = trained
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine\n")
+    with pytest.raises(FileExistsError, match=r"run is not empty and holds no earlier export \(modules.json\)"):
+        export_sentence_transformer(module, tmp_path / "run")
+    with pytest.raises(FileExistsError, match=r"run is not empty and holds no earlier export \(cfg.json\)"):
+        export_sae(BatchTopKSAE(BatchTopKConfig(d_in=4, num_latents=8, k=2)), tmp_path / "run")
+    with pytest.raises(FileExistsError, match=r"notes.txt exists and is a file"):
+        export_sentence_transformer(module, tmp_path / "run" / "notes.txt")
+    assert export_sentence_transformer(module, folder) == folder  # an earlier export is replaced
