@@ -85,3 +85,33 @@ def test_bad_options(tiny_model, kwargs, match):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(OSError, match="could not load model .*local folder"):
         Encoder(str(tmp_path / "no_such_model"))
+
+
+def test_the_left_out_pooler_is_not_reported_but_other_missing_weights_are(tiny_model, tmp_path):
+    """load_pretrained drops the pooler on purpose: transformers' report of its "unexpected" weights is filtered
+    out, and only that report: a checkpoint missing an encoder weight is still reported."""
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lightning_modules.components.encoder import load_pretrained
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("transformers.modeling_utils")
+    log.addHandler(handler)
+    try:
+        load_pretrained(tiny_model)
+        assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
+        broken = tmp_path / "broken"
+        shutil.copytree(tiny_model, broken)
+        weights = load_file(str(broken / "model.safetensors"))
+        key = next(k for k in weights if "layer.0.attention.self.query.weight" in k)
+        save_file({k: v for k, v in weights.items() if k != key}, str(broken / "model.safetensors"))
+        load_pretrained(str(broken))
+        reports = [r.getMessage() for r in records if "LOAD REPORT" in r.getMessage()]
+        assert len(reports) == 1 and "query.weight" in reports[0] and "MISSING" in reports[0]
+    finally:
+        log.removeHandler(handler)

