@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional import spearman_corrcoef
 
+from datamodules.base import DataError
 from datamodules.sts import STSPairs, load_sts
 
 
@@ -42,6 +43,9 @@ class STSEvaluator(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.pairs is None:
             self.pairs = load_sts(self.task, self.split, self.data_root)
+            if len(set(self.pairs.scores)) < 2:
+                raise DataError(f"STSEvaluator task={self.task!r}: every gold score is the same, so Spearman's "
+                                "correlation is undefined and cannot select checkpoints")
         if self._ids is None:
             unique = sorted(set(self.pairs.sentences1) | set(self.pairs.sentences2))
             where = {s: i for i, s in enumerate(unique)}

@@ -59,6 +59,8 @@ class EmbeddingModule(RecordsClassPath, pl.LightningModule):
         super().__init__()
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if lr < 0 or weight_decay < 0:
+            raise ValueError(f"lr and weight_decay must be >= 0, got lr={lr}, weight_decay={weight_decay}")
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio

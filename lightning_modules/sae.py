@@ -122,6 +122,8 @@ class SAEModule(RecordsClassPath, pl.LightningModule):
         if not (0 <= warmup_ratio < 1 and 0 <= decay_ratio < 1 and warmup_ratio + decay_ratio <= 1):
             raise ValueError(f"warmup_ratio and decay_ratio must be in [0, 1) and sum to <= 1, got "
                              f"{warmup_ratio}, {decay_ratio}")
+        if lr is not None and lr < 0:
+            raise ValueError(f"lr must be >= 0 (or null for the size-scaled default), got {lr}")
         self.save_hyperparameters()
         self.sae: BatchTopKSAE | None = None
         if d_in is not None:

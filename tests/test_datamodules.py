@@ -159,6 +159,11 @@ def test_sts_tsv_and_bad_scores(tmp_path):
     f.write_text("sentence1\tsentence2\tscore\n\n")
     with pytest.raises(DataError, match=r"pairs.tsv: no pairs after the header"):
         load_sts(str(f))
+    f.write_text("sentence1\tsentence2\tscore\na\tb\t3\nc\td\t3\n")
+    from callbacks import STSEvaluator
+
+    with pytest.raises(DataError, match=r"every gold score is the same, so Spearman's correlation is undefined"):
+        STSEvaluator(str(f)).setup(None, None, "fit")
     with pytest.raises(DataError, match=r"STS file 'nope.tsv' not found \(looked in"):
         load_sts("nope.tsv", data_root=str(tmp_path))
 

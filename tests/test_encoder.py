@@ -115,3 +115,14 @@ def test_the_left_out_pooler_is_not_reported_but_other_missing_weights_are(tiny_
         assert len(reports) == 1 and "query.weight" in reports[0] and "MISSING" in reports[0]
     finally:
         log.removeHandler(handler)
+
+
+def test_negative_learning_rates_are_named(tiny_model):
+    from lightning_modules import ContrastiveModule, SAEModule
+
+    with pytest.raises(ValueError, match=r"lr and weight_decay must be >= 0, got lr=-1"):
+        ContrastiveModule(tiny_model, lr=-1)
+    with pytest.raises(ValueError, match=r"weight_decay=-0.1"):
+        ContrastiveModule(tiny_model, weight_decay=-0.1)
+    with pytest.raises(ValueError, match=r"lr must be >= 0 \(or null for the size-scaled default\), got -0.001"):
+        SAEModule(d_in=8, k=2, lr=-1e-3)
