@@ -63,41 +63,52 @@ def text_file_kind(path: Path) -> str:
     return suffix[1:]
 
 
-def read_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file (a byte-order mark is dropped), or a DataError naming the file."""
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's contents with ``\n`` line ends (a byte-order mark dropped), or a DataError naming it."""
     try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err}); convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file, split at line ends only (U+2028 and the like stay inside the sentence)."""
+    text = read_text(path)
+    lines = text.split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
 def read_table(path: Path, columns: Sequence[str], kind: str | None = None, option: str | None = None
                ) -> tuple[list[tuple[str, ...]], list[int]]:
-    """The ``columns`` of every row of a local CSV/TSV file with a header, and each row's line number (``kind``
-    ``"csv"``/``"tsv"`` overrides the suffix; ``option``: the config option naming the columns, for the error).
+    """The ``columns`` of every row of a local CSV/TSV file with a header, and each row's (first) line number
+    (``kind`` ``"csv"``/``"tsv"`` overrides the suffix; ``option``: the config option naming the columns).
 
-    TSV fields are split on tabs only: quote characters are text (as in the SentEval/SimCSE files). CSV fields follow
-    RFC 4180 quoting, but a quoted field may not run over lines: a stray quote would otherwise swallow the lines after
-    it into one field. Every row must have as many fields as the header (an unquoted comma in a CSV sentence adds
-    one). Blank lines are skipped. Each problem is a DataError naming the file and line.
+    TSV fields are split on tabs only and read as raw text: quote characters are text (as in the SentEval, SimCSE,
+    STS and WiC files); a field that looks CSV-quoted (``"..."`` with doubled ``""`` inside, as pandas writes) is an
+    error rather than a silent literal. CSV fields follow RFC 4180 quoting, strictly: a quoted field may span lines
+    (pandas and Excel write them) when the record still parses and has the header's field count; a stray quote that
+    would swallow the lines after it is an error naming its line. Every row must have as many fields as the header
+    (an unquoted comma in a CSV sentence adds one). Blank lines are skipped. Each problem is a DataError naming the
+    file and line.
     """
     import csv
+    import io
 
     kind = kind or text_file_kind(path)
-    lines = read_lines(path)
-    if not lines:
-        raise DataError(f"{path}: the file is empty (expected a header with {', '.join(columns)})")
     if kind == "tsv":
-        records = [(n, line.split("\t")) for n, line in enumerate(lines, 1)]
+        records = [(n, line.split("\t")) for n, line in enumerate(read_lines(path), 1)]
     else:
-        reader = csv.reader(lines)
+        reader = csv.reader(io.StringIO(read_text(path), newline=""), strict=True)
         records, end = [], 0
-        for fields in reader:
-            start, end = end + 1, reader.line_num
-            if end > start:
-                raise DataError(f"{path}: lines {start}-{end} are one quoted field (an unclosed quote on line "
-                                f"{start}?)")
-            records.append((start, fields))
+        try:
+            for fields in reader:
+                start, end = end + 1, reader.line_num
+                records.append((start, fields, end))
+        except csv.Error as err:
+            raise DataError(f"{path}: line {end + 1}: {err} (an unclosed or stray quote? quote fields whose text "
+                            "contains quotes, doubling the inner ones)") from None
+    if not records:
+        raise DataError(f"{path}: the file is empty (expected a header with {', '.join(columns)})")
     header = [h.strip() for h in records[0][1]]
     missing = [c for c in columns if c not in header]
     if missing:
@@ -105,12 +116,19 @@ def read_table(path: Path, columns: Sequence[str], kind: str | None = None, opti
                         + (f" (set data.{option})" if option else ""))
     idx = [header.index(c) for c in columns]
     rows, line_numbers = [], []
-    for n, fields in records[1:]:
+    for n, fields, *last in records[1:]:
         if not fields or fields == [""]:  # a blank line holds no data
             continue
         if len(fields) != len(header):
+            spans = f"lines {n}-{last[0]} (one quoted record)" if last and last[0] > n else f"line {n}"
             hint = " (quote fields that contain commas)" if kind == "csv" and len(fields) > len(header) else ""
-            raise DataError(f"{path}: line {n} has {len(fields)} field(s), the header has {len(header)}{hint}")
+            hint = " (an unclosed quote?)" if spans != f"line {n}" else hint
+            raise DataError(f"{path}: {spans} has {len(fields)} field(s), the header has {len(header)}{hint}")
+        if kind == "tsv":
+            quoted = next((f for f in fields if len(f) > 2 and f[0] == f[-1] == '"' and '""' in f[1:-1]), None)
+            if quoted is not None:
+                raise DataError(f"{path}: line {n} holds a CSV-quoted field ({quoted[:40]!r}...); TSV fields are read "
+                                "as raw text: write the file without quoting (csv.QUOTE_NONE) or as .csv")
         rows.append(tuple(fields[i] for i in idx))
         line_numbers.append(n)
     return rows, line_numbers

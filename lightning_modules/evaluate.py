@@ -165,7 +165,8 @@ def load_embedder(
             f"could not provide it (offline, or a wrong name). Original error: {err}"
         ) from None
     if max_length is not None:
-        check_max_length(max_length, st[0].auto_model, model)
+        if getattr(st[0], "auto_model", None) is not None:
+            check_max_length(max_length, st[0].auto_model, model)
         st.max_seq_length = max_length
     return SentenceTransformerEmbedder(st, model, batch_size)
 

@@ -75,8 +75,18 @@ def test_tables_never_merge_or_cut_rows_silently(tmp_path):
     (tmp_path / "q.tsv").write_text("\n".join(rows) + "\n")  # TSV: quotes are text, one row per line
     assert read_sentences(str(tmp_path / "q.tsv")) == [r.strip() for r in rows[1:]]
     (tmp_path / "q.csv").write_text("\n".join(rows) + "\n")  # CSV: the open quote would run to the end
-    with pytest.raises(DataError, match=r"q.csv: lines 2-3 are one quoted field \(an unclosed quote on line 2\?\)"):
+    with pytest.raises(DataError, match=r"q.csv: line 2: .* \(an unclosed or stray quote\?"):
         read_sentences(str(tmp_path / "q.csv"))
+    (tmp_path / "open.csv").write_text('text\nfine\n"never closed\nmore\n')
+    with pytest.raises(DataError, match=r"open.csv: line 3: unexpected end of data"):
+        read_sentences(str(tmp_path / "open.csv"))
+    (tmp_path / "multi.csv").write_text('sent0,sent1\n"two\nlines",b\n"x\u2028y",z\n')  # pandas/Excel write these
+    assert read_rows(str(tmp_path / "multi.csv"), ["sent0", "sent1"]) == [("two\nlines", "b"), ("x\u2028y", "z")]
+    (tmp_path / "pandas.tsv").write_text('text\n"""Quoted"" start"\n')
+    with pytest.raises(DataError, match=r"pandas.tsv: line 2 holds a CSV-quoted field"):
+        read_sentences(str(tmp_path / "pandas.tsv"))
+    (tmp_path / "sep.tsv").write_text("text\nhello\u2028world\nsecond\n")  # only line ends end a row
+    assert read_sentences(str(tmp_path / "sep.tsv")) == ["hello\u2028world", "second"]
     (tmp_path / "ok.csv").write_text('text\n"a, quoted ""comma"" row"\nplain\n')
     assert read_sentences(str(tmp_path / "ok.csv")) == ['a, quoted "comma" row', "plain"]
     (tmp_path / "commas.csv").write_text("text\nthe puppy plays by, the sea.\nok\n")

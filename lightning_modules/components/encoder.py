@@ -81,7 +81,7 @@ def check_max_length(max_length: int, model: nn.Module, name: str, option: str =
     if max_length < 2:
         raise ValueError(f"{option} must be at least 2, got {max_length}")
     positions = getattr(model.config, "max_position_embeddings", None)
-    if not positions:
+    if not positions or getattr(model.config, "position_biased_input", True) is False:  # DeBERTa: relative only
         return
     table = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
     offset = table.padding_idx + 1 if getattr(table, "padding_idx", None) is not None else 0

@@ -105,10 +105,11 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
             raise ValueError(f"{name} takes {other.cfg.d_in}-d inputs but {cache.folder} holds {cache.dim}-d vectors: "
                              "an SAE of another model?")
     for name, other in (("sae", sae), ("sae_b", sae_b)):
-        trained_on = getattr(other, "activations", None)  # the model is compared by its weights' fingerprint
+        # the model is compared by its weights' fingerprint; 'keep' and 'drop' caches hold the same vectors
+        trained_on = getattr(other, "activations", None)
         if trained_on:
             differ = {k: (v, cache.meta.get(k)) for k, v in trained_on.items()
-                      if k != "model" and k in cache.meta and v != cache.meta[k]}
+                      if k not in ("model", "special_tokens") and k in cache.meta and v != cache.meta[k]}
             if differ:
                 raise ValueError(f"{name} was trained on other vectors than {cache.folder} holds: "
                                  + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items()))
