@@ -50,17 +50,18 @@ def load_hub_dataset(name: str, split: str, hint: str, subset: str | None = None
         ) from None
 
 
-#: Local file types the text readers take (by suffix, any case); folders written by ``datasets.save_to_disk`` too.
-TEXT_SUFFIXES = (".txt", ".csv", ".tsv")
+#: Suffixes of structured files the text readers refuse rather than read line by line as sentences.
+STRUCTURED_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".gz", ".zip", ".bz2", ".xz", ".xlsx", ".pkl", ".npy")
 
 
 def text_file_kind(path: Path) -> str:
-    """``txt``, ``csv`` or ``tsv`` for a local file, or a DataError saying what is supported."""
+    """``csv`` or ``tsv`` by suffix (any case), else ``txt`` (one sentence per line: .txt, .en, .tok, no suffix...);
+    a DataError for structured formats that line-by-line reading would turn into garbage sentences."""
     suffix = path.suffix.lower()
-    if suffix not in TEXT_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}: give a .txt file (one sentence per line), a "
+    if suffix in STRUCTURED_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}: give a text file (one sentence per line), a "
                         ".csv or .tsv file with a header, or a folder written by datasets' save_to_disk")
-    return suffix[1:]
+    return {".csv": "csv", ".tsv": "tsv"}.get(suffix, "txt")
 
 
 def read_text(path: Path) -> str:

@@ -98,6 +98,8 @@ def test_tables_never_merge_or_cut_rows_silently(tmp_path):
     assert read_table(tmp_path / "nli.tsv", ["sent0"])[0][0] == ('"Stop" he said',)
     (tmp_path / "UP.TSV").write_text("text\tlabel\nhello\t0\n")
     assert read_sentences(str(tmp_path / "UP.TSV")) == ["hello"]  # the suffix in any case
+    (tmp_path / "train.en").write_text("a line of text\n")  # any other suffix: one sentence per line
+    assert read_sentences(str(tmp_path / "train.en")) == ["a line of text"]
     (tmp_path / "s.jsonl").write_text('{"text": "hello"}\n')
     with pytest.raises(DataError, match=r"s.jsonl: unsupported file type '.jsonl'"):
         read_sentences(str(tmp_path / "s.jsonl"))
