@@ -15,7 +15,21 @@ BLOCK = 32 * 1024
 HEADER = 7
 
 
-def read_records(path: str | Path) -> list:
+def read_records(path: str | Path, timeout_s: float = 60.0) -> list:
+    """Every record of a finished run's file. ``run.finish()`` can return before wandb's service process has
+    written the last records (seen on a loaded 2-core machine), so this waits up to ``timeout_s`` for the run's
+    closing ``exit`` record."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = _parse(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _parse(path: str | Path) -> list:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(path).read_bytes()
