@@ -293,10 +293,7 @@ class CacheBuilder:
 
         if self.model is None:
             self.model, self.tokenizer = load_pretrained(self.model_name_or_path)
-            try:
-                check_max_length(self.max_length, self.model, self.model_name_or_path)
-            except ValueError as err:
-                raise DataError(f"data.{err}") from None
+            check_max_length(self.max_length, self.model, self.model_name_or_path, option="data.max_length")
             self.model.eval().to(self.device)
             if not self.tokenizer.is_fast:
                 raise DataError(f"{self.model_name_or_path}: a fast tokenizer is needed (word_ids / offsets)")

@@ -96,35 +96,38 @@ def read_table(path: Path, columns: Sequence[str], kind: str | None = None, opti
     import io
 
     kind = kind or text_file_kind(path)
+    records: list[tuple[int, int, list[str]]] = []  # (first line, last line, fields)
     if kind == "tsv":
-        records = [(n, line.split("\t")) for n, line in enumerate(read_lines(path), 1)]
+        records = [(n, n, line.split("\t")) for n, line in enumerate(read_lines(path), 1)]
     else:
         reader = csv.reader(io.StringIO(read_text(path), newline=""), strict=True)
-        records, end = [], 0
+        end = 0
         try:
             for fields in reader:
-                start, end = end + 1, reader.line_num
-                records.append((start, fields, end))
+                records.append((end + 1, reader.line_num, fields))
+                end = reader.line_num
         except csv.Error as err:
             raise DataError(f"{path}: line {end + 1}: {err} (an unclosed or stray quote? quote fields whose text "
                             "contains quotes, doubling the inner ones)") from None
     if not records:
         raise DataError(f"{path}: the file is empty (expected a header with {', '.join(columns)})")
-    header = [h.strip() for h in records[0][1]]
+    header = [h.strip() for h in records[0][2]]
     missing = [c for c in columns if c not in header]
     if missing:
         raise DataError(f"{path}: the header {header} lacks column(s) {missing}"
                         + (f" (set data.{option})" if option else ""))
     idx = [header.index(c) for c in columns]
     rows, line_numbers = [], []
-    for n, fields, *last in records[1:]:
+    for n, last, fields in records[1:]:
         if not fields or fields == [""]:  # a blank line holds no data
             continue
         if len(fields) != len(header):
-            spans = f"lines {n}-{last[0]} (one quoted record)" if last and last[0] > n else f"line {n}"
-            hint = " (quote fields that contain commas)" if kind == "csv" and len(fields) > len(header) else ""
-            hint = " (an unclosed quote?)" if spans != f"line {n}" else hint
-            raise DataError(f"{path}: {spans} has {len(fields)} field(s), the header has {len(header)}{hint}")
+            if last > n:
+                where, hint = f"lines {n}-{last} (one quoted record)", " (an unclosed quote?)"
+            else:
+                where = f"line {n}"
+                hint = " (quote fields that contain commas)" if kind == "csv" and len(fields) > len(header) else ""
+            raise DataError(f"{path}: {where} has {len(fields)} field(s), the header has {len(header)}{hint}")
         if kind == "tsv":
             quoted = next((f for f in fields if len(f) > 2 and f[0] == f[-1] == '"' and '""' in f[1:-1]), None)
             if quoted is not None:

@@ -22,13 +22,14 @@ def read_rows(source: str, columns: list[str], data_root: str | None = None, spl
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
             raise DataError(f"{source}: no column(s) {missing}; columns are {ds.column_names} (set data.columns)")
-        rows, where = list(zip(*(ds[c] for c in columns))), source
+        rows, where, lines = list(zip(*(ds[c] for c in columns))), source, None
     else:
         where, (rows, lines) = str(path), read_table(path, columns, option="columns")
     for i, row in enumerate(rows):
         for c, text in zip(columns, row):
             if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{where}: {f'line {lines[i]}' if path else f'row {i}'} has an empty {c!r}")
+                at = f"line {lines[i]}" if lines is not None else f"row {i}"
+                raise DataError(f"{where}: {at} has an empty {c!r}")
     return [tuple(t.strip() for t in row) for row in rows]
 
 

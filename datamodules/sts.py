@@ -203,11 +203,11 @@ def load_sts_subsets(task: str, split: str = "test", data_root: str | None = Non
 
 def _load_subsets(task: str, split: str, data_root: str | None, hub: bool) -> tuple[list[STSPairs], bool]:
     """The subsets, and whether they came from the hub."""
-    local = resolve(task, data_root) if task.endswith((".tsv", ".txt", ".csv")) else None
-    if local is not None:
+    if task.endswith((".tsv", ".txt", ".csv")):
+        local = resolve(task, data_root)
+        if local is None:
+            raise DataError(f"STS file {task!r} not found (looked in {data_root or '.'} and the working directory)")
         return [read_tsv(local, local.stem)], False
-    if task not in STS_TASKS and task.endswith((".tsv", ".txt", ".csv")):
-        raise DataError(f"STS file {task!r} not found (looked in {data_root or '.'} and the working directory)")
     if task not in STS_TASKS:
         raise DataError(f"unknown STS task {task!r}: choose from {', '.join(STS_TASKS)} or give a .tsv path "
                         "(header sentence1, sentence2, score)")

@@ -82,6 +82,9 @@ def test_tables_never_merge_or_cut_rows_silently(tmp_path):
         read_sentences(str(tmp_path / "open.csv"))
     (tmp_path / "multi.csv").write_text('sent0,sent1\n"two\nlines",b\n"x\u2028y",z\n')  # pandas/Excel write these
     assert read_rows(str(tmp_path / "multi.csv"), ["sent0", "sent1"]) == [("two\nlines", "b"), ("x\u2028y", "z")]
+    (tmp_path / "short.csv").write_text('sent0,sent1\n"x\ny"\n')
+    with pytest.raises(DataError, match=r"short.csv: lines 2-3 \(one quoted record\) has 1 field\(s\), the header"):
+        read_rows(str(tmp_path / "short.csv"), ["sent0", "sent1"])
     (tmp_path / "pandas.tsv").write_text('text\n"""Quoted"" start"\n')
     with pytest.raises(DataError, match=r"pandas.tsv: line 2 holds a CSV-quoted field"):
         read_sentences(str(tmp_path / "pandas.tsv"))

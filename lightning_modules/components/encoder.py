@@ -76,18 +76,19 @@ def load_pretrained(model_name_or_path: str, **model_kwargs) -> tuple[nn.Module,
 
 
 def check_max_length(max_length: int, model: nn.Module, name: str, option: str = "max_length") -> None:
-    """A clear error when ``max_length`` is under 2 or beyond the model's position embeddings (past them the lookup
-    fails deep inside transformers). RoBERTa-style embeddings number positions from ``padding_idx + 1``."""
-    if max_length < 2:
-        raise ValueError(f"{option} must be at least 2, got {max_length}")
+    """A DataError naming ``option`` when ``max_length`` is beyond the model's position embeddings (past them the
+    lookup fails deep inside transformers). RoBERTa-style embeddings number positions from ``padding_idx + 1``.
+    (Lengths under 2 are refused by each caller before it loads a model.)"""
+    from datamodules.base import DataError
+
     positions = getattr(model.config, "max_position_embeddings", None)
     if not positions or getattr(model.config, "position_biased_input", True) is False:  # DeBERTa: relative only
         return
     table = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
     offset = table.padding_idx + 1 if getattr(table, "padding_idx", None) is not None else 0
     if max_length > positions - offset:
-        raise ValueError(f"{option}={max_length} is longer than {name} takes: {positions - offset} tokens "
-                         "(its position embeddings)")
+        raise DataError(f"{option}={max_length} is longer than {name} takes: {positions - offset} tokens "
+                        "(its position embeddings)")
 
 
 def enable_checkpointing(model: nn.Module) -> None:
