@@ -12,26 +12,64 @@ command line; unknown keys are rejected at parse time.
 
 from __future__ import annotations
 
+import os
 import sys
 
+import yaml
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from datamodules.base import DataError
+from lightning_modules.checkpoints import DATA_CONFIG_KEY, AtomicCheckpointIO, resume_config
 
 
 class LogConfigToLoggers(SaveConfigCallback):
-    """Save ``config.yaml`` next to the logs AND record the whole CLI config as every logger's run config."""
+    """Save ``config.yaml`` next to the logs, record the whole CLI config as every logger's run config, and keep
+    the data config in every checkpoint (so that a resumed run can refuse other data settings)."""
+
+    def _as_dict(self) -> dict:
+        return yaml.safe_load(self.parser.dump(self.config, skip_none=False, format="yaml"))
 
     def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
-        config = self.parser.dump(self.config, skip_none=False, format="yaml")
-        import yaml
-
-        as_dict = yaml.safe_load(config)
+        as_dict = self._as_dict()
         for logger in trainer.loggers:
             logger.log_hyperparams(as_dict)
 
+    def on_save_checkpoint(self, trainer: Trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[DATA_CONFIG_KEY] = self._as_dict().get("data")
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module, checkpoint: dict) -> None:
+        # ModelCheckpoint restores its best-k and last-checkpoint state only when its dirpath equals the one saved:
+        # a resumed run names the same folder absolutely (resume_config), the first run may have named it relatively
+        for state in checkpoint.get("callbacks", {}).values():
+            if isinstance(state, dict) and isinstance(state.get("dirpath"), str):
+                state["dirpath"] = os.path.realpath(state["dirpath"])
+
 
 class EmbedLabCLI(LightningCLI):
-    """LightningCLI over any LightningModule and LightningDataModule named in the config (``class_path``)."""
+    """LightningCLI over any LightningModule and LightningDataModule named in the config (``class_path``).
+
+    ``fit --ckpt_path`` resumes what it names (see :func:`lightning_modules.checkpoints.resume_config`): ``last``
+    is the newest complete checkpoint wherever the loggers put it, changed model / data options are refused, and
+    the W&B run and checkpoint folder continue. Checkpoints are written atomically (:class:`AtomicCheckpointIO`).
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        if self.config.get("subcommand") != "fit":
+            return super()._parse_ckpt_path()  # validate / test: Lightning's (the checkpoint's hparams apply)
+        resume_config(self.config.fit, warn=rank_zero_warn)
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:  # e.g. max_steps -5: Lightning's check of the trainer options
+            raise DataError(f"trainer: {err}") from None
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the config chose
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def export_main(argv: list[str]) -> None:
@@ -44,15 +82,16 @@ def export_main(argv: list[str]) -> None:
     parser = ArgumentParser(prog="train.py export", description=export_main.__doc__)
     parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint written by `train.py fit`")
     parser.add_argument("--output_dir", type=str, required=True, help="folder to write")
+    parser.add_argument("--overwrite", type=bool, default=False, help="replace an earlier export in output_dir")
     args = parser.parse_args(argv)
     module = load_module(args.ckpt_path)
     if hasattr(module, "sae"):  # SAEModule: cfg.json + sae.safetensors
         from lightning_modules.export import export_sae
 
-        out = export_sae(module, args.output_dir)
+        out = export_sae(module, args.output_dir, overwrite=args.overwrite)
         print(f"exported {args.ckpt_path} -> {out}  (load with lightning_modules.export.load_sae('{out}'))")
         return
-    out = export_sentence_transformer(module, args.output_dir)
+    out = export_sentence_transformer(module, args.output_dir, overwrite=args.overwrite)
     print(f"exported {args.ckpt_path} -> {out}  (load with SentenceTransformer('{out}'))")
 
 
@@ -88,7 +127,8 @@ def user_error(err: BaseException) -> str | None:
     (its report buries the message under the Union subtypes it tried)."""
     import re
 
-    from datamodules.base import DataError
+    from datamodules.base import StorageError
+    from lightning_modules.components.guard import DivergenceError
 
     text = str(err)
     if text.startswith("Does not validate against any of the Union subtypes"):
@@ -96,15 +136,14 @@ def user_error(err: BaseException) -> str | None:
                    if line.startswith("  - ") and not line.startswith("  - Expected a <class 'NoneType'>")]
         which = re.search(r"Given value: Namespace\(class_path='([^']+)'", text)
         return f"{which.group(1) + ': ' if which else ''}{'; '.join(reasons)}" if reasons else None
-    return text if isinstance(err, (DataError, FileNotFoundError)) else None
+    known = (DataError, FileNotFoundError, FileExistsError, StorageError, DivergenceError)
+    return text if isinstance(err, known) else None
 
 
 if __name__ == "__main__":  # the guard matters: strategy="ddp" re-launches this script (pitfalls.md #9)
-    import os
-
     try:
         main()
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         message = user_error(err)
         if message is None or os.environ.get("EMBEDLAB_TRACEBACK"):
             raise

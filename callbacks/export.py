@@ -2,29 +2,55 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
+RUN_FILE = "run.json"
+
+
+def run_folder(trainer: pl.Trainer) -> Path:
+    """The folder of this run: the one that holds its checkpoint folder (``<save_dir>/<name>/<version>`` by
+    default; the same folder when the run is resumed), else the trainer's log folder."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.dirpath:
+        return Path(callback.dirpath).parent
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
 
 class WritesAtFitEnd(pl.Callback):
     """Base of the callbacks that, when ``fit`` ends, write a folder from the best checkpoint's weights (else the
-    final ones), on rank 0: ``output_dir``, else ``<log_dir>/<subdir>``. Subclasses implement :meth:`write`.
+    final ones), on rank 0: ``output_dir``, else ``<run folder>/<subdir>`` (see :func:`run_folder`), so each run
+    keeps its own export. The folder records its run in ``run.json``; an ``output_dir`` that holds the export of
+    another run is refused when fitting starts (before any training), never replaced. Subclasses implement
+    :meth:`write` and name the file that marks their export (``marker``).
 
-    The folder is resolved in ``setup``, on every rank: under DDP ``trainer.log_dir`` is a broadcast, which hangs
-    when only rank 0 calls it (as from a ``rank_zero_only`` ``on_fit_end``).
+    The folder is resolved in ``on_fit_start`` on every rank (the checkpoint folder is known by then): under DDP
+    ``trainer.log_dir`` is a broadcast, which hangs when only rank 0 calls it (as from ``on_fit_end``).
     """
 
     subdir = "output"
+    marker = "run.json"
 
     def __init__(self, output_dir: str | None = None) -> None:
         self.output_dir = output_dir
         self._out: Path | None = None
+        self._run: Path | None = None
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / self.subdir)
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_modules.export import prepare_output_dir
+
+        self._run = run_folder(trainer)
+        self._out = Path(self.output_dir) if self.output_dir else self._run / self.subdir
+        prepare_output_dir(self._out, self.marker, overwrite=True)  # a file, or a folder of something else
+        record = self._out / RUN_FILE
+        if record.is_file():
+            other = json.loads(record.read_text()).get("run")
+            if other and Path(other).resolve() != self._run.resolve():
+                raise FileExistsError(f"{self._out} holds the export of another run ({other}): give another "
+                                      "output_dir (or none: each run then exports into its own folder)")
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -32,9 +58,12 @@ class WritesAtFitEnd(pl.Callback):
 
         module, ckpt = best_or_current(trainer, pl_module)
         self.write(trainer, module, ckpt, self._out)
+        (self._out / RUN_FILE).write_text(json.dumps({"run": str(self._run), "checkpoint": ckpt or None,
+                                                      "global_step": trainer.global_step}, indent=1))
 
     def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
-        """Write ``out`` from ``module`` (loaded from ``ckpt``, or the trained module itself when ``ckpt`` is None)."""
+        """Write ``out`` from ``module`` (loaded from ``ckpt``, or the trained module itself when ``ckpt`` is None);
+        an earlier export of the same run there is replaced."""
         raise NotImplementedError
 
 
@@ -45,10 +74,11 @@ class ExportOnFitEnd(WritesAtFitEnd):
     when offline).
 
     Args:
-        output_dir: target folder; default ``<log_dir>/export``.
+        output_dir: target folder; default ``<run folder>/export``, beside the run's checkpoints.
     """
 
     subdir = "export"
+    marker = "modules.json"
 
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(output_dir)
@@ -57,7 +87,7 @@ class ExportOnFitEnd(WritesAtFitEnd):
     def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
         from lightning_modules.export import export_sentence_transformer
 
-        self.exported = export_sentence_transformer(module, out)
+        self.exported = export_sentence_transformer(module, out, overwrite=True)
         lines = [f"checkpoint:     {ckpt or '(none saved; exported the final weights)'}",
                  f"exported model: {self.exported}  (SentenceTransformer('{self.exported}'))"]
         for logger in trainer.loggers:

@@ -84,12 +84,13 @@ class InterpretSAE(WritesAtFitEnd):
         wic_split, wic_data_root: see :func:`datamodules.wic.load_wic`; the root defaults to the datamodule's
             ``data_root``.
         max_tokens: analyse only whole sentences drawn at random up to this many tokens; sample_seed: their draw.
-        output_dir: default ``<log_dir>/interpret``.
+        output_dir: default ``<run folder>/interpret``, beside the run's checkpoints.
         log_browser: also log the browser page to W&B (it can be tens of MB for large dictionaries).
         top_k, n_unique, n_contexts: see :func:`lightning_modules.interpret.pos.label_features`.
     """
 
     subdir = "interpret"
+    marker = "summary.json"
 
     def __init__(self, cache: str | None = None, compare_sae: str | None = None, pseval: bool | None = None,
                  pseval_saes: Mapping[int, str] | None = None, wic_split: str = "dev",
@@ -109,8 +110,7 @@ class InterpretSAE(WritesAtFitEnd):
         self.result = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check the settings before training, not hours later when fit ends; fix the output folder (all ranks)."""
-        super().setup(trainer, pl_module, stage)
+        """Check the settings before training, not hours later when fit ends."""
         if stage != "fit":
             return
         if not hasattr(pl_module, "sae"):

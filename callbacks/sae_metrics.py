@@ -16,10 +16,11 @@ class SAEReport(WritesAtFitEnd):
     last logged ``sae/*`` and ``val/sae/*`` values, the threshold and the dead-latent count.
 
     Args:
-        output_dir: target folder; default ``<log_dir>/sae``.
+        output_dir: target folder; default ``<run folder>/sae``, beside the run's checkpoints.
     """
 
     subdir = "sae"
+    marker = "cfg.json"
 
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(output_dir)
@@ -28,7 +29,7 @@ class SAEReport(WritesAtFitEnd):
     def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
         from lightning_modules.export import export_sae
 
-        self.exported = export_sae(module, out)
+        self.exported = export_sae(module, out, overwrite=True)
         sae = module.sae
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "sae/" in k}
         metrics.update({

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional import spearman_corrcoef
 
 from datamodules.base import DataError
-from datamodules.sts import STSPairs, load_sts
+from datamodules.sts import STSPairs, load_sts, spearman100
 
 
 class STSEvaluator(pl.Callback):
@@ -57,7 +56,7 @@ class STSEvaluator(pl.Callback):
         """Spearman x 100 of the module's current weights on the configured pairs."""
         z_ND = pl_module.encode_ids(self._ids, batch_size=self.batch_size)
         cos_P = F.cosine_similarity(z_ND[self._index1], z_ND[self._index2], dim=-1)
-        return float(spearman_corrcoef(cos_P, torch.tensor(self.pairs.scores)) * 100)
+        return spearman100(cos_P, self.pairs.scores)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch_end: bool) -> None:
         rho = self._record(trainer, pl_module)

@@ -23,6 +23,7 @@ gets its word's universal tag, its word index and whether it is the word's first
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -36,11 +37,19 @@ from typing import Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.base import DataError, load_hub_dataset, looks_like_hub_name, resolve
+from datamodules.base import (
+    DataError,
+    StorageError,
+    load_hub_dataset,
+    looks_like_hub_name,
+    read_json,
+    resolve,
+    write_atomic,
+)
 from datamodules.brown import UNIVERSAL_TAGS, read_brown
 
 FORMAT_VERSION = 1
@@ -97,7 +106,13 @@ def model_folder(model_name_or_path: str) -> Path:
 
 def model_fingerprint(folder: Path, memo_file: Path | None = None) -> str:
     """sha256 over the config, tokenizer and weight files of a model folder (file hashes memoised by size+mtime)."""
-    memo = json.loads(memo_file.read_text()) if memo_file is not None and memo_file.is_file() else {}
+    memo = {}
+    if memo_file is not None and memo_file.is_file():
+        try:  # a memo only: when damaged (a full disk, an old crash) the hashes are recomputed and it is rewritten
+            memo = json.loads(memo_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            rank_zero_warn(f"{memo_file} is damaged (not JSON): the model files are hashed again and it is rewritten")
+        memo = memo if isinstance(memo, dict) else {}
     h = hashlib.sha256()
     files = sorted(p for p in folder.iterdir() if p.is_file() and MODEL_FILES.fullmatch(p.name))
     if not any(p.name == "config.json" for p in files):
@@ -105,8 +120,7 @@ def model_fingerprint(folder: Path, memo_file: Path | None = None) -> str:
     for p in files:
         h.update(f"{p.name}:{_sha256_file(p, memo)}\n".encode())
     if memo_file is not None:
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        memo_file.write_text(json.dumps(memo))
+        write_atomic(memo_file, json.dumps(memo))  # two runs starting together must never see half of it
     return h.hexdigest()
 
 
@@ -155,7 +169,7 @@ class Corpus:
 
 
 def load_corpus(source: str, data_root: str | None, column: str, split: str, subset: str | None,
-                data_files: str | None, max_sentences: int | None) -> Corpus:
+                data_files: str | None, max_sentences: int | None, skip_empty: bool = False) -> Corpus:
     """``brown`` (universal tags), an STS task name (``stsb``, ``sts12``..``sts16``, ``sickr``: the distinct
     sentences of both sides), a ``.txt``/``.csv``/``.tsv`` file, a saved dataset folder, or a hub dataset."""
     from datamodules.sentences import read_sentences
@@ -188,7 +202,7 @@ def load_corpus(source: str, data_root: str | None, column: str, split: str, sub
         if bad := [i for i, t in enumerate(texts) if not t]:
             raise DataError(f"{source} [{split}] column {column!r}: row {bad[0]} is empty ({len(bad)} empty rows)")
         return Corpus(texts, fingerprint=f"hub:{getattr(ds, '_fingerprint', '')}")
-    texts = read_sentences(source, data_root, column, split, data_files=data_files)
+    texts = read_sentences(source, data_root, column, split, skip_empty=skip_empty, data_files=data_files)
     if max_sentences is not None:
         texts = texts[:max_sentences]
     fp = _sha256_file(path) if path is not None and path.is_file() else hashlib.sha256(
@@ -197,6 +211,36 @@ def load_corpus(source: str, data_root: str | None, column: str, split: str, sub
 
 
 # ---------------------------------------------------------------------------------------------------- building
+def save_atomic(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file and a rename (see :func:`datamodules.base.write_atomic`)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"could not write {path}: {err.strerror or err}") from None
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path):
+    """Hold an exclusive lock on ``<folder>.lock`` (flock: released by the kernel when the process dies, so a
+    killed builder never leaves a stale lock). A second builder of the same cache waits here, then finds it built."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            rank_zero_info(f"activation cache {folder}: another process is building it; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class ActivationCache:
     """A complete cache folder: memory-mapped shards, row offsets, per-vector metadata, the sentences."""
 
@@ -205,12 +249,13 @@ class ActivationCache:
         meta_file = self.folder / "meta.json"
         if not meta_file.is_file():
             raise DataError(f"{self.folder} is not a complete activation cache (no meta.json)")
-        self.meta = json.loads(meta_file.read_text())
+        self.meta = read_json(meta_file, "the cache's meta.json", f"delete {self.folder} to rebuild the cache")
         self.shards = [s["name"] for s in self.meta["shards"]]
         counts = [s["n_vectors"] for s in self.meta["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.dim: int = self.meta["dim"]
         self._vectors: list[np.ndarray] | None = None
+        self.vectors()  # opens every shard now: a truncated or missing one is named here, not mid-training
         self.rows: np.ndarray | None = None
         """Cache rows of a view (:meth:`sample_sentences`); None for the whole cache."""
 
@@ -223,8 +268,24 @@ class ActivationCache:
     def vectors(self) -> list[np.ndarray]:
         """The memory-mapped shards of the whole cache, a view's rows or not (read a view with :meth:`gather`)."""
         if self._vectors is None:
-            self._vectors = [np.load(self.folder / f"{s}.vectors.npy", mmap_mode="r") for s in self.shards]
+            self._vectors = [self._open(f"{s}.vectors.npy", (n, self.dim))
+                             for s, n in zip(self.shards, np.diff(self.offsets).tolist())]
+            for s, n in zip(self.shards, np.diff(self.offsets).tolist()):
+                self._open(f"{s}.meta.npy", (n, len(META_COLUMNS)))
         return self._vectors
+
+    def _open(self, name: str, shape: tuple[int, int]) -> np.ndarray:
+        """A shard memory-mapped, checked against the shape meta.json records (a DataError naming it if not)."""
+        path = self.folder / name
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as err:  # missing, truncated ("mmap length is greater..."), garbage
+            raise DataError(f"{path}: missing, truncated or damaged shard of the activation cache ({err}); delete "
+                            f"{self.folder} to rebuild the cache") from None
+        if array.shape != shape:
+            raise DataError(f"{path}: holds {array.shape}, meta.json says {shape}; delete {self.folder} to rebuild "
+                            "the cache")
+        return array
 
     def gather(self, rows: np.ndarray) -> Tensor:
         """Vectors at ``rows`` (of this view, when it is one) as a float32 (len(rows), D) tensor, in the order given."""
@@ -386,7 +447,7 @@ class CacheBuilder:
 
     def build(self, corpus: Corpus, folder: Path, identity: dict, shard_sentences: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "identity.json").write_text(json.dumps(identity, indent=1, sort_keys=True))
+        write_atomic(folder / "identity.json", json.dumps(identity, indent=1, sort_keys=True))
         t0 = time.perf_counter()
         shards, truncated, encode_s, n_new = [], 0, 0.0, 0
         for s, start in enumerate(range(0, len(corpus), shard_sentences)):
@@ -402,24 +463,20 @@ class CacheBuilder:
                 encode_s += time.perf_counter() - t
                 truncated += trunc
                 for suffix, array in (("vectors", vectors), ("meta", meta)):  # meta last: marks the shard done
-                    tmp = folder / f"{name}.{suffix}.tmp.npy"
-                    np.save(tmp, array)
-                    os.replace(tmp, folder / f"{name}.{suffix}.npy")
+                    save_atomic(folder / f"{name}.{suffix}.npy", array)
                 n = len(vectors)
                 n_new += n
                 rank_zero_info(f"activation cache {folder.name}: shard {s} ({n} vectors, "
                                f"{min(start + shard_sentences, len(corpus))}/{len(corpus)} sentences)")
             shards.append({"name": name, "n_vectors": n})
-        with (folder / "texts.jsonl").open("w", encoding="utf-8") as f:
-            for i in range(len(corpus)):
-                f.write(json.dumps(corpus.record(i)) + "\n")
+        write_atomic(folder / "texts.jsonl", "".join(json.dumps(corpus.record(i)) + "\n" for i in range(len(corpus))))
         total = sum(s["n_vectors"] for s in shards)
         dim = int(np.load(folder / f"{shards[0]['name']}.vectors.npy", mmap_mode="r").shape[1])
         meta = {**identity, "complete": True, "dim": dim, "n_vectors": total, "n_sentences": len(corpus),
                 "shards": shards, "columns": list(META_COLUMNS), "pos_tags": list(POS_TAGS),
                 "truncated_sentences": truncated,
                 "build": {"seconds": time.perf_counter() - t0, "encode_seconds": encode_s, "new_vectors": n_new}}
-        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+        write_atomic(folder / "meta.json", json.dumps(meta, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
@@ -494,6 +551,8 @@ class ActivationsDataModule(pl.LightningDataModule):
         max_length: tokens per sentence (truncation; truncated Brown sentences are counted in ``meta.json``).
         text_prefix: prepended to every sentence (e5 models expect ``"query: "`` or ``"passage: "``).
         max_sentences: use only the first N sentences of the source.
+        skip_empty: drop empty lines / rows of a text, CSV or TSV source (with a warning giving the count) instead
+            of raising an error naming the first one.
         cache_dir: parent folder of automatically named caches; default ``$EMBEDLAB_CACHE`` or
             ``~/.cache/embedlab/activations``.
         cache_path: an explicit cache folder instead (its identity is checked).
@@ -525,6 +584,7 @@ class ActivationsDataModule(pl.LightningDataModule):
         max_length: int = 128,
         text_prefix: str = "",
         max_sentences: int | None = None,
+        skip_empty: bool = False,
         cache_dir: str | None = None,
         cache_path: str | None = None,
         cache_dtype: Literal["float16", "float32"] = "float16",
@@ -555,6 +615,7 @@ class ActivationsDataModule(pl.LightningDataModule):
             raise DataError(f"max_sentences must be >= 1 or null (all sentences), got {max_sentences}")
         self.model_name_or_path, self.source, self.column, self.split = model_name_or_path, source, column, split
         self.subset, self.data_files, self.data_root = subset, data_files, data_root
+        self.skip_empty = skip_empty
         self.level, self.layer, self.pooling, self.normalize = level, layer, pooling, normalize
         self.special_tokens, self.max_length, self.text_prefix = special_tokens, max_length, text_prefix
         self.max_sentences, self.cache_dtype, self.shard_sentences = max_sentences, cache_dtype, shard_sentences
@@ -564,6 +625,7 @@ class ActivationsDataModule(pl.LightningDataModule):
         self.batch_size, self.shuffle, self.val_fraction, self.seed = batch_size, shuffle, val_fraction, seed
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.cache: ActivationCache | None = None
+        self.built_here = False  #: whether this process encoded the cache (False: it existed, or another built it)
         self._identity: dict | None = None
         self._corpus: Corpus | None = None
 
@@ -595,6 +657,7 @@ class ActivationsDataModule(pl.LightningDataModule):
                 "dtype": self.cache_dtype,
                 "source": {"source": self.source, "column": self.column, "split": self.split, "subset": self.subset,
                            "data_files": self.data_files, "max_sentences": self.max_sentences,
+                           **({"skip_empty": True} if self.skip_empty else {}),  # older caches keep their key
                            "n_sentences": len(corpus), "fingerprint": corpus.fingerprint},
             }
         return self._identity
@@ -602,7 +665,7 @@ class ActivationsDataModule(pl.LightningDataModule):
     def corpus(self) -> Corpus:
         if self._corpus is None:
             self._corpus = load_corpus(self.source, self.data_root, self.column, self.split, self.subset,
-                                       self.data_files, self.max_sentences)
+                                       self.data_files, self.max_sentences, self.skip_empty)
             if not len(self._corpus):
                 raise DataError(f"{self.source}: no sentences")
         return self._corpus
@@ -621,7 +684,8 @@ class ActivationsDataModule(pl.LightningDataModule):
             if folder.exists() and any(folder.iterdir()):
                 raise DataError(f"{folder} exists, is not empty and is not an activation cache (no identity.json)")
             return
-        diffs = identity_diff(json.loads(found_file.read_text()), self.identity())
+        found = read_json(found_file, "the cache's identity.json", f"delete {folder} to rebuild the cache")
+        diffs = identity_diff(found, self.identity())
         if diffs:
             raise DataError(f"activation cache {folder} was built from different settings, refusing to reuse it: "
                             + "; ".join(diffs) + ". Choose another cache_path, or leave it unset to get one "
@@ -637,10 +701,15 @@ class ActivationsDataModule(pl.LightningDataModule):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         ident = self.identity()
-        builder = CacheBuilder(self.model_name_or_path, self.level, ident["layer"], self.pooling, self.normalize,
-                               self.special_tokens, self.max_length, self.text_prefix, self.encode_batch_size,
-                               device, self.cache_dtype)
-        builder.build(self.corpus(), folder, ident, self.shard_sentences)
+        with build_lock(folder):
+            if (folder / "meta.json").is_file():  # built by another process while this one waited
+                rank_zero_info(f"activation cache {folder}: built by another process, reusing it")
+                return
+            builder = CacheBuilder(self.model_name_or_path, self.level, ident["layer"], self.pooling,
+                                   self.normalize, self.special_tokens, self.max_length, self.text_prefix,
+                                   self.encode_batch_size, device, self.cache_dtype)
+            builder.build(self.corpus(), folder, ident, self.shard_sentences)
+            self.built_here = True
 
     def setup(self, stage: str | None = None) -> None:
         if self.cache is not None:

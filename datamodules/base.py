@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,36 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 class DataError(ValueError):
     """A problem with the input data; the message names the file, row or option."""
+
+
+class StorageError(OSError):
+    """A file could not be written or read back (a full disk, a damaged file); the message names it."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file of this process and a rename: readers (another run,
+    or this one after a crash or a full disk) see the old content or the new one, never a part. A failure names
+    the file and leaves the old content in place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"could not write {path}: {err.strerror or err}") from None
+
+
+def read_json(path: Path, what: str, remedy: str):
+    """The JSON in ``path``, or a DataError naming the file, saying it is damaged (``what``) and what to do."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: {what} is damaged or incomplete ({err}); {remedy}") from None
 
 
 def resolve(source: str, data_root: str | None) -> Path | None:
@@ -64,8 +95,19 @@ def text_file_kind(path: Path) -> str:
     return {".csv": "csv", ".tsv": "tsv"}.get(suffix, "txt")
 
 
+#: Leading bytes of compressed or archive formats, which no text encoding decodes.
+MAGIC = {b"\x1f\x8b": "gzip-compressed (gunzip it)", b"PK\x03\x04": "a zip archive (unzip it)",
+         b"BZh": "bzip2-compressed (bunzip2 it)", b"\xfd7zXZ\x00": "xz-compressed (unxz it)",
+         b"\x28\xb5\x2f\xfd": "zstd-compressed (unzstd it)"}
+
+
 def read_text(path: Path) -> str:
     """A UTF-8 text file's contents with ``\n`` line ends (a byte-order mark dropped), or a DataError naming it."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    for magic, what in MAGIC.items():
+        if head.startswith(magic):
+            raise DataError(f"{path}: not text but {what}, whatever its name says")
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:

@@ -30,6 +30,22 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import DataError, PadCollator, TokenizedRows, load_hub_dataset, read_table, resolve
 
+
+def spearman100(x, y) -> float:
+    """Spearman's rho x 100 of predicted similarities ``x`` against gold scores ``y``, in float64 with average ranks
+    for ties (scipy; as SentEval and MTEB compute it). The one STS score of the project: validation, the
+    STSEvaluator callback and ``train.py evaluate`` all call it. NaN when ``x`` holds a non-finite value: ranking
+    NaN embeddings' cosines gives an arbitrary number (0.54 on a diverged run), which must never select a checkpoint.
+    """
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    x = torch.as_tensor(x, dtype=torch.float64).cpu().numpy()
+    y = torch.as_tensor(y, dtype=torch.float64).cpu().numpy()
+    if not np.isfinite(x).all():
+        return float("nan")
+    return float(spearmanr(x, y).statistic * 100)
+
 STS_TASKS = ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")
 SPLITS = {"stsb": ("train", "dev", "test"), "sickr": ("train", "dev", "test")}
 SICK_FILES = {"train": "SICK_train.txt", "dev": "SICK_trial.txt", "test": "SICK_test_annotated.txt"}

@@ -7,10 +7,12 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
-from torchmetrics.functional import spearman_corrcoef
 from transformers import get_linear_schedule_with_warmup
 
+from datamodules.sts import spearman100
+from lightning_modules.checkpoints import LOGGERS_KEY
 from lightning_modules.components.encoder import Encoder
+from lightning_modules.components.guard import DivergenceError, DivergenceGuard, Event, describe
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -20,10 +22,81 @@ CLASS_PATH_KEY = "embedlab_class_path"
 
 class RecordsClassPath:
     """Mixin for LightningModules: every checkpoint records the module's class, so ``export.load_module`` rebuilds
-    the right class whether or not the run was launched through LightningCLI (which records ``_class_path``)."""
+    the right class whether or not the run was launched through LightningCLI (which records ``_class_path``), and
+    the class and version of each logger, so that ``fit --ckpt_path`` continues the same W&B run."""
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CLASS_PATH_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        loggers = self._trainer.loggers if self._trainer is not None else []
+        checkpoint[LOGGERS_KEY] = [{"class": type(lg).__name__, "version": None if lg.version is None
+                                    else str(lg.version)} for lg in loggers]
+
+
+class GuardsDivergence(RecordsClassPath):
+    """Mixin for LightningModules: training stops with a :class:`DivergenceError` naming the step and the likely
+    cause when the loss, the gradient norm or the embeddings stop being finite, or the embeddings collapse.
+
+    The module records into ``self.guard`` during its steps (device tensors, no host sync); the records are read
+    every ``check_finite_every_n_steps`` optimiser steps (before that step's update), before every checkpoint is
+    written (so a checkpoint of a diverged model is never saved, let alone kept as best) and when training ends
+    (before any end-of-fit export).
+    Under DDP the ranks agree before raising, so none waits forever for the others.
+    """
+
+    guard: DivergenceGuard
+    check_every: int
+
+    def init_guard(self, check_finite_every_n_steps: int, max_mean_cosine: float | None) -> None:
+        if check_finite_every_n_steps < 1:
+            raise ValueError(f"model.check_finite_every_n_steps must be >= 1, got {check_finite_every_n_steps}")
+        self.guard = DivergenceGuard(max_mean_cosine)
+        self.check_every = check_finite_every_n_steps
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and scaler is None:  # 16-mixed: inf gradients are expected, and the scaler skips those steps
+            self.guard.note_grad_norm(torch.nn.utils.get_total_norm(grads), self.global_step)
+        if (self.global_step + 1) % self.check_every == 0:  # before the update: with 1, nothing bad reaches it
+            self.check_divergence()
+
+    def on_train_end(self) -> None:
+        self.check_divergence()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and self.trainer.training:
+            self.check_divergence()
+        super().on_save_checkpoint(checkpoint)
+
+    def check_divergence(self) -> None:
+        """Raise :class:`DivergenceError` if any rank recorded a failure (one host sync)."""
+        event = self.guard.first()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            if not self.trainer.strategy.reduce_boolean_decision(event is not None, all=False):
+                return
+        elif event is None:
+            return
+        if event is None:
+            raise DivergenceError(f"training diverged on another process (this is rank {self.global_rank}); "
+                                  "its message names the step and the cause")
+        raise DivergenceError(f"training diverged at step {event.step}: {describe(event)}. Likely cause: "
+                              f"{'; '.join(self.divergence_causes(event))}. Checkpoints written before step "
+                              f"{event.step} are intact; nothing was exported.")
+
+    def divergence_causes(self, event: Event) -> list[str]:
+        """Likely causes of ``event``, most likely first; modules add their own."""
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        group = optimizers[0].param_groups[0] if optimizers else {}
+        lr = group.get("initial_lr", group.get("lr"))  # the peak rate the schedule scales
+        causes = [f"the learning rate ({lr:g}, model.lr) is too high: lower it, or warm up (model.warmup_ratio)"
+                  if lr is not None else "the learning rate is too high"]
+        precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
+        if precision.startswith("16"):
+            causes.append("float16 overflow (trainer.precision 16-mixed): use bf16-mixed or 32-true")
+        if event.kind == "collapse":
+            causes.append("model.max_mean_cosine is below what this model starts at: raise it, or null to "
+                          "switch the collapse check off")
+        return causes
 
 
 def can_fuse(params, trainer: pl.Trainer | None = None) -> bool:
@@ -41,7 +114,7 @@ def can_fuse(params, trainer: pl.Trainer | None = None) -> bool:
     return all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
 
 
-class EmbeddingModule(RecordsClassPath, pl.LightningModule):
+class EmbeddingModule(GuardsDivergence, pl.LightningModule):
     """Base class: holds ``self.encoder``, exposes ``encode``, builds AdamW + linear warmup/decay.
 
     Callbacks talk to a module only through :meth:`encode` (and :attr:`encoder` for tokenisation caches).
@@ -51,12 +124,16 @@ class EmbeddingModule(RecordsClassPath, pl.LightningModule):
         weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights.
         warmup_ratio: fraction of ``trainer.estimated_stepping_batches`` spent warming up linearly from 0;
             the rate then decays linearly to 0 at the last step (the SimCSE / transformers schedule).
+        check_finite_every_n_steps: how often the divergence records are read (see :class:`GuardsDivergence`).
+        max_mean_cosine: the collapse bound on the mean cosine between a batch's embeddings; None: no check.
     """
 
     encoder: Encoder
 
-    def __init__(self, lr: float = 3e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.0) -> None:
+    def __init__(self, lr: float = 3e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.0,
+                 check_finite_every_n_steps: int = 50, max_mean_cosine: float | None = 0.999) -> None:
         super().__init__()
+        self.init_guard(check_finite_every_n_steps, max_mean_cosine)
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if lr < 0 or weight_decay < 0:
@@ -119,7 +196,7 @@ class EmbeddingModule(RecordsClassPath, pl.LightningModule):
             cos_N = self.all_gather(torch.cat([c for c, _ in outputs])).reshape(-1)
             gold_N = self.all_gather(torch.cat([g for _, g in outputs])).reshape(-1)
             name = names[idx] if idx < len(names) else f"sts{idx}"
-            rho = spearman_corrcoef(cos_N, gold_N) * 100
+            rho = spearman100(cos_N, gold_N)
             self.log(f"{prefix}/{name}_spearman", rho, add_dataloader_idx=False, rank_zero_only=True)
 
     # -------------------------------------------------------------------------------------------- distributed

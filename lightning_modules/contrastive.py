@@ -26,7 +26,7 @@ class ContrastiveModule(EmbeddingModule):
         max_length: tokens per sentence.
         temperature: tau in ``cos / tau``.
         candidates: the candidate builder; default :class:`InBatchNegatives` (SimCSE).
-        lr, weight_decay, warmup_ratio: see :class:`EmbeddingModule`.
+        lr, weight_decay, warmup_ratio, check_finite_every_n_steps, max_mean_cosine: see :class:`EmbeddingModule`.
         attn_implementation: e.g. ``sdpa``; None keeps the model's default.
         mini_batch_size: GradCache (:mod:`lightning_modules.losses.grad_cache`): embed the batch in chunks of this
             many rows and cache the embedding gradients, so activation memory is that of one chunk while the loss
@@ -50,8 +50,11 @@ class ContrastiveModule(EmbeddingModule):
         mini_batch_size: int | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        check_finite_every_n_steps: int = 50,
+        max_mean_cosine: float | None = 0.999,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                         check_finite_every_n_steps=check_finite_every_n_steps, max_mean_cosine=max_mean_cosine)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if mini_batch_size is not None and mini_batch_size < 1:
@@ -86,6 +89,7 @@ class ContrastiveModule(EmbeddingModule):
         z1_GD, offset = self.gather(z_BVD[:, 0])
         z2_GD, _ = self.gather(z_BVD[:, 1])
         z3_GD = self.gather(z_BVD[:, 2])[0] if z_BVD.shape[1] > 2 else None
+        self.guard.note_embeddings(z1_GD, self.global_step)
         views = Views(z1_GD, z2_GD, z3_GD, offset, B)
         return info_nce(self.candidates(views, self.temperature), self.temperature)
 
@@ -100,5 +104,6 @@ class ContrastiveModule(EmbeddingModule):
             params = [p for p in self.encoder.parameters() if p.requires_grad] if ddp else None
             loss = grad_cached_loss(self.embed_views, self.views_loss, input_ids, attention_mask,
                                     self.mini_batch_size, params=params)
+        self.guard.note_loss(loss, self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         return loss

@@ -35,12 +35,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from scipy.stats import spearmanr
 from torch import Tensor
 
 from datamodules.base import DataError
-from datamodules.sts import SICK_FILES, STS_TASKS, TEXT_FORMS, STSPairs, load_sts_subsets
-from lightning_modules.components.encoder import check_max_length
+from datamodules.sts import SICK_FILES, STS_TASKS, TEXT_FORMS, STSPairs, load_sts_subsets, spearman100
+from lightning_modules.components.encoder import check_max_length, check_tokenizer_files, check_vocabulary_fits
 
 #: The SimCSE table: task -> column title, in the paper's order.
 PAPER_COLUMNS = {
@@ -96,7 +95,8 @@ class SentenceTransformerEmbedder:
 
 
 def _check_weights(folder: Path) -> None:
-    """Raise when a model folder (or its Transformer module's sub-folder) holds a config but no weights."""
+    """Raise when a model folder (or its Transformer module's sub-folder) holds a config but no weights, or no
+    tokenizer files."""
     transformer_dirs = [folder]
     modules_json = folder / "modules.json"
     if modules_json.is_file():
@@ -110,6 +110,7 @@ def _check_weights(folder: Path) -> None:
                 f"model folder {str(d)!r} has no weights: expected one of {', '.join(WEIGHT_FILES)} "
                 f"(found {sorted(p.name for p in d.iterdir())})"
             )
+        check_tokenizer_files(d)
 
 
 def load_embedder(
@@ -138,6 +139,9 @@ def load_embedder(
         from lightning_modules.export import load_module
 
         module = load_module(path).to(device)
+        if not hasattr(module, "encoder"):
+            raise DataError(f"{path} is a {type(module).__name__} checkpoint: evaluate scores sentence encoders; "
+                            f"for an SAE run `python train.py interpret --sae {path} --cache CACHE_FOLDER`")
         if max_length is not None:
             check_max_length(max_length, module.encoder.model, str(path))
             module.encoder.max_length = max_length
@@ -147,6 +151,9 @@ def load_embedder(
 
     from lightning_modules.components.encoder import resolve_model
 
+    if path.is_dir() and (path / "sae.safetensors").is_file():
+        raise DataError(f"{path} is an exported SAE: evaluate scores sentence encoders; run `python train.py "
+                        f"interpret --sae {path} --cache CACHE_FOLDER`")
     if path.is_dir():
         if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
             raise FileNotFoundError(
@@ -164,6 +171,8 @@ def load_embedder(
             f"could not load model {model!r}: not a checkpoint or local folder, and the Hugging Face hub "
             f"could not provide it (offline, or a wrong name). Original error: {err}"
         ) from None
+    if getattr(st[0], "auto_model", None) is not None and getattr(st, "tokenizer", None) is not None:
+        check_vocabulary_fits(st.tokenizer, st[0].auto_model, model)
     if max_length is not None:
         if getattr(st[0], "auto_model", None) is not None:
             check_max_length(max_length, st[0].auto_model, model)
@@ -172,13 +181,6 @@ def load_embedder(
 
 
 # ------------------------------------------------------------------------------------------------- scoring
-def spearman100(x: Tensor | Sequence[float], y: Tensor | Sequence[float]) -> float:
-    """Spearman's rho x 100, float64, scipy (average ranks for ties), as SentEval and MTEB compute it."""
-    x = torch.as_tensor(x, dtype=torch.float64).numpy()
-    y = torch.as_tensor(y, dtype=torch.float64).numpy()
-    return float(spearmanr(x, y).statistic * 100)
-
-
 @dataclass
 class TaskScore:
     """A task's result: ``all`` (Spearman over all pairs), ``wmean`` / ``mean`` over subsets, per subset."""
@@ -288,25 +290,31 @@ def format_table(scores: dict[str, TaskScore]) -> str:
     return "\n".join([line, fmt([""] + titles), line, *map(fmt, rows), line])
 
 
+def finite_or_none(value):
+    """``value`` with every NaN / infinite float replaced by None, recursively: JSON has no NaN (``json.dumps``
+    writes a bare ``NaN`` that strict readers reject), and a score that could not be computed reads as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def to_json(
     scores: dict[str, TaskScore], model: str, data_root: str | None, seconds: float, text: str = "senteval"
 ) -> dict:
-    def clean(x: float) -> float | None:
-        return None if math.isnan(x) else x
-
-    return {
+    return finite_or_none({
         "model": model,
         "protocol": "simcse: Spearman x100 of cosine; STS12-16 'all' = concatenated subsets, unscored pairs "
         "skipped; STS-B and SICK-R test",
         "text": text,
         "data_root": data_root,
-        "tasks": {
-            t: {**asdict(s), "all": clean(s.all), "wmean": clean(s.wmean), "mean": clean(s.mean)}
-            for t, s in scores.items()
-        },
+        "tasks": {t: asdict(s) for t, s in scores.items()},
         "avg": averages(scores),
         "seconds": seconds,
-    }
+    })
 
 
 def evaluate_main(argv: list[str]) -> dict:
@@ -366,6 +374,6 @@ def evaluate_main(argv: list[str]) -> dict:
     )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=1))
+        Path(args.output).write_text(json.dumps(result, indent=1, allow_nan=False))
         print(f"wrote {args.output}")
     return result

@@ -8,12 +8,19 @@ for, so the exported model ends with ``Normalize`` and a dot product is a cosine
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lightning_modules.base import CLASS_PATH_KEY, EmbeddingModule
+from lightning_modules.checkpoints import ArtifactError
+from lightning_modules.components.encoder import pooler_report_filtered
+from lightning_modules.components.guard import DivergenceError
 
 
 def sentence_transformer_modules(module: EmbeddingModule, transformer_dir: str | Path) -> list[nn.Module]:
@@ -51,33 +58,77 @@ def sentence_transformer_modules(module: EmbeddingModule, transformer_dir: str |
     return modules
 
 
-def prepare_output_dir(output_dir: str | Path, marker: str) -> Path:
-    """``output_dir`` made if missing; an existing one must be empty or an earlier export (it holds ``marker``), so
-    that an export never mixes its files into an unrelated folder (a model folder, a run folder...)."""
+def prepare_output_dir(output_dir: str | Path, marker: str, overwrite: bool = False) -> Path:
+    """Check that ``output_dir`` may be written: missing, empty, or an earlier export (it holds ``marker``) when
+    ``overwrite`` is set. An export never mixes its files into an unrelated folder (a model folder, a run folder)
+    and never replaces an earlier export unasked."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} exists and is a file; give a folder to export to")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / marker).is_file():
-        raise FileExistsError(f"{output_dir} is not empty and holds no earlier export ({marker}): give a new or "
-                              "empty folder")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not (output_dir / marker).is_file():
+            raise FileExistsError(f"{output_dir} is not empty and holds no earlier export ({marker}): give a new or "
+                                  "empty folder")
+        if not overwrite:
+            raise FileExistsError(f"{output_dir} holds an earlier export: pass --overwrite to replace it, or give "
+                                  "another --output_dir")
     return output_dir
 
 
-def export_sentence_transformer(module: EmbeddingModule, output_dir: str | Path) -> Path:
-    """Write ``module`` as a sentence-transformers folder and return its path."""
+@contextmanager
+def writing_folder(output_dir: Path):
+    """Yield a hidden sibling of ``output_dir`` to write into; on success it replaces ``output_dir`` by renames,
+    so the folder is always a whole export, old or new, never half of one (a kill or a full disk mid-export leaves
+    the previous one). On failure the partial folder is removed and the error names ``output_dir``."""
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{tag}")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        if output_dir.exists():
+            old = output_dir.with_name(f".{output_dir.name}.old-{tag}")
+            os.replace(output_dir, old)
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"could not write the export {output_dir}: {err.strerror or err}; nothing was "
+                            "replaced") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_finite_weights(module: nn.Module, what: str) -> None:
+    """Refuse to export a model with NaN / infinite weights (a diverged run): it would encode every text as NaN."""
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise DivergenceError(f"refusing to export {what}: {bad} non-finite value(s) in {name} (the run "
+                                  "diverged); export a checkpoint from before the divergence")
+
+
+def export_sentence_transformer(module: EmbeddingModule, output_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write ``module`` as a sentence-transformers folder and return its path (``overwrite``: replace an earlier
+    export there)."""
     from sentence_transformers import SentenceTransformer
 
-    output_dir = prepare_output_dir(output_dir, "modules.json")
+    output_dir = prepare_output_dir(output_dir, "modules.json", overwrite)
+    check_finite_weights(module, type(module).__name__)
     enc = module.encoder
     model = enc.model
     was_training = model.training
     model.eval()
     try:
-        model.save_pretrained(output_dir)
-        enc.tokenizer.save_pretrained(output_dir)
-        st = SentenceTransformer(modules=sentence_transformer_modules(module, output_dir), device="cpu")
-        st.save(str(output_dir))
+        with writing_folder(output_dir) as tmp:
+            model.save_pretrained(tmp)
+            enc.tokenizer.save_pretrained(tmp)
+            with pooler_report_filtered():  # the folder holds no pooler, on purpose (load_pretrained)
+                st = SentenceTransformer(modules=sentence_transformer_modules(module, tmp), device="cpu")
+            st.save(str(tmp))
     finally:
         model.train(was_training)
     return output_dir
@@ -134,7 +185,7 @@ SPARSIFY_FIELDS = ("activation", "expansion_factor", "normalize_decoder", "num_l
                    "skip_connection", "transcode")
 
 
-def export_sae(module_or_sae, output_dir: str | Path) -> Path:
+def export_sae(module_or_sae, output_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``cfg.json`` + ``sae.safetensors`` (sparsify's layout: ``encoder.weight`` (F, d), ``encoder.bias``,
     ``W_dec`` (F, d), ``b_dec``) for an ``SAEModule`` or a ``BatchTopKSAE``.
 
@@ -152,12 +203,13 @@ def export_sae(module_or_sae, output_dir: str | Path) -> Path:
     sae = getattr(module_or_sae, "sae", module_or_sae)
     if not isinstance(sae, BatchTopKSAE):
         raise TypeError(f"export_sae needs an SAEModule or a BatchTopKSAE, got {type(module_or_sae).__name__}")
-    output_dir = prepare_output_dir(output_dir, "cfg.json")
+    output_dir = prepare_output_dir(output_dir, "cfg.json", overwrite)
+    check_finite_weights(sae, "the SAE")
     scale = float(sae.input_scale)
     folded = fold_input_scale(copy.deepcopy(sae).cpu().float())
     tensors = {"encoder.weight": folded.W_enc, "encoder.bias": folded.b_enc, "W_dec": folded.W_dec,
                "b_dec": folded.b_dec}
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(output_dir / "sae.safetensors"))
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     cfg = sae.cfg
     meta = {
         "activation": "topk", "expansion_factor": cfg.expansion_factor, "normalize_decoder": True,
@@ -170,7 +222,9 @@ def export_sae(module_or_sae, output_dir: str | Path) -> Path:
         "batch_topk": cfg.to_dict(),
         "activations": sae.activations,
     }
-    (output_dir / "cfg.json").write_text(json.dumps(meta, indent=1))
+    with writing_folder(output_dir) as tmp:
+        save_file(tensors, str(tmp / "sae.safetensors"))
+        (tmp / "cfg.json").write_text(json.dumps(meta, indent=1))
     return output_dir
 
 

@@ -56,10 +56,8 @@ class MCR2Module(EmbeddingModule):
         cache_teacher: embed each training sentence once, up front (needs a datamodule with ``sentence_ids``).
         cache_path: a ``.safetensors`` file for that cache; reused when it was written for the same teacher,
             pooler, max_length and sentences, rewritten otherwise.
-        check_finite_every_n_steps: the first batch with a non-finite loss is recorded on the device every step
-            (no host sync); every n steps, and at epoch end, the record is read (one sync) and training stops
-            with an error naming that batch. 1 stops before a non-finite update reaches the weights.
-        lr, weight_decay, warmup_ratio: see :class:`EmbeddingModule`.
+        lr, weight_decay, warmup_ratio, check_finite_every_n_steps, max_mean_cosine: see
+            :class:`EmbeddingModule` (a non-finite loss names the batch, the coding rates and the smallest group).
         attn_implementation: e.g. ``sdpa``; None keeps the model's default.
     """
 
@@ -86,12 +84,14 @@ class MCR2Module(EmbeddingModule):
         cache_teacher: bool = True,
         cache_path: str | None = None,
         check_finite_every_n_steps: int = 50,
+        max_mean_cosine: float | None = 0.999,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.0,
         attn_implementation: str | None = None,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                         check_finite_every_n_steps=check_finite_every_n_steps, max_mean_cosine=max_mean_cosine)
         if grouping not in GROUPINGS:
             raise ValueError(f"model.grouping must be one of {', '.join(GROUPINGS)}, got {grouping!r}")
         if init not in ("random", "pca"):
@@ -104,8 +104,6 @@ class MCR2Module(EmbeddingModule):
             raise ValueError(f"model.gamma must be > 0 and model.distill_weight >= 0, got {gamma}, {distill_weight}")
         if grouping == "kmeans" and num_clusters < 2:
             raise ValueError(f"model.num_clusters must be >= 2, got {num_clusters}")
-        if check_finite_every_n_steps < 1:
-            raise ValueError(f"model.check_finite_every_n_steps must be >= 1, got {check_finite_every_n_steps}")
         self.save_hyperparameters()
         self.encoder = Encoder(model_name_or_path, pooler, "none", max_length, attn_implementation)
         self.encoder.requires_grad_(False).eval()  # frozen teacher (pitfalls.md #2)
@@ -122,10 +120,8 @@ class MCR2Module(EmbeddingModule):
         self.grouping, self.num_clusters, self.kmeans_seed = grouping, num_clusters, kmeans_seed
         self.eps2, self.gamma, self.distill_weight = eps2, gamma, distill_weight
         self.init, self.cache_teacher, self.cache_path = init, cache_teacher, cache_path
-        self.check_every = check_finite_every_n_steps
         self._cache_ND: Tensor | None = None  # teacher embedding of every training sentence (not checkpointed)
         self._clusters_N: Tensor | None = None
-        self._bad: Tensor | None = None  # record of the first non-finite batch, kept on the device
         self._teacher_memo: dict[int, Tensor] = {}
 
     # ----------------------------------------------------------------------------------------- frozen teacher
@@ -268,9 +264,10 @@ class MCR2Module(EmbeddingModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         teacher_ND = self.teacher_embeddings(batch)
         z_GK, _ = self.gather(self.head(teacher_ND))
+        self.guard.note_embeddings(z_GK, self.global_step)
         teacher_GD = self.gather(teacher_ND)[0] if self.distill_weight else None
         out = mcr2_loss(z_GK, self.batch_groups(batch), self.eps2, self.gamma, teacher_GD, self.distill_weight)
-        self.watch_finite(out, teacher_ND, batch_idx)
+        self.note_loss(out, teacher_ND, batch_idx)
         B = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=B)
         self.log_dict({"train/rate": out.rate, "train/rate_c": out.rate_c, "train/delta_r": out.delta_r},
@@ -280,40 +277,30 @@ class MCR2Module(EmbeddingModule):
         return out.loss
 
     # ----------------------------------------------------------------------------------- non-finite losses
-    def watch_finite(self, out: MCR2Output, teacher_ND: Tensor, batch_idx: int) -> None:
-        """Record the first batch whose loss is not finite without a host sync; read the record every n steps."""
+    def note_loss(self, out: MCR2Output, teacher_ND: Tensor, batch_idx: int) -> None:
+        """Record the loss with what explains a non-finite one (kept on the device: no host sync)."""
         dev = out.loss.device
-        bad = ~torch.isfinite(out.loss)
-        # torch.full fills on the device (no host-to-device copy, which would synchronise)
-        where = [torch.full((), float(v), device=dev) for v in (batch_idx, self.current_epoch, self.global_step)]
-        stats = torch.stack(where + [out.rate, out.rate_c, out.distill, out.smallest_group.float(),
-                                     torch.isfinite(teacher_ND).all().float(), torch.ones((), device=dev)])
-        if self._bad is None:
-            self._bad = torch.zeros_like(stats)
-        self._bad = torch.where(bad & (self._bad[-1] == 0), stats, self._bad)
-        if (self.global_step + 1) % self.check_every == 0:
-            self.raise_if_not_finite()
+        where = [torch.full((), float(v), device=dev) for v in (batch_idx, self.current_epoch)]
+        extra = torch.stack(where + [out.rate, out.rate_c, out.distill, out.smallest_group.float(),
+                                     torch.isfinite(teacher_ND).all().float()])
+        self.guard.note_loss(out.loss, self.global_step, extra)
 
     def on_train_epoch_end(self) -> None:
-        self.raise_if_not_finite()
+        self.check_divergence()
 
-    def raise_if_not_finite(self) -> None:
-        if self._bad is None or not bool(self._bad[-1]):
-            return
-        batch_idx, epoch, step, rate, rate_c, distill, smallest, teacher_ok, _ = self._bad.tolist()
-        d = self.head.out_dim
-        causes = []
+    def divergence_causes(self, event) -> list[str]:
+        if event.kind != "loss" or len(event.extra) != 7:
+            return super().divergence_causes(event)
+        batch_idx, epoch, rate, rate_c, distill, smallest, teacher_ok = event.extra
+        causes = [f"at batch {int(batch_idx)} of epoch {int(epoch)}, R = {rate:.4g}, R_c = {rate_c:.4g}, "
+                  f"distillation = {distill:.4g}, smallest group {int(smallest)} sample(s)"]
         if not teacher_ok:
             causes.append("the teacher embeddings themselves hold NaN/Inf (fp16 overflow in the teacher, or a "
                           "corrupt cache_path file)")
-        scale = d / (max(smallest, 1) * self.eps2)
+        scale = self.head.out_dim / (max(smallest, 1) * self.eps2)
         causes.append(f"eps2 = {self.eps2} may be too small: the largest scale d / (m_j eps2) in the batch is "
                       f"{scale:.3g}, and float32 Cholesky fails when it is large and rows repeat (raise eps2)")
         if smallest <= 1:
             causes.append("the batch has groups of one sample, which get that largest scale (use larger groups, "
                           "fewer k-means clusters or a larger batch)")
-        raise FloatingPointError(
-            f"MCR2 loss is not finite at batch {int(batch_idx)} of epoch {int(epoch)} (global step {int(step)}): "
-            f"R = {rate:.4g}, R_c = {rate_c:.4g}, distillation = {distill:.4g}; smallest group {int(smallest)} "
-            f"sample(s). Likely cause(s): " + "; ".join(causes) + "."
-        )
+        return causes + super().divergence_causes(event)

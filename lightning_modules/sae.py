@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_modules.base import RecordsClassPath, can_fuse
+from datamodules.base import DataError
+from lightning_modules.base import GuardsDivergence, can_fuse
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
 from lightning_modules.losses.sae import dead_fraction, mean_cosine
 
@@ -70,7 +71,7 @@ def activations_of(meta: dict) -> dict:
     return {k: meta.get(k) for k in ("model", "model_fingerprint", "layer", "level", "special_tokens", "text_prefix")}
 
 
-class SAEModule(RecordsClassPath, pl.LightningModule):
+class SAEModule(GuardsDivergence, pl.LightningModule):
     """Train a :class:`~lightning_modules.components.batch_topk.BatchTopKSAE`.
 
     Batches are (B, d) float tensors. Training logs ``sae/loss``, ``sae/mse``, ``sae/fvu``,
@@ -94,6 +95,8 @@ class SAEModule(RecordsClassPath, pl.LightningModule):
         init_samples: vectors drawn from the datamodule (``sample``) to set the input scale and ``b_dec``; the first
             batch is used when the datamodule cannot sample.
         seed: seed of that draw.
+        check_finite_every_n_steps: how often the divergence records (non-finite loss or gradient norm) are read;
+            see :class:`~lightning_modules.base.GuardsDivergence`.
     """
 
     def __init__(
@@ -117,8 +120,10 @@ class SAEModule(RecordsClassPath, pl.LightningModule):
         decay_ratio: float = 0.2,
         init_samples: int = 16384,
         seed: int = 0,
+        check_finite_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
+        self.init_guard(check_finite_every_n_steps, max_mean_cosine=None)
         if not (0 <= warmup_ratio < 1 and 0 <= decay_ratio < 1 and warmup_ratio + decay_ratio <= 1):
             raise ValueError(f"warmup_ratio and decay_ratio must be in [0, 1) and sum to <= 1, got "
                              f"{warmup_ratio}, {decay_ratio}")
@@ -134,7 +139,11 @@ class SAEModule(RecordsClassPath, pl.LightningModule):
         return BatchTopKConfig(d_in=d_in, **{n: self.hparams[n] for n in names})
 
     def _build(self, d_in: int) -> None:
-        self.sae = BatchTopKSAE(self._sae_config(d_in))
+        try:
+            cfg = self._sae_config(d_in)
+        except ValueError as err:  # raised at setup when d_in comes from the data: after the config was parsed
+            raise DataError(f"model.init_args: {err}") from None
+        self.sae = BatchTopKSAE(cfg)
         self.val_fvu = FVU(d_in)
         self.val_counts = LatentCounts(self.sae.num_latents)
 
@@ -176,6 +185,7 @@ class SAEModule(RecordsClassPath, pl.LightningModule):
         if not bool(sae.initialized):  # no datamodule sample: initialise on the first batch (same on all ranks
             sae.initialize(self._all_gather_rows(x_BD))  # because the gathered batch is the same everywhere)
         out = sae(x_BD)
+        self.guard.note_loss(out.loss, self.global_step)
         fired_F = self._reduce(out.fired.to(torch.int32), "max").bool()
         min_act = out.acts.min() / sae.input_scale if out.acts.numel() else x_BD.new_tensor(math.inf)
         min_act = self._reduce(min_act.float(), "min")
@@ -196,6 +206,7 @@ class SAEModule(RecordsClassPath, pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.project_decoder_grad()
+        super().on_before_optimizer_step(optimizer)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.sae.normalize_decoder()

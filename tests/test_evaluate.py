@@ -343,4 +343,6 @@ def test_export_never_mixes_into_an_unrelated_folder(trained, tmp_path):
         export_sae(BatchTopKSAE(BatchTopKConfig(d_in=4, num_latents=8, k=2)), tmp_path / "run")
     with pytest.raises(FileExistsError, match=r"notes.txt exists and is a file"):
         export_sentence_transformer(module, tmp_path / "run" / "notes.txt")
-    assert export_sentence_transformer(module, folder) == folder  # an earlier export is replaced
+    with pytest.raises(FileExistsError, match=r"holds an earlier export: pass --overwrite to replace it"):
+        export_sentence_transformer(module, folder)
+    assert export_sentence_transformer(module, folder, overwrite=True) == folder  # replaced only when asked

@@ -198,10 +198,12 @@ def test_wrong_settings_fail_before_training_and_dims_are_checked(tmp_path):
 
     from lightning_modules.interpret.suite import run_suite
 
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(level="token"), log_dir=str(tmp_path), default_root_dir=".")
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(level="token"), log_dir=str(tmp_path), default_root_dir=".",
+                              checkpoint_callback=None)
     module = SimpleNamespace(sae=None)  # an SAEModule before its setup built the SAE
     cb = InterpretSAE()
     cb.setup(trainer, module, "fit")
+    cb.on_fit_start(trainer, module)
     assert cb._out == tmp_path / "interpret"
     with pytest.raises(DataError, match="compare_sae='nope': neither an exported SAE folder"):
         InterpretSAE(compare_sae="nope").setup(trainer, module, "fit")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from datamodules import GroupedTextDataModule, STSDataModule, load_sts
 from lightning_modules import MCR2Module
+from lightning_modules.components.guard import DivergenceError
 from lightning_modules.components.heads import ProjectionHead
 from lightning_modules.export import export_sentence_transformer
 from lightning_modules.losses.mcr2 import (
@@ -432,7 +433,7 @@ def test_nan_teacher_embedding_names_the_batch_and_the_cause(tiny_model, group_f
         return t.index_fill(0, torch.tensor([0]), float("nan")) if module.global_step == 2 else t
 
     module.teacher_embeddings = poisoned
-    with pytest.raises(FloatingPointError, match=r"not finite at batch 2 of epoch 0 \(global step 2\).*teacher"):
+    with pytest.raises(DivergenceError, match=r"at step 2: the training loss is nan.*at batch 2 of epoch 0.*teacher"):
         trainer(steps=8).fit(module, datamodule(group_files, "pairs"))
     assert module.global_step < 8  # stopped at the next check (step 5), not at the end
 
@@ -453,7 +454,7 @@ def test_tiny_eps_on_repeated_sentences_is_caught_with_its_likely_cause(tiny_mod
                                  label_column="label", batch_size=8, shuffle=False)
     module = MCR2Module(tiny_model, out_dim=4, max_length=16, grouping="labels", eps2=1e-20,
                         check_finite_every_n_steps=1)
-    with pytest.raises(FloatingPointError, match=r"at batch 0 .*smallest group 2 .*eps2 = 1e-20 may be too small"):
+    with pytest.raises(DivergenceError, match=r"at batch 0 .*smallest group 2 .*eps2 = 1e-20 may be too small"):
         trainer().fit(module, data)
     assert module.global_step == 0  # n = 1: stopped before the update
 
@@ -464,7 +465,7 @@ def test_groups_of_one_sample_are_named_as_a_cause(tiny_model, tmp_path):
                                  label_column="label", batch_size=8)
     module = MCR2Module(tiny_model, out_dim=4, max_length=16, grouping="labels", eps2=1e-38,
                         check_finite_every_n_steps=1)  # d / (1 * eps2) overflows float32
-    with pytest.raises(FloatingPointError, match=r"smallest group 1 sample.*groups of one sample"):
+    with pytest.raises(DivergenceError, match=r"smallest group 1 sample.*groups of one sample"):
         trainer().fit(module, data)
 
 

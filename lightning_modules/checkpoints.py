@@ -1,0 +1,216 @@
+"""Checkpoints that survive faults: written atomically, checked before they are resumed from, found wherever the
+loggers put them.
+
+Lightning writes a checkpoint in place, so a full disk or a killed job leaves a truncated file at its final path,
+which ``--ckpt_path last`` then picks. Here a checkpoint is written to a hidden temporary file, flushed to disk and
+renamed over its final name (a rename is atomic on POSIX file systems): the final path holds the old checkpoint or
+the new one, never part of one. Lightning has no such option (its ``_atomic_save`` buffers in memory, then writes
+in place), so it is done here, as a ``CheckpointIO`` plugin that ``train.py`` installs.
+
+A torch checkpoint is a zip archive whose last bytes are the central directory: :func:`damage` reads the archive and
+every entry's CRC, which finds truncation and corruption without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from datamodules.base import DataError, StorageError
+
+
+class ArtifactError(StorageError):
+    """A checkpoint, export or cache file could not be written or read; the message names it and what to do."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose writes are atomic (temporary file + fsync + rename) and whose failures (a full
+    disk, a read-only folder) name the file and say that the earlier checkpoints are intact."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote file systems (s3://...) have no rename: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise ArtifactError(f"could not write checkpoint {path}: {err.strerror or err}. The checkpoints "
+                                  "written before it are intact (resume with --ckpt_path last once the cause is "
+                                  "fixed)") from None
+
+
+def damage(path: str | Path) -> str | None:
+    """Why ``path`` is not a complete torch checkpoint (truncated, corrupt, not one), or None when it is."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            bad = archive.testzip()  # reads every entry and checks its CRC
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        return f"truncated or not a checkpoint ({type(err).__name__}: {err})"
+    if bad is not None:
+        return f"corrupt (entry {bad} fails its CRC check)"
+    if not any(n.endswith("data.pkl") for n in names):
+        return "not a torch checkpoint (no data.pkl in the archive)"
+    return None
+
+
+def candidates(roots: Iterable[str | Path]) -> list[Path]:
+    """Every ``*.ckpt`` under ``roots``, newest first (W&B's own copies under ``wandb/`` left out)."""
+    found = {p.resolve() for r in roots if Path(r).is_dir() for p in Path(r).rglob("*.ckpt")
+             if "wandb" not in p.relative_to(r).parts and p.is_file()}
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def newest_complete(roots: Iterable[str | Path], warn=print) -> Path | None:
+    """The newest complete checkpoint under ``roots``; each damaged newer one is skipped with a warning naming it."""
+    for path in candidates(roots):
+        reason = damage(path)
+        if reason is None:
+            return path
+        warn(f"skipping checkpoint {path}: {reason}")
+    return None
+
+
+def check_complete(path: str | Path, roots: Iterable[str | Path] = ()) -> Path:
+    """``path`` itself when it is a complete checkpoint, else a :class:`ArtifactError` naming it (and the newest
+    complete checkpoint beside it, if any)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"checkpoint {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+    reason = damage(path)
+    if reason is None:
+        return path
+    other = newest_complete([path.parent, *roots], warn=lambda _: None)
+    hint = f"; the newest complete one is {other}: pass it, or --ckpt_path last" if other else ""
+    raise ArtifactError(f"checkpoint {path} is {reason}{hint}")
+
+
+# ---------------------------------------------------------------------------------------------------- resuming
+DATA_CONFIG_KEY = "embedlab_data_config"
+LOGGERS_KEY = "embedlab_loggers"
+
+#: Options a resumed run may change: they change how fast a step runs or how often it is checked, not what it
+#: computes (GradCache and gradient checkpointing are exact). Every other model or data option must be the
+#: checkpoint's, or the run would be a different run under the old run's name.
+MODEL_SWITCHES = {"compile", "gradient_checkpointing", "attn_implementation", "mini_batch_size",
+                  "check_finite_every_n_steps"}
+DATA_SWITCHES = {"num_workers", "pin_memory", "persistent_workers", "pad_to_multiple_of", "encode_batch_size",
+                 "encode_device"}
+
+
+def _entries(value) -> list:
+    """A config's logger / callbacks value as a list of ``class_path`` namespaces."""
+    if value is None or isinstance(value, bool):
+        return []
+    items = value if isinstance(value, list) else [value]
+    return [v for v in items if hasattr(v, "class_path")]
+
+
+def _plain(value):
+    """A config or checkpoint value as comparable plain data (namespaces as dicts, numbers as floats)."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def search_roots(cfg) -> list[Path]:
+    """Where a fit config's checkpoints can be: the trainer's root, the loggers' save_dir, ModelCheckpoint dirpaths."""
+    trainer = cfg.trainer
+    roots = [trainer.get("default_root_dir")]
+    roots += [lg.init_args.get("save_dir") for lg in _entries(trainer.get("logger")) if hasattr(lg, "init_args")]
+    roots += [cb.init_args.get("dirpath") for cb in _entries(trainer.get("callbacks"))
+              if cb.class_path.endswith("ModelCheckpoint")]
+    unique = list(dict.fromkeys(Path(r) for r in roots if r))
+    return unique or [Path.cwd() / "lightning_logs"]
+
+
+def changed_options(cfg, ckpt: dict) -> list[str]:
+    """``name (checkpoint X, now Y)`` for each model or data option that differs from what ``ckpt`` was trained
+    with, except :data:`MODEL_SWITCHES` / :data:`DATA_SWITCHES` and options left null (filled from the checkpoint)."""
+    out = []
+    for part, recorded, switches in (("model", ckpt.get("hyper_parameters"), MODEL_SWITCHES),
+                                     ("data", (ckpt.get(DATA_CONFIG_KEY) or {}), DATA_SWITCHES)):
+        if not recorded or cfg.get(part) is None:
+            continue
+        if part == "model":
+            recorded = {"class_path": recorded.get("_class_path"), "init_args": recorded}
+        now, then = _plain(cfg[part]), _plain(recorded)
+        if then.get("class_path") and now.get("class_path") != then.get("class_path"):
+            out.append(f"{part}.class_path (checkpoint {then['class_path']}, now {now.get('class_path')})")
+            continue
+        now_args, then_args = now.get("init_args") or {}, then.get("init_args") or {}
+        for key in sorted(set(then_args) & set(now_args) - switches):
+            if now_args[key] is not None and now_args[key] != then_args[key]:
+                out.append(f"{part}.init_args.{key} (checkpoint {then_args[key]!r}, now {now_args[key]!r})")
+    return out
+
+
+def resume_config(cfg, warn=print) -> Path | None:
+    """Resolve a fit config's ``ckpt_path`` before anything is built, in place, and return the checkpoint.
+
+    - ``last``: the newest complete checkpoint under :func:`search_roots`, damaged newer ones skipped with a
+      warning; none at all: a warning, and training starts at step 0 (as a first SLURM job must).
+    - a path: it must be a complete checkpoint (else a :class:`ArtifactError` naming it).
+    - model and data options that differ from the checkpoint's are refused (:func:`changed_options`); options
+      left null take the checkpoint's value, so the recorded config is what runs.
+    - the run continues where it was: W&B loggers without an id take the checkpoint's run id, and
+      ModelCheckpoint callbacks without a dirpath write beside the resumed checkpoint (so its best-k state is
+      restored, and the end-of-fit export goes to the same run folder).
+    ``best``, ``hpc``, ``registry`` and null are Lightning's to resolve and are left alone.
+    """
+    given = cfg.get("ckpt_path")
+    if given is None or given in ("best", "hpc", "registry"):
+        return None
+    roots = search_roots(cfg)
+    if given == "last":
+        path = newest_complete(roots, warn)
+        if path is None:
+            warn(f"--ckpt_path last: no complete checkpoint under {', '.join(map(str, roots))}; training starts "
+                 "at step 0")
+            cfg.ckpt_path = None
+            return None
+    else:
+        path = check_complete(given, roots)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    changed = changed_options(cfg, ckpt)
+    if changed:
+        raise DataError(f"--ckpt_path {path} resumes a run with the settings it was trained with, and these "
+                        f"differ from them: {'; '.join(changed)}. Drop them to resume, or start a new run without "
+                        "--ckpt_path")
+    cfg.ckpt_path = str(path)
+    recorded = ckpt.get("hyper_parameters") or {}
+    init_args = cfg.model.get("init_args") if cfg.get("model") is not None else None
+    for key, value in recorded.items():
+        if init_args is not None and key in init_args and init_args[key] is None and value is not None:
+            init_args[key] = value
+    wandb_ids = [r["version"] for r in ckpt.get(LOGGERS_KEY, []) if r["class"] == "WandbLogger" and r["version"]]
+    for logger in _entries(cfg.trainer.get("logger")):
+        args = logger.init_args
+        if logger.class_path.endswith("WandbLogger") and wandb_ids and not (args.get("id") or args.get("version")) \
+                and not os.environ.get("WANDB_RUN_ID"):
+            args.id = wandb_ids.pop(0)
+    if not path.name.startswith("hpc_ckpt"):
+        for callback in _entries(cfg.trainer.get("callbacks")):
+            if callback.class_path.endswith("ModelCheckpoint") and not callback.init_args.get("dirpath"):
+                callback.init_args.dirpath = os.path.realpath(path.parent)
+    warn(f"resuming from {path} (global step {ckpt.get('global_step')})")
+    return path
