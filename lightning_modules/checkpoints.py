@@ -132,6 +132,10 @@ def _plain(value):
     return value
 
 
+def _shown(value) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else repr(value)
+
+
 def search_roots(cfg) -> list[Path]:
     """Where a fit config's checkpoints can be: the trainer's root, the loggers' save_dir, ModelCheckpoint dirpaths."""
     trainer = cfg.trainer
@@ -160,7 +164,8 @@ def changed_options(cfg, ckpt: dict) -> list[str]:
         now_args, then_args = now.get("init_args") or {}, then.get("init_args") or {}
         for key in sorted(set(then_args) & set(now_args) - switches):
             if now_args[key] is not None and now_args[key] != then_args[key]:
-                out.append(f"{part}.init_args.{key} (checkpoint {then_args[key]!r}, now {now_args[key]!r})")
+                out.append(f"{part}.init_args.{key} (checkpoint {_shown(then_args[key])}, now "
+                           f"{_shown(now_args[key])})")
     return out
 
 

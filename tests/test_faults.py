@@ -1,0 +1,166 @@
+"""Runs that go wrong say so: real faults (truncated files, diverging learning rates, a killed process), not mocks."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_cli import fit_args
+
+import train
+from datamodules.base import DataError, read_text
+from datamodules.sts import spearman100
+from lightning_modules.checkpoints import ArtifactError, damage, newest_complete
+from lightning_modules.components.guard import DivergenceError, DivergenceGuard
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.every_n_train_steps=2"]
+
+
+def test_spearman_of_non_finite_similarities_is_nan_not_a_number():
+    assert spearman100([0.1, 0.2, 0.3], [1, 2, 3]) == pytest.approx(100)
+    assert spearman100([float("nan"), 0.2, 0.3], [1, 2, 3]) != spearman100([float("nan"), 0.2, 0.3], [1, 2, 3])
+
+
+def test_guard_keeps_the_first_failure_and_collapse_only_after_a_spread_start():
+    guard = DivergenceGuard(max_mean_cosine=0.99)
+    guard.note_loss(torch.tensor(1.0), step=0)
+    spread = torch.eye(4)
+    guard.note_embeddings(spread, step=0)  # mean cosine 0: spread out
+    assert guard.first() is None
+    guard.note_loss(torch.tensor(float("nan")), step=3)
+    guard.note_loss(torch.tensor(float("inf")), step=4)
+    guard.note_embeddings(torch.ones(4, 4), step=5)  # every row the same direction: mean cosine 1
+    event = guard.first()
+    assert (event.kind, event.step) == ("loss", 3) and event.value != event.value
+    late = DivergenceGuard(max_mean_cosine=0.99)
+    late.note_embeddings(torch.ones(4, 4) + 1e-3 * torch.eye(4), step=0)  # starts collapsed (an untrained model)
+    late.note_embeddings(torch.ones(4, 4), step=1)
+    assert late.first() is None
+    spread_then_collapsed = DivergenceGuard(max_mean_cosine=0.99)
+    spread_then_collapsed.note_embeddings(spread, step=0)
+    spread_then_collapsed.note_embeddings(torch.ones(4, 4), step=7)
+    assert spread_then_collapsed.first().kind == "collapse" and spread_then_collapsed.first().step == 7
+
+
+def test_a_diverging_learning_rate_stops_with_the_step_and_no_checkpoint_of_it(tmp_path, tiny_model, sample_data):
+    args = fit_args(tmp_path, tiny_model, sample_data, "--model.lr", "1e300", "--model.pooler", "mean",
+                    "--trainer.max_steps", "8", *CKPT, f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}")
+    with pytest.raises(DivergenceError, match=r"training diverged at step \d+: .*learning rate \(1e\+300"):
+        train.main(args)
+    for ckpt in (tmp_path / "ckpt").glob("*.ckpt"):  # whatever was written holds finite weights
+        state = torch.load(ckpt, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
+
+
+def test_resume_skips_a_truncated_newest_checkpoint_and_refuses_changed_options(tmp_path, tiny_model, sample_data):
+    ckpt_dir = tmp_path / "ckpt"
+    train.main(fit_args(tmp_path, tiny_model, sample_data, *CKPT, f"--trainer.callbacks.dirpath={ckpt_dir}"))
+    last = ckpt_dir / "last.ckpt"
+    step_ckpt = next(p for p in ckpt_dir.glob("*.ckpt") if p.name != "last.ckpt")
+    last.write_bytes(last.read_bytes()[:5000])  # what a full disk left at the final path before this change
+    os.utime(last, (time.time() + 10, time.time() + 10))  # and it is the newest
+    assert "truncated" in damage(last) and damage(step_ckpt) is None
+    assert newest_complete([tmp_path], warn=lambda _: None) == step_ckpt.resolve()
+    with pytest.raises(ArtifactError, match=r"last.ckpt is truncated .*the newest complete one is"):
+        train.main(fit_args(tmp_path, tiny_model, sample_data, *CKPT, f"--trainer.callbacks.dirpath={ckpt_dir}",
+                            "--ckpt_path", str(last)))
+    with pytest.raises(DataError, match=r"model.init_args.temperature \(checkpoint 0.05, now 0.5\)"):
+        train.main(fit_args(tmp_path, tiny_model, sample_data, *CKPT, f"--trainer.callbacks.dirpath={ckpt_dir}",
+                            "--ckpt_path", "last", "--model.temperature", "0.5"))
+    with pytest.raises(DataError, match=r"data.init_args.batch_size \(checkpoint 8, now 4\)"):
+        train.main(fit_args(tmp_path, tiny_model, sample_data, *CKPT, f"--trainer.callbacks.dirpath={ckpt_dir}",
+                            "--ckpt_path", "last", "--data.batch_size", "4"))
+    cli = train.main(fit_args(tmp_path, tiny_model, sample_data, *CKPT, f"--trainer.callbacks.dirpath={ckpt_dir}",
+                              "--ckpt_path", "last", "--trainer.max_steps", "6"))
+    saved = torch.load(step_ckpt, weights_only=False)["global_step"]
+    assert cli.config.fit.ckpt_path == str(step_ckpt.resolve()) and saved == 4
+    assert cli.trainer.global_step == 6
+
+
+def test_resume_last_finds_checkpoints_in_the_logger_run_folder(tmp_path, tiny_model, sample_data):
+    """The checkpoint folder is named after the logger's run (CSV version_N): `last` must still find it."""
+    train.main(fit_args(tmp_path, tiny_model, sample_data, *CKPT))
+    assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+    cli = train.main(fit_args(tmp_path, tiny_model, sample_data, *CKPT, "--ckpt_path", "last",
+                              "--trainer.max_steps", "6"))
+    assert cli.trainer.global_step == 6
+    assert Path(cli.config.fit.ckpt_path).parent == (tmp_path / "lightning_logs/version_0/checkpoints").resolve()
+
+
+def test_fit_killed_with_sigkill_resumes_at_the_saved_step(tmp_path, tiny_model, sample_data):
+    ckpt_dir = tmp_path / "ckpt"
+    args = fit_args(tmp_path, tiny_model, sample_data, "--trainer.max_steps", "4000", *CKPT,
+                    f"--trainer.callbacks.dirpath={ckpt_dir}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(ckpt_dir.glob("*step=*.ckpt")) and proc.poll() is None:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    found = newest_complete([tmp_path], warn=lambda _: None)
+    assert found is not None
+    saved = torch.load(found, weights_only=False)["global_step"]
+    cli = train.main([*args[:args.index("4000") - 1], "--trainer.max_steps", str(saved + 2),
+                      *args[args.index("4000") + 1:], "--ckpt_path", "last"])
+    assert cli.trainer.global_step == saved + 2
+    assert not list(ckpt_dir.glob(".*.tmp"))  # no temporary file of a killed write is left for resume to pick
+
+
+def test_model_folder_without_tokenizer_files_is_refused(tmp_path, tiny_model, sample_data):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_model) / name, bare / name)
+    with pytest.raises(ValueError) as raised:  # jsonargparse wraps what the module raised; the CLI unwraps it
+        train.main(fit_args(tmp_path, str(bare), sample_data))
+    assert "bare has no tokenizer files" in train.user_error(raised.value)
+    from lightning_modules.evaluate import load_embedder
+
+    with pytest.raises(DataError, match=r"bare has no tokenizer files"):
+        load_embedder(str(bare))
+
+
+def test_damaged_cache_files_are_named(tmp_path):
+    from datamodules.activations import ActivationCache, model_fingerprint, save_atomic
+
+    memo = tmp_path / "file_hashes.json"
+    memo.write_text("")  # a full disk, or a reader mid-write before writes were atomic
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with pytest.warns(UserWarning, match="file_hashes.json is damaged"):
+        first = model_fingerprint(model, memo)
+    assert model_fingerprint(model, memo) == first and json.loads(memo.read_text())
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    save_atomic(cache / "shard_00000.vectors.npy", torch.randn(10, 4).numpy())
+    save_atomic(cache / "shard_00000.meta.npy", torch.zeros(10, 6, dtype=torch.int32).numpy())
+    (cache / "meta.json").write_text(json.dumps({"shards": [{"name": "shard_00000", "n_vectors": 10}], "dim": 4}))
+    assert len(ActivationCache(cache)) == 10
+    shard = cache / "shard_00000.vectors.npy"
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"shard_00000.vectors.npy: missing, truncated or damaged shard.*rebuild"):
+        ActivationCache(cache)
+    (cache / "meta.json").write_text('{"shards": [')
+    with pytest.raises(DataError, match=r"meta.json: the cache's meta.json is damaged or incomplete"):
+        ActivationCache(cache)
+
+
+def test_compressed_text_is_named_as_such(tmp_path):
+    import gzip
+
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(gzip.compress(b"a sentence\n"))
+    with pytest.raises(DataError, match=r"corpus.txt: not text but gzip-compressed"):
+        read_text(path)
