@@ -164,3 +164,27 @@ def test_compressed_text_is_named_as_such(tmp_path):
     path.write_bytes(gzip.compress(b"a sentence\n"))
     with pytest.raises(DataError, match=r"corpus.txt: not text but gzip-compressed"):
         read_text(path)
+
+
+BUILD = """
+import sys
+from datamodules.activations import ActivationsDataModule
+dm = ActivationsDataModule(model_name_or_path=sys.argv[1], source=sys.argv[2], cache_dir=sys.argv[3], level="token",
+                           max_length=32, encode_batch_size=8, shard_sentences=20, encode_device="cpu")
+dm.prepare_data()
+print("built" if dm.built_here else "reused", flush=True)
+"""
+
+
+def test_two_processes_building_one_cache_at_once_build_it_once(tmp_path, tiny_model, sample_data):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", BUILD, tiny_model, str(sample_data / "sentences.txt"), str(tmp_path / "cache")]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for _ in range(2)]
+    said = sorted(p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in procs)
+    assert [p.returncode for p in procs] == [0, 0]
+    assert said == ["built", "reused"]
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    from datamodules.activations import ActivationCache
+
+    assert len(ActivationCache(folder)) > 0
