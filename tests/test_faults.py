@@ -1,6 +1,7 @@
 """Runs that go wrong say so: real faults (truncated files, diverging learning rates, a killed process), not mocks."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -26,7 +27,7 @@ CKPT = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=t
 
 def test_spearman_of_non_finite_similarities_is_nan_not_a_number():
     assert spearman100([0.1, 0.2, 0.3], [1, 2, 3]) == pytest.approx(100)
-    assert spearman100([float("nan"), 0.2, 0.3], [1, 2, 3]) != spearman100([float("nan"), 0.2, 0.3], [1, 2, 3])
+    assert math.isnan(spearman100([float("nan"), 0.2, 0.3], [1, 2, 3]))  # torchmetrics' ranking gave a number
 
 
 def test_guard_keeps_the_first_failure_and_collapse_only_after_a_spread_start():
@@ -39,7 +40,7 @@ def test_guard_keeps_the_first_failure_and_collapse_only_after_a_spread_start():
     guard.note_loss(torch.tensor(float("inf")), step=4)
     guard.note_embeddings(torch.ones(4, 4), step=5)  # every row the same direction: mean cosine 1
     event = guard.first()
-    assert (event.kind, event.step) == ("loss", 3) and event.value != event.value
+    assert (event.kind, event.step) == ("loss", 3) and math.isnan(event.value)
     late = DivergenceGuard(max_mean_cosine=0.99)
     late.note_embeddings(torch.ones(4, 4) + 1e-3 * torch.eye(4), step=0)  # starts collapsed (an untrained model)
     late.note_embeddings(torch.ones(4, 4), step=1)
