@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from pathlib import Path
 
 BLOCK = 32 * 1024
@@ -30,6 +31,9 @@ def read_records(path: str | Path, timeout_s: float = 60.0) -> list:
 
 
 def _parse(path: str | Path) -> list:
+    """The records written so far. The service process may be mid-write (seen on CI: ``finish()`` returned, the
+    last record half on disk), so parsing stops at the first record that is cut short or fails its CRC
+    (crc32 of the type byte + payload), and ``read_records`` reads again until the ``exit`` record is there."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(path).read_bytes()
@@ -40,11 +44,14 @@ def _parse(path: str | Path) -> list:
         if left_in_block < 7:  # block trailer padding
             pos += left_in_block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         payload = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
         if kind == 0 and length == 0:
+            pos += 7
             continue
+        if len(payload) < length or zlib.crc32(bytes([kind]) + payload) != crc:
+            break  # the writer has not finished this record yet
+        pos += 7 + length
         pending = payload if kind in (1, 2) else pending + payload
         if kind in (1, 4):
             record = pb.Record()
