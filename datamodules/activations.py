@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.base import (
     DataError,
+    ResumesMidEpoch,
     StorageError,
     load_hub_dataset,
     looks_like_hub_name,
@@ -511,6 +512,7 @@ class BatchRowSampler(DistributedSampler):
                  rank: int = 0, world: int = 1) -> None:
         self.rows, self.batch_size, self.shuffle, self.seed = rows, batch_size, shuffle, seed
         self.drop_last, self.rank, self.num_replicas, self.epoch = drop_last, rank, world, 0
+        self.skip = 0  # batches of the next epoch already trained on by an interrupted run
         n_batches = len(rows) // batch_size if drop_last or world > 1 else -(-len(rows) // batch_size)
         self.n_local = n_batches // world
 
@@ -521,12 +523,13 @@ class BatchRowSampler(DistributedSampler):
         rows = self.rows
         if self.shuffle:
             rows = rows[np.random.default_rng([self.seed, self.epoch]).permutation(len(rows))]
-        for j in range(self.n_local):
+        skip, self.skip = self.skip, 0
+        for j in range(skip, self.n_local):
             i = j * self.num_replicas + self.rank
             yield rows[i * self.batch_size : (i + 1) * self.batch_size]
 
 
-class ActivationsDataModule(pl.LightningDataModule):
+class ActivationsDataModule(ResumesMidEpoch, pl.LightningDataModule):
     """Encoder activations (token or sentence vectors) for sparse autoencoders, cached on disk.
 
     ``prepare_data`` (rank 0) builds or resumes the cache; ``setup`` opens it and checks its identity; batches are
@@ -752,7 +755,11 @@ class ActivationsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.train_rows, self.shuffle, drop_last=True)
+        loader = self._loader(self.train_rows, self.shuffle, drop_last=True)
+        if (resume := self.pop_resume()) is not None:
+            loader.sampler.set_epoch(resume[0])
+            loader.sampler.skip = resume[1]
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()

@@ -289,7 +289,31 @@ class LengthGroupedSampler(ResumableSampler):
         return out
 
 
-class TextDataModule(pl.LightningDataModule):
+class ResumesMidEpoch:
+    """Datamodule mixin: every checkpoint (a preemption one too) records where the training loop is in its epoch,
+    and a resumed run's first training sampler starts after the batches the interrupted run already trained on
+    (Lightning itself restarts a non-stateful loader at the epoch's first batch)."""
+
+    _resume: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict:
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches": progress.processed, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            self.seed = state_dict.get("seed", self.seed)
+            self._resume = (state_dict["epoch"], state_dict["batches"])
+
+    def pop_resume(self) -> tuple[int, int] | None:
+        """(epoch, batches already trained in it) once after a resume, then None."""
+        resume, self._resume = self._resume, None
+        return resume
+
+
+class TextDataModule(ResumesMidEpoch, pl.LightningDataModule):
     """Base for datamodules whose training rows are tuples of texts.
 
     Subclasses implement :meth:`load_rows` (texts, validated) and :attr:`source_name`. Tokenisation happens once,
@@ -349,7 +373,6 @@ class TextDataModule(pl.LightningDataModule):
         self.max_rows = max_rows
         self.pin_memory = pin_memory
         self.seed = seed
-        self._resume: dict | None = None
         self._sampler: ResumableSampler | None = None
         self.tokenizer = None
         self.max_length: int | None = None
@@ -413,10 +436,10 @@ class TextDataModule(pl.LightningDataModule):
             sampler = LengthGroupedSampler(dataset, lengths, self.batch_size, self.length_group_batches, **kwargs)
         else:
             sampler = ResumableSampler(dataset, **kwargs)
-        if self._resume is not None:
-            sampler.set_epoch(self._resume["epoch"])
-            sampler.skip = self._resume["batches"] * self.batch_size
-            self._resume = None
+        if (resume := self.pop_resume()) is not None:
+            epoch, batches = resume
+            sampler.set_epoch(epoch)
+            sampler.skip = batches * self.batch_size
         self._sampler = sampler
         return DataLoader(
             dataset,
@@ -428,20 +451,6 @@ class TextDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collator(),
         )
-
-    # ------------------------------------------------------------------------------------- mid-epoch resume
-    def state_dict(self) -> dict:
-        """Where the training loop is in the epoch; saved in every checkpoint (also a preemption one)."""
-        if self.trainer is None:
-            return {}
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches": progress.processed, "seed": self.seed}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """On resume, the next training epoch starts after the batches the interrupted run already trained on."""
-        if state_dict:
-            self.seed = state_dict.get("seed", self.seed)
-            self._resume = {"epoch": state_dict["epoch"], "batches": state_dict["batches"]}
 
     def collator(self):
         """The training DataLoader's ``collate_fn``; datamodules whose rows carry more than token ids override it."""

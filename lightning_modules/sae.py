@@ -208,7 +208,11 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
         self.sae.project_decoder_grad()
         super().on_before_optimizer_step(optimizer)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # Unit decoder rows right after the update, inside the step: ModelCheckpoint saves in the callbacks'
+        # on_train_batch_end, which runs before the module's, so renormalising there left the saved decoder
+        # unnormalised and a resumed run drifted from an uninterrupted one.
+        super().optimizer_step(*args, **kwargs)
         self.sae.normalize_decoder()
 
     def _reduce(self, t: Tensor, op: str) -> Tensor:

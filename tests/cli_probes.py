@@ -25,3 +25,19 @@ class RecordBatches(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         fingerprint = hash(tuple(batch["input_ids"].flatten().tolist()))
         BATCHES.append((trainer.global_step, trainer.current_epoch, batch_idx, fingerprint))
+
+
+class KillAt(Callback):
+    """SIGKILLs its own process at the end of training step ``step`` (after the checkpoints of earlier steps): a
+    job killed by the cluster, at a known point, so the resumed run can be compared with an uninterrupted one."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+

@@ -118,6 +118,49 @@ def test_fit_killed_with_sigkill_resumes_at_the_saved_step(tmp_path, tiny_model,
     assert not list(ckpt_dir.glob(".*.tmp"))  # no temporary file of a killed write is left for resume to pick
 
 
+def recipe_args(kind: str, tmp_path: Path, model: str, sample_data: Path) -> list[str]:
+    """A small fit of each module family, checkpointing every 2 steps, deterministic (no dropout, seeded)."""
+    common = ["fit", "--seed_everything", "0", "--trainer.accelerator", "cpu", "--trainer.max_steps", "8",
+              "--trainer.max_epochs", "-1", "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.logger", "pytorch_lightning.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
+              *CKPT, f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}"]
+    sentences = str(sample_data / "sentences.txt")
+    if kind == "contrastive":
+        return [*common, "--model", "lightning_modules.ContrastiveModule", "--model.model_name_or_path", model,
+                "--model.pooler", "cls", "--model.lr", "1e-3", "--data", "datamodules.SentencesDataModule",
+                "--data.source", sentences, "--data.batch_size", "16"]
+    if kind == "mcr2":
+        return [*common, "--model", "lightning_modules.MCR2Module", "--model.model_name_or_path", model,
+                "--model.pooler", "mean", "--model.max_length", "16", "--model.out_dim", "8",
+                "--model.grouping", "kmeans", "--model.num_clusters", "3", "--model.lr", "1e-2",
+                "--data", "datamodules.GroupedTextDataModule", "--data.source", sentences, "--data.batch_size", "32"]
+    return [*common, "--model", "lightning_modules.SAEModule", "--model.expansion_factor", "2", "--model.k", "4",
+            "--model.threshold_start", "1", "--model.init_samples", "64", "--model.dead_after", "64",
+            "--data", "datamodules.ActivationsDataModule", "--data.model_name_or_path", model,
+            "--data.source", sentences, "--data.cache_dir", str(tmp_path.parent / "cache"), "--data.max_length", "32",
+            "--data.batch_size", "32", "--data.val_fraction", "0.1", "--data.encode_device", "cpu"]
+
+
+@pytest.mark.parametrize("kind", ["contrastive", "mcr2", "sae"])
+def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(
+        kind, tmp_path, tiny_model_no_dropout, sample_data):
+    straight = train.main(recipe_args(kind, tmp_path / "straight", tiny_model_no_dropout, sample_data))
+    args = recipe_args(kind, tmp_path / "killed", tiny_model_no_dropout, sample_data)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--trainer.callbacks+=cli_probes.KillAt",
+                           "--trainer.callbacks.step=5"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert torch.load(newest_complete([tmp_path / "killed"]), weights_only=False)["global_step"] == 4
+    resumed = train.main([*args, "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == straight.trainer.global_step == 8
+    want, got = straight.model.state_dict(), resumed.model.state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_model_folder_without_tokenizer_files_is_refused(tmp_path, tiny_model, sample_data):
     bare = tmp_path / "bare"
     bare.mkdir()
