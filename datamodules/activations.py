@@ -49,6 +49,7 @@ from datamodules.base import (
     looks_like_hub_name,
     read_json,
     resolve,
+    why_write_failed,
     write_atomic,
 )
 from datamodules.brown import UNIVERSAL_TAGS, read_brown
@@ -220,7 +221,7 @@ def save_atomic(path: Path, array: np.ndarray) -> None:
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise StorageError(f"could not write {path}: {err.strerror or err}") from None
+        raise StorageError(f"could not write {path}: {why_write_failed(err, path)}") from None
 
 
 @contextlib.contextmanager

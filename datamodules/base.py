@@ -21,6 +21,23 @@ class StorageError(OSError):
     """A file could not be written or read back (a full disk, a damaged file); the message names it."""
 
 
+def why_write_failed(err: OSError, path: Path) -> str:
+    """What an OSError from writing ``path`` means, in words: numpy's short-write error says only "N requested
+    and M written", so a (nearly) full filesystem is named from its free space."""
+    import errno
+    import shutil
+
+    if err.errno == errno.ENOSPC:
+        return "No space left on device"
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return str(err.strerror or err)
+    if free < 1 << 20:
+        return f"No space left on device ({free // 1024} KiB free; {err.strerror or err})"
+    return str(err.strerror or err)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file of this process and a rename: readers (another run,
     or this one after a crash or a full disk) see the old content or the new one, never a part. A failure names
@@ -36,7 +53,7 @@ def write_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise StorageError(f"could not write {path}: {err.strerror or err}") from None
+        raise StorageError(f"could not write {path}: {why_write_failed(err, path)}") from None
 
 
 def read_json(path: Path, what: str, remedy: str):

@@ -94,8 +94,8 @@ class GuardsDivergence(RecordsClassPath):
         if precision.startswith("16"):
             causes.append("float16 overflow (trainer.precision 16-mixed): use bf16-mixed or 32-true")
         if event.kind == "collapse":
-            causes.append("model.max_mean_cosine is below what this model starts at: raise it, or null to "
-                          "switch the collapse check off")
+            causes.append("if this model's sentences are really this alike, raise model.max_mean_cosine or set "
+                          "it to null (no collapse check)")
         return causes
 
 
@@ -131,7 +131,7 @@ class EmbeddingModule(GuardsDivergence, pl.LightningModule):
     encoder: Encoder
 
     def __init__(self, lr: float = 3e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.0,
-                 check_finite_every_n_steps: int = 50, max_mean_cosine: float | None = 0.999) -> None:
+                 check_finite_every_n_steps: int = 50, max_mean_cosine: float | None = 0.99) -> None:
         super().__init__()
         self.init_guard(check_finite_every_n_steps, max_mean_cosine)
         if not 0 <= warmup_ratio < 1:

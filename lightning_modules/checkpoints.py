@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from datamodules.base import DataError, StorageError
+from datamodules.base import DataError, StorageError, why_write_failed
 
 
 class ArtifactError(StorageError):
@@ -47,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         except OSError as err:
             tmp.unlink(missing_ok=True)
-            raise ArtifactError(f"could not write checkpoint {path}: {err.strerror or err}. The checkpoints "
+            raise ArtifactError(f"could not write checkpoint {path}: {why_write_failed(err, path)}. The checkpoints "
                                   "written before it are intact (resume with --ckpt_path last once the cause is "
                                   "fixed)") from None
 

@@ -51,7 +51,7 @@ class ContrastiveModule(EmbeddingModule):
         gradient_checkpointing: bool = False,
         compile: bool = False,
         check_finite_every_n_steps: int = 50,
-        max_mean_cosine: float | None = 0.999,
+        max_mean_cosine: float | None = 0.99,
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
                          check_finite_every_n_steps=check_finite_every_n_steps, max_mean_cosine=max_mean_cosine)

@@ -361,8 +361,8 @@ def evaluate_main(argv: list[str]) -> dict:
     if args.data_root is not None and not Path(args.data_root).is_dir():
         raise DataError(f"--data_root {args.data_root!r} is not a folder")
     start = time.perf_counter()
+    embedder = load_embedder(args.model, args.batch_size, args.max_length, args.device)  # refuses an SAE at once
     data = {t: task_subsets(t, args.data_root, args.text) for t in tasks}
-    embedder = load_embedder(args.model, args.batch_size, args.max_length, args.device)
     emb = SentenceEmbeddings(embedder, data)
     scores = {t: score_subsets(t, subsets, emb) for t, subsets in data.items()}
     result = to_json(scores, args.model, args.data_root, time.perf_counter() - start, args.text)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lightning_modules.base import CLASS_PATH_KEY, EmbeddingModule
-from lightning_modules.checkpoints import ArtifactError
+from lightning_modules.checkpoints import ArtifactError, why_write_failed
 from lightning_modules.components.encoder import pooler_report_filtered
 from lightning_modules.components.guard import DivergenceError
 
@@ -95,8 +95,8 @@ def writing_folder(output_dir: Path):
             os.replace(tmp, output_dir)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ArtifactError(f"could not write the export {output_dir}: {err.strerror or err}; nothing was "
-                            "replaced") from None
+        why = why_write_failed(err, output_dir)
+        raise ArtifactError(f"could not write the export {output_dir}: {why}; nothing was replaced") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -84,7 +84,7 @@ class MCR2Module(EmbeddingModule):
         cache_teacher: bool = True,
         cache_path: str | None = None,
         check_finite_every_n_steps: int = 50,
-        max_mean_cosine: float | None = 0.999,
+        max_mean_cosine: float | None = 0.99,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.0,

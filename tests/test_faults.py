@@ -1,8 +1,10 @@
 """Runs that go wrong say so: real faults (truncated files, diverging learning rates, a killed process), not mocks."""
 
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -10,12 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_train_cli import fit_args
 
 import train
-from datamodules.base import DataError, read_text
+from datamodules.base import DataError, StorageError, read_text
 from datamodules.sts import spearman100
 from lightning_modules.checkpoints import ArtifactError, damage, newest_complete
 from lightning_modules.components.guard import DivergenceError, DivergenceGuard
@@ -201,6 +204,22 @@ def test_damaged_cache_files_are_named(tmp_path):
         ActivationCache(cache)
 
 
+def test_an_invalid_identity_json_is_named_with_what_to_do(tmp_path, tiny_model_no_dropout, sample_data):
+    from datamodules.activations import ActivationsDataModule
+
+    def module() -> ActivationsDataModule:
+        return ActivationsDataModule(model_name_or_path=tiny_model_no_dropout, cache_dir=str(tmp_path / "cache"),
+                                     source=str(sample_data / "sentences.txt"), max_length=32, encode_device="cpu")
+
+    built = module()
+    built.prepare_data()
+    identity = built.cache_folder() / "identity.json"
+    identity.write_text(identity.read_text()[:40])  # cut short
+    with pytest.raises(DataError, match=r"identity.json: the cache's identity.json is damaged or incomplete .*"
+                                        r"delete .* to rebuild"):
+        module().prepare_data()
+
+
 def test_compressed_text_is_named_as_such(tmp_path):
     import gzip
 
@@ -232,3 +251,153 @@ def test_two_processes_building_one_cache_at_once_build_it_once(tmp_path, tiny_m
     from datamodules.activations import ActivationCache
 
     assert len(ActivationCache(folder)) > 0
+
+
+def one_line_error(args: list[str]) -> str:
+    """What `python train.py ARGS` prints after ``error:``, run in this process (a real subprocess costs seconds)."""
+    with pytest.raises((ValueError, OSError, RuntimeError)) as raised:
+        train.main(args)
+    message = train.user_error(raised.value)
+    assert message is not None, f"a traceback, not an error line: {raised.value!r}"
+    assert "\n" not in message.strip(), message
+    return message
+
+
+@pytest.fixture(scope="module")
+def sae_checkpoint(tmp_path_factory, tiny_model_no_dropout, sample_data) -> Path:
+    root = tmp_path_factory.mktemp("sae_ckpt")
+    args = recipe_args("sae", root / "run", tiny_model_no_dropout, sample_data)
+    args[args.index("--trainer.max_steps") + 1] = "2"
+    train.main(args)
+    return root / "run" / "ckpt" / "last.ckpt"
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("--model.k", "0", r"k = 0 must be between 1 and the dictionary size 64"),
+    ("--model.k", "5000", r"k = 5000 must be between 1 and the dictionary size"),
+    ("--model.expansion_factor", "0", r"expansion_factor"),
+    ("--trainer.max_steps", "-5", r"max_steps"),
+])
+def test_sae_option_mistakes_are_one_line_errors_naming_the_option(option, value, match, tmp_path,
+                                                                   tiny_model_no_dropout, sample_data):
+    args = recipe_args("sae", tmp_path, tiny_model_no_dropout, sample_data)
+    if option in args:
+        args[args.index(option) + 1] = value
+    else:
+        args += [option, value]
+    assert re.search(match, one_line_error(args)), one_line_error(args)
+
+
+def test_export_and_evaluate_mistakes_are_one_line_errors(sae_checkpoint, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert "notes.txt" in one_line_error(["export", "--ckpt_path", str(sae_checkpoint), "--output_dir", str(a_file)])
+    assert a_file.read_text() == "mine"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    assert "mine" in one_line_error(["export", "--ckpt_path", str(sae_checkpoint), "--output_dir", str(mine)])
+    out = tmp_path / "sae"
+    train.main(["export", "--ckpt_path", str(sae_checkpoint), "--output_dir", str(out)])
+    before = (out / "sae.safetensors").read_bytes()
+    assert "--overwrite" in one_line_error(["export", "--ckpt_path", str(sae_checkpoint), "--output_dir", str(out)])
+    train.main(["export", "--ckpt_path", str(sae_checkpoint), "--output_dir", str(out), "--overwrite", "true"])
+    assert (out / "sae.safetensors").read_bytes() == before and (mine / "thesis.tex").read_text() == "x"
+    for target in (sae_checkpoint, out):
+        assert "interpret" in one_line_error(["evaluate", "--model", str(target), "--tasks", "stsb"])
+
+
+def test_a_blank_line_in_an_sae_source_names_the_option_that_exists(tmp_path, tiny_model_no_dropout, sample_data):
+    text = tmp_path / "blank.txt"
+    text.write_text("a man is playing a guitar .\n\nthe dog is cleaning the car .\n" * 20)
+    args = recipe_args("sae", tmp_path, tiny_model_no_dropout, sample_data)
+    args[args.index("--data.source") + 1] = str(text)
+    message = one_line_error(args)
+    assert "blank.txt" in message and "data.skip_empty" in message
+    from datamodules import ActivationsDataModule
+
+    assert "skip_empty" in inspect.signature(ActivationsDataModule).parameters  # the hint names a real option
+
+
+def test_an_sae_at_a_diverging_learning_rate_stops_and_exports_nothing(tmp_path, tiny_model_no_dropout, sample_data):
+    args = recipe_args("sae", tmp_path, tiny_model_no_dropout, sample_data) + [
+        "--model.lr", "1e30", "--model.check_finite_every_n_steps", "2", "--trainer.callbacks+=callbacks.SAEReport"]
+    with pytest.raises(DivergenceError, match=r"training diverged at step \d+"):
+        train.main(args)
+    assert not list(tmp_path.rglob("sae.safetensors"))
+    for ckpt in (tmp_path / "ckpt").glob("*.ckpt"):
+        state = torch.load(ckpt, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
+
+
+@pytest.mark.data
+def test_a_collapsing_learning_rate_on_minilm_stops_with_the_collapse_named(minilm, tmp_path):
+    """lr 1e4 maps every sentence to one direction (loss ln(batch)) without any NaN: only the collapse check sees it."""
+    with pytest.raises(DivergenceError, match=r"at step 1: the embeddings collapsed: the mean cosine .* 0\.99"):
+        train.main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--trainer.max_steps", "6",
+                    "--model.model_name_or_path", minilm, "--model.lr", "1e4", "--model.check_finite_every_n_steps",
+                    "2", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+                    "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
+                    "--data.source", str(ROOT / "configs/quickstart_data/sentences.txt")])
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real full disk: a tmpfs of a few hundred KiB (needs root to mount; skipped otherwise), resizable in place
+    with ``resize(kib)`` so the test can 'free space' and go on with what is on it."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) to mount a small tmpfs (a real full filesystem)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+
+    def resize(kib: int) -> None:
+        options = f"size={kib}k" + (",remount" if os.path.ismount(mnt) else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"could not mount a tmpfs here: {done.stderr.decode().strip()}")
+
+    resize.path = mnt
+    yield resize
+    if os.path.ismount(mnt):
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_while_checkpointing_names_the_file_and_resume_goes_on_after_space_is_freed(
+        small_filesystem, tmp_path, tiny_model_no_dropout, sample_data):
+    small_filesystem(400)
+    ckpt_dir = small_filesystem.path / "ckpt"
+    args = recipe_args("contrastive", tmp_path, tiny_model_no_dropout, sample_data)
+    args[args.index(f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}")] = f"--trainer.callbacks.dirpath={ckpt_dir}"
+    message = one_line_error(args)
+    assert re.search(r"could not write checkpoint .*small/ckpt/\S+\.ckpt: No space left on device", message), message
+    written = list(ckpt_dir.glob("*.ckpt"))
+    assert written and all(damage(p) is None for p in written), written  # nothing half-written at a final path
+    assert not list(ckpt_dir.glob(".*.tmp"))
+    saved = torch.load(newest_complete([ckpt_dir]), weights_only=False)["global_step"]
+    small_filesystem(20_000)  # space freed
+    cli = train.main([*args, "--ckpt_path", "last"])
+    assert saved >= 2 and cli.trainer.global_step == 8
+
+
+def test_a_full_disk_while_caching_names_the_file_and_the_build_resumes_after_space_is_freed(
+        small_filesystem, tmp_path, tiny_model_no_dropout, sample_data):
+    from datamodules.activations import ActivationCache, ActivationsDataModule
+
+    def module(cache_dir: Path) -> ActivationsDataModule:
+        return ActivationsDataModule(model_name_or_path=tiny_model_no_dropout, cache_dir=str(cache_dir),
+                                     source=str(sample_data / "sentences.txt"), max_length=32, shard_sentences=40,
+                                     encode_device="cpu")
+
+    small_filesystem(120)
+    full = module(small_filesystem.path)
+    with pytest.raises(StorageError, match=r"could not write .*small/.*: No space left on device"):
+        full.prepare_data()
+    small_filesystem(20_000)
+    again = module(small_filesystem.path)
+    again.prepare_data()
+    reference = module(tmp_path / "big")
+    reference.prepare_data()
+    got, want = ActivationCache(again.cache_folder()), ActivationCache(reference.cache_folder())
+    assert len(got) == len(want) > 0
+    rows = np.arange(len(want))
+    torch.testing.assert_close(torch.as_tensor(got.gather(rows)), torch.as_tensor(want.gather(rows)))
