@@ -41,3 +41,15 @@ class KillAt(Callback):
 
             os.kill(os.getpid(), signal.SIGKILL)
 
+
+
+class DivergeOnOneRank(Callback):
+    """Records a NaN loss in the guard of rank ``rank`` only, at step ``step``: what one process of a DDP run sees
+    when only its shard of the batch goes bad. The other ranks must stop too, not wait for it forever."""
+
+    def __init__(self, rank: int = 1, step: int = 1) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            pl_module.guard.note_loss(torch.tensor(float("nan")), self.step)

@@ -401,3 +401,17 @@ def test_a_full_disk_while_caching_names_the_file_and_the_build_resumes_after_sp
     assert len(got) == len(want) > 0
     rows = np.arange(len(want))
     torch.testing.assert_close(torch.as_tensor(got.gather(rows)), torch.as_tensor(want.gather(rows)))
+
+
+def test_under_ddp_one_rank_diverging_stops_every_rank_with_the_error(tmp_path, tiny_model_no_dropout, sample_data):
+    args = recipe_args("contrastive", tmp_path, tiny_model_no_dropout, sample_data)
+    args += ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--model.check_finite_every_n_steps", "2",
+             "--trainer.callbacks+=cli_probes.DivergeOnOneRank"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    env.pop("EMBEDLAB_TRACEBACK", None)
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)  # a rank left waiting would hit the timeout
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert any("training diverged at step 1: the training loss is nan" in e for e in errors), errors
+    assert not list((tmp_path / "ckpt").glob("*step=2*"))  # the bad step's checkpoint was not written
