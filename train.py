@@ -44,9 +44,17 @@ class LogConfigToLoggers(SaveConfigCallback):
     def on_load_checkpoint(self, trainer: Trainer, pl_module, checkpoint: dict) -> None:
         # ModelCheckpoint restores its best-k and last-checkpoint state only when its dirpath equals the one saved:
         # a resumed run names the same folder absolutely (resume_config), the first run may have named it relatively
+        # too, and the paths it keeps must match its new absolute file names, or save_last writes last-v1.ckpt
+        def real(path):
+            return os.path.realpath(path) if isinstance(path, str) and path else path
+
         for state in checkpoint.get("callbacks", {}).values():
             if isinstance(state, dict) and isinstance(state.get("dirpath"), str):
-                state["dirpath"] = os.path.realpath(state["dirpath"])
+                for key in ("dirpath", "best_model_path", "kth_best_model_path", "last_model_path"):
+                    if key in state:
+                        state[key] = real(state[key])
+                if isinstance(state.get("best_k_models"), dict):
+                    state["best_k_models"] = {real(k): v for k, v in state["best_k_models"].items()}
 
 
 class EmbedLabCLI(LightningCLI):

@@ -415,3 +415,17 @@ def test_under_ddp_one_rank_diverging_stops_every_rank_with_the_error(tmp_path, 
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert any("training diverged at step 1: the training loss is nan" in e for e in errors), errors
     assert not list((tmp_path / "ckpt").glob("*step=2*"))  # the bad step's checkpoint was not written
+
+
+def test_a_resumed_run_with_relative_folders_keeps_writing_last_ckpt(tmp_path, tiny_model, sample_data, monkeypatch):
+    """The quickstart names its folders relatively; the resumed run's ModelCheckpoint names them absolutely. Its
+    restored state must still match, or save_last writes a last-v1.ckpt beside last.ckpt (and best-k is lost)."""
+    monkeypatch.chdir(tmp_path)
+    args = fit_args(Path("."), tiny_model, sample_data, "--trainer.callbacks+=ModelCheckpoint",
+                    "--trainer.callbacks.save_last=true", "--trainer.callbacks.every_n_train_steps=2")
+    train.main(args)  # checkpoints in lightning_logs/version_0/checkpoints, named relatively
+    cli = train.main([*args, "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 6
+    folder = Path("lightning_logs/version_0/checkpoints")
+    assert sorted(p.name for p in folder.glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 6
