@@ -186,7 +186,7 @@ def dense_reference(sae: BatchTopKSAE, x: torch.Tensor):
     xn = x / sae.input_scale
     pre = torch.relu((xn - p["b_dec"]) @ p["W_enc"].T + p["b_enc"])
     idx = pre.flatten().topk(cfg.k * x.shape[0]).indices
-    mask = torch.zeros(pre.numel(), dtype=torch.bool)
+    mask = torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device)
     mask[idx] = True
     x_hat = (pre * mask.view_as(pre)) @ p["W_dec"] + p["b_dec"]
     mse = (xn - x_hat).pow(2).sum(-1).mean()
