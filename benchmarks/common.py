@@ -1,4 +1,5 @@
-"""What every benchmark script shares: its command line's ``--threads`` option and writing its JSON result."""
+"""What every benchmark script shares: its command line's ``--threads`` option, writing its JSON result, and a
+random-weight BERT written on the spot (the GPU machines receive no pretrained weights)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,21 @@ def write_json(path: str | Path, result: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
+
+
+def write_random_bert(folder: Path, layers: int | None, hidden: int | None):
+    """A random-weight BERT (``BertConfig`` defaults unless shrunk) and a synthetic tokenizer; returns its config."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    config = BertConfig()
+    if layers:
+        config.num_hidden_layers = layers
+    if hidden:
+        config.hidden_size, config.intermediate_size = hidden, 4 * hidden
+        config.num_attention_heads = max(1, hidden // 64)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(config.vocab_size - 5)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return config

@@ -1,13 +1,18 @@
 """Training throughput of embedlab's SimCSE step vs sentence-transformers' own training, in one process.
 
-Both train all-MiniLM-L6-v2 on the same sentences with the same objective: unsupervised SimCSE is
-MultipleNegativesRankingLoss (scale 20 = 1 / temperature 0.05) on (sentence, sentence) pairs with dropout on.
+Both train the same encoder (all-MiniLM-L6-v2, or ``--model`` FOLDER, e.g. a random BERT-base) on the same
+sentences with the same objective: unsupervised SimCSE is MultipleNegativesRankingLoss (scale 20 = 1 / temperature
+0.05) on (sentence, sentence) pairs with dropout on.
 Same batch size, max length, precision, optimiser (AdamW) and learning rate. Each side is timed from the end of
 its warm-up steps to the end of its last step (data loading, forward, backward, optimiser step all included);
 rounds alternate between the two so machine noise hits both alike. Sentences per second counts each input
 sentence once (both sides encode it twice).
 
     python benchmarks/contrastive_throughput.py [--batch_size 64] [--steps 10] [--warmup 3] [--rounds 2] [--out F]
+                                                [--model NAME_OR_FOLDER] [--gpu_fast]
+
+``--gpu_fast`` gives the embedlab side the switches of configs/trainer/gpu_fast.yaml (read from that file: its
+model and data ``init_args`` and precision); sentence-transformers keeps its own defaults (bf16 on a GPU).
 
 Writes benchmarks/results/contrastive_throughput-<device>.json and prints a table.
 """
@@ -53,15 +58,28 @@ def rate(ends: list[float], warmup: int, batch_size: int) -> float:
     return (len(measured) - 1) * batch_size / (measured[-1] - measured[0])
 
 
+def gpu_fast_switches() -> tuple[dict, dict, str]:
+    """(model init_args, data init_args, precision) of configs/trainer/gpu_fast.yaml."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "trainer" / "gpu_fast.yaml").read_text())
+    return (cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]["precision"])
+
+
 def run_embedlab(sentences, args, accelerator: str, precision: str) -> float:
     from datamodules import SentencesDataModule
     from lightning_modules import ContrastiveModule
 
     path = ROOT / "benchmarks" / "results" / "_sentences.txt"
     path.write_text("\n".join(sentences) + "\n")
-    model = ContrastiveModule(MODEL, pooler="mean", max_length=args.max_length, lr=3e-5,
-                              attn_implementation=args.attn)
-    data = SentencesDataModule(str(path), batch_size=args.batch_size, shuffle=False)
+    model_kw, data_kw = {"attn_implementation": args.attn}, {}
+    if args.gpu_fast:
+        fast_model, fast_data, precision = gpu_fast_switches()
+        model_kw, data_kw = {**model_kw, **fast_model}, fast_data
+        if accelerator == "cpu":  # compile on CPU takes minutes (a smoke run of the script only)
+            model_kw["compile"], precision = False, "32-true"
+    model = ContrastiveModule(args.model, pooler="mean", max_length=args.max_length, lr=3e-5, **model_kw)
+    data = SentencesDataModule(str(path), batch_size=args.batch_size, shuffle=False, **data_kw)
     clock = StepClock()
     trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision,
                          max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
@@ -92,7 +110,7 @@ def run_sentence_transformers(sentences, args, use_cpu: bool, bf16: bool) -> flo
                 torch.cuda.synchronize()
             self.ends.append(time.perf_counter())
 
-    model = SentenceTransformer(resolve_model(MODEL), device="cpu" if use_cpu else "cuda")
+    model = SentenceTransformer(resolve_model(args.model), device="cpu" if use_cpu else "cuda")
     model.max_seq_length = args.max_length
     dataset = Dataset.from_dict({"anchor": sentences, "positive": sentences})
     clock = Clock()
@@ -117,6 +135,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--attn", default=None, help="attn_implementation for embedlab, e.g. sdpa")
+    ap.add_argument("--model", default=MODEL, help="hub name or folder (the same for both sides)")
+    ap.add_argument("--gpu_fast", action="store_true", help="embedlab with configs/trainer/gpu_fast.yaml's switches")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/contrastive_throughput-<tag>)")
     args = ap.parse_args()
 
@@ -132,7 +152,7 @@ def main() -> None:
     result = {
         "benchmark": "contrastive_throughput", "device": device, "precision": precision,
         "batch_size": args.batch_size, "max_length": args.max_length, "steps": args.steps, "warmup": args.warmup,
-        "data": source, "model": MODEL,
+        "data": source, "model": args.model, "gpu_fast": args.gpu_fast,
         "embedlab_sentences_per_s": ours, "sentence_transformers_sentences_per_s": theirs,
         "ratio_median": statistics.median(o / t for o, t in zip(ours, theirs)),
         "versions": {"torch": torch.__version__, "pytorch_lightning": pl.__version__,

@@ -45,9 +45,19 @@ def timed(fn, sentences: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def synthetic_sentences(n: int) -> list[str]:
+    import tempfile
+
+    from datamodules.sample import write_sample
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return sorted(set((write_sample(Path(tmp), n_sentences=n) / "sentences.txt").read_text().splitlines()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_root", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--model", default=MODEL, help="hub name or folder")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--suite", action="store_true", help="also time the 7-task STS evaluation")
@@ -57,15 +67,20 @@ def main() -> None:
 
     from sentence_transformers import SentenceTransformer
 
+    from datamodules.base import DataError
     from datamodules.sts import load_sts
     from lightning_modules import ContrastiveModule
     from lightning_modules.components.encoder import resolve_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pairs = load_sts("stsb", "test", args.data_root, hub=False)
-    sentences = sorted(set(pairs.sentences1) | set(pairs.sentences2))
-    st = SentenceTransformer(resolve_model(MODEL), device=device)
-    module = ContrastiveModule(MODEL, pooler="mean", mlp="none", max_length=st.max_seq_length).to(device)
+    try:
+        pairs = load_sts("stsb", "test", args.data_root, hub=False)
+        sentences, source = sorted(set(pairs.sentences1) | set(pairs.sentences2)), "STS-B test"
+    except DataError as err:  # no shared data (a GPU machine): the project's synthetic sentences
+        print(f"STS-B test unavailable ({err}); using the project's synthetic sentences")
+        sentences, source = synthetic_sentences(4000), "synthetic sample"
+    st = SentenceTransformer(resolve_model(args.model), device=device)
+    module = ContrastiveModule(args.model, pooler="mean", mlp="none", max_length=st.max_seq_length).to(device)
 
     def ours(s: list[str]) -> torch.Tensor:
         return module.encode(s, batch_size=args.batch_size)
@@ -91,7 +106,8 @@ def main() -> None:
         if device == "cuda"
         else f"cpu ({platform.processor() or 'cpu'})",
         "torch_threads": torch.get_num_threads(),
-        "model": MODEL,
+        "model": args.model,
+        "data": source,
         "sentences": len(sentences),
         "batch_size": args.batch_size,
         "max_length": st.max_seq_length,
@@ -119,7 +135,7 @@ def main() -> None:
         suite = evaluate_main(
             [
                 "--model",
-                MODEL,
+                args.model,
                 "--data_root",
                 args.data_root,
                 "--device",

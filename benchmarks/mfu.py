@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import add_threads, parse, write_json  # noqa: E402
+from common import add_threads, parse, write_json, write_random_bert  # noqa: E402
 
 #: Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's data sheets; matched in this order against
 #: ``torch.cuda.get_device_name()`` (all words of a key must occur in it).
@@ -63,24 +63,6 @@ def peak_flops(device_name: str) -> float | None:
         if all(word in device_name for word in key.split()):
             return peak
     return None
-
-
-def write_random_bert(folder: Path, layers: int | None, hidden: int | None):
-    """A random-weight BERT (``BertConfig`` defaults unless shrunk) and a synthetic tokenizer; returns its config."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    config = BertConfig()
-    if layers:
-        config.num_hidden_layers = layers
-    if hidden:
-        config.hidden_size, config.intermediate_size = hidden, 4 * hidden
-        config.num_attention_heads = max(1, hidden // 64)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(config.vocab_size - 5)]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
-    return config
 
 
 def step_flops(module, B: int, L: int, views: int = 2) -> dict[str, float]:

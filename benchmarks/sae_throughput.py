@@ -209,6 +209,7 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="an activation cache folder (real vectors for the SAE step)")
     ap.add_argument("--data_root", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    ap.add_argument("--d_in", type=int, default=384, help="width of the Gaussian vectors (without --cache)")
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=3, help="SAE steps per round")
     ap.add_argument("--rounds", type=int, default=4)
@@ -229,7 +230,7 @@ def main() -> None:
         rows = np.random.default_rng(0).choice(len(cache), min(len(cache), 200_000), replace=False)
         vectors, source = cache.gather(rows), f"cache {Path(args.cache).name} ({len(rows)} vectors)"
     else:
-        vectors, source = torch.randn(200_000, 384) * 0.5 + 0.1, "gaussian"
+        vectors, source = torch.randn(200_000, args.d_in) * 0.5 + 0.1, f"gaussian ({args.d_in}-d)"
     results = {"device": str(device), "cpu": platform.processor() or platform.machine(),
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "vectors": source, "sae": []}
     for spec in args.configs.split(","):

