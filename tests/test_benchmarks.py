@@ -105,3 +105,50 @@ def test_run_all_only_keeps_the_other_entries_of_the_same_size(tmp_path, monkeyp
                                       "--results", str(tmp_path)])
     run_all.main()  # another size: the small entries are not mixed in
     assert list(json.loads((tmp_path / f"{tag}.json").read_text())["benchmarks"]) == ["mcr2_step"]
+
+
+def test_gpu_summary_reads_each_target_from_its_step_and_marks_what_was_not_measured(tmp_path):
+    import gpu_summary
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "device.txt").write_text("NVIDIA H200\n")
+    (parts / "contrastive-large-fast.json").write_text(json.dumps({
+        "batch_size": 512, "ratio_median": 1.62, "embedlab_sentences_per_s": [9000.0],
+        "sentence_transformers_sentences_per_s": [5555.0]}))
+    (parts / "mfu.json").write_text(json.dumps({"peak_bf16_dense_tflops": 989.4, "results": [
+        {"batch_size": 64, "achieved_tflops": 200.0, "mfu": 0.2}, {"batch_size": 512, "achieved_tflops": 400.0,
+                                                                    "mfu": 0.404}]}))
+    (parts / "status.tsv").write_text("pytest\tok\t80\nmfu\tok\t30\nsae\ttimed out (120 s)\t120\n")
+    (parts / "pytest.xml").write_text('<testsuites><testsuite tests="10" failures="1" errors="0" skipped="0">'
+                                      '<testcase classname="tests.test_gpu" name="test_a"><failure/></testcase>'
+                                      '</testsuite></testsuites>')
+    gpu_summary.main([str(parts), str(tmp_path / "dest")])
+    summary = json.loads((tmp_path / "dest" / "gpu-nvidia-h200.json").read_text())
+    met = {t["target"].split(",")[0]: (t["value"], t["met"]) for t in summary["targets"]}
+    assert met["SimCSE step / sentence-transformers trainer"] == (1.62, True)
+    assert met["MFU of the SimCSE step"] == (0.404, False)
+    assert met["activation caching / bare forward"] == (None, None)  # the sae step timed out
+    assert summary["pytest"]["failed"] == ["tests.test_gpu::test_a"]
+    table = (tmp_path / "dest" / "gpu-nvidia-h200.md").read_text()
+    assert "| MFU of the SimCSE step, batch 512, BERT-base shapes | 0.40 | >= 0.45 | NO |" in table
+    assert "| sae | timed out (120 s) | 120 |" in table and "not measured" in table
+
+
+def test_device_wheels_keeps_the_requirements_that_apply_to_the_gpu_machine(tmp_path):
+    import zipfile
+
+    import device_wheels
+
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("demo-1.0.dist-info/METADATA", "\n".join([
+            "Metadata-Version: 2.1", "Name: demo", "Version: 1.0",
+            "Requires-Dist: always>=1", "Requires-Dist: old-python; python_version < '3.9'",
+            "Requires-Dist: windows-only; sys_platform == 'win32'",
+            "Requires-Dist: linux-only; sys_platform == 'linux'",
+            "Requires-Dist: extra-dep; extra == 'signatures'", "Requires-Dist: other-extra; extra == 'docs'"]) + "\n")
+    names = lambda extras: sorted(r.name for r in device_wheels.requirements(wheel, extras, "3.12"))  # noqa: E731
+    assert names(set()) == ["always", "linux-only"]
+    assert names({"signatures"}) == ["always", "extra-dep", "linux-only"]
+    assert device_wheels.canonical("Typing_Extensions") == device_wheels.canonical("typing-extensions")

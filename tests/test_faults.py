@@ -33,6 +33,11 @@ def test_spearman_of_non_finite_similarities_is_nan_not_a_number():
     assert math.isnan(spearman100([float("nan"), 0.2, 0.3], [1, 2, 3]))  # torchmetrics' ranking gave a number
 
 
+def rows_with_mean_cosine(c: float, n: int = 8) -> torch.Tensor:
+    """n unit rows whose pairwise cosines are all c: a shared direction plus orthogonal parts."""
+    return math.sqrt(c) * torch.eye(n + 1)[0] + math.sqrt(1 - c) * torch.eye(n + 1)[1:]
+
+
 def test_guard_keeps_the_first_failure_and_collapse_only_after_a_spread_start():
     guard = DivergenceGuard(max_mean_cosine=0.99)
     guard.note_loss(torch.tensor(1.0), step=0)
@@ -48,6 +53,12 @@ def test_guard_keeps_the_first_failure_and_collapse_only_after_a_spread_start():
     late.note_embeddings(torch.ones(4, 4) + 1e-3 * torch.eye(4), step=0)  # starts collapsed (an untrained model)
     late.note_embeddings(torch.ones(4, 4), step=1)
     assert late.first() is None
+    near_bound = DivergenceGuard(max_mean_cosine=0.99)  # a random encoder on unknown words: alike from the start
+    near_bound.note_embeddings(rows_with_mean_cosine(0.985), step=0)
+    near_bound.note_embeddings(rows_with_mean_cosine(0.993), step=1)  # over the bound, spread only halved
+    assert near_bound.first() is None
+    near_bound.note_embeddings(rows_with_mean_cosine(0.9990), step=2)  # spread 0.015 -> 0.001: collapsed
+    assert near_bound.first().step == 2
     spread_then_collapsed = DivergenceGuard(max_mean_cosine=0.99)
     spread_then_collapsed.note_embeddings(spread, step=0)
     spread_then_collapsed.note_embeddings(torch.ones(4, 4), step=7)
