@@ -148,7 +148,7 @@ def user_error(err: BaseException) -> str | None:
     return text if isinstance(err, known) else None
 
 
-if __name__ == "__main__":  # the guard matters: strategy="ddp" re-launches this script (pitfalls.md #9)
+if __name__ == "__main__":  # the guard matters: strategy="ddp" re-launches this script (docs/pitfalls.md #9)
     try:
         main()
     except (ValueError, OSError, RuntimeError) as err:

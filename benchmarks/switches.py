@@ -16,7 +16,7 @@ Each run is one epoch of exactly ``warmup + steps`` batches (the same sentences 
 end of its warm-up steps to its last step (compile's first-step compilation falls in the warm-up; on a GPU each step
 ends with a synchronisation); rounds repeat every setting in the same order, and the
 ratio is the median over rounds of (setting sentences/s) / (baseline sentences/s of the same round). Defaults: every
-switch on a GPU; on a CPU ``sdpa pad8 group workers`` (bf16 autocast and compile are slow on CPU, pitfalls.md #10;
+switch on a GPU; on a CPU ``sdpa pad8 group workers`` (bf16 autocast and compile are slow on CPU, docs/pitfalls.md #10;
 name them to measure them anyway). Writes benchmarks/results/switches-<device>.json and prints a table.
 """
 

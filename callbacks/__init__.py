@@ -1,4 +1,4 @@
-"""Callbacks. They reach a module only through ``encode`` / ``encoder`` (see design.md)."""
+"""Callbacks. They reach a module only through ``encode`` / ``encoder`` (see docs/design.md)."""
 
 from callbacks.export import ExportOnFitEnd
 from callbacks.interpret import InterpretSAE

@@ -1,4 +1,4 @@
-"""The SAE interpretability suite (methods.md 5) as a callback: at the end of fit, and on demand through
+"""The SAE interpretability suite (docs/methods.md 5) as a callback: at the end of fit, and on demand through
 :meth:`InterpretSAE.run` or ``python train.py interpret`` (same code, same files, same logged keys)."""
 
 from __future__ import annotations

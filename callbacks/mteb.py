@@ -55,7 +55,7 @@ def _get_task(name: str, eval_splits: Sequence[str] | None):
 
 
 def module_encoder(module: pl.LightningModule, batch_size: int, name: str, revision: str):
-    """MTEB's encoder interface over ``module.encode(list[str]) -> (N, D)`` (pitfalls.md #6).
+    """MTEB's encoder interface over ``module.encode(list[str]) -> (N, D)`` (docs/pitfalls.md #6).
 
     A subclass of ``mteb.models.abs_encoder.AbsEncoder`` (which supplies the similarity functions from
     ``mteb_model_meta``: cosine here), built here so that importing this file does not import mteb.
@@ -90,7 +90,7 @@ class MTEBEvaluator(pl.Callback):
     every rank holds the same value in ``trainer.callback_metrics`` and ``ModelCheckpoint(monitor=
     "mteb/STSBenchmark")`` or ``EarlyStopping`` work under DDP. MTEB's result cache is never used
     (``cache=None``): a cached result for the same model name would be returned instead of the current
-    weights' score (pitfalls.md #6). Each evaluation also goes to W&B as a table ``mteb/results`` (step, task,
+    weights' score (docs/pitfalls.md #6). Each evaluation also goes to W&B as a table ``mteb/results`` (step, task,
     split, subset, main score, every score as JSON) when a WandbLogger is attached.
 
     Offline, the STS tasks of :data:`LOCAL_STS` take their pairs from ``data_root`` and keep their official

@@ -203,8 +203,8 @@ class EmbeddingModule(GuardsDivergence, pl.LightningModule):
     def gather(self, x_BD: Tensor) -> tuple[Tensor, int]:
         """All rows of every rank with gradients flowing back to their owners: (world * B, D) and this rank's offset.
 
-        ``all_gather`` returns (world, B, D), or just the input when there is one process (pitfalls.md #3);
-        ``sync_grads=True`` is required for correct gradients (pitfalls.md #3).
+        ``all_gather`` returns (world, B, D), or just the input when there is one process (docs/pitfalls.md #3);
+        ``sync_grads=True`` is required for correct gradients (docs/pitfalls.md #3).
         """
         if self._trainer is None or self.trainer.world_size == 1:  # not attached (unit tests) or one process
             return x_BD, 0

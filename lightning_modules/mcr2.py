@@ -106,7 +106,7 @@ class MCR2Module(EmbeddingModule):
             raise ValueError(f"model.num_clusters must be >= 2, got {num_clusters}")
         self.save_hyperparameters()
         self.encoder = Encoder(model_name_or_path, pooler, "none", max_length, attn_implementation)
-        self.encoder.requires_grad_(False).eval()  # frozen teacher (pitfalls.md #2)
+        self.encoder.requires_grad_(False).eval()  # frozen teacher (docs/pitfalls.md #2)
         if in_dim is not None and in_dim != self.encoder.dim:
             raise ValueError(
                 f"configuration error: model.in_dim is {in_dim} but the teacher {model_name_or_path!r} gives "
@@ -164,7 +164,7 @@ class MCR2Module(EmbeddingModule):
 
     def extra_st_modules(self) -> list[nn.Module]:
         """The head as sentence-transformers modules: [Normalize] + one Dense per Linear (linear: Identity
-        activation, pitfalls.md #7; MLP: the hidden Dense carries the activation)."""
+        activation, docs/pitfalls.md #7; MLP: the hidden Dense carries the activation)."""
         from sentence_transformers.sentence_transformer.modules import Dense, Normalize
 
         modules: list[nn.Module] = [Normalize()] if self.head.normalize_input else []

@@ -8,7 +8,7 @@ Rank 0 writes {"params": state_dict after the step, "grads": gradients before it
 order (no shuffling), so 2 processes x batch B see the same SET of 2B rows as 1 process x batch 2B; the
 gathered order is rows 0, 2, 4, ..., 1, 3, 5, ... (DistributedSampler deals rows alternately), which matters to
 builders whose random draws are tied to row positions (HNM: tests/test_hncse.py feeds the single process that order).
-Run as a script: strategy="ddp" re-launches it (pitfalls.md #9).
+Run as a script: strategy="ddp" re-launches it (docs/pitfalls.md #9).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ export and the interpretability suite run when fit ends.
 
     python tests/sae_ddp_steps.py --cache DIR --devices 2 --steps 3 --out_dir OUT
 
-Run as a script: strategy="ddp" re-launches it (pitfalls.md #9).
+Run as a script: strategy="ddp" re-launches it (docs/pitfalls.md #9).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every recipe in configs/ parses and runs a few steps on the tiny model with local data (design.md)."""
+"""Every recipe in configs/ parses and runs a few steps on the tiny model with local data (docs/design.md)."""
 
 from pathlib import Path
 
@@ -82,7 +82,7 @@ def test_trainer_overrides_parse(override, capsys):
 
 
 #: What turns a GPU trainer override into a CPU one here; compile is also switched off (minutes on CPU,
-#: pitfalls.md #10: tests/test_fast_paths.py compiles one tiny forward instead).
+#: docs/pitfalls.md #10: tests/test_fast_paths.py compiles one tiny forward instead).
 CPU_ARGS = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto",
             "--trainer.precision=32-true"]
 

@@ -1,4 +1,4 @@
-"""One optimiser step on 2 CPU processes x batch B equals one step on 1 process x batch 2B (methods.md section 1)."""
+"""One optimiser step on 2 CPU processes x batch B equals one step on 1 process x batch 2B (docs/methods.md 1)."""
 
 import random
 import subprocess

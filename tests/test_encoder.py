@@ -32,7 +32,7 @@ def test_masked_mean_ignores_padding():
 
 
 def test_dropout_is_active_after_loading(tiny_model):
-    """pitfalls.md #1: from_pretrained returns eval mode; SimCSE needs two different dropout views."""
+    """docs/pitfalls.md #1: from_pretrained returns eval mode; SimCSE needs two different dropout views."""
     enc = Encoder(tiny_model, pooler="cls")
     assert enc.model.training
     b = batch(enc, SENTENCES)

@@ -1,4 +1,4 @@
-"""HNCSE-PM and HNCSE-HNM candidate builders: against plain loops written from methods.md section 2, edge
+"""HNCSE-PM and HNCSE-HNM candidate builders: against plain loops written from docs/methods.md section 2, edge
 cases, DDP equivalence, configs."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from lightning_modules.losses.contrastive import Candidates, InBatchNegatives, V
 
 
 def loop_simcse_loss(z1, z2, z3, tau, alpha=1.0):
-    """SimCSE loss written row by row from methods.md section 1."""
+    """SimCSE loss written row by row from docs/methods.md section 1."""
     n = z1.shape[0]
     total = 0.0
     for i in range(n):

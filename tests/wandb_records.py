@@ -1,4 +1,4 @@
-"""Read what an offline W&B run logged (wandb 0.31 writes only ``run-<id>.wandb``; pitfalls.md #5).
+"""Read what an offline W&B run logged (wandb 0.31 writes only ``run-<id>.wandb``; docs/pitfalls.md #5).
 
 The file is a 7-byte header (":W&B", 2-byte magic, version) followed by LevelDB-log-style 32 KiB blocks of
 records (crc32 4 bytes, length 2 bytes little-endian, type 1 byte: 1 full, 2 first, 3 middle, 4 last), each

@@ -165,7 +165,7 @@ class Encoder(nn.Module):
             the RNG, so dropout masks and gradients are unchanged). Less memory, about one more forward pass.
         compile: ``torch.compile`` the transformer in place (``nn.Module.compile``, so parameter names and
             checkpoints are unchanged) with ``dynamic=True``: one graph serves every batch size and padded length.
-            For GPUs; on CPU compiling costs minutes (pitfalls.md #10).
+            For GPUs; on CPU compiling costs minutes (docs/pitfalls.md #10).
     """
 
     def __init__(
@@ -192,7 +192,7 @@ class Encoder(nn.Module):
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         self.model, self.tokenizer = load_pretrained(model_name_or_path, **kwargs)
         check_max_length(max_length, self.model, model_name_or_path)
-        # from_pretrained returns eval mode; SimCSE's dropout views need train mode (pitfalls.md #1).
+        # from_pretrained returns eval mode; SimCSE's dropout views need train mode (docs/pitfalls.md #1).
         self.model.train()
         if gradient_checkpointing:
             enable_checkpointing(self.model)

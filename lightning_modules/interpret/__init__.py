@@ -1,4 +1,4 @@
-"""Interpretability suite for SAEs over token activations (methods.md 5): plain functions, no Lightning."""
+"""Interpretability suite for SAEs over token activations (docs/methods.md 5): plain functions, no Lightning."""
 
 from lightning_modules.interpret.browser import write_feature_browser
 from lightning_modules.interpret.codes import SparseCodes, encode_sparse

@@ -1,4 +1,4 @@
-"""A static feature browser (methods.md 5d): ONE self-contained HTML file, opened from disk, no server or network.
+"""A static feature browser (docs/methods.md 5d): ONE self-contained HTML file, opened from disk, no server or network.
 
 Each feature is a row: id, label, purity, energy, firing count, pooling contribution / survival, seed stability,
 POS profile, activation histogram (inline SVG) and top contexts with the activating token highlighted. A search box

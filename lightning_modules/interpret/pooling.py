@@ -1,4 +1,4 @@
-"""How SAE features survive or cancel under mean pooling (Tehenan et al., arXiv 2506.04373; methods.md 5a).
+"""How SAE features survive or cancel under mean pooling (Tehenan et al., arXiv 2506.04373; docs/methods.md 5a).
 
 For a sentence with token vectors x_t (t = 1..T, the tokens the pooling averages), SAE codes z_t (input units),
 decoder rows d_i (unit norm) and decoder bias b = s * b_dec (``BatchTopKSAE.decode``: x_hat = z W_dec + s b_dec)::

@@ -1,4 +1,4 @@
-"""Part-of-speech labels of SAE features (Tehenan et al., arXiv 2506.04373; methods.md 5a).
+"""Part-of-speech labels of SAE features (Tehenan et al., arXiv 2506.04373; docs/methods.md 5a).
 
 For each feature: its ``top_k`` (500) largest activations over the corpus, in decreasing order (ties: lower row
 first); the first ``n_unique`` (100) distinct words among them, in that order; each word's universal tag is the tag

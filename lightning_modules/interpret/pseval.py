@@ -1,5 +1,5 @@
 """PS-Eval (Minegishi et al., ICLR 2025, arXiv 2501.06254): does an SAE give a polysemous word's senses different
-features? (methods.md 5b)
+features? (docs/methods.md 5b)
 
 For each WiC pair the target word's token in each context is encoded by the SAE of a layer; the feature with the
 largest activation is the word's "feature" in that context, and the same feature in both contexts predicts "same

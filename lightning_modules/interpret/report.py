@@ -109,7 +109,7 @@ def interpret_sae(sae: BatchTopKSAE, cache: ActivationCache, sae_b: BatchTopKSAE
                   pooling: Literal["auto", "model", "words", "none"] = "auto",
                   groups: Literal["auto"] | tuple[tuple[str, ...], tuple[str, ...]] | None = "auto",
                   match: Literal["auto", "hungarian", "top_m"] = "auto") -> InterpretReport:
-    """Run the suite (methods.md 5a, 5c) over a token-level cache and return scalars and per-feature records.
+    """Run the suite (docs/methods.md 5a, 5c) over a token-level cache and return scalars and per-feature records.
 
     Args:
         sae: the SAE to analyse (its inference threshold must be set). sae_b: the same SAE trained with another seed

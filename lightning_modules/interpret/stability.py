@@ -1,5 +1,5 @@
 """Stability of a dictionary across seeds, and per-group feature mass (Papadimitriou et al., arXiv 2504.11695;
-methods.md 5c).
+docs/methods.md 5c).
 
 Stability: the decoder rows of two SAEs (unit norm after normalising) are matched one-to-one to maximise the sum of
 cosines (Hungarian algorithm; signs kept: a row and its negation are opposite features, since codes are >= 0), and

@@ -7,7 +7,7 @@ argument and reuse SimCSE's candidate set (:class:`~lightning_modules.losses.con
 - :class:`HardNegativeMixing` (HNCSE-HNM) appends synthetic negatives mixed from each anchor's top-k hardest
   negatives (in the spirit of MoCHi, Kalantidis et al. 2020).
 
-The specification is ``shared/docs/methods.md`` section 2; ``S = cos(z1, z2^T) / tau``.
+The specification is ``docs/methods.md`` section 2; ``S = cos(z1, z2^T) / tau``.
 
 Hardest negatives are searched in the GLOBAL batch (every rank's rows, gathered with gradients), so a run on
 W processes x B rows computes what one process x W*B rows computes. Random draws (HNM's pairs and alphas) are
@@ -34,7 +34,7 @@ Where this implementation deliberately differs from the authors' code, and how t
 - HNM's alpha: fixed 0.5 as in HNCSE (``alpha: 0.5``), or drawn per synthetic negative from U(0, 1) as in
   MoCHi (``alpha_uniform: true``).
 - The synthetic negatives mix the raw embeddings and are then normalised (``g = normalize(alpha z_a +
-  (1 - alpha) z_b)``), as written in methods.md; MoCHi mixes unit vectors.
+  (1 - alpha) z_b)``), as written in docs/methods.md; MoCHi mixes unit vectors.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sparse-autoencoder objectives and metrics as pure tensor functions (Bussmann et al. 2024, methods.md §4).
+"""Sparse-autoencoder objectives and metrics as pure tensor functions (Bussmann et al. 2024, docs/methods.md §4).
 
 Names follow dictionary_learning: ``x_BD`` inputs, ``x_hat_BD`` reconstructions, ``e_BD = x - x_hat`` residuals.
 """
