@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from common import write_json  # noqa: E402
 
 from datamodules.activations import ActivationsDataModule  # noqa: E402
-from lightning_modules.sae import FVU, SAEModule  # noqa: E402
+from lightning_modules.sae import FVU, PrefixFVU, SAEModule  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -60,25 +60,34 @@ def evaluate(module: SAEModule, dm: ActivationsDataModule) -> dict:
     """Held-out metrics with the inference threshold, accumulated exactly over all vectors."""
     sae = module.sae.eval()
     fvu = FVU(sae.cfg.d_in)
+    prefix = PrefixFVU(sae.cfg.d_in, len(sae.cfg.matryoshka_widths))
     counts = torch.zeros(sae.num_latents, dtype=torch.long)
     n_active, n_rows, sq_norm = 0, 0, 0.0
     for x in dm.val_dataloader():
         out = sae(x)
         fvu.update(x, out.x_hat)
+        if out.prefix_mse is not None:  # Matryoshka: each prefix's error, back in input units
+            prefix.update(x, out.prefix_mse * x.shape[0] * sae.input_scale**2)
         counts += torch.bincount(out.latents, minlength=sae.num_latents)
         n_active += out.acts.numel()
         n_rows += x.shape[0]
         sq_norm += float((x - out.x_hat).pow(2).sum())
     value = float(fvu.compute())
-    return {"val_vectors": n_rows, "fvu": value, "explained_variance": 1 - value, "l0": n_active / n_rows,
-            "never_active_fraction": float((counts == 0).float().mean()),
-            "mse_per_vector": sq_norm / n_rows}
+    result = {"val_vectors": n_rows, "fvu": value, "explained_variance": 1 - value, "l0": n_active / n_rows,
+              "never_active_fraction": float((counts == 0).float().mean()),
+              "mse_per_vector": sq_norm / n_rows}
+    if sae.cfg.matryoshka_widths:
+        result["prefix_fvu"] = {w: float(v) for (w, _), v in zip(sae.cfg.levels, prefix.compute())}
+    return result
 
 
-def run(expansion: int, k: int, dm: ActivationsDataModule, args) -> dict:
-    pl.seed_everything(0)
-    module = SAEModule(expansion_factor=expansion, k=k, dead_after=args.dead_after,
-                       threshold_start=args.threshold_start, threshold_beta=args.threshold_beta, init_samples=65536)
+def run(expansion: int, k: int, dm: ActivationsDataModule, args, seed: int = 0, **module_kw) -> dict:
+    """Train one SAE (``module_kw``: further SAEModule options, e.g. Matryoshka widths) and score it held out;
+    the trained module is returned under ``"module"``."""
+    pl.seed_everything(seed)
+    module = SAEModule(expansion_factor=expansion, k=k, dead_after=args.dead_after, seed=seed,
+                       threshold_start=args.threshold_start, threshold_beta=args.threshold_beta, init_samples=65536,
+                       **module_kw)
     steps_per_epoch = len(dm.train_rows) // dm.batch_size
     max_steps = steps_per_epoch * args.epochs
     if args.max_tokens:
@@ -104,7 +113,7 @@ def run(expansion: int, k: int, dm: ActivationsDataModule, args) -> dict:
         from lightning_modules.export import export_sae
 
         export_sae(module, Path(args.export_dir) / f"minilm_brown_{expansion}x_k{k}")
-    return result
+    return {**result, "module": module}
 
 
 def main() -> None:
@@ -152,6 +161,7 @@ def main() -> None:
     for spec in args.configs.split(","):
         expansion, k = map(int, spec.split("x"))
         r = run(expansion, k, dm, args)
+        r.pop("module")
         results["runs"][spec] = r
         write_json(out_path, results)
         print(f"{spec:>6}: F={r['num_latents']:>5} k={k:>2} tokens={r['train_tokens']:>8} ({r['epochs']:.2f} ep, "

@@ -18,7 +18,7 @@ from torchmetrics import Metric
 from datamodules.base import DataError
 from lightning_modules.base import GuardsDivergence, can_fuse
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
-from lightning_modules.losses.sae import dead_fraction, mean_cosine
+from lightning_modules.losses.sae import dead_fraction, mean_cosine, total_variance
 
 
 class FVU(Metric):
@@ -43,6 +43,21 @@ class FVU(Metric):
 
     def compute(self) -> Tensor:
         return self.sse / (self.sum_sq - self.sum_x.pow(2).sum() / self.n)
+
+
+class PrefixFVU(FVU):
+    """:class:`FVU` of each Matryoshka prefix at once: ``update`` takes the prefixes' summed squared errors (L,)."""
+
+    def __init__(self, dim: int, levels: int) -> None:
+        super().__init__(dim)
+        self.add_state("sse", torch.zeros(levels, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, x_BD: Tensor, sse_L: Tensor) -> None:
+        x = x_BD.double()
+        self.sse += sse_L.double()
+        self.sum_x += x.sum(0)
+        self.sum_sq += x.pow(2).sum()
+        self.n += x.shape[0]
 
 
 class LatentCounts(Metric):
@@ -87,8 +102,10 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
     Args:
         d_in: input dimension; None takes it from the datamodule (``dim``) and records it in the hyper-parameters.
         expansion_factor, num_latents, k, k_aux, aux_coef, dead_after, aux_detach, aux_normalize, threshold_beta,
-            threshold_start, normalize_input, b_dec_init, candidates_per_row: see
-            :class:`~lightning_modules.components.batch_topk.BatchTopKConfig`.
+            threshold_start, normalize_input, b_dec_init, candidates_per_row, matryoshka_widths,
+            matryoshka_weights: see :class:`~lightning_modules.components.batch_topk.BatchTopKConfig` (null
+            Matryoshka lists: the plain SAE). A Matryoshka SAE also logs ``sae/prefix_fvu/<width>`` in training and
+            ``val/sae/prefix_fvu/<width>`` (exact over the split) in validation.
         lr: Adam learning rate; None uses ``2e-4 / sqrt(F / 2**14)`` (dictionary_learning / sparsify scaling).
         warmup_ratio: fraction of the steps with a linear warm-up from 0.
         decay_ratio: fraction of the steps at the end with a linear decay to 0 (dictionary_learning: last 20%).
@@ -115,6 +132,8 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
         normalize_input: bool = True,
         b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median",
         candidates_per_row: int = 4,
+        matryoshka_widths: list[int | float] | None = None,
+        matryoshka_weights: list[float] | None = None,
         lr: float | None = None,
         warmup_ratio: float = 0.05,
         decay_ratio: float = 0.2,
@@ -136,7 +155,10 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
 
     def _sae_config(self, d_in: int) -> BatchTopKConfig:
         names = set(BatchTopKConfig.__dataclass_fields__) - {"d_in"}
-        return BatchTopKConfig(d_in=d_in, **{n: self.hparams[n] for n in names})
+        values = {n: self.hparams[n] for n in names}
+        for name in ("matryoshka_widths", "matryoshka_weights"):
+            values[name] = list(values[name] or [])
+        return BatchTopKConfig(d_in=d_in, **values)
 
     def _build(self, d_in: int) -> None:
         try:
@@ -146,6 +168,7 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
         self.sae = BatchTopKSAE(cfg)
         self.val_fvu = FVU(d_in)
         self.val_counts = LatentCounts(self.sae.num_latents)
+        self.val_prefix_fvu = PrefixFVU(d_in, len(cfg.matryoshka_widths))
 
     # --------------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -202,6 +225,10 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
             "sae/aux_loss": out.aux_loss.detach(),
             "sae/threshold": torch.where(sae.threshold >= 0, sae.threshold * sae.input_scale, sae.threshold),
         }, on_step=True, on_epoch=False)
+        if out.prefix_mse is not None:  # Matryoshka: each prefix's FVU on this batch (normalised units)
+            variance = total_variance(x_BD.to(sae.W_enc) / sae.input_scale)
+            self.log_dict({f"sae/prefix_fvu/{w}": v for (w, _), v in zip(sae.cfg.levels, out.prefix_mse.detach()
+                                                                             / variance)}, on_step=True, on_epoch=False)
         return out.loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -232,6 +259,8 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
         out = self.sae(x_BD)  # eval mode: the threshold
         self.val_fvu.update(x_BD, out.x_hat)
         self.val_counts.update(out.latents, x_BD.shape[0])
+        if out.prefix_mse is not None:  # back to input units, summed over rows
+            self.val_prefix_fvu.update(x_BD, out.prefix_mse.detach() * x_BD.shape[0] * self.sae.input_scale**2)
         self.log("val/sae/cosine", mean_cosine(x_BD.float(), out.x_hat.float()), on_epoch=True, sync_dist=True,
                  batch_size=x_BD.shape[0])
 
@@ -240,8 +269,12 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
         counts = self.val_counts.compute()
         self.log_dict({"val/sae/fvu": value, "val/sae/explained_variance": 1 - value,
                        "val/sae/l0": counts["l0"].float(), "val/sae/dead_fraction": counts["dead_fraction"]})
+        if self.sae.cfg.matryoshka_widths:
+            prefix = self.val_prefix_fvu.compute()
+            self.log_dict({f"val/sae/prefix_fvu/{w}": v.float() for (w, _), v in zip(self.sae.cfg.levels, prefix)})
         self.val_fvu.reset()
         self.val_counts.reset()
+        self.val_prefix_fvu.reset()
 
     # --------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self):

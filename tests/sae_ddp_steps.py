@@ -25,12 +25,14 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out_dir", required=True)
+    ap.add_argument("--matryoshka_widths", type=float, nargs="*", default=None, help="fractions: a Matryoshka SAE")
     args = ap.parse_args()
 
     pl.seed_everything(0)
     data = ActivationsDataModule(model_name_or_path=args.model_dir, source=args.source, cache_path=args.cache,
                                  batch_size=32, max_length=32)
-    model = SAEModule(expansion_factor=2, k=4, dead_after=64, threshold_start=1, init_samples=256)
+    model = SAEModule(expansion_factor=2, k=4, dead_after=64, threshold_start=1, init_samples=256,
+                      matryoshka_widths=args.matryoshka_widths)
     # the end-of-fit writers resolve <log_dir> on every rank (a broadcast) and write on rank 0 only
     from pytorch_lightning.loggers import CSVLogger
 

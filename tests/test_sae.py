@@ -188,8 +188,13 @@ def dense_reference(sae: BatchTopKSAE, x: torch.Tensor):
     idx = pre.flatten().topk(cfg.k * x.shape[0]).indices
     mask = torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device)
     mask[idx] = True
-    x_hat = (pre * mask.view_as(pre)) @ p["W_dec"] + p["b_dec"]
-    mse = (xn - x_hat).pow(2).sum(-1).mean()
+    codes = pre * mask.view_as(pre)
+    # Matryoshka: prefix j decodes the codes of latents < width_j; the plain SAE is the one level (F, 1.0)
+    latent = torch.arange(pre.shape[1], device=pre.device)
+    recon = sum(w * (xn - (codes * (latent < width)) @ p["W_dec"] - p["b_dec"]).pow(2).sum(-1).mean()
+                for width, w in cfg.levels)
+    x_hat = codes @ p["W_dec"] + p["b_dec"]
+    mse = recon
     dead = sae.tokens_since_fired >= cfg.dead_after
     ranked = torch.where(dead, pre, torch.full_like(pre, -1.0)).topk(min(cfg.aux_k, int(dead.sum())), dim=1).indices
     aux_mask = torch.zeros_like(pre, dtype=torch.bool).scatter(1, ranked, True) & dead
@@ -222,6 +227,91 @@ def test_sparse_gradients_equal_dense_autograd(aux_detach, aux_normalize, scale)
     torch.testing.assert_close(out.loss, loss)
     for name, param in sae.named_parameters():
         torch.testing.assert_close(param.grad, grads[name], msg=name)
+
+
+# ------------------------------------------------------------------------------------------- Matryoshka
+def hand_matryoshka(widths, weights=(), aux: bool = True, seed: int = 0) -> tuple[BatchTopKSAE, torch.Tensor]:
+    torch.manual_seed(seed)
+    cfg = BatchTopKConfig(d_in=6, num_latents=12, k=3, k_aux=3, dead_after=5, aux_coef=0.25 if aux else 0.0,
+                          normalize_input=False, matryoshka_widths=list(widths), matryoshka_weights=list(weights))
+    sae = BatchTopKSAE(cfg).double().train()
+    with torch.no_grad():
+        sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+    sae.tokens_since_fired[[2, 9]] = 5
+    return sae, torch.randn(7, 6, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("widths, weights", [([2, 5, 12], [0.5, 0.3, 0.2]), ([4, 12], []), ([1, 11, 12], [0, 1, 2])])
+def test_matryoshka_loss_and_gradients_equal_the_nested_formula(widths, weights):
+    """Against dense autograd of sum_j w_j ||x - (codes * [latent < width_j]) W_dec - b_dec||^2, AuxK on."""
+    sae, x = hand_matryoshka(widths, weights)
+    out = sae(x)
+    out.loss.backward()
+    loss, grads = dense_reference(sae, x)
+    torch.testing.assert_close(out.loss, loss)
+    for name, param in sae.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name], msg=name)
+    assert out.prefix_mse.shape == (len(widths),)
+    plain = (x - out.x_hat).pow(2).sum(-1).mean()
+    torch.testing.assert_close(out.prefix_mse[-1], plain)  # the full prefix is the plain reconstruction
+
+
+def test_matryoshka_widths_as_fractions_of_the_dictionary():
+    cfg = BatchTopKConfig(d_in=8, expansion_factor=4, k=2, matryoshka_widths=[0.125, 0.5, 1.0])
+    assert cfg.matryoshka_widths == [4, 16, 32] and [w for w, _ in cfg.levels] == [4, 16, 32]
+    assert BatchTopKConfig(**{**cfg.to_dict()}).matryoshka_widths == [4, 16, 32]  # stored as sizes: round trip
+
+
+def test_matryoshka_weights_default_to_equal_shares_summing_to_one():
+    sae, x = hand_matryoshka([2, 5, 12], aux=False)
+    out = sae(x)
+    torch.testing.assert_close(out.loss, out.prefix_mse.mean())
+
+
+def test_a_one_level_matryoshka_is_the_plain_sae_exactly():
+    nested, x = hand_matryoshka([12])
+    plain, _ = hand_matryoshka([])
+    a, b = nested(x), plain(x)
+    a.loss.backward(), b.loss.backward()
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.x_hat, b.x_hat)
+    for (name, p), q in zip(nested.named_parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_matryoshka_prefixes_with_no_selected_latent_still_work():
+    sae, x = hand_matryoshka([1, 2, 12], aux=False)
+    with torch.no_grad():
+        sae.b_enc[:2] = -100.0  # latents 0 and 1 never fire: the first two groups are empty
+    out = sae(x)
+    out.loss.backward()
+    torch.testing.assert_close(out.prefix_mse[0], out.prefix_mse[1])
+    assert sae.W_dec.grad[:2].abs().max() == 0
+
+
+@pytest.mark.parametrize("widths, weights, match", [
+    ([4, 8], [], "end at the dictionary size 12"), ([8, 4, 12], [], "increase strictly"),
+    ([0, 12], [], "increase strictly"), ([4, 12], [1.0], "one non-negative weight per width"),
+    ([4, 12], [-1.0, 2.0], "non-negative"), ([4, 12], [0.0, 0.0], "not all zero"),
+])
+def test_bad_matryoshka_widths_or_weights_are_config_errors(widths, weights, match):
+    with pytest.raises(ValueError, match=match):
+        BatchTopKConfig(d_in=6, num_latents=12, k=3, matryoshka_widths=widths, matryoshka_weights=weights)
+
+
+def test_matryoshka_export_records_the_widths_and_inference_is_unchanged(tmp_path):
+    from lightning_modules.export import export_sae, load_sae
+
+    sae, x = hand_matryoshka([4, 12])
+    sae = sae.float()
+    sae.threshold.fill_(0.05)
+    export_sae(sae.eval(), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "cfg.json").read_text())["batch_topk"]
+    assert cfg["matryoshka_widths"] == [4, 12]
+    loaded = load_sae(tmp_path / "m")
+    assert loaded.cfg.matryoshka_widths == [4, 12]
+    torch.testing.assert_close(loaded.encode(x.float()), sae.encode(x.float()))
 
 
 # ------------------------------------------------------------------------------ initialisation, folding
@@ -334,6 +424,25 @@ def tiny_data(model: str, sample_data: Path, cache: Path, **kw):
                                  cache_path=str(cache), **{"batch_size": 64, "val_fraction": 0.1, **kw})
 
 
+def test_a_matryoshka_fit_logs_each_prefix_and_its_full_prefix_is_the_plain_fvu(tiny_model_no_dropout, sample_data,
+                                                                                 tiny_cache, tmp_path):
+    import pytorch_lightning as pl
+
+    from lightning_modules import SAEModule
+
+    pl.seed_everything(0)
+    model = SAEModule(expansion_factor=2, k=4, dead_after=256, threshold_start=3, lr=3e-3, init_samples=512,
+                      matryoshka_widths=[0.125, 0.5, 1.0], matryoshka_weights=[1.0, 1.0, 2.0])
+    trainer = pl.Trainer(accelerator="cpu", max_steps=8, val_check_interval=8, logger=False, log_every_n_steps=1,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, tiny_data(tiny_model_no_dropout, sample_data, tiny_cache))
+    m = trainer.callback_metrics
+    assert model.sae.cfg.matryoshka_widths == [8, 32, 64]
+    assert {f"sae/prefix_fvu/{w}" for w in (8, 32, 64)} <= set(m)
+    torch.testing.assert_close(m["val/sae/prefix_fvu/64"], m["val/sae/fvu"], rtol=1e-5, atol=1e-6)
+    assert m["val/sae/prefix_fvu/8"] > m["val/sae/prefix_fvu/64"]  # a few latents explain less than all of them
+
+
 def test_smoke_fit_on_a_tiny_encoder(tiny_model_no_dropout, sample_data, tiny_cache, tmp_path):
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
@@ -427,13 +536,14 @@ def test_recipe_runs_a_few_steps_on_a_tiny_encoder(config, tiny_model_no_dropout
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_keep_identical_parameters_and_buffers(tiny_model_no_dropout, sample_data, tiny_cache,
-                                                                 tmp_path):
+@pytest.mark.parametrize("matryoshka", [[], ["0.25", "0.5", "1.0"]], ids=["plain", "matryoshka"])
+def test_ddp_two_processes_keep_identical_parameters_and_buffers(matryoshka, tiny_model_no_dropout, sample_data,
+                                                                 tiny_cache, tmp_path):
     from datamodules.activations import ActivationCache
 
     cmd = [sys.executable, str(ROOT / "tests" / "sae_ddp_steps.py"), "--model_dir", tiny_model_no_dropout,
            "--source", str(sample_data / "sentences.txt"), "--cache", str(tiny_cache), "--devices", "2",
-           "--steps", "3", "--out_dir", str(tmp_path)]
+           "--steps", "3", "--out_dir", str(tmp_path)] + (["--matryoshka_widths", *matryoshka] if matryoshka else [])
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=600, capture_output=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for name in r0:
@@ -443,6 +553,8 @@ def test_ddp_two_processes_keep_identical_parameters_and_buffers(tiny_model_no_d
     assert r0["sae.steps"].item() == 3 and r0["sae.threshold"].item() > 0
     (run,) = (tmp_path / "csv").iterdir()  # one log folder, shared by the ranks
     assert (run / "sae" / "sae.safetensors").is_file() and (run / "sae" / "sae_metrics.json").is_file()
+    cfg = json.loads((run / "sae" / "cfg.json").read_text())["batch_topk"]
+    assert cfg["matryoshka_widths"] == ([16, 32, 64] if matryoshka else [])
     summary = json.loads((run / "interpret" / "summary.json").read_text())
     assert summary["interpret/n_tokens"] == len(ActivationCache(tiny_cache))
 

@@ -12,6 +12,12 @@ Training maths is sparse: only the selected (row, latent) entries get a gradient
 decoder run as ``embedding_bag`` gathers over ~k*B entries instead of dense (B, F) x (F, d) matmuls; the dense
 encoder matmul that scores all latents is the only O(B d F) step. :func:`sparse_code` is that autograd function;
 ``tests/test_sae.py`` checks its gradients against dense autograd.
+
+Matryoshka (Bussmann et al., arXiv 2503.17547) is configuration of this SAE, not another one: with nested widths
+``w_1 < ... < w_L = F`` the training loss is ``sum_j weight_j * ||x - x_hat_j||^2`` where ``x_hat_j`` decodes only
+the selected codes of latents ``< w_j`` (the same batch top-k over the whole dictionary). Each selected entry is
+decoded once, in the group of widths it falls in, and the prefixes are cumulative sums of the group outputs.
+Inference (the threshold) and every export are unchanged.
 """
 
 from __future__ import annotations
@@ -79,6 +85,14 @@ class BatchTopKConfig:
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     """Initial decoder bias, computed on the initialisation sample (after input scaling)."""
 
+    matryoshka_widths: list[int | float] = dataclasses.field(default_factory=list)
+    """Nested dictionary prefixes for the Matryoshka loss, increasing and ending at the dictionary size: sizes
+    (``[128, 512, 2048, 3072]``) or fractions of it as floats (``[0.125, 0.5, 1.0]``, rounded to sizes on
+    construction, so a recipe fits any model); empty: the plain BatchTopK loss. ``[F]`` is the plain loss exactly."""
+
+    matryoshka_weights: list[float] = dataclasses.field(default_factory=list)
+    """Weight of each prefix's reconstruction error; empty: equal weights summing to 1 (dictionary_learning)."""
+
     candidates_per_row: int = 4
     """Batch top-k is computed exactly from each row's ``candidates_per_row * k`` largest entries, falling back to
     the full flattened top-k when some row had all its candidates chosen; 0 always uses the full top-k."""
@@ -99,6 +113,24 @@ class BatchTopKConfig:
                              f"{self.threshold_beta}, {self.threshold_start}")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise ValueError(f"b_dec_init must be geometric_median, mean or zeros, got {self.b_dec_init!r}")
+        self.matryoshka_widths = [max(1, round(w * self.latents)) if isinstance(w, float) else w
+                                  for w in self.matryoshka_widths]
+        widths, weights = list(self.matryoshka_widths), list(self.matryoshka_weights)
+        if widths and (widths[-1] != self.latents or any(w < 1 for w in widths)
+                       or any(a >= b for a, b in zip(widths, widths[1:]))):
+            raise ValueError(f"matryoshka_widths must increase strictly from >= 1 and end at the dictionary size "
+                             f"{self.latents}, got {widths}")
+        if weights and (len(weights) != len(widths) or any(w < 0 for w in weights) or sum(weights) <= 0):
+            raise ValueError(f"matryoshka_weights must be one non-negative weight per width ({len(widths)}), not all "
+                             f"zero, got {weights}")
+
+    @property
+    def levels(self) -> list[tuple[int, float]]:
+        """(width, weight) of each Matryoshka prefix; the plain SAE is the single level (F, 1.0)."""
+        widths = list(self.matryoshka_widths) or [self.latents]
+        weights = list(self.matryoshka_weights) or ([1.0 / len(widths)] * len(widths) if self.matryoshka_widths
+                                                    else [1.0])
+        return list(zip(widths, weights))
 
     @property
     def latents(self) -> int:
@@ -142,6 +174,9 @@ class SAEOutput(NamedTuple):
     """AuxK loss (0 when no latent is dead, in eval mode, or with ``aux_coef = 0``)."""
     fired: Tensor
     """(F,) bool: latents active in this batch."""
+    prefix_mse: Tensor | None = None
+    """(L,) reconstruction error of each Matryoshka prefix (normalised units; the last is ``mse``); None for the
+    plain SAE."""
 
 
 # ------------------------------------------------------------------------------------------- sparse maths
@@ -202,26 +237,27 @@ def sampled_dot(a_BD: Tensor, b_FD: Tensor, rows: Tensor, cols: Tensor, offsets:
 
 
 class _SparseCode(torch.autograd.Function):
-    """``R = S W_dec`` with ``S[rows, cols] = relu(x_c W_enc^T + b_enc)[rows, cols]``, S zero elsewhere.
+    """``R = S W_dec`` with ``S[bag, col] = relu(x_c W_enc^T + b_enc)[row, col]`` over the selected entries.
 
-    The selection (rows, cols) is given; gradients flow to x_c, W_enc, b_enc and W_dec through the selected entries
-    only, computed with ``embedding_bag`` (gather-sum) kernels: no (B, F) tensor in the backward pass.
+    The selection (rows, cols) is given, and each entry adds into output row ``bags[i]`` (its input row for the
+    plain SAE; (row, Matryoshka group) for the nested one, so every prefix's part comes out of one pass). Gradients
+    flow to x_c, W_enc, b_enc and W_dec through the selected entries only, computed with ``embedding_bag``
+    (gather-sum) kernels: no (B, F) tensor in the backward pass.
     """
 
     @staticmethod
-    def forward(ctx, x_c_BD, W_enc, b_enc, W_dec, rows, cols, vals):
-        B = x_c_BD.shape[0]
-        offsets = row_offsets(rows, B)
-        recon_BD = F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals)
-        ctx.save_for_backward(x_c_BD, W_enc, W_dec, rows, cols, vals, offsets)
-        return recon_BD
+    def forward(ctx, x_c_BD, W_enc, b_enc, W_dec, rows, cols, vals, bags, n_bags):
+        bag_offsets = row_offsets(bags, n_bags)
+        recon_ND = F.embedding_bag(cols, W_dec, bag_offsets, mode="sum", per_sample_weights=vals)
+        ctx.save_for_backward(x_c_BD, W_enc, W_dec, rows, cols, vals, bags, bag_offsets)
+        return recon_ND
 
     @staticmethod
-    def backward(ctx, grad_BD):
-        x_c_BD, W_enc, W_dec, rows, cols, vals, offsets = ctx.saved_tensors
+    def backward(ctx, grad_ND):
+        x_c_BD, W_enc, W_dec, rows, cols, vals, bags, bag_offsets = ctx.saved_tensors
         F_ = W_enc.shape[0]
-        grad_BD = grad_BD.contiguous()
-        g_vals = sampled_dot(grad_BD, W_dec, rows, cols, offsets)
+        grad_ND = grad_ND.contiguous()
+        g_vals = sampled_dot(grad_ND, W_dec, bags, cols, bag_offsets)
         # Entries grouped by latent (S^T as bags of rows): the transposed bitmap gives (col, row) pairs in order, and
         # a binary search in the row-major flat indices maps each back to its entry.
         B = x_c_BD.shape[0]
@@ -230,23 +266,26 @@ class _SparseCode(torch.autograd.Function):
         col_rows = flat_T - cols_T * B
         by_col = torch.searchsorted(rows * F_ + cols, col_rows * F_ + cols_T)
         col_offsets = row_offsets(cols_T, F_)
-        grad_W_dec = F.embedding_bag(col_rows, grad_BD, col_offsets, mode="sum", per_sample_weights=vals[by_col])
+        grad_W_dec = F.embedding_bag(bags[by_col], grad_ND, col_offsets, mode="sum", per_sample_weights=vals[by_col])
         grad_W_enc = F.embedding_bag(col_rows, x_c_BD, col_offsets, mode="sum", per_sample_weights=g_vals[by_col])
         grad_b_enc = torch.zeros(F_, dtype=vals.dtype, device=vals.device).index_add_(0, cols, g_vals)
         grad_x_c = None
         if ctx.needs_input_grad[0]:
-            grad_x_c = F.embedding_bag(cols, W_enc, offsets, mode="sum", per_sample_weights=g_vals)
-        return grad_x_c, grad_W_enc, grad_b_enc, grad_W_dec, None, None, None
+            grad_x_c = F.embedding_bag(cols, W_enc, row_offsets(rows, B), mode="sum", per_sample_weights=g_vals)
+        return grad_x_c, grad_W_enc, grad_b_enc, grad_W_dec, None, None, None, None, None
 
 
 def sparse_code(x_c_BD: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, rows: Tensor, cols: Tensor,
-                vals: Tensor) -> Tensor:
+                vals: Tensor, bags: Tensor | None = None, n_bags: int | None = None) -> Tensor:
     """Decoder output (no bias) of the selected codes, differentiable with sparse gradients (see :class:`_SparseCode`).
 
     ``vals`` must equal ``relu(x_c W_enc^T + b_enc)[rows, cols]`` (computed without gradient by the caller) and be
-    positive; ``rows`` ascending.
+    positive; ``rows`` ascending. Output (B, d), or (n_bags, d) when each entry goes to output row ``bags[i]``
+    (ascending too).
     """
-    return _SparseCode.apply(x_c_BD, W_enc, b_enc, W_dec, rows, cols, vals)
+    if bags is None:
+        bags, n_bags = rows, x_c_BD.shape[0]
+    return _SparseCode.apply(x_c_BD, W_enc, b_enc, W_dec, rows, cols, vals, bags, n_bags)
 
 
 def geometric_median(x_ND: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
@@ -337,15 +376,35 @@ class BatchTopKSAE(nn.Module):
             flat = self.select(pre_BF)
             rows, cols = torch.div(flat, n_lat, rounding_mode="floor"), flat % n_lat
             vals = pre_BF.reshape(-1)[flat]
-        x_hat_n = sparse_code(x_c, self.W_enc, self.b_enc, self.W_dec, rows, cols, vals) + self.b_dec
-        mse = squared_error(x_n, x_hat_n)
+        prefix_mse = None
+        if cfg.matryoshka_widths:
+            x_hat_n, recon_loss, prefix_mse = self._matryoshka(x_n, x_c, rows, cols, vals)
+            mse = prefix_mse[-1]
+        else:
+            x_hat_n = sparse_code(x_c, self.W_enc, self.b_enc, self.W_dec, rows, cols, vals) + self.b_dec
+            mse = recon_loss = squared_error(x_n, x_hat_n)
         aux = torch.zeros((), dtype=mse.dtype, device=mse.device)
         if self.training and cfg.aux_coef > 0:
             dead_F = self.tokens_since_fired >= cfg.dead_after
             aux = self._aux_loss(x_n - x_hat_n, x_c, pre_BF, dead_F, aux)
         fired = torch.bincount(cols, minlength=n_lat) > 0
-        return SAEOutput(x_hat_n * s, vals * s, rows, cols, mse + cfg.aux_coef * aux, mse,
-                         fvu(x_n, x_hat_n.detach()), aux, fired)
+        return SAEOutput(x_hat_n * s, vals * s, rows, cols, recon_loss + cfg.aux_coef * aux, mse,
+                         fvu(x_n, x_hat_n.detach()), aux, fired, prefix_mse)
+
+    def _matryoshka(self, x_n: Tensor, x_c: Tensor, rows: Tensor, cols: Tensor, vals: Tensor):
+        """(full reconstruction, weighted prefix loss, (L,) prefix errors). Each selected entry is decoded once, into
+        the output row of (its row, the width group its latent falls in): row-major entries keep those ascending.
+        The prefixes are running sums of the groups."""
+        levels = self.cfg.levels
+        L, B = len(levels), x_n.shape[0]
+        widths = torch.tensor([w for w, _ in levels], device=cols.device)
+        group = torch.bucketize(cols, widths, right=True)  # entry in group j: widths[j-1] <= latent < widths[j]
+        parts_BLD = sparse_code(x_c, self.W_enc, self.b_enc, self.W_dec, rows, cols, vals, rows * L + group,
+                                B * L).view(B, L, -1)
+        x_hat_BLD = parts_BLD.cumsum(1) + self.b_dec  # prefix j: the groups up to j
+        prefix_mse = (x_n[:, None] - x_hat_BLD).pow(2).sum(-1).mean(0)  # (L,)
+        weights = prefix_mse.new_tensor([w for _, w in levels])
+        return x_hat_BLD[:, -1], (weights * prefix_mse).sum(), prefix_mse
 
     def _aux_loss(self, e_BD: Tensor, x_c: Tensor, pre_BF: Tensor, dead_F: Tensor, zero: Tensor) -> Tensor:
         dead_idx = torch.nonzero(dead_F).squeeze(-1)
