@@ -13,17 +13,23 @@ command line; unknown keys are rejected at parse time.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import yaml
+from jsonargparse import ArgumentParser
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from datamodules.base import DataError
+from callbacks.interpret import interpret_main
 from lightning_modules.checkpoints import DATA_CONFIG_KEY, AtomicCheckpointIO, resume_config
+from lightning_modules.components.errors import DataError, StorageError
+from lightning_modules.components.guard import DivergenceError
+from lightning_modules.evaluate import evaluate_main
+from lightning_modules.export import export, how_to_load, load_module
 
 
 class LogConfigToLoggers(SaveConfigCallback):
@@ -82,10 +88,7 @@ class EmbedLabCLI(LightningCLI):
 
 def export_main(argv: list[str]) -> None:
     """``export --ckpt_path CKPT --output_dir DIR``: write a sentence-transformers folder from a checkpoint (an SAE
-    checkpoint gives cfg.json + sae.safetensors instead)."""
-    from jsonargparse import ArgumentParser
-
-    from lightning_modules.export import export_sentence_transformer, load_module
+    checkpoint gives cfg.json + sae.safetensors instead; see ``lightning_modules.export.export``)."""
 
     parser = ArgumentParser(prog="train.py export", description=export_main.__doc__)
     parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint written by `train.py fit`")
@@ -93,30 +96,18 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("--overwrite", type=bool, default=False, help="replace an earlier export in output_dir")
     args = parser.parse_args(argv)
     module = load_module(args.ckpt_path)
-    if hasattr(module, "sae"):  # SAEModule: cfg.json + sae.safetensors
-        from lightning_modules.export import export_sae
+    out = export(module, args.output_dir, overwrite=args.overwrite)
+    print(f"exported {args.ckpt_path} -> {out}  (load with {how_to_load(module, out)})")
 
-        out = export_sae(module, args.output_dir, overwrite=args.overwrite)
-        print(f"exported {args.ckpt_path} -> {out}  (load with lightning_modules.export.load_sae('{out}'))")
-        return
-    out = export_sentence_transformer(module, args.output_dir, overwrite=args.overwrite)
-    print(f"exported {args.ckpt_path} -> {out}  (load with SentenceTransformer('{out}'))")
+
+#: The commands beside LightningCLI's fit / validate / test, each ``function(argv)``: the one place they are named.
+COMMANDS = {"export": export_main, "evaluate": evaluate_main, "interpret": interpret_main}
 
 
 def main(argv: list[str] | None = None) -> EmbedLabCLI | None:
     args = sys.argv[1:] if argv is None else argv
-    if args and args[0] == "export":
-        export_main(args[1:])
-        return None
-    if args and args[0] == "interpret":
-        from callbacks.interpret import interpret_main
-
-        interpret_main(args[1:])
-        return None
-    if args and args[0] == "evaluate":
-        from lightning_modules.evaluate import evaluate_main
-
-        evaluate_main(args[1:])
+    if args and args[0] in COMMANDS:
+        COMMANDS[args[0]](args[1:])
         return None
     return EmbedLabCLI(
         LightningModule,
@@ -133,10 +124,6 @@ def user_error(err: BaseException) -> str | None:
     """The one-line message of a bad input or option, or None for anything else (a bug keeps its traceback): a
     DataError or missing file, or a module's ValueError that jsonargparse wrapped while instantiating the config
     (its report buries the message under the Union subtypes it tried)."""
-    import re
-
-    from datamodules.base import StorageError
-    from lightning_modules.components.guard import DivergenceError
 
     text = str(err)
     if text.startswith("Does not validate against any of the Union subtypes"):

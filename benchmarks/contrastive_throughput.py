@@ -99,7 +99,7 @@ def run_sentence_transformers(sentences, args, use_cpu: bool, bf16: bool) -> flo
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from transformers import TrainerCallback
 
-    from lightning_modules.components.encoder import resolve_model
+    from lightning_modules.components.hub import resolve_model
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:

@@ -67,10 +67,10 @@ def main() -> None:
 
     from sentence_transformers import SentenceTransformer
 
-    from datamodules.base import DataError
     from datamodules.sts import load_sts
     from lightning_modules import ContrastiveModule
-    from lightning_modules.components.encoder import resolve_model
+    from lightning_modules.components.errors import DataError
+    from lightning_modules.components.hub import resolve_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:

@@ -155,7 +155,7 @@ def bench_sae(vectors: Tensor, d_in: int, expansion: int, k: int, batch: int, st
 
 
 def bench_cache(model: str, texts: list[str], words, tags, rounds: int, device: str) -> dict:
-    from datamodules.activations import CacheBuilder, Corpus
+    from datamodules.activation_builder import CacheBuilder, Corpus
 
     corpus = Corpus(texts, words, tags)
     builder = CacheBuilder(model, "token", -1, "mean", False, "drop", 256, "", 64, device, "float16")
@@ -224,7 +224,7 @@ def main() -> None:
         args.batch, args.steps, args.rounds, args.sentences, args.configs = 512, 2, 2, 32, "8x32"
 
     if args.cache:
-        from datamodules.activations import ActivationCache
+        from datamodules.activation_cache import ActivationCache
 
         cache = ActivationCache(args.cache)
         rows = np.random.default_rng(0).choice(len(cache), min(len(cache), 200_000), replace=False)

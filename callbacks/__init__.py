@@ -3,8 +3,7 @@
 from callbacks.export import ExportOnFitEnd
 from callbacks.interpret import InterpretSAE
 from callbacks.mteb import MTEBEvaluator
-from callbacks.sae_metrics import SAEReport
 from callbacks.sts import STSEvaluator
 from callbacks.throughput import Throughput
 
-__all__ = ["ExportOnFitEnd", "InterpretSAE", "MTEBEvaluator", "SAEReport", "STSEvaluator", "Throughput"]
+__all__ = ["ExportOnFitEnd", "InterpretSAE", "MTEBEvaluator", "STSEvaluator", "Throughput"]

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
+from lightning_modules.export import best_or_current, export, how_to_load, is_sae, prepare_output_dir
+
 RUN_FILE = "run.json"
 
 
@@ -40,8 +42,6 @@ class WritesAtFitEnd(pl.Callback):
         self._run: Path | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_modules.export import prepare_output_dir
-
         self._run = run_folder(trainer)
         self._out = Path(self.output_dir) if self.output_dir else self._run / self.subdir
         prepare_output_dir(self._out, self.marker, overwrite=True)  # a file, or a folder of something else
@@ -54,8 +54,6 @@ class WritesAtFitEnd(pl.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_modules.export import best_or_current
-
         module, ckpt = best_or_current(trainer, pl_module)
         self.write(trainer, module, ckpt, self._out)
         (self._out / RUN_FILE).write_text(json.dumps({"run": str(self._run), "checkpoint": ckpt or None,
@@ -68,28 +66,32 @@ class WritesAtFitEnd(pl.Callback):
 
 
 class ExportOnFitEnd(WritesAtFitEnd):
-    """At the end of ``fit``, export the best checkpoint (else the last weights) as a sentence-transformers folder.
+    """At the end of ``fit``, export the best checkpoint (else the last weights) with
+    :func:`lightning_modules.export.export`: a sentence-transformers folder (``<run folder>/export``) for encoders
+    and MCR2 heads, ``cfg.json`` + ``sae.safetensors`` (``<run folder>/sae``) for SAEs, with ``sae_metrics.json``
+    beside them (the last logged ``sae/*`` and ``val/sae/*`` values, the threshold, the dead-latent count).
 
     Prints the checkpoint, the exported folder and the logger locations (W&B run folder and ``wandb sync`` hint
     when offline).
 
     Args:
-        output_dir: target folder; default ``<run folder>/export``, beside the run's checkpoints.
+        output_dir: target folder; default ``<run folder>/export`` (``<run folder>/sae`` for an SAE).
     """
-
-    subdir = "export"
-    marker = "modules.json"
 
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(output_dir)
         self.exported: Path | None = None
 
-    def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
-        from lightning_modules.export import export_sentence_transformer
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.subdir, self.marker = ("sae", "cfg.json") if is_sae(pl_module) else ("export", "modules.json")
+        super().on_fit_start(trainer, pl_module)
 
-        self.exported = export_sentence_transformer(module, out, overwrite=True)
+    def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
+        self.exported = export(module, out, overwrite=True)
+        if is_sae(module):
+            (out / "sae_metrics.json").write_text(json.dumps(sae_metrics(trainer, module, ckpt), indent=1))
         lines = [f"checkpoint:     {ckpt or '(none saved; exported the final weights)'}",
-                 f"exported model: {self.exported}  (SentenceTransformer('{self.exported}'))"]
+                 f"exported:       {self.exported}  ({how_to_load(module, self.exported)})"]
         for logger in trainer.loggers:
             run = getattr(logger, "experiment", None)
             if type(logger).__name__ == "WandbLogger" and run is not None:
@@ -100,3 +102,17 @@ class ExportOnFitEnd(WritesAtFitEnd):
             elif getattr(logger, "log_dir", None):
                 lines.append(f"{type(logger).__name__}:{' ' * max(1, 15 - len(type(logger).__name__))}{logger.log_dir}")
         print("\n".join(lines), flush=True)
+
+
+def sae_metrics(trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None) -> dict:
+    """The SAE's final figures written beside its export: logged ``sae/*`` values and its state."""
+    sae = module.sae
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "sae/" in k}
+    metrics.update({
+        "checkpoint": ckpt or None,
+        "global_step": trainer.global_step,
+        "threshold_input_units": float(sae.threshold * sae.input_scale) if sae.threshold >= 0 else None,
+        "dead_latents": int((sae.tokens_since_fired >= sae.cfg.dead_after).sum()),
+        "num_latents": sae.num_latents,
+    })
+    return metrics

@@ -8,11 +8,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import Logger, WandbLogger
+import torch
+from jsonargparse import ArgumentParser
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 from callbacks.export import WritesAtFitEnd
-from datamodules.base import DataError
+from datamodules.activation_cache import ActivationCache
+from datamodules.wic import load_wic
+from lightning_modules.components.errors import DataError
+from lightning_modules.export import load_module, load_sae
+from lightning_modules.interpret.suite import run_suite
 
 #: Columns of the W&B feature table (one row per feature).
 FEATURE_COLUMNS = ["id", "label", "purity", "energy", "fires", "contribution", "survival", "stability_cos",
@@ -37,6 +43,7 @@ def log_suite(loggers: list[Logger], result, step: int | None = None, browser: b
         if not isinstance(logger, WandbLogger):
             logger.log_metrics(scalars, step=step)
             continue
+        # imported when used: wandb (~1 s to import) only when a W&B logger or project is given
         import wandb
 
         run = logger.experiment
@@ -142,8 +149,6 @@ class InterpretSAE(WritesAtFitEnd):
             self._wic(self.wic_data_root or getattr(trainer.datamodule, "data_root", None))
 
     def _cache(self, trainer: pl.Trainer):
-        from datamodules.activations import ActivationCache
-
         if self.cache is not None:
             return ActivationCache(self.cache)
         cache = getattr(trainer.datamodule, "cache", None)
@@ -155,7 +160,6 @@ class InterpretSAE(WritesAtFitEnd):
     def _wic(self, data_root: str | None):
         if self.pseval is False:
             return None
-        from datamodules.wic import load_wic
 
         root = self.wic_data_root or data_root
         try:
@@ -171,7 +175,6 @@ class InterpretSAE(WritesAtFitEnd):
             step: int | None = None, data_root: str | None = None, title: str | None = None):
         """Run the suite on ``sae`` over ``cache``, write the files to ``output_dir`` and log to ``loggers``
         (``data_root``: where WiC is looked for when ``wic_data_root`` is unset; ``title``: the page's)."""
-        from lightning_modules.interpret.suite import run_suite
 
         sae_b = load_any_sae(self.compare_sae) if self.compare_sae else None
         others = {int(layer): load_any_sae(path) for layer, path in self.pseval_saes.items()}
@@ -192,7 +195,6 @@ class InterpretSAE(WritesAtFitEnd):
 def load_any_sae(path: str | Path):
     """An SAE in eval mode from an exported folder (``cfg.json`` + ``sae.safetensors``) or an ``SAEModule``
     checkpoint (``.ckpt``)."""
-    from lightning_modules.export import load_module, load_sae
 
     path = Path(path)
     if path.is_file() and path.suffix == ".ckpt":
@@ -209,9 +211,6 @@ def load_any_sae(path: str | Path):
 def interpret_main(argv: list[str]) -> None:
     """``interpret --sae SAE --cache CACHE``: run the interpretability suite on demand (the same files and logged
     keys as the ``InterpretSAE`` callback at the end of fit)."""
-    from jsonargparse import ArgumentParser
-
-    from datamodules.activations import ActivationCache
 
     parser = ArgumentParser(prog="train.py interpret", description=interpret_main.__doc__)
     parser.add_argument("--sae", type=str, required=True, help="exported SAE folder or SAEModule checkpoint")
@@ -236,11 +235,9 @@ def interpret_main(argv: list[str]) -> None:
     parser.add_argument("--log_browser", type=bool, default=True, help="log the browser page to W&B too")
     parser.add_argument("--device", type=str, default="auto", help="auto (cuda when there is one), cpu, cuda, ...")
     args = parser.parse_args(argv)
-    from pytorch_lightning.loggers import CSVLogger
 
     sae_path = Path(args.sae)
     out = Path(args.output_dir or (sae_path.parent if sae_path.is_file() else sae_path) / "interpret")
-    import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     sae = load_any_sae(sae_path).to(device)
@@ -258,6 +255,7 @@ def interpret_main(argv: list[str]) -> None:
     for logger in loggers:
         logger.finalize("success")
     if args.wandb_project:
+        # imported when used: wandb (~1 s to import) only when a W&B logger or project is given
         import wandb
 
         wandb.finish()

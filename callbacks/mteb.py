@@ -10,6 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import WandbLogger
 
 from datamodules.sts import SICK_FILES, STSPairs, concat_pairs, load_sts
 
@@ -39,6 +40,7 @@ def _local_pairs(source: str, split: str, data_root: str | None) -> STSPairs:
 
 
 def _get_task(name: str, eval_splits: Sequence[str] | None):
+    # imported when used: mteb takes ~4 s to import; only MTEB evaluation needs it
     import mteb
 
     try:
@@ -60,6 +62,7 @@ def module_encoder(module: pl.LightningModule, batch_size: int, name: str, revis
     A subclass of ``mteb.models.abs_encoder.AbsEncoder`` (which supplies the similarity functions from
     ``mteb_model_meta``: cosine here), built here so that importing this file does not import mteb.
     """
+    # imported when used: mteb takes ~4 s to import; only MTEB evaluation needs it
     from mteb.models import ModelMeta
     from mteb.models.abs_encoder import AbsEncoder
     from mteb.models.model_meta import ScoringFunction
@@ -135,6 +138,7 @@ class MTEBEvaluator(pl.Callback):
         """MTEB task objects, data loaded once (local pairs when available, else MTEB's own loader)."""
         if self._tasks is not None:
             return self._tasks
+        # imported when used: datasets (~1 s to import): only MTEB tasks given local data need it
         from datasets import Dataset, DatasetDict
 
         tasks = []
@@ -164,6 +168,7 @@ class MTEBEvaluator(pl.Callback):
     # ---------------------------------------------------------------------------------------- evaluation
     def run(self, pl_module: pl.LightningModule, step: int = 0) -> tuple[dict[str, float], list[list[Any]]]:
         """Evaluate ``pl_module`` now: (``{"mteb/<task>": main score x 100}``, W&B table rows)."""
+        # imported when used: mteb takes ~4 s to import; only MTEB evaluation needs it
         import mteb
 
         model = module_encoder(
@@ -222,8 +227,6 @@ class MTEBEvaluator(pl.Callback):
 
     @staticmethod
     def _log_table(trainer: pl.Trainer, rows: list[list[Any]]) -> None:
-        from pytorch_lightning.loggers import WandbLogger
-
         columns = ["step", "task", "split", "subset", "main_score", "scores"]
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -6,8 +6,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from datamodules.base import DataError
 from datamodules.sts import STSPairs, load_sts, spearman100
+from lightning_modules.components.errors import DataError
 
 
 class STSEvaluator(pl.Callback):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -12,30 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-
-class DataError(ValueError):
-    """A problem with the input data; the message names the file, row or option."""
-
-
-class StorageError(OSError):
-    """A file could not be written or read back (a full disk, a damaged file); the message names it."""
-
-
-def why_write_failed(err: OSError, path: Path) -> str:
-    """What an OSError from writing ``path`` means, in words: numpy's short-write error says only "N requested
-    and M written", so a (nearly) full filesystem is named from its free space."""
-    import errno
-    import shutil
-
-    if err.errno == errno.ENOSPC:
-        return "No space left on device"
-    try:
-        free = shutil.disk_usage(Path(path).parent).free
-    except OSError:
-        return str(err.strerror or err)
-    if free < 1 << 20:
-        return f"No space left on device ({free // 1024} KiB free; {err.strerror or err})"
-    return str(err.strerror or err)
+from lightning_modules.components.errors import DataError, StorageError, why_write_failed
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -85,6 +64,7 @@ def looks_like_hub_name(source: str) -> bool:
 
 def load_hub_dataset(name: str, split: str, hint: str, subset: str | None = None, data_files: str | None = None):
     """``datasets.load_dataset`` with an error that says how to use local files instead when it fails."""
+    # imported when used: datasets (~1 s to import) only for hub datasets and save_to_disk folders
     import datasets
 
     try:
@@ -151,8 +131,6 @@ def read_table(path: Path, columns: Sequence[str], kind: str | None = None, opti
     (an unquoted comma in a CSV sentence adds one). Blank lines are skipped. Each problem is a DataError naming the
     file and line.
     """
-    import csv
-    import io
 
     kind = kind or text_file_kind(path)
     records: list[tuple[int, int, list[str]]] = []  # (first line, last line, fields)
@@ -195,13 +173,6 @@ def read_table(path: Path, columns: Sequence[str], kind: str | None = None, opti
         rows.append(tuple(fields[i] for i in idx))
         line_numbers.append(n)
     return rows, line_numbers
-
-
-def check_nonempty(texts: Sequence[str], where: str, row_offset: int = 1) -> None:
-    """Raise on the first empty or whitespace-only text, naming its row."""
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where}: row {i + row_offset} has an empty sentence ({text!r})")
 
 
 class TokenizedRows(Dataset):

@@ -1,7 +1,6 @@
 """The Brown Corpus with universal part-of-speech tags, read straight from NLTK's zip files (no nltk needed).
 
 Layout (the NLTK data package, e.g. ``../shared/data/nltk_data``)::
-
     corpora/brown.zip                 brown/c[a-r]NN: one sentence per line, ``word/tag`` tokens separated by
                                       whitespace, paragraphs separated by blank lines; brown/cats.txt: category
     taggers/universal_tagset.zip      universal_tagset/en-brown.map: ``BROWN-TAG TAB UNIVERSAL-TAG`` per line
@@ -20,7 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
-from datamodules.base import DataError
+from lightning_modules.components.errors import DataError
 
 #: The 12 tags of Petrov, Das & McDonald's universal tagset (as NLTK spells them).
 UNIVERSAL_TAGS = ("ADJ", "ADP", "ADV", "CONJ", "DET", "NOUN", "NUM", "PRON", "PRT", "VERB", ".", "X")

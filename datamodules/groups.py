@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from datamodules.base import DataError, PadCollator, TextDataModule, looks_like_hub_name, resolve
+from datamodules.base import PadCollator, TextDataModule, looks_like_hub_name, resolve
 from datamodules.nli import read_rows
 from datamodules.sentences import read_sentences
+from lightning_modules.components.errors import DataError
 
 
 class GroupedRows(Dataset):
@@ -59,6 +60,7 @@ def kmeans_groups(embeddings_ND: Tensor, num_clusters: int, seed: int = 0) -> Te
 
     On the unit sphere, Euclidean k-means ranks points like cosine similarity does.
     """
+    # imported when used: scikit-learn (~1 s to import) only for k-means grouping
     from sklearn.cluster import KMeans
 
     n = embeddings_ND.shape[0]

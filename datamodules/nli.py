@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.base import DataError, TextDataModule, load_hub_dataset, looks_like_hub_name, read_table, resolve
+from datamodules.base import TextDataModule, load_hub_dataset, looks_like_hub_name, read_table, resolve
+from lightning_modules.components.errors import DataError
 
 HUB_COLUMNS = {"sentence-transformers/all-nli": ["anchor", "positive", "negative"]}
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from pytorch_lightning.utilities import rank_zero_warn
 
 from datamodules.base import (
-    DataError,
     TextDataModule,
     load_hub_dataset,
     looks_like_hub_name,
@@ -16,6 +15,7 @@ from datamodules.base import (
     resolve,
     text_file_kind,
 )
+from lightning_modules.components.errors import DataError
 
 
 def read_sentences(
@@ -44,6 +44,7 @@ def read_sentences(
             raise DataError(f"{where}: no column {column!r}; columns are {ds.column_names} (set data.column)")
         texts, lines = list(ds[column]), None
     elif path.is_dir():
+        # imported when used: datasets (~1 s to import) only for hub datasets and save_to_disk folders
         import datasets
 
         try:

@@ -24,11 +24,14 @@ import functools
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from scipy.stats import spearmanr
 from torch.utils.data import DataLoader
 
-from datamodules.base import DataError, PadCollator, TokenizedRows, load_hub_dataset, read_table, resolve
+from datamodules.base import PadCollator, TokenizedRows, load_hub_dataset, read_table, resolve
+from lightning_modules.components.errors import DataError
 
 
 def spearman100(x, y) -> float:
@@ -37,8 +40,6 @@ def spearman100(x, y) -> float:
     STSEvaluator callback and ``train.py evaluate`` all call it. NaN when ``x`` holds a non-finite value: ranking
     NaN embeddings' cosines gives an arbitrary number (0.54 on a diverged run), which must never select a checkpoint.
     """
-    import numpy as np
-    from scipy.stats import spearmanr
 
     x = torch.as_tensor(x, dtype=torch.float64).cpu().numpy()
     y = torch.as_tensor(y, dtype=torch.float64).cpu().numpy()
@@ -103,6 +104,7 @@ def _pair(s1: str, s2: str, where: str) -> tuple[str, str]:
 @functools.cache
 def _moses():
     try:
+        # imported when used: only the SentEval text form needs Moses tokenisation
         from sacremoses import MosesTokenizer
     except ImportError:
         raise ImportError("text='senteval' / 'mteb' tokenises with Moses as SentEval did: pip install "
@@ -182,11 +184,6 @@ def concat_pairs(name: str, parts: list[STSPairs]) -> STSPairs:
     """The pairs of all ``parts`` in order, as one :class:`STSPairs` called ``name``."""
     return STSPairs(name, [s for p in parts for s in p.sentences1], [s for p in parts for s in p.sentences2],
                     [v for p in parts for v in p.scores])
-
-
-def read_semeval_year(folder: Path, name: str) -> STSPairs:
-    """All subsets of a SemEval year concatenated (SimCSE's "all" setting)."""
-    return concat_pairs(name, read_semeval_subsets(folder, name))
 
 
 def read_tsv(path: Path, name: str, columns=("sentence1", "sentence2", "score"), score_range=(0.0, 5.0)) -> STSPairs:

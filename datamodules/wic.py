@@ -2,7 +2,6 @@
 has the same sense in both. Used by PS-Eval (``lightning_modules/interpret/pseval.py``).
 
 Local layout (the organisers' release, e.g. ``../shared/data/wic``)::
-
     wic/{train,dev,test}/{split}.data.txt   word TAB POS (N/V) TAB index pair "i-j" TAB context1 TAB context2
     wic/{train,dev,test}/{split}.gold.txt   T or F, one line per data line
 
@@ -21,7 +20,8 @@ from typing import NamedTuple
 
 import pytorch_lightning as pl
 
-from datamodules.base import DataError, load_hub_dataset, looks_like_hub_name, resolve
+from datamodules.base import load_hub_dataset, looks_like_hub_name, resolve
+from lightning_modules.components.errors import DataError
 
 SPLITS = ("train", "dev", "test")
 HUB_NAME, HUB_SUBSET = "aps/super_glue", "wic"

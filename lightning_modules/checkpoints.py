@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from datamodules.base import DataError, StorageError, why_write_failed
+from lightning_modules.components.errors import DataError, StorageError, why_write_failed
 
 
 class ArtifactError(StorageError):

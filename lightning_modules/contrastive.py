@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from datamodules.base import DataError
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.components.encoder import Encoder, MLPMode
+from lightning_modules.components.errors import DataError
 from lightning_modules.losses.contrastive import CandidateBuilder, InBatchNegatives, Views, info_nce
 from lightning_modules.losses.grad_cache import grad_cached_loss
 

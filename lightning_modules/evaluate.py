@@ -35,11 +35,18 @@ from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from datamodules.base import DataError
 from datamodules.sts import SICK_FILES, STS_TASKS, TEXT_FORMS, STSPairs, load_sts_subsets, spearman100
-from lightning_modules.components.encoder import check_max_length, check_tokenizer_files, check_vocabulary_fits
+from lightning_modules.components.errors import DataError
+from lightning_modules.components.hub import (
+    check_max_length,
+    check_tokenizer_files,
+    check_vocabulary_fits,
+    resolve_model,
+)
+from lightning_modules.export import load_module
 
 #: The SimCSE table: task -> column title, in the paper's order.
 PAPER_COLUMNS = {
@@ -136,8 +143,6 @@ def load_embedder(
             "a model folder or a hub name"
         )
     if path.suffix == ".ckpt":
-        from lightning_modules.export import load_module
-
         module = load_module(path).to(device)
         if not hasattr(module, "encoder"):
             raise DataError(f"{path} is a {type(module).__name__} checkpoint: evaluate scores sentence encoders; "
@@ -147,9 +152,8 @@ def load_embedder(
             module.encoder.max_length = max_length
         return ModuleEmbedder(module, str(path), batch_size)
 
+    # imported when used: sentence-transformers takes ~3 s to import; only this path needs it
     from sentence_transformers import SentenceTransformer
-
-    from lightning_modules.components.encoder import resolve_model
 
     if path.is_dir() and (path / "sae.safetensors").is_file():
         raise DataError(f"{path} is an exported SAE: evaluate scores sentence encoders; run `python train.py "
@@ -259,10 +263,18 @@ def evaluate_sts(
     text: str = "senteval",
 ) -> dict[str, TaskScore]:
     """Score ``embedder`` on each task (see the module docstring); data is loaded before any encoding."""
-    names = parse_tasks(tasks)
-    data = {t: task_subsets(t, data_root, text) for t in names}
+    return score_tasks(embedder, load_tasks(parse_tasks(tasks), data_root, text))[0]
+
+
+def load_tasks(names: Sequence[str], data_root: str | None, text: str) -> dict[str, list[STSPairs]]:
+    return {t: task_subsets(t, data_root, text) for t in names}
+
+
+def score_tasks(embedder: Embedder, data: dict[str, list[STSPairs]]) -> tuple[dict[str, TaskScore],
+                                                                              SentenceEmbeddings]:
+    """Each task's scores, every distinct sentence encoded once; and the embeddings (counts, encode time)."""
     emb = SentenceEmbeddings(embedder, data)
-    return {t: score_subsets(t, subsets, emb) for t, subsets in data.items()}
+    return {t: score_subsets(t, subsets, emb) for t, subsets in data.items()}, emb
 
 
 # --------------------------------------------------------------------------------------------- reporting
@@ -319,7 +331,6 @@ def to_json(
 
 def evaluate_main(argv: list[str]) -> dict:
     """``evaluate --model M [--tasks T,...] [--data_root DIR] [--output FILE]``: the SimCSE STS table."""
-    from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog="train.py evaluate", description=evaluate_main.__doc__)
     parser.add_argument(
@@ -362,9 +373,7 @@ def evaluate_main(argv: list[str]) -> dict:
         raise DataError(f"--data_root {args.data_root!r} is not a folder")
     start = time.perf_counter()
     embedder = load_embedder(args.model, args.batch_size, args.max_length, args.device)  # refuses an SAE at once
-    data = {t: task_subsets(t, args.data_root, args.text) for t in tasks}
-    emb = SentenceEmbeddings(embedder, data)
-    scores = {t: score_subsets(t, subsets, emb) for t, subsets in data.items()}
+    scores, emb = score_tasks(embedder, load_tasks(tasks, args.data_root, args.text))
     result = to_json(scores, args.model, args.data_root, time.perf_counter() - start, args.text)
     result.update(n_sentences=len(emb), encode_seconds=emb.seconds)
     print(format_table(scores))

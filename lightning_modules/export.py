@@ -7,7 +7,10 @@ for, so the exported model ends with ``Normalize`` and a dot product is a cosine
 
 from __future__ import annotations
 
+import copy
 import importlib
+import inspect
+import json
 import os
 import shutil
 import time
@@ -15,12 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_modules.base import CLASS_PATH_KEY, EmbeddingModule
 from lightning_modules.checkpoints import ArtifactError, why_write_failed
-from lightning_modules.components.encoder import pooler_report_filtered
+from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, fold_input_scale
 from lightning_modules.components.guard import DivergenceError
+from lightning_modules.components.hub import pooler_report_filtered
 
 
 def sentence_transformer_modules(module: EmbeddingModule, transformer_dir: str | Path) -> list[nn.Module]:
@@ -29,6 +34,7 @@ def sentence_transformer_modules(module: EmbeddingModule, transformer_dir: str |
     ``transformer_dir`` must already hold the Hugging Face model and tokenizer (``save_pretrained``).
     Modules that add a head after pooling extend this list (see ``extra_st_modules``).
     """
+    # imported when used: sentence-transformers takes ~3 s to import; only exporting needs it
     from sentence_transformers.sentence_transformer.modules import (
         Dense,
         Normalize,
@@ -111,9 +117,31 @@ def check_finite_weights(module: nn.Module, what: str) -> None:
                                   "diverged); export a checkpoint from before the divergence")
 
 
+def is_sae(module) -> bool:
+    """Whether ``module`` holds a sparse autoencoder (an ``SAEModule``) rather than a sentence encoder."""
+    return getattr(module, "sae", None) is not None
+
+
+def export(module, output_dir: str | Path, overwrite: bool = False) -> Path:
+    """The one export entry point, used by ``train.py export`` and by ``callbacks.ExportOnFitEnd``: an SAE module
+    gives ``cfg.json`` + ``sae.safetensors`` (:func:`export_sae`); any other module (contrastive encoder, MCR2 head)
+    a sentence-transformers folder (:func:`export_sentence_transformer`)."""
+    if is_sae(module):
+        return export_sae(module, output_dir, overwrite=overwrite)
+    return export_sentence_transformer(module, output_dir, overwrite=overwrite)
+
+
+def how_to_load(module, folder: Path) -> str:
+    """The call that opens an export of ``module`` (printed after exporting)."""
+    if is_sae(module):
+        return f"lightning_modules.export.load_sae('{folder}')"
+    return f"SentenceTransformer('{folder}')"
+
+
 def export_sentence_transformer(module: EmbeddingModule, output_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``module`` as a sentence-transformers folder and return its path (``overwrite``: replace an earlier
     export there)."""
+    # imported when used: sentence-transformers takes ~3 s to import; only this path needs it
     from sentence_transformers import SentenceTransformer
 
     output_dir = prepare_output_dir(output_dir, "modules.json", overwrite)
@@ -165,7 +193,6 @@ INFERENCE_OVERRIDES = {"compile": False, "gradient_checkpointing": False}
 
 def load_module(ckpt_path: str | Path) -> EmbeddingModule:
     """Rebuild a trained module from a checkpoint, on CPU, without its training-speed switches."""
-    import inspect
 
     path = Path(ckpt_path)
     if path.is_dir():
@@ -193,12 +220,6 @@ def export_sae(module_or_sae, output_dir: str | Path, overwrite: bool = False) -
     takes raw activations. The inference threshold (input units), the full BatchTopK config and the folded scale are
     in ``cfg.json``; the training-only dead-latent counters stay in the Lightning checkpoint.
     """
-    import copy
-    import json
-
-    from safetensors.torch import save_file
-
-    from lightning_modules.components.batch_topk import BatchTopKSAE, fold_input_scale
 
     sae = getattr(module_or_sae, "sae", module_or_sae)
     if not isinstance(sae, BatchTopKSAE):
@@ -233,11 +254,6 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu"):
 
     Folders written by sparsify (no ``batch_topk`` entry) load as BatchTopK SAEs with their k and no threshold.
     """
-    import json
-
-    from safetensors.torch import load_file
-
-    from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
 
     path = Path(path)
     for name in ("cfg.json", "sae.safetensors"):

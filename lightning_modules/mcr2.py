@@ -10,8 +10,11 @@ from typing import Literal
 
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from datamodules.groups import kmeans_groups
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.components.encoder import Encoder
 from lightning_modules.components.heads import ProjectionHead
@@ -130,9 +133,6 @@ class MCR2Module(EmbeddingModule):
         self.encoder.eval()  # Lightning (and any .train() call) must never switch the teacher to train mode
         return self
 
-    def trainable_modules(self) -> list[nn.Module]:
-        return [self.head]
-
     # -------------------------------------------------------------------------------------------- inference
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 128) -> Tensor:
         """Compressed embeddings (N, K) on CPU (float32, not normalised; the export ends with Normalize).
@@ -165,6 +165,7 @@ class MCR2Module(EmbeddingModule):
     def extra_st_modules(self) -> list[nn.Module]:
         """The head as sentence-transformers modules: [Normalize] + one Dense per Linear (linear: Identity
         activation, docs/pitfalls.md #7; MLP: the hidden Dense carries the activation)."""
+        # imported when used: sentence-transformers takes ~3 s to import; only exporting needs it
         from sentence_transformers.sentence_transformer.modules import Dense, Normalize
 
         modules: list[nn.Module] = [Normalize()] if self.head.normalize_input else []
@@ -192,8 +193,6 @@ class MCR2Module(EmbeddingModule):
         self._cache_ND = self.teacher_cache(dm.sentence_ids()).to(self.device)
         strategy = self.trainer.strategy
         if self.grouping == "kmeans":
-            from datamodules.groups import kmeans_groups
-
             clusters = kmeans_groups(self._cache_ND, self.num_clusters, self.kmeans_seed) if self.global_rank == 0 \
                 else None
             self._clusters_N = strategy.broadcast(clusters, src=0).to(self.device)
@@ -207,8 +206,6 @@ class MCR2Module(EmbeddingModule):
 
     def teacher_cache(self, ids: Sequence[Sequence[int]]) -> Tensor:
         """Teacher embeddings (N, D) of ``ids``, read from ``cache_path`` when it matches, else computed once."""
-        from safetensors import safe_open
-        from safetensors.torch import save_file
 
         h = hashlib.sha256(f"{self.hparams.model_name_or_path}|{self.encoder.pooler}|{self.encoder.max_length}"
                            .encode())

@@ -15,9 +15,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
-from datamodules.base import DataError
 from lightning_modules.base import GuardsDivergence, can_fuse
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
+from lightning_modules.components.errors import DataError
 from lightning_modules.losses.sae import dead_fraction, mean_cosine, total_variance
 
 

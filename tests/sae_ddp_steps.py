@@ -36,12 +36,12 @@ def main() -> None:
     # the end-of-fit writers resolve <log_dir> on every rank (a broadcast) and write on rank 0 only
     from pytorch_lightning.loggers import CSVLogger
 
-    from callbacks import InterpretSAE, SAEReport
+    from callbacks import ExportOnFitEnd, InterpretSAE
 
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
                          max_steps=args.steps, logger=CSVLogger(args.out_dir, name="csv"), enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[SAEReport(), InterpretSAE(pseval=False, top_k=20, n_unique=5, n_contexts=2)])
+                         callbacks=[ExportOnFitEnd(), InterpretSAE(pseval=False, top_k=20, n_unique=5, n_contexts=2)])
     trainer.fit(model, data)
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
                f"{args.out_dir}/rank{trainer.global_rank}.pt")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.base import DataError
 from datamodules.sts import STSPairs, apply_text_form, load_sts, load_sts_subsets, senteval_text
+from lightning_modules.components.errors import DataError
 from lightning_modules.evaluate import (
     SentenceEmbeddings,
     evaluate_sts,

@@ -18,9 +18,10 @@ import torch
 from test_train_cli import fit_args
 
 import train
-from datamodules.base import DataError, StorageError, read_text
+from datamodules.base import read_text
 from datamodules.sts import spearman100
 from lightning_modules.checkpoints import ArtifactError, damage, newest_complete
+from lightning_modules.components.errors import DataError, StorageError
 from lightning_modules.components.guard import DivergenceError, DivergenceGuard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +191,8 @@ def test_model_folder_without_tokenizer_files_is_refused(tmp_path, tiny_model, s
 
 
 def test_damaged_cache_files_are_named(tmp_path):
-    from datamodules.activations import ActivationCache, model_fingerprint, save_atomic
+    from datamodules.activation_builder import model_fingerprint
+    from datamodules.activation_cache import ActivationCache, save_atomic
 
     memo = tmp_path / "file_hashes.json"
     memo.write_text("")  # a full disk, or a reader mid-write before writes were atomic
@@ -259,7 +261,7 @@ def test_two_processes_building_one_cache_at_once_build_it_once(tmp_path, tiny_m
     assert [p.returncode for p in procs] == [0, 0]
     assert said == ["built", "reused"]
     (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-    from datamodules.activations import ActivationCache
+    from datamodules.activation_cache import ActivationCache
 
     assert len(ActivationCache(folder)) > 0
 
@@ -334,7 +336,8 @@ def test_a_blank_line_in_an_sae_source_names_the_option_that_exists(tmp_path, ti
 
 def test_an_sae_at_a_diverging_learning_rate_stops_and_exports_nothing(tmp_path, tiny_model_no_dropout, sample_data):
     args = recipe_args("sae", tmp_path, tiny_model_no_dropout, sample_data) + [
-        "--model.lr", "1e30", "--model.check_finite_every_n_steps", "2", "--trainer.callbacks+=callbacks.SAEReport"]
+        "--model.lr", "1e30", "--model.check_finite_every_n_steps", "2",
+        "--trainer.callbacks+=callbacks.ExportOnFitEnd"]
     with pytest.raises(DivergenceError, match=r"training diverged at step \d+"):
         train.main(args)
     assert not list(tmp_path.rglob("sae.safetensors"))
@@ -394,7 +397,8 @@ def test_a_full_disk_while_checkpointing_names_the_file_and_resume_goes_on_after
 
 def test_a_full_disk_while_caching_names_the_file_and_the_build_resumes_after_space_is_freed(
         small_filesystem, tmp_path, tiny_model_no_dropout, sample_data):
-    from datamodules.activations import ActivationCache, ActivationsDataModule
+    from datamodules.activation_cache import ActivationCache
+    from datamodules.activations import ActivationsDataModule
 
     def module(cache_dir: Path) -> ActivationsDataModule:
         return ActivationsDataModule(model_name_or_path=tiny_model_no_dropout, cache_dir=str(cache_dir),

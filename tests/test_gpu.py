@@ -176,7 +176,8 @@ def test_bf16_fit_on_cuda_uses_fused_adamw_pinned_workers_and_exports_what_it_tr
 # ------------------------------------------------------------------------------------ activation caching
 @pytest.mark.parametrize("level", ["token", "sentence"])
 def test_activation_caching_on_cuda_equals_cpu(level, tiny_model_no_dropout, sample_data, tmp_path):
-    from datamodules.activations import ActivationCache, ActivationsDataModule
+    from datamodules.activation_cache import ActivationCache
+    from datamodules.activations import ActivationsDataModule
 
     def build(device: str) -> ActivationCache:
         dm = ActivationsDataModule(model_name_or_path=tiny_model_no_dropout, source=str(sample_data / "sentences.txt"),

@@ -13,7 +13,8 @@ import pytest
 import torch
 from mini_brown import write_two_genres
 
-from datamodules.activations import META_COLUMNS, POS_TAGS, SPECIAL, ActivationCache, ActivationsDataModule
+from datamodules.activation_cache import META_COLUMNS, POS_TAGS, SPECIAL, ActivationCache
+from datamodules.activations import ActivationsDataModule
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
 from lightning_modules.interpret.codes import SparseCodes, encode_sparse
 from lightning_modules.interpret.pooling import decompose_sentence, pooling_contributions

@@ -16,9 +16,10 @@ from test_interpret import random_corpus, random_sae, write_cache
 from test_pseval import E2E_ROWS, write_wic
 
 from callbacks.interpret import FEATURE_COLUMNS, InterpretSAE
-from datamodules.activations import ActivationCache, ActivationsDataModule
-from datamodules.base import DataError
+from datamodules.activation_cache import ActivationCache
+from datamodules.activations import ActivationsDataModule
 from datamodules.wic import load_wic
+from lightning_modules.components.errors import DataError
 from lightning_modules.export import export_sae, load_sae
 from lightning_modules.interpret.codes import encode_sparse, read_rows
 from lightning_modules.interpret.pseval import ps_eval
@@ -173,7 +174,7 @@ def test_extra_config_runs_the_suite_when_fit_ends(tiny_model_no_dropout, brown_
     cfg = yaml.safe_load((configs / "sae_minilm_brown_tokens.yaml").read_text())
     cfg["trainer"].update(accelerator="cpu", max_epochs=None, max_steps=4, logger=False, enable_progress_bar=False,
                           default_root_dir=str(tmp_path / "run"), val_check_interval=None,
-                          callbacks=[{"class_path": "callbacks.SAEReport"}])
+                          callbacks=[{"class_path": "callbacks.ExportOnFitEnd"}])
     cfg["model"]["init_args"].update(threshold_start=2, init_samples=64)
     cfg["data"]["init_args"].update(model_name_or_path=tiny_model_no_dropout, data_root=str(brown_wic_root),
                                     cache_dir=str(tmp_path / "cache"), special_tokens="keep", batch_size=8,

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.base import DataError
 from datamodules.wic import WiCPair, load_wic, read_wic
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
-from lightning_modules.components.encoder import load_pretrained
+from lightning_modules.components.errors import DataError
+from lightning_modules.components.hub import load_pretrained
 from lightning_modules.interpret.pseval import (
     Confusion,
     balance,

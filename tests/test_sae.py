@@ -474,7 +474,7 @@ def test_smoke_fit_on_a_tiny_encoder(tiny_model_no_dropout, sample_data, tiny_ca
     for name in ("threshold", "tokens_since_fired", "input_scale", "steps"):
         assert torch.equal(getattr(restored.sae, name), getattr(sae, name)), name
     # what it was trained on travels with it (checkpoint, cfg.json), and the suite refuses other vectors
-    from datamodules.activations import ActivationCache
+    from datamodules.activation_cache import ActivationCache
     from lightning_modules.export import export_sae, load_sae
     from lightning_modules.interpret.suite import run_suite
 
@@ -539,7 +539,7 @@ def test_recipe_runs_a_few_steps_on_a_tiny_encoder(config, tiny_model_no_dropout
 @pytest.mark.parametrize("matryoshka", [[], ["0.25", "0.5", "1.0"]], ids=["plain", "matryoshka"])
 def test_ddp_two_processes_keep_identical_parameters_and_buffers(matryoshka, tiny_model_no_dropout, sample_data,
                                                                  tiny_cache, tmp_path):
-    from datamodules.activations import ActivationCache
+    from datamodules.activation_cache import ActivationCache
 
     cmd = [sys.executable, str(ROOT / "tests" / "sae_ddp_steps.py"), "--model_dir", tiny_model_no_dropout,
            "--source", str(sample_data / "sentences.txt"), "--cache", str(tiny_cache), "--devices", "2",

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.activations import ActivationCache
+from datamodules.activation_cache import ActivationCache
 from lightning_modules.components.batch_topk import BatchTopKSAE
 
 #: A cache, an (N, D) array, or an iterable of ``(x_nD, meta_n6 or None)`` chunks.

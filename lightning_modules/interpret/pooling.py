@@ -2,7 +2,6 @@
 
 For a sentence with token vectors x_t (t = 1..T, the tokens the pooling averages), SAE codes z_t (input units),
 decoder rows d_i (unit norm) and decoder bias b = s * b_dec (``BatchTopKSAE.decode``: x_hat = z W_dec + s b_dec)::
-
     v_bar = mean_t x_t = sum_i zbar_i d_i + b + e_bar          zbar = mean_t z_t (the pooled code),
                                                                e_bar = mean_t (x_t - x_hat_t), exactly
     c_i = zbar_i * (d_i . v_bar)                               contribution of feature i to v_bar
@@ -31,10 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.activations import SPECIAL, ActivationCache
+from datamodules.activation_cache import META_SENTENCE, META_TAG, SPECIAL, ActivationCache
 from lightning_modules.components.batch_topk import BatchTopKSAE
 from lightning_modules.interpret.codes import SparseCodes, read_rows, threshold_codes
-from lightning_modules.interpret.pos import SID, TAG, TAGS, PosLabels
+from lightning_modules.interpret.pos import TAGS, PosLabels
 
 
 class SentenceDecomposition(NamedTuple):
@@ -101,7 +100,7 @@ def pooled_rows(meta: np.ndarray, include_special: bool, special_tokens: str | N
             f"the model's mean pooling includes [CLS]/[SEP], but these token vectors were cached with "
             f"special_tokens={special_tokens!r}: rebuild the cache with data.special_tokens=keep, or decompose the "
             "pooling over word tokens only (include_special=False)")
-    return np.ones(len(meta), dtype=bool) if include_special else meta[:, TAG] != SPECIAL
+    return np.ones(len(meta), dtype=bool) if include_special else meta[:, META_TAG] != SPECIAL
 
 
 @torch.no_grad()
@@ -129,7 +128,7 @@ def pooling_contributions(sae: BatchTopKSAE, codes: SparseCodes, vectors: Activa
                           stacklevel=2)
     meta = codes.meta
     use = pooled_rows(meta, include_special, special_tokens)
-    sid = meta[:, SID].astype(np.int64)
+    sid = meta[:, META_SENTENCE].astype(np.int64)
     if np.any(np.diff(sid) < 0):
         raise ValueError("rows must be grouped by sentence in increasing sentence id (cache order)")
     sent_ids, starts = np.unique(sid, return_index=True)

@@ -17,12 +17,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from datamodules.activations import POS_TAGS
+from datamodules.activation_cache import META_POSITION, META_SENTENCE, META_TAG, META_TOKEN, META_WORD, POS_TAGS
 from lightning_modules.interpret.codes import SparseCodes
 
 #: Columns of :attr:`PosLabels.dist`: the cache's tags, then ``UNTAGGED`` for tokens without a tag (tag id -1).
 TAGS = (*POS_TAGS, "UNTAGGED")
-SID, POSITION, TOKEN, WORD, TAG = 0, 1, 2, 3, 4  # META_COLUMNS used here
 
 
 class Context(NamedTuple):
@@ -57,7 +56,7 @@ class PosLabels:
 def word_keys(meta: np.ndarray, sentences: list[dict] | None = None) -> np.ndarray:
     """(N,) int64 identity of each row's word: an id >= 0 of the lower-cased Brown word (``sentences[sid]["words"]
     [word_index]``), or ``-(token_id + 1)`` for rows without a word (special tokens, texts without ``words``)."""
-    keys = -(meta[:, TOKEN].astype(np.int64) + 1)
+    keys = -(meta[:, META_TOKEN].astype(np.int64) + 1)
     if not sentences or "words" not in sentences[0]:
         return keys
     vocab: dict[str, int] = {}
@@ -65,7 +64,7 @@ def word_keys(meta: np.ndarray, sentences: list[dict] | None = None) -> np.ndarr
     flat_ids = np.asarray(flat, dtype=np.int64)
     lengths = np.asarray([len(s["words"]) for s in sentences], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    sid, wi = meta[:, SID].astype(np.int64), meta[:, WORD].astype(np.int64)
+    sid, wi = meta[:, META_SENTENCE].astype(np.int64), meta[:, META_WORD].astype(np.int64)
     ok = (wi >= 0) & (sid >= 0) & (sid < len(sentences))
     ok[ok] &= wi[ok] < lengths[sid[ok]]
     keys[ok] = flat_ids[starts[sid[ok]] + wi[ok]]
@@ -96,7 +95,7 @@ def label_features(codes: SparseCodes, sentences: list[dict] | None = None, top_
         raise ValueError("POS labels need the metadata of every row (encode an ActivationCache)")
     meta = codes.meta
     keys = word_keys(meta, sentences)
-    tag_of_row = np.where(meta[:, TAG] < 0, len(TAGS) - 1, meta[:, TAG]).astype(np.int64)
+    tag_of_row = np.where(meta[:, META_TAG] < 0, len(TAGS) - 1, meta[:, META_TAG]).astype(np.int64)
     order, starts = feature_order(codes)
     n_feat, n_tags = codes.n_features, len(TAGS)
     dominant = np.full(n_feat, -1, dtype=np.int64)
@@ -114,11 +113,11 @@ def label_features(codes: SparseCodes, sentences: list[dict] | None = None, top_
         n_words[f] = len(first)
         dist[f] = counts / len(first)
         purity[f] = dist[f, dominant[f]]
-        _, best = np.unique(meta[rows, SID], return_index=True)
+        _, best = np.unique(meta[rows, META_SENTENCE], return_index=True)
         for i in np.sort(best)[:n_contexts]:
             r = int(rows[i])
-            contexts[f].append(Context(r, int(meta[r, SID]), int(meta[r, POSITION]), int(meta[r, WORD]),
-                                       float(codes.values[sel[i]])))
+            contexts[f].append(Context(r, int(meta[r, META_SENTENCE]), int(meta[r, META_POSITION]),
+                                       int(meta[r, META_WORD]), float(codes.values[sel[i]])))
     return PosLabels(dominant, purity, dist, n_words, contexts)
 
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from datamodules.activations import check_layer
-from datamodules.base import DataError
+from datamodules.activation_builder import check_layer
 from datamodules.wic import WiCPair, target_tokens
+from lightning_modules.components.errors import DataError
+from lightning_modules.components.hub import load_pretrained
 
 
 @dataclass
@@ -202,7 +203,7 @@ def ps_eval(encoder, saes: Mapping[int, object], pairs: Sequence[WiCPair], seed:
     Returns:
         ``{layer: PSEvalResult}`` with the layers as given.
     """
-    model, tokenizer = _model_and_tokenizer(encoder)
+    model, tokenizer = model_and_tokenizer(encoder)
     if text_prefix.strip():
         n = len(text_prefix.split())
         pairs = [p._replace(context1=f"{text_prefix.strip()} {p.context1}", idx1=p.idx1 + n,
@@ -229,10 +230,8 @@ def ps_eval(encoder, saes: Mapping[int, object], pairs: Sequence[WiCPair], seed:
             for layer, sae in saes.items()}
 
 
-def _model_and_tokenizer(encoder):
+def model_and_tokenizer(encoder):
     if isinstance(encoder, str):
-        from lightning_modules.components.encoder import load_pretrained
-
         return load_pretrained(encoder)
     if isinstance(encoder, tuple):
         return encoder

@@ -2,7 +2,6 @@
 an SAE over a token-level activation cache, as W&B scalars and per-feature records for the HTML browser.
 
 Record schema (one dict per feature; the browser codes against it)::
-
     {"id": int, "label": str (dominant tag or "dead"), "purity": float, "energy": float, "fires": int,
      "pos_dist": {tag: share}, "hist": {"edges": [float, ...], "counts": [int, ...]},
      "contexts": [{"tokens": [str, ...], "index": int, "value": float}],
@@ -22,11 +21,11 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from datamodules.activations import ActivationCache
+from datamodules.activation_cache import META_SENTENCE, META_TOKEN, ActivationCache
 from lightning_modules.components.batch_topk import BatchTopKSAE
 from lightning_modules.interpret.codes import SparseCodes, encode_sparse
 from lightning_modules.interpret.pooling import PoolingStats, pooling_contributions, pooling_summary
-from lightning_modules.interpret.pos import SID, TAGS, TOKEN, Context, PosLabels, label_features, purity_summary
+from lightning_modules.interpret.pos import TAGS, Context, PosLabels, label_features, purity_summary
 from lightning_modules.interpret.stability import (
     IMAGINATIVE,
     INFORMATIVE,
@@ -70,15 +69,15 @@ def context_tokens(ctx: Context, sentence: dict, meta: np.ndarray, tokenizer=Non
         words = list(sentence["words"])
         if ctx.word_index >= 0:
             return words, ctx.word_index
-        name = tokenizer.convert_ids_to_tokens(int(meta[ctx.row, TOKEN])) if tokenizer is not None else None
+        name = tokenizer.convert_ids_to_tokens(int(meta[ctx.row, META_TOKEN])) if tokenizer is not None else None
         if ctx.position == 0:
             return [name or "[CLS]", *words], 0
         return [*words, name or "[SEP]"], len(words)
     if tokenizer is None:
         return [sentence.get("text", "")], -1
-    sid = meta[:, SID]
+    sid = meta[:, META_SENTENCE]
     lo, hi = np.searchsorted(sid, ctx.sentence_id), np.searchsorted(sid, ctx.sentence_id, side="right")
-    return tokenizer.convert_ids_to_tokens(meta[lo:hi, TOKEN].tolist()), int(ctx.row - lo)
+    return tokenizer.convert_ids_to_tokens(meta[lo:hi, META_TOKEN].tolist()), int(ctx.row - lo)
 
 
 def feature_records(codes: SparseCodes, labels: PosLabels, sentences: list[dict], pooling: PoolingStats | None = None,
@@ -156,7 +155,7 @@ def interpret_sae(sae: BatchTopKSAE, cache: ActivationCache, sae_b: BatchTopKSAE
             summary[f"interpret/stability_mean_cos/decile_{k}"] = float(c)
         clock("stability")
     if groups == "auto":
-        in_rows = np.unique(codes.meta[:, SID]) if codes.meta is not None else range(len(sentences))
+        in_rows = np.unique(codes.meta[:, META_SENTENCE]) if codes.meta is not None else range(len(sentences))
         present = {sentences[i].get("category") for i in in_rows}
         groups = (INFORMATIVE, IMAGINATIVE) if present & set(INFORMATIVE) and present & set(IMAGINATIVE) else None
     if groups is not None:

@@ -30,6 +30,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from torch import Tensor
 
+from datamodules.activation_cache import META_SENTENCE
 from lightning_modules.interpret.codes import SparseCodes
 
 INFORMATIVE = ("news", "editorial", "reviews", "religion", "hobbies", "lore", "belles_lettres", "government",
@@ -135,7 +136,7 @@ def brown_groups(meta: np.ndarray, sentences: list[dict], a: tuple[str, ...] = I
     """(N,) int8 group of each row by its sentence's ``category``: 0 in ``a``, 1 in ``b``, -1 otherwise."""
     cat = [s.get("category") for s in sentences]
     sent_group = np.asarray([0 if c in a else 1 if c in b else -1 for c in cat], dtype=np.int8)
-    return sent_group[meta[:, 0]]
+    return sent_group[meta[:, META_SENTENCE]]
 
 
 def group_share(codes: SparseCodes, group: np.ndarray) -> np.ndarray:

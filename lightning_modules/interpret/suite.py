@@ -19,9 +19,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datamodules.activations import ActivationCache
+from transformers import AutoTokenizer
+
+from datamodules.activation_cache import ActivationCache
+from lightning_modules.components.hub import resolve_model
 from lightning_modules.interpret.browser import write_feature_browser
-from lightning_modules.interpret.pseval import PSEvalResult, ps_eval
+from lightning_modules.interpret.pseval import PSEvalResult, model_and_tokenizer, ps_eval
 from lightning_modules.interpret.report import Clock, interpret_sae
 
 
@@ -60,9 +63,6 @@ def headline(summary: Mapping[str, float | str]) -> dict[str, float | str]:
 def cache_tokenizer(cache):
     """The tokenizer of the model that wrote ``cache`` (it turns token ids back into the tokens the browser
     highlights), or None with a warning when it does not load (offline, a moved folder)."""
-    from transformers import AutoTokenizer
-
-    from lightning_modules.components.encoder import resolve_model
 
     name = cache.meta.get("model")
     if name is None:
@@ -122,9 +122,7 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if wic_pairs is not None or encoder is not None:
-        from lightning_modules.interpret.pseval import _model_and_tokenizer
-
-        encoder = _model_and_tokenizer(encoder if encoder is not None else cache.meta["model"])
+        encoder = model_and_tokenizer(encoder if encoder is not None else cache.meta["model"])
         tokenizer = encoder[1]
     else:  # no model needed, but the tokenizer names the activating token of caches without words
         tokenizer = cache_tokenizer(cache)

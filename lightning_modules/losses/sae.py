@@ -53,15 +53,10 @@ def aux_loss(e_BD: Tensor, aux_recon_BD: Tensor, normalize: bool = True) -> Tens
     return loss.nan_to_num(0.0, posinf=0.0, neginf=0.0)
 
 
-def l0(n_active: Tensor | int, n_rows: int) -> Tensor | float:
-    """Mean number of non-zero codes per row."""
-    return n_active / max(n_rows, 1)
-
-
 def dead_fraction(tokens_since_fired_F: Tensor, dead_after: int) -> Tensor:
     """Fraction of latents that have not fired for at least ``dead_after`` tokens."""
     return (tokens_since_fired_F >= dead_after).float().mean()
 
 
-__all__ = ["aux_loss", "dead_fraction", "fvu", "l0", "mean_cosine", "normalized_mse", "squared_error",
+__all__ = ["aux_loss", "dead_fraction", "fvu", "mean_cosine", "normalized_mse", "squared_error",
            "total_variance"]

@@ -1,0 +1,30 @@
+"""The errors that name a bad input or a failed write, shared by every package (the lowest layer: no imports of
+ours). ``train.py`` prints them as one ``error:`` line instead of a traceback."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A problem with the input data; the message names the file, row or option."""
+
+
+class StorageError(OSError):
+    """A file could not be written or read back (a full disk, a damaged file); the message names it."""
+
+
+def why_write_failed(err: OSError, path: Path) -> str:
+    """What an OSError from writing ``path`` means, in words: numpy's short-write error says only "N requested
+    and M written", so a (nearly) full filesystem is named from its free space."""
+    if err.errno == errno.ENOSPC:
+        return "No space left on device"
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return str(err.strerror or err)
+    if free < 1 << 20:
+        return f"No space left on device ({free // 1024} KiB free; {err.strerror or err})"
+    return str(err.strerror or err)
