@@ -7,3 +7,12 @@ from callbacks.sts import STSEvaluator
 from callbacks.throughput import Throughput
 
 __all__ = ["ExportOnFitEnd", "InterpretSAE", "MTEBEvaluator", "STSEvaluator", "Throughput"]
+
+#: Names that older recipes used, with what replaced them: a config naming one gets an error saying so.
+RENAMED = {"SAEReport": "callbacks.ExportOnFitEnd (it exports SAEs too, with sae_metrics.json)"}
+
+
+def __getattr__(name: str):
+    if name in RENAMED:
+        raise AttributeError(f"callbacks.{name} is gone: use {RENAMED[name]}")
+    raise AttributeError(f"module 'callbacks' has no attribute {name!r}")

@@ -190,3 +190,10 @@ def test_resume_mid_epoch_sees_the_same_batches_as_an_uninterrupted_run(tmp_path
     assert [b[:3] for b in straight] == [(s, s // 5, s % 5) for s in range(8)]  # (step, epoch, batch_idx)
     assert interrupted + resumed == straight
     assert len({b[3] for b in straight}) == 8  # the fingerprints tell batches apart
+
+
+def test_an_old_callback_name_says_what_replaced_it(capsys):
+    quickstart = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    with pytest.raises(SystemExit):
+        train.main(["fit", "--config", quickstart, "--trainer.callbacks+=callbacks.SAEReport", "--print_config"])
+    assert "callbacks.SAEReport is gone: use callbacks.ExportOnFitEnd" in capsys.readouterr().err
