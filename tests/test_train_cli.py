@@ -196,4 +196,5 @@ def test_an_old_callback_name_says_what_replaced_it(capsys):
     quickstart = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
     with pytest.raises(SystemExit):
         train.main(["fit", "--config", quickstart, "--trainer.callbacks+=callbacks.SAEReport", "--print_config"])
-    assert "callbacks.SAEReport is gone: use callbacks.ExportOnFitEnd" in capsys.readouterr().err
+    said = " ".join(capsys.readouterr().err.split())  # jsonargparse wraps the message over lines
+    assert "class_path 'callbacks.SAEReport': is gone: use callbacks.ExportOnFitEnd" in said
