@@ -164,19 +164,7 @@ def bench_cache(model: str, texts: list[str], words, tags, rounds: int, device: 
     model_ = builder.model
     idx = range(len(texts))
     tk = builder.tokenize(corpus, idx)
-    lengths = [len(x) for x in tk["input_ids"]]
-    order = sorted(idx, key=lambda i: lengths[i])
-    pad = builder.tokenizer.pad_token_id or 0
-    batches = []
-    for s in range(0, len(order), 64):
-        rows = order[s : s + 64]
-        L = max(lengths[r] for r in rows)
-        ids = torch.full((len(rows), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), L), dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, : lengths[r]] = torch.as_tensor(tk["input_ids"][r])
-            mask[b, : lengths[r]] = 1
-        batches.append((ids.to(device), mask.to(device)))
+    batches = [(ids.to(device), mask.to(device)) for _, ids, mask in builder.padded_batches(tk["input_ids"])]
     n_vectors = sum(sum(1 for s in sp if not s) for sp in tk["special"])
 
     @torch.inference_mode()

@@ -205,13 +205,10 @@ class CacheBuilder:
         special = [[int(s or w < 0) for s, w in zip(sm, wi)] for sm, wi in zip(enc["special_tokens_mask"], word_ids)]
         return {"input_ids": enc["input_ids"], "word_ids": word_ids, "special": special}
 
-    @torch.inference_mode()
-    def encode_chunk(self, corpus: Corpus, idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray, int]:
-        """Vectors and metadata of sentences ``idx`` in text order, and how many sentences were truncated."""
-        tk = self.tokenize(corpus, idx)
-        lengths = [len(ids) for ids in tk["input_ids"]]
-        order = sorted(range(len(idx)), key=lambda i: lengths[i])  # length-sorted batches: little padding
-        vec_parts, meta_parts = [], []
+    def padded_batches(self, input_ids: Sequence[Sequence[int]]):
+        """``(rows, ids_BL, mask_BL)`` of ``encode_batch_size`` rows each, length-sorted (little padding), on CPU."""
+        lengths = [len(ids) for ids in input_ids]
+        order = sorted(range(len(input_ids)), key=lambda i: lengths[i])
         pad = self.tokenizer.pad_token_id or 0
         for start in range(0, len(order), self.encode_batch_size):
             rows = order[start : start + self.encode_batch_size]
@@ -219,8 +216,17 @@ class CacheBuilder:
             ids_BL = torch.full((len(rows), L), pad, dtype=torch.long)
             mask_BL = torch.zeros((len(rows), L), dtype=torch.long)
             for b, r in enumerate(rows):
-                ids_BL[b, : lengths[r]] = torch.as_tensor(tk["input_ids"][r])
+                ids_BL[b, : lengths[r]] = torch.as_tensor(input_ids[r])
                 mask_BL[b, : lengths[r]] = 1
+            yield rows, ids_BL, mask_BL
+
+    @torch.inference_mode()
+    def encode_chunk(self, corpus: Corpus, idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray, int]:
+        """Vectors and metadata of sentences ``idx`` in text order, and how many sentences were truncated."""
+        tk = self.tokenize(corpus, idx)
+        lengths = [len(ids) for ids in tk["input_ids"]]
+        vec_parts, meta_parts = [], []
+        for rows, ids_BL, mask_BL in self.padded_batches(tk["input_ids"]):
             out = self.model(input_ids=ids_BL.to(self.device), attention_mask=mask_BL.to(self.device),
                              output_hidden_states=True)
             h_BLD = out.hidden_states[self.layer].float()
