@@ -213,20 +213,32 @@ def test_sparse_gradients_equal_dense_autograd(aux_detach, aux_normalize, scale)
     torch.manual_seed(0)
     cfg = BatchTopKConfig(d_in=6, num_latents=8, k=2, k_aux=3, dead_after=5, aux_coef=0.25,
                           aux_detach=aux_detach, aux_normalize=aux_normalize, normalize_input=False)
+    sae = perturbed(cfg, dead=[1, 5, 6], scale=scale)
+    x = torch.randn(7, 6, dtype=torch.float64) * scale
+    assert_matches_dense(sae, x)
+
+
+def perturbed(cfg: BatchTopKConfig, dead: list[int], scale: float = 1.0) -> BatchTopKSAE:
+    """A float64 SAE in train mode away from its tied initialisation, with latents ``dead`` dead (AuxK runs)."""
     sae = BatchTopKSAE(cfg).double().train()
     with torch.no_grad():
         sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
         sae.b_enc.normal_(0, 0.3)
         sae.b_dec.normal_(0, 0.3)
         sae.input_scale.fill_(scale)
-    sae.tokens_since_fired[[1, 5, 6]] = 5
-    x = torch.randn(7, 6, dtype=torch.float64) * scale
+    sae.tokens_since_fired[dead] = cfg.dead_after
+    return sae
+
+
+def assert_matches_dense(sae: BatchTopKSAE, x: torch.Tensor):
+    """The sparse loss and every parameter gradient equal :func:`dense_reference`'s; returns the output."""
     out = sae(x)
     out.loss.backward()
     loss, grads = dense_reference(sae, x)
     torch.testing.assert_close(out.loss, loss)
     for name, param in sae.named_parameters():
         torch.testing.assert_close(param.grad, grads[name], msg=name)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- Matryoshka
@@ -234,25 +246,14 @@ def hand_matryoshka(widths, weights=(), aux: bool = True, seed: int = 0) -> tupl
     torch.manual_seed(seed)
     cfg = BatchTopKConfig(d_in=6, num_latents=12, k=3, k_aux=3, dead_after=5, aux_coef=0.25 if aux else 0.0,
                           normalize_input=False, matryoshka_widths=list(widths), matryoshka_weights=list(weights))
-    sae = BatchTopKSAE(cfg).double().train()
-    with torch.no_grad():
-        sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
-        sae.b_enc.normal_(0, 0.3)
-        sae.b_dec.normal_(0, 0.3)
-    sae.tokens_since_fired[[2, 9]] = 5
-    return sae, torch.randn(7, 6, dtype=torch.float64)
+    return perturbed(cfg, dead=[2, 9]), torch.randn(7, 6, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("widths, weights", [([2, 5, 12], [0.5, 0.3, 0.2]), ([4, 12], []), ([1, 11, 12], [0, 1, 2])])
 def test_matryoshka_loss_and_gradients_equal_the_nested_formula(widths, weights):
     """Against dense autograd of sum_j w_j ||x - (codes * [latent < width_j]) W_dec - b_dec||^2, AuxK on."""
     sae, x = hand_matryoshka(widths, weights)
-    out = sae(x)
-    out.loss.backward()
-    loss, grads = dense_reference(sae, x)
-    torch.testing.assert_close(out.loss, loss)
-    for name, param in sae.named_parameters():
-        torch.testing.assert_close(param.grad, grads[name], msg=name)
+    out = assert_matches_dense(sae, x)
     assert out.prefix_mse.shape == (len(widths),)
     plain = (x - out.x_hat).pow(2).sum(-1).mean()
     torch.testing.assert_close(out.prefix_mse[-1], plain)  # the full prefix is the plain reconstruction
