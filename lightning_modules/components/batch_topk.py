@@ -326,6 +326,11 @@ class BatchTopKSAE(nn.Module):
         self.register_buffer("input_scale", torch.tensor(1.0))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(False))
+        # Matryoshka widths and weights on the parameters' device (not state: the config holds them), so a step
+        # makes no host-to-device copy
+        levels = cfg.levels
+        self.register_buffer("level_widths", torch.tensor([w for w, _ in levels]), persistent=False)
+        self.register_buffer("level_weights", torch.tensor([w for _, w in levels]), persistent=False)
 
     @property
     def num_latents(self) -> int:
@@ -395,16 +400,13 @@ class BatchTopKSAE(nn.Module):
         """(full reconstruction, weighted prefix loss, (L,) prefix errors). Each selected entry is decoded once, into
         the output row of (its row, the width group its latent falls in): row-major entries keep those ascending.
         The prefixes are running sums of the groups."""
-        levels = self.cfg.levels
-        L, B = len(levels), x_n.shape[0]
-        widths = torch.tensor([w for w, _ in levels], device=cols.device)
-        group = torch.bucketize(cols, widths, right=True)  # entry in group j: widths[j-1] <= latent < widths[j]
+        L, B = self.level_widths.numel(), x_n.shape[0]
+        group = torch.bucketize(cols, self.level_widths, right=True)  # group j: widths[j-1] <= latent < widths[j]
         parts_BLD = sparse_code(x_c, self.W_enc, self.b_enc, self.W_dec, rows, cols, vals, rows * L + group,
                                 B * L).view(B, L, -1)
         x_hat_BLD = parts_BLD.cumsum(1) + self.b_dec  # prefix j: the groups up to j
         prefix_mse = (x_n[:, None] - x_hat_BLD).pow(2).sum(-1).mean(0)  # (L,)
-        weights = prefix_mse.new_tensor([w for _, w in levels])
-        return x_hat_BLD[:, -1], (weights * prefix_mse).sum(), prefix_mse
+        return x_hat_BLD[:, -1], (self.level_weights.to(prefix_mse.dtype) * prefix_mse).sum(), prefix_mse
 
     def _aux_loss(self, e_BD: Tensor, x_c: Tensor, pre_BF: Tensor, dead_F: Tensor, zero: Tensor) -> Tensor:
         dead_idx = torch.nonzero(dead_F).squeeze(-1)
