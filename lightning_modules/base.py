@@ -33,6 +33,14 @@ class RecordsClassPath:
                                     else str(lg.version)} for lg in loggers]
 
 
+def total_norm(tensors: list[Tensor]) -> Tensor:
+    """The 2-norm of all ``tensors`` together, on their device (no host sync): torch's foreach kernel where it has
+    one (``get_total_norm``, torch >= 2.6), else one norm per tensor."""
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
 class GuardsDivergence(RecordsClassPath):
     """Mixin for LightningModules: training stops with a :class:`DivergenceError` naming the step and the likely
     cause when the loss, the gradient norm or the embeddings stop being finite, or the embeddings collapse.
@@ -57,7 +65,7 @@ class GuardsDivergence(RecordsClassPath):
         scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads and scaler is None:  # 16-mixed: inf gradients are expected, and the scaler skips those steps
-            self.guard.note_grad_norm(torch.nn.utils.get_total_norm(grads), self.global_step)
+            self.guard.note_grad_norm(total_norm(grads), self.global_step)
         if (self.global_step + 1) % self.check_every == 0:  # before the update: with 1, nothing bad reaches it
             self.check_divergence()
 
@@ -65,7 +73,10 @@ class GuardsDivergence(RecordsClassPath):
         self.check_divergence()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self._trainer is not None and self.trainer.training:
+        # during fit, validation included: ModelCheckpoint(monitor=val/...) saves from on_validation_end, and a step's
+        # update can make the weights non-finite before any loss shows it
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self.guard.note_weights(self.parameters(), self.global_step)
             self.check_divergence()
         super().on_save_checkpoint(checkpoint)
 

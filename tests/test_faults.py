@@ -446,3 +446,20 @@ def test_a_resumed_run_with_relative_folders_keeps_writing_last_ckpt(tmp_path, t
     folder = Path("lightning_logs/version_0/checkpoints")
     assert sorted(p.name for p in folder.glob("last*.ckpt")) == ["last.ckpt"]
     assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_a_checkpoint_chosen_on_a_validation_metric_is_never_one_of_a_diverged_model(tmp_path, tiny_model_no_dropout,
+                                                                                       sample_data):
+    """ModelCheckpoint(monitor=val/...) saves from on_validation_end, outside the training hooks: it must be
+    checked too (it was not: a NaN last.ckpt was written and `--ckpt_path last` resumed it)."""
+    args = recipe_args("sae", tmp_path, tiny_model_no_dropout, sample_data)
+    args = [a for a in args if a not in CKPT and not a.startswith("--trainer.callbacks.dirpath")] + [
+        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor=val/sae/fvu",
+        f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+        "--trainer.callbacks.save_last=true", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
+        "--model.lr", "1e30", "--model.check_finite_every_n_steps", "50"]
+    with pytest.raises(DivergenceError, match=r"training diverged at step \d+: the (training loss is nan|weights)"):
+        train.main(args)
+    for ckpt in (tmp_path / "ckpt").glob("*.ckpt"):
+        state = torch.load(ckpt, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt

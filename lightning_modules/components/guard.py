@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: What a record can say, in the order a message reports them when several fire at the same step.
 SPREAD_SHRINK = 10.0  # how much the spread of a batch must shrink from the first batch to count as collapse
-KINDS = ("loss", "grad_norm", "embeddings", "collapse")
+#: What a record can say, in the order a message reports them when several fire at the same step.
+KINDS = ("loss", "grad_norm", "embeddings", "collapse", "weights")
 
 
 class DivergenceError(RuntimeError):
@@ -72,6 +72,13 @@ class DivergenceGuard:
     def note_grad_norm(self, norm: Tensor, step: int) -> None:
         self.note("grad_norm", ~torch.isfinite(norm), step, norm)
 
+    def note_weights(self, params, step: int) -> None:
+        """Non-finite parameters (an update can make them so before any loss shows it); one reduction per tensor."""
+        params = [p.detach() for p in params if p.is_floating_point()]
+        if params:
+            bad = torch.stack([(~torch.isfinite(p)).sum() for p in params]).sum().float()
+            self.note("weights", bad > 0, step, bad)
+
     def note_embeddings(self, z_ND: Tensor, step: int) -> None:
         """Non-finite entries, and (with at least two rows) the mean pairwise cosine against the collapse bound."""
         z = z_ND.detach().float()
@@ -92,21 +99,22 @@ class DivergenceGuard:
         self.note("collapse", collapsed, step, mean_cos)
 
     def first(self) -> Event | None:
-        """The earliest failure recorded (a host sync per kind of check), or None."""
+        """The earliest failure recorded (one host sync for all kinds), or None."""
         if not self.records:
             return None
         kinds = list(self.records)
-        rows = [self.records[k].tolist() for k in kinds]
+        flat = torch.cat([self.records[k].to(next(iter(self.records.values())).device) for k in kinds]).tolist()
+        rows, at = [], 0
+        for k in kinds:
+            n = self.records[k].numel()
+            rows.append(flat[at : at + n])
+            at += n
         fired = [(row[1], KINDS.index(k) if k in KINDS else len(KINDS), k, row)
                  for k, row in zip(kinds, rows) if row[0]]
         if not fired:
             return None
         _, _, kind, row = min(fired)
         return Event(kind, int(row[1]), row[2], row[3:])
-
-    def reset(self) -> None:
-        self.records.clear()
-        self._start_cosine = None
 
 
 def describe(event: Event) -> str:
@@ -117,6 +125,8 @@ def describe(event: Event) -> str:
         return f"the gradient norm is {event.value:g}"
     if event.kind == "embeddings":
         return f"the embeddings hold {int(event.value)} non-finite value(s)"
+    if event.kind == "weights":
+        return f"the weights hold {int(event.value)} non-finite value(s)"
     if event.kind == "collapse":
         return (f"the embeddings collapsed: the mean cosine between the sentences of a batch is {event.value:.5f} "
                 "(every sentence maps to nearly the same vector)")
