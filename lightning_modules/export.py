@@ -22,8 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_modules.base import CLASS_PATH_KEY, EmbeddingModule
-from lightning_modules.checkpoints import ArtifactError, why_write_failed
+from lightning_modules.checkpoints import ArtifactError, check_complete
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, fold_input_scale
+from lightning_modules.components.errors import why_write_failed
 from lightning_modules.components.guard import DivergenceError
 from lightning_modules.components.hub import pooler_report_filtered
 
@@ -192,13 +193,14 @@ INFERENCE_OVERRIDES = {"compile": False, "gradient_checkpointing": False}
 
 
 def load_module(ckpt_path: str | Path) -> EmbeddingModule:
-    """Rebuild a trained module from a checkpoint, on CPU, without its training-speed switches."""
-
+    """Rebuild a trained module from a checkpoint, on CPU, without its training-speed switches. A truncated or
+    damaged file is an error naming it (and the newest complete checkpoint beside it)."""
     path = Path(ckpt_path)
     if path.is_dir():
         raise FileNotFoundError(f"checkpoint {str(path)!r} is a folder; give the .ckpt file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
+    check_complete(path, [path.parent])
     cls = module_class_from_checkpoint(path)
     accepted = inspect.signature(cls.__init__).parameters
     overrides = {k: v for k, v in INFERENCE_OVERRIDES.items() if k in accepted}

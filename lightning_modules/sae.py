@@ -150,6 +150,7 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
             raise ValueError(f"lr must be >= 0 (or null for the size-scaled default), got {lr}")
         self.save_hyperparameters()
         self.sae: BatchTopKSAE | None = None
+        self._initialized = False
         if d_in is not None:
             self._build(d_in)
 
@@ -205,8 +206,11 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, x_BD: Tensor, batch_idx: int) -> Tensor:
         sae = self.sae
-        if not bool(sae.initialized):  # no datamodule sample: initialise on the first batch (same on all ranks
+        if not self._initialized:  # read the buffer once (a host sync), not every step
+            self._initialized = bool(sae.initialized)
+        if not self._initialized:  # no datamodule sample: initialise on the first batch (same on all ranks
             sae.initialize(self._all_gather_rows(x_BD))  # because the gathered batch is the same everywhere)
+            self._initialized = True
         out = sae(x_BD)
         self.guard.note_loss(out.loss, self.global_step)
         fired_F = self._reduce(out.fired.to(torch.int32), "max").bool()
@@ -220,7 +224,7 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
             "sae/loss": out.loss.detach(),
             "sae/mse": out.mse.detach(),
             "sae/explained_variance": 1 - out.fvu,
-            "sae/l0": torch.tensor(out.acts.numel() / B, device=self.device),
+            "sae/l0": torch.full((), out.acts.numel() / B, device=self.device),  # a fill, no host-to-device copy
             "sae/dead_fraction": dead_fraction(sae.tokens_since_fired, sae.cfg.dead_after),
             "sae/aux_loss": out.aux_loss.detach(),
             "sae/threshold": torch.where(sae.threshold >= 0, sae.threshold * sae.input_scale, sae.threshold),

@@ -254,9 +254,12 @@ def test_matryoshka_loss_and_gradients_equal_the_nested_formula(widths, weights)
     """Against dense autograd of sum_j w_j ||x - (codes * [latent < width_j]) W_dec - b_dec||^2, AuxK on."""
     sae, x = hand_matryoshka(widths, weights)
     out = assert_matches_dense(sae, x)
-    assert out.prefix_mse.shape == (len(widths),)
-    plain = (x - out.x_hat).pow(2).sum(-1).mean()
-    torch.testing.assert_close(out.prefix_mse[-1], plain)  # the full prefix is the plain reconstruction
+    with torch.no_grad():  # each prefix's error from the formula, on the codes the batch top-k selected
+        codes, latent = sae.dense(out), torch.arange(sae.num_latents)
+        want = [(x - (codes * (latent < w)) @ sae.W_dec - sae.b_dec).pow(2).sum(-1).mean()
+                for w in sae.cfg.matryoshka_widths]
+    torch.testing.assert_close(out.prefix_mse, torch.stack(want))
+    torch.testing.assert_close(out.prefix_mse[-1], (x - out.x_hat).pow(2).sum(-1).mean())  # full prefix = plain
 
 
 def test_matryoshka_widths_as_fractions_of_the_dictionary():
@@ -301,7 +304,7 @@ def test_bad_matryoshka_widths_or_weights_are_config_errors(widths, weights, mat
         BatchTopKConfig(d_in=6, num_latents=12, k=3, matryoshka_widths=widths, matryoshka_weights=weights)
 
 
-def test_matryoshka_export_records_the_widths_and_inference_is_unchanged(tmp_path):
+def test_matryoshka_widths_survive_the_export_round_trip(tmp_path):
     from lightning_modules.export import export_sae, load_sae
 
     sae, x = hand_matryoshka([4, 12])
