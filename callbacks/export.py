@@ -8,6 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
+from datamodules.base import read_json, write_atomic
 from lightning_modules.export import best_or_current, export, how_to_load, is_sae, prepare_output_dir
 
 RUN_FILE = "run.json"
@@ -47,7 +48,7 @@ class WritesAtFitEnd(pl.Callback):
         prepare_output_dir(self._out, self.marker, overwrite=True)  # a file, or a folder of something else
         record = self._out / RUN_FILE
         if record.is_file():
-            other = json.loads(record.read_text()).get("run")
+            other = read_json(record, f"the export's {RUN_FILE}", f"delete {record} if that folder is yours").get("run")
             if other and Path(other).resolve() != self._run.resolve():
                 raise FileExistsError(f"{self._out} holds the export of another run ({other}): give another "
                                       "output_dir (or none: each run then exports into its own folder)")
@@ -56,8 +57,8 @@ class WritesAtFitEnd(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         module, ckpt = best_or_current(trainer, pl_module)
         self.write(trainer, module, ckpt, self._out)
-        (self._out / RUN_FILE).write_text(json.dumps({"run": str(self._run), "checkpoint": ckpt or None,
-                                                      "global_step": trainer.global_step}, indent=1))
+        write_atomic(self._out / RUN_FILE, json.dumps({"run": str(self._run), "checkpoint": ckpt or None,
+                                                       "global_step": trainer.global_step}, indent=1))
 
     def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
         """Write ``out`` from ``module`` (loaded from ``ckpt``, or the trained module itself when ``ckpt`` is None);

@@ -308,6 +308,3 @@ class CacheBuilder:
                 "truncated_sentences": truncated,
                 "build": {"seconds": time.perf_counter() - t0, "encode_seconds": encode_s, "new_vectors": n_new}}
         write_atomic(folder / "meta.json", json.dumps(meta, indent=1))
-
-
-# ---------------------------------------------------------------------------------------------------- streaming

@@ -11,8 +11,9 @@ A cache is a folder of shards (memory-mapped ``.npy`` arrays) written once per (
                                           the cache complete
 
 The folder name under ``cache_dir`` carries a hash of the identity, so a different model, layer or source gets a
-new cache; an explicit ``cache_path`` whose ``identity.json`` differs raises :class:`~datamodules.base.DataError`
-listing the differing fields (never silently reused). An interrupted build resumes at the first missing shard.
+new cache; an explicit ``cache_path`` whose ``identity.json`` differs raises
+:class:`~lightning_modules.components.errors.DataError` listing the differing fields (never silently reused). An
+interrupted build resumes at the first missing shard.
 
 Token-level vectors: ``hidden_states[layer]`` (0 = embeddings output, i = layer i) at every non-padding position;
 special tokens ([CLS], [SEP], <s>, ...) and ``text_prefix`` tokens are dropped (``special_tokens='drop'``) or kept
@@ -57,8 +58,6 @@ def default_cache_dir() -> str:
     return os.environ.get("EMBEDLAB_CACHE", str(Path.home() / ".cache" / "embedlab" / "activations"))
 
 
-
-
 def identity_diff(found: dict, expected: dict, prefix: str = "") -> list[str]:
     """Human-readable differences between two identity dicts."""
     diffs = []
@@ -71,13 +70,15 @@ def identity_diff(found: dict, expected: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-# ---------------------------------------------------------------------------------------------------- texts
-# ---------------------------------------------------------------------------------------------------- building
+# ---------------------------------------------------------------------------------------------------- writing
 def save_atomic(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file and a rename (see :func:`datamodules.base.write_atomic`)."""
+    """``np.save`` through a temporary file, an fsync and a rename (as :func:`datamodules.base.write_atomic`)."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
     try:
-        np.save(tmp, array)
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
@@ -179,7 +180,7 @@ class ActivationCache:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if max_rows >= len(self):
             return self
-        sid = self.metadata()[:, 0]
+        sid = self.metadata()[:, META_SENTENCE]
         ids, counts = np.unique(sid, return_counts=True)
         room, chosen = max_rows, []
         for i in np.random.default_rng(seed).permutation(len(ids)).tolist():  # 57k sentences: ~20 ms

@@ -27,6 +27,7 @@ from datamodules.activation_builder import (
 )
 from datamodules.activation_cache import (
     FORMAT_VERSION,
+    META_SENTENCE,
     ActivationCache,
     Level,
     build_lock,
@@ -281,7 +282,7 @@ class ActivationsDataModule(ResumesMidEpoch, pl.LightningDataModule):
         self.cache = ActivationCache(folder)
         if self.cache.dim < 1 or len(self.cache) == 0:
             raise DataError(f"activation cache {folder} holds no vectors")
-        sentence_ids = self.cache.metadata()[:, 0].astype(np.int64)
+        sentence_ids = self.cache.metadata()[:, META_SENTENCE].astype(np.int64)
         is_val = held_out(sentence_ids, self.val_fraction)
         self.train_rows, self.val_rows = np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
