@@ -264,9 +264,18 @@ def test_two_processes_building_one_cache_at_once_build_it_once(tmp_path, tiny_m
     assert [p.returncode for p in procs] == [0, 0]
     assert said == ["built", "reused"]
     (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-    from datamodules.activation_cache import ActivationCache
+    from datamodules.activation_cache import ActivationCache, build_lock
 
     assert len(ActivationCache(folder)) > 0
+    # The same with the overlap forced (two racing processes may just as well run one after the other): while this
+    # process holds the lock a builder waits, writing nothing, and builds once the lock is released.
+    fresh = tmp_path / "cache2"
+    cmd[-1] = str(fresh)
+    with build_lock(fresh / folder.name):
+        waiting = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        time.sleep(8)  # well past its imports and identity check, on to the lock
+        assert waiting.poll() is None and not (fresh / folder.name / "meta.json").exists()
+    assert waiting.communicate(timeout=300)[0].strip().splitlines()[-1] == "built"
 
 
 def one_line_error(args: list[str]) -> str:
