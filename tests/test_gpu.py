@@ -27,9 +27,12 @@ SENTENCES = ["a man is playing a guitar .", "the dog", "a lady is reading the da
 
 
 def relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
-    """Largest entry-wise difference over all tensors, relative to the largest reference entry."""
-    worst = max((got[k].float() - want[k].float()).abs().max().item() for k in want)
-    return worst / max(v.float().abs().max().item() for v in want.values())
+    """Largest entry-wise difference of each tensor relative to that tensor's largest reference entry, worst of all
+    tensors (so a wrong small tensor, a bias or the threshold, cannot hide under a large one)."""
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-12)
+
+    return max(rel(got[k].cpu(), want[k].cpu()) for k in want)
 
 
 # ------------------------------------------------------------------------------------ GradCache on CUDA
@@ -56,8 +59,9 @@ def test_grad_cache_replays_cuda_dropout_masks_under_bf16(tiny_model, setting):
 
 
 # ------------------------------------------------------------------------------------ SAE kernels on CUDA
+@pytest.mark.parametrize("widths", [[], [128, 512, 1024]], ids=["plain", "matryoshka"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sae_sparse_backward_on_cuda_equals_dense_autograd(dtype):
+def test_sae_sparse_backward_on_cuda_equals_dense_autograd(dtype, widths):
     """``sampled_addmm`` on CSR and ``embedding_bag`` backward on CUDA against the dense formula (test_sae's
     reference), with dead latents so AuxK runs too, at a size where the CUDA kernels really tile."""
     from test_sae import dense_reference
@@ -66,7 +70,7 @@ def test_sae_sparse_backward_on_cuda_equals_dense_autograd(dtype):
 
     torch.manual_seed(0)
     cfg = BatchTopKConfig(d_in=64, num_latents=1024, k=8, k_aux=32, dead_after=5, aux_coef=0.25,
-                          normalize_input=False)
+                          normalize_input=False, matryoshka_widths=widths)
     sae = BatchTopKSAE(cfg).to(CUDA, dtype).train()
     with torch.no_grad():
         sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
@@ -82,7 +86,7 @@ def test_sae_sparse_backward_on_cuda_equals_dense_autograd(dtype):
     assert relative_error(got, grads) < tol * 10
 
 
-def test_sae_module_trains_on_cuda_like_on_cpu(tiny_cache_vectors):
+def test_sae_trains_on_cuda_like_on_cpu(tiny_cache_vectors):
     """Five SAE steps (fused Adam, decoder projection and renormalisation, threshold EMA) on CUDA and on CPU from
     the same start: the same weights to float32 rounding."""
     from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE

@@ -330,7 +330,9 @@ class BatchTopKSAE(nn.Module):
         # makes no host-to-device copy
         levels = cfg.levels
         self.register_buffer("level_widths", torch.tensor([w for w, _ in levels]), persistent=False)
-        self.register_buffer("level_weights", torch.tensor([w for _, w in levels]), persistent=False)
+        # float64: a float32 copy would round the weights (1/3 by 3e-8) for a float64 SAE
+        self.register_buffer("level_weights", torch.tensor([w for _, w in levels], dtype=torch.float64),
+                             persistent=False)
 
     @property
     def num_latents(self) -> int:
