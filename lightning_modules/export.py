@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_modules.base import CLASS_PATH_KEY, EmbeddingModule
-from lightning_modules.checkpoints import ArtifactError, check_complete
+from lightning_modules.checkpoints import ArtifactError
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, fold_input_scale
-from lightning_modules.components.errors import why_write_failed
+from lightning_modules.components.errors import DataError, why_write_failed
 from lightning_modules.components.guard import DivergenceError
 from lightning_modules.components.hub import pooler_report_filtered
 
@@ -168,7 +168,7 @@ def module_class_from_checkpoint(ckpt_path: str | Path) -> type[EmbeddingModule]
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:  # a text file, a truncated download, a pickle of something else: torch's errors vary
-        raise ValueError(f"{ckpt_path}: not a readable Lightning checkpoint ({type(err).__name__}: "
+        raise DataError(f"{ckpt_path}: not a readable Lightning checkpoint ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict in it)")
@@ -193,14 +193,13 @@ INFERENCE_OVERRIDES = {"compile": False, "gradient_checkpointing": False}
 
 
 def load_module(ckpt_path: str | Path) -> EmbeddingModule:
-    """Rebuild a trained module from a checkpoint, on CPU, without its training-speed switches. A truncated or
-    damaged file is an error naming it (and the newest complete checkpoint beside it)."""
+    """Rebuild a trained module from a checkpoint, on CPU, without its training-speed switches (an unreadable file
+    is an error naming it: :func:`module_class_from_checkpoint`)."""
     path = Path(ckpt_path)
     if path.is_dir():
         raise FileNotFoundError(f"checkpoint {str(path)!r} is a folder; give the .ckpt file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
-    check_complete(path, [path.parent])
     cls = module_class_from_checkpoint(path)
     accepted = inspect.signature(cls.__init__).parameters
     overrides = {k: v for k, v in INFERENCE_OVERRIDES.items() if k in accepted}
