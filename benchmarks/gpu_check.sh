@@ -13,6 +13,8 @@
 #   (writes benchmarks/results/gpu-<device>.{json,md}).
 # On a CPU, to check this script itself at tiny sizes (proves nothing about GPUs):
 #   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh
+# A rerun of some steps only (names as in the summary's step table; pytest -k expression for the tests):
+#   GPU_CHECK_ONLY="pytest sae" GPU_CHECK_PYTEST_K="sae_trains or bf16_fit" bash benchmarks/gpu_check.sh
 #
 # No pretrained weights travel (they exceed the size limit): throughput and MFU run on a randomly initialised
 # BERT-base (benchmarks/common.py write_random_bert) written here; sentences are the project's synthetic sample.
@@ -23,6 +25,8 @@ export TOKENIZERS_PARALLELISM=false
 START=$(date +%s)
 BUDGET_S=${GPU_CHECK_BUDGET_S:-530}  # steps that would start later than this are skipped
 SMOKE=${GPU_CHECK_SMOKE:-0}
+ONLY=${GPU_CHECK_ONLY:-}  # space-separated step names; empty: every step
+PYTEST_K=${GPU_CHECK_PYTEST_K:-}
 
 if [ -d .whl ] && ! python3 -c "import jsonargparse, wandb, datasets, sacremoses" 2>/dev/null; then
     echo "== installing the carried wheels (.whl) into /tmp/site"
@@ -77,6 +81,7 @@ summarise() { python3 benchmarks/gpu_summary.py "$PARTS" "$DEST" > "$PARTS/summa
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run it, log it, record its status, rewrite the summary
     local name=$1 limit=$2; shift 2
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
     local elapsed=$(( $(date +%s) - START ))
     if [ "$elapsed" -gt "$BUDGET_S" ]; then
         echo "== [$elapsed s] $name: skipped (past the ${BUDGET_S} s budget)" | tee -a "$LOG"
@@ -96,7 +101,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run it, log it, record its status, r
 
 PY=python3
 step pytest 240 $PY -m pytest -m gpu -q -p no:cacheprovider -rs -o addopts="--strict-markers" \
-    --junitxml "$PARTS/pytest.xml" tests/test_gpu.py
+    --junitxml "$PARTS/pytest.xml" ${PYTEST_K:+-k "$PYTEST_K"} tests/test_gpu.py
 COMMON="--model $BERT --steps $STEPS --warmup $WARMUP --rounds 1"
 step contrastive-large-fast 150 $PY benchmarks/contrastive_throughput.py $COMMON --batch_size $B_LARGE --gpu_fast \
     --out "$PARTS/contrastive-large-fast.json"

@@ -48,7 +48,7 @@ class PlainSAE(nn.Module):
         self.W_dec = nn.Parameter(sae.W_dec.detach().clone())
         self.b_dec = nn.Parameter(sae.b_dec.detach().clone())
         self.scale = float(sae.input_scale)
-        self.counts = sae.tokens_since_fired.clone()
+        self.register_buffer("counts", sae.tokens_since_fired.clone())  # a buffer: .to(device) moves it
         self.threshold, self.steps = -1.0, 0
 
     def step(self, x: Tensor, opt: torch.optim.Optimizer) -> Tensor:

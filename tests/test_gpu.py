@@ -86,9 +86,16 @@ def test_sae_sparse_backward_on_cuda_equals_dense_autograd(dtype, widths):
     assert relative_error(got, grads) < tol * 10
 
 
-def test_sae_trains_on_cuda_like_on_cpu(tiny_cache_vectors):
-    """Five SAE steps (fused Adam, decoder projection and renormalisation, threshold EMA) on CUDA and on CPU from
-    the same start: the same weights to float32 rounding."""
+@pytest.mark.parametrize("optimizer", ["sgd", "fused_adam"])
+def test_sae_trains_on_cuda_like_on_cpu(tiny_cache_vectors, optimizer):
+    """Five SAE steps (sparse kernels, decoder projection and renormalisation, threshold EMA) on CUDA and on CPU
+    from the same start: the same weights to float32 rounding.
+
+    With SGD every tensor must agree. Adam divides each gradient by its own running magnitude, so an encoder bias
+    entry whose gradient is a rounding-level near-zero moves by +-lr on one device and -+lr on the other: on the CPU
+    alone, float32 against float64 gives b_enc a relative difference of 8e-2 after 5 steps, every other tensor
+    under 3e-4. Under Adam b_enc is therefore left out, and the others are held to 1e-2.
+    """
     from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
 
     def train(device: str) -> BatchTopKSAE:
@@ -96,7 +103,8 @@ def test_sae_trains_on_cuda_like_on_cpu(tiny_cache_vectors):
         sae = BatchTopKSAE(BatchTopKConfig(d_in=32, num_latents=256, k=4, threshold_start=1)).to(device)
         x = tiny_cache_vectors.to(device)
         sae.initialize(x[:128])
-        opt = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=True)
+        opt = (torch.optim.SGD(sae.parameters(), lr=1e-2) if optimizer == "sgd"
+               else torch.optim.Adam(sae.parameters(), lr=1e-3, fused=True))
         for step in range(5):
             batch = x[step * 64 : (step + 1) * 64]
             out = sae(batch)
@@ -109,9 +117,12 @@ def test_sae_trains_on_cuda_like_on_cpu(tiny_cache_vectors):
         return sae
 
     gpu, cpu = train(CUDA), train("cpu")
-    got = {k: v.cpu() for k, v in gpu.state_dict().items() if v.is_floating_point()}
-    want = {k: v for k, v in cpu.state_dict().items() if v.is_floating_point()}
-    assert relative_error(got, want) < 1e-2
+    skip = {"b_enc"} if optimizer == "fused_adam" else set()
+    got = {k: v.cpu() for k, v in gpu.state_dict().items() if v.is_floating_point() and k not in skip}
+    want = {k: v for k, v in cpu.state_dict().items() if v.is_floating_point() and k not in skip}
+    assert relative_error(got, want) < (1e-4 if optimizer == "sgd" else 1e-2)
+    if optimizer == "sgd":  # the same latents fired (under Adam a +-lr bias step may move one across the cut)
+        assert torch.equal(gpu.tokens_since_fired.cpu(), cpu.tokens_since_fired)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +177,8 @@ def test_bf16_fit_on_cuda_uses_fused_adamw_pinned_workers_and_exports_what_it_tr
     cli = train.main(args)
     assert cli.trainer.global_step == 6
     optimizer = cli.trainer.optimizers[0]
-    assert optimizer.defaults["fused"] is True and next(cli.model.parameters()).device.type == CUDA
+    # Lightning moves the module back to the CPU when fit ends: the strategy's device says where it trained
+    assert optimizer.defaults["fused"] is True and cli.trainer.strategy.root_device.type == CUDA
     assert cli.trainer.train_dataloader.pin_memory or CUDA == "cpu"
     ckpt = cli.trainer.checkpoint_callback.best_model_path
     train.main(["export", "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "st")])
