@@ -25,11 +25,15 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from callbacks.interpret import interpret_main
+from callbacks.run_defaults import PROJECT, apply_run_defaults, recipe_name
 from lightning_modules.checkpoints import DATA_CONFIG_KEY, AtomicCheckpointIO, resume_config
+from lightning_modules.components.batch_topk import BatchTopKConfig
 from lightning_modules.components.errors import DataError, StorageError
 from lightning_modules.components.guard import DivergenceError
-from lightning_modules.evaluate import evaluate_main
-from lightning_modules.export import export, how_to_load, load_module
+from lightning_modules.evaluate import evaluate_main, parse_tasks
+from lightning_modules.export import export, export_format, how_to_load, is_sae, load_module
+from lightning_modules.model_card import DEFAULT_STS_TASKS, checkpoint_facts
+from lightning_modules.sae_card import checkpoint_metrics
 
 
 class LogConfigToLoggers(SaveConfigCallback):
@@ -69,11 +73,18 @@ class EmbedLabCLI(LightningCLI):
     ``fit --ckpt_path`` resumes what it names (see :func:`lightning_modules.checkpoints.resume_config`): ``last``
     is the newest complete checkpoint wherever the loggers put it, changed model / data options are refused, and
     the W&B run and checkpoint folder continue. Checkpoints are written atomically (:class:`AtomicCheckpointIO`).
+    What a recipe leaves unset (folders, loggers, checkpointing, LR monitoring) is filled in for ``fit``, named
+    after ``recipe`` (:mod:`callbacks.run_defaults`).
     """
+
+    def __init__(self, *args, recipe: str = PROJECT, **kwargs) -> None:
+        self.recipe = recipe
+        super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
         if self.config.get("subcommand") != "fit":
             return super()._parse_ckpt_path()  # validate / test: Lightning's (the checkpoint's hparams apply)
+        apply_run_defaults(self.config.fit, self.recipe)
         resume_config(self.config.fit, warn=rank_zero_warn)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
@@ -87,16 +98,29 @@ class EmbedLabCLI(LightningCLI):
 
 
 def export_main(argv: list[str]) -> None:
-    """``export --ckpt_path CKPT --output_dir DIR``: write a sentence-transformers folder from a checkpoint (an SAE
-    checkpoint gives cfg.json + sae.safetensors instead; see ``lightning_modules.export.export``)."""
+    """``export --ckpt_path CKPT --output_dir DIR [--format sparsify|saelens]``: write a sentence-transformers folder
+    from a checkpoint (an SAE checkpoint gives an SAE folder instead, sparsify's layout or SAELens'; see
+    ``lightning_modules.export.export``). Its model card
+    is written from what the checkpoint records (``lightning_modules.model_card.checkpoint_facts``)."""
 
     parser = ArgumentParser(prog="train.py export", description=export_main.__doc__)
     parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint written by `train.py fit`")
     parser.add_argument("--output_dir", type=str, required=True, help="folder to write")
     parser.add_argument("--overwrite", type=bool, default=False, help="replace an earlier export in output_dir")
+    parser.add_argument("--format", type=str | None, default=None,
+                        help="SAE checkpoints only: sparsify (default; cfg.json + sae.safetensors) or saelens (a "
+                             "JumpReLU folder sae_lens.SAE.load_from_disk opens, with the global threshold)")
+    parser.add_argument("--sts_tasks", type=str, default=",".join(DEFAULT_STS_TASKS),
+                        help="STS test sets the model card scores when the run names a data root ('' for none)")
     args = parser.parse_args(argv)
+    tasks = parse_tasks(args.sts_tasks) if args.sts_tasks.strip() else []
+    export_format(None, args.format, "--format")  # a misspelt format fails before the checkpoint loads
     module = load_module(args.ckpt_path)
-    out = export(module, args.output_dir, overwrite=args.overwrite)
+    export_format(module, args.format, "--format")
+    facts = None if is_sae(module) else {**checkpoint_facts(args.ckpt_path), "sts_tasks": tasks}
+    sae_metrics = checkpoint_metrics(args.ckpt_path, module.sae) if is_sae(module) else None
+    out = export(module, args.output_dir, overwrite=args.overwrite, run_facts=facts, format=args.format,
+                 sae_metrics=sae_metrics)
     print(f"exported {args.ckpt_path} -> {out}  (load with {how_to_load(module, out)})")
 
 
@@ -104,11 +128,45 @@ def export_main(argv: list[str]) -> None:
 COMMANDS = {"export": export_main, "evaluate": evaluate_main, "interpret": interpret_main}
 
 
+#: Options that moved, by module: old init_args name -> new one (an old recipe or command line is told the new key).
+MOVED = {"SAEModule": {name: f"sae.{name}" for name in BatchTopKConfig.__dataclass_fields__}}
+
+
+def check_moved_options(args: list[str]) -> None:
+    """Refuse options a module no longer takes at that place, naming the new key (before jsonargparse reports
+    them as merely "not accepted")."""
+    models, flags = set(), []
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args) or arg.startswith("--config="):
+            path = args[i + 1] if arg == "--config" else arg.split("=", 1)[1]
+            try:
+                model = (yaml.safe_load(open(path)) or {}).get("model") or {}
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue  # the parser names an unreadable config itself
+            name = str(model.get("class_path", "")).rpartition(".")[2]
+            models.add(name)
+            for key in (model.get("init_args") or {}) if isinstance(model.get("init_args"), dict) else ():
+                if key in MOVED.get(name, {}):
+                    raise DataError(f"{path}: model.init_args.{key} is now model.init_args.{MOVED[name][key]} "
+                                    f"({name} takes its config whole)")
+        elif arg.startswith("--model.") and not arg.startswith("--model.init_args.sae"):
+            flags.append(arg.split("=", 1)[0])
+        elif arg == "--model" and i + 1 < len(args):
+            models.add(args[i + 1].rpartition(".")[2])
+    for flag in flags:
+        key = flag.removeprefix("--model.").removeprefix("init_args.")
+        for name in models & set(MOVED):
+            if key in MOVED[name]:
+                raise DataError(f"{flag} is now --model.init_args.{MOVED[name][key]} ({name} takes its config "
+                                "whole)")
+
+
 def main(argv: list[str] | None = None) -> EmbedLabCLI | None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in COMMANDS:
         COMMANDS[args[0]](args[1:])
         return None
+    check_moved_options(args)
     return EmbedLabCLI(
         LightningModule,
         LightningDataModule,
@@ -117,6 +175,7 @@ def main(argv: list[str] | None = None) -> EmbedLabCLI | None:
         save_config_callback=LogConfigToLoggers,
         save_config_kwargs={"overwrite": True},
         args=argv,
+        recipe=recipe_name(args),
     )
 
 
@@ -127,9 +186,13 @@ def user_error(err: BaseException) -> str | None:
 
     text = str(err)
     if text.startswith("Does not validate against any of the Union subtypes"):
-        reasons = [line[4:] for line in text.splitlines()
-                   if line.startswith("  - ") and not line.startswith("  - Expected a <class 'NoneType'>")]
         which = re.search(r"Given value: Namespace\(class_path='([^']+)'", text)
+        cause = err
+        while cause.__cause__ is not None and str(cause).startswith("Does not validate"):
+            cause = cause.__cause__  # nested configs (an SAE's `sae`) wrap the module's message once more
+        reasons = [str(cause)] if cause is not err and not str(cause).startswith("Does not validate") else [
+            line[4:] for line in text.splitlines()
+            if line.startswith("  - ") and not line.startswith("  - Expected a <class 'NoneType'>")]
         return f"{which.group(1) + ': ' if which else ''}{'; '.join(reasons)}" if reasons else None
     known = (DataError, FileNotFoundError, FileExistsError, StorageError, DivergenceError)
     return text if isinstance(err, known) else None

@@ -50,8 +50,8 @@ def train_sae(dm: ActivationsDataModule, num_latents: int, seed: int, steps: int
     from lightning_modules.sae import SAEModule
 
     pl.seed_everything(seed)
-    module = SAEModule(num_latents=num_latents, k=32, threshold_start=min(20, steps // 2), init_samples=8192,
-                       dead_after=steps * dm.batch_size // 2, seed=seed, lr=lr)
+    module = SAEModule(sae=dict(num_latents=num_latents, k=32, threshold_start=min(20, steps // 2),
+                                dead_after=steps * dm.batch_size // 2), init_samples=8192, seed=seed, lr=lr)
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     start = time.perf_counter()

@@ -95,6 +95,8 @@ def _hncse(r: dict) -> str:
 def _sae(r: dict) -> str:
     parts = [f"SAE F={s['num_latents']} k={s['k']}: {_fmt(s['vectors_per_s']['ours'], 0)} vec/s "
              f"(x{_fmt(s['ratio'])} plain)" for s in r.get("sae", [])]
+    parts += [f"x{_fmt(s['no_aux']['ratio'])} / x{_fmt(s['aux']['ratio'])} SAELens without / with AuxK"
+              for s in r.get("saelens", [])]
     if "cache" in r:
         parts.append(f"caching x{_fmt(r['cache']['ratio'])} bare forward")
     return "; ".join(parts)

@@ -82,12 +82,12 @@ def evaluate(module: SAEModule, dm: ActivationsDataModule) -> dict:
 
 
 def run(expansion: int, k: int, dm: ActivationsDataModule, args, seed: int = 0, **module_kw) -> dict:
-    """Train one SAE (``module_kw``: further SAEModule options, e.g. Matryoshka widths) and score it held out;
+    """Train one SAE (``module_kw``: further BatchTopKConfig fields, e.g. Matryoshka widths) and score it held out;
     the trained module is returned under ``"module"``."""
     pl.seed_everything(seed)
-    module = SAEModule(expansion_factor=expansion, k=k, dead_after=args.dead_after, seed=seed,
-                       threshold_start=args.threshold_start, threshold_beta=args.threshold_beta, init_samples=65536,
-                       **module_kw)
+    sae = dict(expansion_factor=expansion, k=k, dead_after=args.dead_after, threshold_start=args.threshold_start,
+               threshold_beta=args.threshold_beta, **module_kw)
+    module = SAEModule(sae=sae, seed=seed, init_samples=65536)
     steps_per_epoch = len(dm.train_rows) // dm.batch_size
     max_steps = steps_per_epoch * args.epochs
     if args.max_tokens:

@@ -11,17 +11,33 @@
 2. Activation caching: ``CacheBuilder.encode_chunk`` (tokenisation, forward, extraction of kept token vectors with
    their metadata, back to text order) against a bare forward pass of the encoder over the same pre-tokenised,
    length-sorted batches. Vectors per second counted the same way (kept tokens). Target: ratio >= 0.9.
+3. Against the peer users would pick instead, when sae-lens is installed (the ``peers`` extra; ``--skip_saelens``
+   leaves it out): SAELens' ``BatchTopKTrainingSAE`` step as its ``SAETrainer`` runs it (training_forward_pass with
+   its dead-latent mask, firing counts, backward, gradient-norm clipping, Adam) against ``BatchTopKSAE``'s step,
+   same d, F, k, batch, weights and batches, with AuxK and without (ours: aux_coef 0; SAELens: no dead mask); the
+   four steps alternate within each round. With AuxK the same 10% of latents are held dead in both before every
+   step (at these sizes every latent fires in every batch, so latents marked dead at the start revive after one
+   step and the AuxK path would stop running). SAELens keeps its own defaults otherwise (decoder-norm rescaling,
+   dense (B, F) codes).
 
-Input vectors for 1. come from an activation cache when ``--cache`` names one (real MiniLM token vectors), else
-Gaussian vectors. Writes benchmarks/results/sae_throughput.json and prints a table.
+Input vectors for 1. and 3. come from an activation cache when ``--cache`` names one (real MiniLM token vectors),
+else Gaussian vectors. Writes benchmarks/results/sae_throughput.json (``--out``) and prints a table. The SAELens
+comparison at the size its issue measured (d 384, F 3072, k 32, batch 1024, fp32; docs/results.md):
+
+    python benchmarks/sae_throughput.py --configs 8x32 --batch 1024 --steps 5 --rounds 8 --skip_cache --threads 1 \
+        --out benchmarks/results/sae_throughput_saelens-t1.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
+import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +48,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import write_json  # noqa: E402
+from common import add_threads, parse, write_json  # noqa: E402
 
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE  # noqa: E402
 
@@ -98,6 +114,57 @@ def our_step(sae: BatchTopKSAE, x: Tensor, opt: torch.optim.Optimizer) -> Tensor
     return out.loss.detach()
 
 
+class SAELensStep:
+    """SAELens' ``BatchTopKTrainingSAE`` training step as ``SAETrainer._train_step`` (sae-lens 6) runs it, minus its
+    logging and schedulers: ``training_forward_pass`` with the dead-latent mask (AuxK; None turns it off), firing
+    counts, backward, gradient-norm clipping at 1, Adam. Starts from ``sae``'s weights and dead latents, which stay
+    dead (see the module docstring); inputs are divided by ``sae``'s input scale first (SAELens scales activations
+    before the step, outside it)."""
+
+    def __init__(self, sae: BatchTopKSAE, aux: bool, lr: float, batch: int, device: torch.device) -> None:
+        # imported when used: sae-lens is optional (the peers extra) and takes seconds to import
+        from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+        from sae_lens.saes.sae import TrainStepInput
+
+        self.step_input = TrainStepInput
+        cfg = BatchTopKTrainingSAEConfig(d_in=sae.cfg.d_in, d_sae=sae.num_latents, k=sae.cfg.k, device=str(device))
+        self.sae = BatchTopKTrainingSAE(cfg).to(device)
+        with torch.no_grad():
+            for theirs, ours in ((self.sae.W_enc, sae.W_enc.t()), (self.sae.W_dec, sae.W_dec),
+                                 (self.sae.b_enc, sae.b_enc), (self.sae.b_dec, sae.b_dec)):
+                theirs.copy_(ours)
+        self.scale, self.aux, self.steps = float(sae.input_scale), aux, 0
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr)
+        # SAETrainer counts steps since a latent fired (dead: more than its window); ours counts vectors
+        self.window = max(sae.cfg.dead_after // batch, 1)
+        self.held_dead = (sae.tokens_since_fired >= sae.cfg.dead_after).to(device)
+        self.since_fired = torch.zeros(sae.num_latents, dtype=torch.long, device=device)
+        self.act_freq = torch.zeros(sae.num_latents, device=device)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.since_fired.masked_fill_(self.held_dead, self.window + 1)
+        out = self.sae.training_forward_pass(self.step_input(
+            sae_in=x / self.scale, coefficients={}, n_training_steps=self.steps, is_logging_step=False,
+            dead_neuron_mask=self.since_fired > self.window if self.aux else None))
+        with torch.no_grad():
+            firing = out.feature_acts.bool().float()
+            self.since_fired += 1
+            self.since_fired[firing.sum(-2).bool()] = 0
+            self.act_freq += firing.sum(0)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad()
+        self.steps += 1
+        return out.loss.detach()
+
+
+def held_dead_step(sae: BatchTopKSAE, x: Tensor, opt: torch.optim.Optimizer, dead_F: Tensor) -> Tensor:
+    """:func:`our_step` with the latents of ``dead_F`` dead again before it (as :class:`SAELensStep` holds them)."""
+    sae.tokens_since_fired.masked_fill_(dead_F, sae.cfg.dead_after)
+    return our_step(sae, x, opt)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -116,31 +183,49 @@ def copy_bandwidth(device: torch.device) -> float:
     return 10 * 2 * a.numel() * 4 / (time.perf_counter() - t)
 
 
-def bench_sae(vectors: Tensor, d_in: int, expansion: int, k: int, batch: int, steps: int, rounds: int,
-              device: torch.device) -> dict:
+def start_sae(vectors: Tensor, d_in: int, expansion: int, k: int, batch: int) -> BatchTopKSAE:
+    """The SAE every stepper starts from: initialised on the vectors, 10% of latents marked dead (they revive once
+    they fire, after one step at these sizes; :func:`bench_saelens` holds them dead)."""
     torch.manual_seed(0)
     cfg = BatchTopKConfig(d_in=d_in, expansion_factor=expansion, k=k, dead_after=20 * batch, threshold_start=0)
     sae = BatchTopKSAE(cfg)
     sae.initialize(vectors[:8192])
-    sae.tokens_since_fired[: sae.num_latents // 10] = cfg.dead_after  # 10% dead: the AuxK path runs in both
-    plain = PlainSAE(sae).to(device)
-    sae = sae.to(device).train()
-    lr = 2e-4 / (sae.num_latents / 2**14) ** 0.5
-    opts = {"ours": torch.optim.Adam(sae.parameters(), lr=lr), "plain": torch.optim.Adam(plain.parameters(), lr=lr)}
-    steppers = {"ours": lambda x: our_step(sae, x, opts["ours"]), "plain": lambda x: plain.step(x, opts["plain"])}
+    sae.tokens_since_fired[: sae.num_latents // 10] = cfg.dead_after
+    return sae
+
+
+def sample_batches(vectors: Tensor, batch: int, steps: int, device: torch.device) -> list[Tensor]:
     g = torch.Generator().manual_seed(1)
-    batches = [vectors[torch.randint(len(vectors), (batch,), generator=g)].to(device) for _ in range(steps)]
-    for name in steppers:  # warm-up
-        steppers[name](batches[0])
-    times = {name: [] for name in steppers}
+    return [vectors[torch.randint(len(vectors), (batch,), generator=g)].to(device) for _ in range(steps)]
+
+
+def interleaved(steppers: dict[str, Callable[[Tensor], Tensor]], batches: list[Tensor], rounds: int,
+                device: torch.device) -> dict[str, list[float]]:
+    """Seconds per round of each stepper over ``batches``, after one warm-up step each; within a round the steppers
+    run one after the other, in reverse order every other round (a noisy machine then slows them alike)."""
+    for step in steppers.values():
+        step(batches[0])
+    times: dict[str, list[float]] = {name: [] for name in steppers}
     for r in range(rounds):
-        for name in (("ours", "plain") if r % 2 == 0 else ("plain", "ours")):
+        for name in (list(steppers) if r % 2 == 0 else list(reversed(steppers))):
             sync(device)
             t = time.perf_counter()
             for x in batches:
                 steppers[name](x)
             sync(device)
             times[name].append(time.perf_counter() - t)
+    return times
+
+
+def bench_sae(vectors: Tensor, d_in: int, expansion: int, k: int, batch: int, steps: int, rounds: int,
+              device: torch.device) -> dict:
+    sae = start_sae(vectors, d_in, expansion, k, batch)
+    plain = PlainSAE(sae).to(device)
+    sae = sae.to(device).train()
+    lr = 2e-4 / (sae.num_latents / 2**14) ** 0.5
+    opts = {"ours": torch.optim.Adam(sae.parameters(), lr=lr), "plain": torch.optim.Adam(plain.parameters(), lr=lr)}
+    steppers = {"ours": lambda x: our_step(sae, x, opts["ours"]), "plain": lambda x: plain.step(x, opts["plain"])}
+    times = interleaved(steppers, sample_batches(vectors, batch, steps, device), rounds, device)
     rate = {n: steps * batch / float(np.median(ts)) for n, ts in times.items()}
     result = {"d_in": d_in, "num_latents": sae.num_latents, "k": k, "batch": batch, "steps_per_round": steps,
               "rounds": rounds, "vectors_per_s": rate, "ratio": rate["ours"] / rate["plain"],
@@ -151,6 +236,36 @@ def bench_sae(vectors: Tensor, d_in: int, expansion: int, k: int, batch: int, st
         bound = batch / (bytes_per_step / bw)
         result.update({"copy_bandwidth_GBps": bw / 1e9, "bandwidth_bound_vectors_per_s": bound,
                        "fraction_of_bound": rate["ours"] / bound})
+    return result
+
+
+def bench_saelens(vectors: Tensor, d_in: int, expansion: int, k: int, batch: int, steps: int, rounds: int,
+                  device: torch.device) -> dict:
+    """Our step against SAELens' (:class:`SAELensStep`), with AuxK and without, all four interleaved."""
+    from importlib.metadata import version
+
+    start = start_sae(vectors, d_in, expansion, k, batch)
+    dead_F = (start.tokens_since_fired >= start.cfg.dead_after).to(device)
+    lr = 2e-4 / (start.num_latents / 2**14) ** 0.5
+    steppers = {}
+    for aux in (True, False):
+        tag = "aux" if aux else "no_aux"
+        ours = BatchTopKSAE(dataclasses.replace(start.cfg, aux_coef=start.cfg.aux_coef if aux else 0.0))
+        ours.load_state_dict(start.state_dict())
+        ours = ours.to(device).train()
+        opt = torch.optim.Adam(ours.parameters(), lr=lr)
+        steppers[f"ours_{tag}"] = lambda x, ours=ours, opt=opt: held_dead_step(ours, x, opt, dead_F)
+        steppers[f"saelens_{tag}"] = SAELensStep(start, aux, lr, batch, device)
+    times = interleaved(steppers, sample_batches(vectors, batch, steps, device), rounds, device)
+    rate = {n: steps * batch / float(np.median(ts)) for n, ts in times.items()}
+    result = {"d_in": d_in, "num_latents": start.num_latents, "k": k, "batch": batch, "steps_per_round": steps,
+              "rounds": rounds, "sae_lens": version("sae-lens")}
+    for tag in ("aux", "no_aux"):
+        ours, theirs = times[f"ours_{tag}"], times[f"saelens_{tag}"]
+        result[tag] = {"vectors_per_s": {"ours": rate[f"ours_{tag}"], "saelens": rate[f"saelens_{tag}"]},
+                       "ratio": rate[f"ours_{tag}"] / rate[f"saelens_{tag}"],
+                       "round_ratios": [t / o for o, t in zip(ours, theirs)],
+                       "median_round_ratio": float(np.median([t / o for o, t in zip(ours, theirs)]))}
     return result
 
 
@@ -204,9 +319,11 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=512, help="Brown sentences for the caching benchmark")
     ap.add_argument("--configs", default="8x32,32x64", help="expansion x k pairs")
     ap.add_argument("--skip_cache", action="store_true")
+    ap.add_argument("--skip_saelens", action="store_true", help="leave out SAELens' step (timed when installed)")
+    add_threads(ap)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sae_throughput.json"))
-    args = ap.parse_args()
+    args = parse(ap)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         args.batch, args.steps, args.rounds, args.sentences, args.configs = 512, 2, 2, 32, "8x32"
@@ -220,7 +337,8 @@ def main() -> None:
     else:
         vectors, source = torch.randn(200_000, args.d_in) * 0.5 + 0.1, f"gaussian ({args.d_in}-d)"
     results = {"device": str(device), "cpu": platform.processor() or platform.machine(),
-               "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "vectors": source, "sae": []}
+               "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "vectors": source, "sae": [],
+               "load_average_at_start": os.getloadavg()[0]}  # other processes on the machine: ratios still hold
     for spec in args.configs.split(","):
         expansion, k = map(int, spec.split("x"))
         r = bench_sae(vectors, vectors.shape[1], expansion, k, args.batch, args.steps, args.rounds, device)
@@ -230,6 +348,20 @@ def main() -> None:
               f"(rounds {', '.join(f'{x:.2f}' for x in r['round_ratios'])})"
               + (f", {r['fraction_of_bound']:.2%} of the W_enc+W_dec bandwidth bound" if "fraction_of_bound" in r
                  else ""), flush=True)
+    if args.skip_saelens or importlib.util.find_spec("sae_lens") is None:
+        results["saelens_skipped"] = ("--skip_saelens" if args.skip_saelens
+                                      else "sae-lens is not installed (pip install -e '.[peers]')")
+    else:
+        results["saelens"] = []
+        for spec in args.configs.split(","):
+            expansion, k = map(int, spec.split("x"))
+            r = bench_saelens(vectors, vectors.shape[1], expansion, k, args.batch, args.steps, args.rounds, device)
+            results["saelens"].append(r)
+            for tag, what in (("no_aux", "AuxK off"), ("aux", "AuxK on ")):
+                v = r[tag]["vectors_per_s"]
+                print(f"vs SAELens {r['sae_lens']} F={r['num_latents']:>5} k={k:>2} B={args.batch} {what}: ours "
+                      f"{v['ours']:9.0f} vec/s, SAELens {v['saelens']:9.0f} vec/s, ratio {r[tag]['ratio']:.2f} "
+                      f"(rounds {', '.join(f'{x:.2f}' for x in r[tag]['round_ratios'])})", flush=True)
     if not args.skip_cache:
         from datamodules.brown import read_brown
 
@@ -245,6 +377,7 @@ def main() -> None:
         print(f"caching {r['vectors']} token vectors of {r['sentences']} sentences: cache "
               f"{r['vectors_per_s']['cache']:.0f} vec/s, bare forward {r['vectors_per_s']['bare_forward']:.0f} vec/s, "
               f"ratio {r['ratio']:.2f} (rounds {', '.join(f'{x:.2f}' for x in r['round_ratios'])})", flush=True)
+    results["load_average_at_end"] = os.getloadavg()[0]
     write_json(args.out, results)
     print(f"wrote {args.out}")
 

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
+from callbacks.run_results import (
+    checkpoint_metadata,
+    checkpoint_step,
+    evaluation,
+    log_artifacts,
+    log_evaluation,
+    wandb_loggers,
+    write_evaluation,
+)
 from datamodules.base import read_json, write_atomic
-from lightning_modules.export import best_or_current, export, how_to_load, is_sae, prepare_output_dir
+from lightning_modules.evaluate import parse_tasks
+from lightning_modules.export import best_or_current, export, export_format, how_to_load, is_sae, prepare_output_dir
+from lightning_modules.model_card import DEFAULT_STS_TASKS, checkpoint_facts
+from lightning_modules.sae_card import state_metrics
 
 RUN_FILE = "run.json"
 
@@ -75,45 +88,137 @@ class ExportOnFitEnd(WritesAtFitEnd):
     Prints the checkpoint, the exported folder and the logger locations (W&B run folder and ``wandb sync`` hint
     when offline).
 
+    A sentence-transformers export carries a model card (README.md, :mod:`lightning_modules.model_card`) written
+    from this run (:func:`fit_facts`): with the STS test sets of ``sts_tasks`` scored on the exported folder when
+    the run names a data root (its STSEvaluator's or datamodule's ``data_root``), else the dev metric it logged.
+
+    Those numbers (an SAE: ``sae_metrics.json``'s) are also written to ``<run folder>/eval.json`` and, on every W&B
+    logger, logged as the table ``eval/sts`` and summary values (``eval/<task>_spearman``,
+    ``eval/dev/<task>_spearman``, ``eval/checkpoint_step``; an SAE's ``eval/<figure>``); and the best checkpoint
+    (type ``model``) and the export (type ``sentence-transformers`` or ``sae``) are logged as W&B artefacts, once the
+    export exists (:mod:`callbacks.run_results`).
+
     Args:
         output_dir: target folder; default ``<run folder>/export`` (``<run folder>/sae`` for an SAE).
+        sts_tasks: STS test sets the card scores when a data root is known (``[]``: none; all seven take about a
+            minute on MiniLM); default STS-B and SICK-R.
+        format: SAEs only: ``sparsify`` (default) or ``saelens`` (a JumpReLU folder that
+            ``sae_lens.SAE.load_from_disk`` opens, with the global threshold); see ``export_sae``. The SAE folder's
+            README.md is generated from the SAE and ``sae_metrics.json``'s figures.
+        log_artifacts: log the checkpoint and the export as W&B artefacts (the checkpoint as a reference to its
+            file, the export uploaded from its folder when the run is online or synced; see
+            :mod:`callbacks.run_results`).
     """
 
-    def __init__(self, output_dir: str | None = None) -> None:
+    def __init__(self, output_dir: str | None = None, sts_tasks: list[str] | None = None,
+                 format: str | None = None, log_artifacts: bool = True) -> None:
         super().__init__(output_dir)
+        self.log_artifacts = log_artifacts
+        self.format = export_format(None, format, "ExportOnFitEnd format")  # a misspelt name fails at parse time
+        self.sts_tasks = list(DEFAULT_STS_TASKS if sts_tasks is None else sts_tasks)
+        if self.sts_tasks:
+            parse_tasks(self.sts_tasks)  # a misspelt task fails before training, not at its end
         self.exported: Path | None = None
+        self.eval_record: dict | None = None  # eval.json's content, once written
+        self._export_type, self._load_hint = "sentence-transformers", ""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        export_format(pl_module, self.format, "ExportOnFitEnd format")  # an SAE format for an encoder: before training
         self.subdir, self.marker = ("sae", "cfg.json") if is_sae(pl_module) else ("export", "modules.json")
         super().on_fit_start(trainer, pl_module)
 
     def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
-        self.exported = export(module, out, overwrite=True)
-        if is_sae(module):
-            (out / "sae_metrics.json").write_text(json.dumps(sae_metrics(trainer, module, ckpt), indent=1))
+        facts = None if is_sae(module) else fit_facts(trainer, ckpt, self._run, self.sts_tasks)
+        metrics = sae_metrics(trainer, module, ckpt) if is_sae(module) else None
+        self.exported = export(module, out, overwrite=True, run_facts=facts, format=self.format, sae_metrics=metrics)
+        if metrics is not None:
+            (out / "sae_metrics.json").write_text(json.dumps(metrics, indent=1))
+        # the numbers the card shows (facts["sts"], filled by the export) or the SAE's figures: never scored again
+        step = facts["step"] if facts is not None else checkpoint_step(ckpt, trainer.global_step)
+        self.eval_record = evaluation(ckpt, step, facts, metrics, trainer.callbacks)
+        eval_file = write_evaluation(self._run or out.parent, self.eval_record)
+        log_evaluation(wandb_loggers(trainer), self.eval_record, trainer.global_step)
+        self._export_type = "sae" if is_sae(module) else "sentence-transformers"
+        self._load_hint = how_to_load(module, self.exported)
         lines = [f"checkpoint:     {ckpt or '(none saved; exported the final weights)'}",
-                 f"exported:       {self.exported}  ({how_to_load(module, self.exported)})"]
+                 f"exported:       {self.exported}  ({self._load_hint})",
+                 f"evaluation:     {eval_file}"]
         for logger in trainer.loggers:
-            run = getattr(logger, "experiment", None)
-            if type(logger).__name__ == "WandbLogger" and run is not None:
-                run_dir = Path(run.dir).parent
-                offline = getattr(run.settings, "_offline", False) or getattr(run.settings, "mode", "") == "offline"
-                hint = f"  (offline: `wandb sync {run_dir}` uploads it later)" if offline else ""
-                lines.append(f"W&B run:        {run_dir}{hint}")
+            wandb = wandb_run(logger)
+            if wandb is not None:
+                hint = f"  (offline: `wandb sync {wandb['dir']}` uploads it later)" if wandb["offline"] else ""
+                lines.append(f"W&B run:        {wandb['dir']}{hint}")
             elif getattr(logger, "log_dir", None):
                 lines.append(f"{type(logger).__name__}:{' ' * max(1, 15 - len(type(logger).__name__))}{logger.log_dir}")
         print("\n".join(lines), flush=True)
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)  # the export, its run.json, eval.json, the W&B table and summaries
+        loggers = wandb_loggers(trainer)
+        if not (self.log_artifacts and loggers and self.exported is not None and self.eval_record is not None):
+            return
+        ckpt = self.eval_record["checkpoint"]
+        meta = checkpoint_metadata(trainer, ckpt, self.eval_record["checkpoint_step"])
+        fmt = export_format(pl_module, self.format)
+        log_artifacts(loggers, ckpt, self.exported, self._export_type, meta,
+                      {"format": fmt, "load": self._load_hint, "eval": self.eval_record["summary"]})
+
+
+def wandb_run(logger) -> dict | None:
+    """A WandbLogger's run: id, project, local folder and whether it is offline; None for other loggers."""
+    run = getattr(logger, "experiment", None) if type(logger).__name__ == "WandbLogger" else None
+    if run is None:
+        return None
+    offline = getattr(run.settings, "_offline", False) or getattr(run.settings, "mode", "") == "offline"
+    folder = Path(run.dir).parent
+    if folder.is_absolute() and folder.is_relative_to(Path.cwd()):
+        folder = folder.relative_to(Path.cwd())  # shown as the user would type it
+    return {"id": run.id, "project": run.project, "dir": str(folder), "offline": bool(offline)}
+
+
+def datamodule_config(dm: pl.LightningDataModule) -> dict:
+    """A datamodule's class path and the init arguments it keeps as attributes of the same name (plain values)."""
+    params = [p for p in inspect.signature(type(dm).__init__).parameters if p != "self"]
+    args = {p: getattr(dm, p) for p in params
+            if isinstance(getattr(dm, p, None), (str, int, float, bool, list, tuple))}
+    return {"class_path": f"{type(dm).__module__}.{type(dm).__qualname__}", "init_args": args}
+
+
+def fit_facts(trainer: pl.Trainer, ckpt: str | None, run_dir: Path | None, sts_tasks: list[str]) -> dict:
+    """The run facts of a fit-end export's model card (see :mod:`lightning_modules.model_card`): what the
+    exported checkpoint holds (:func:`~lightning_modules.model_card.checkpoint_facts`), completed from the live run:
+    the steps taken in all, the W&B run's folder, the datamodule, and the dev metric of the final weights when no
+    checkpoint was kept."""
+    facts = checkpoint_facts(ckpt) if ckpt else {"step": trainer.global_step}
+    facts.update(run_steps=trainer.global_step, sts_tasks=list(sts_tasks))
+    if run_dir is not None:
+        facts["run_dir"] = str(run_dir)
+    runs = [r for r in map(wandb_run, trainer.loggers) if r is not None]
+    if runs:
+        facts["wandb"] = runs[0]
+    dm = getattr(trainer, "datamodule", None)
+    if "data" not in facts and dm is not None:
+        facts["data"] = datamodule_config(dm)
+    evaluators = [cb for cb in trainer.callbacks if hasattr(cb, "history") and hasattr(cb, "metric_name")]
+    if "dev_metric" not in facts:
+        for cb in evaluators:
+            value = dict(cb.history).get(facts["step"])
+            if value is not None:
+                facts["dev_metric"] = {"name": cb.metric_name, "value": float(value), "step": facts["step"],
+                                       "selected": False}
+                break
+    if "sts_data_root" not in facts:
+        roots = [getattr(cb, "data_root", None) for cb in evaluators] + [getattr(dm, "data_root", None)]
+        root = next((r for r in roots if r), None)
+        if root:
+            facts["sts_data_root"] = str(root)
+    return facts
 
 
 def sae_metrics(trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None) -> dict:
     """The SAE's final figures written beside its export: logged ``sae/*`` values and its state."""
     sae = module.sae
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "sae/" in k}
-    metrics.update({
-        "checkpoint": ckpt or None,
-        "global_step": trainer.global_step,
-        "threshold_input_units": float(sae.threshold * sae.input_scale) if sae.threshold >= 0 else None,
-        "dead_latents": int((sae.tokens_since_fired >= sae.cfg.dead_after).sum()),
-        "num_latents": sae.num_latents,
-    })
+    metrics.update({"checkpoint": ckpt or None, "global_step": trainer.global_step, **state_metrics(sae)})
     return metrics

@@ -13,12 +13,13 @@ from jsonargparse import ArgumentParser
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
-from callbacks.export import WritesAtFitEnd
+from callbacks.export import RUN_FILE, WritesAtFitEnd
 from datamodules.activation_cache import ActivationCache
 from datamodules.wic import load_wic
 from lightning_modules.components.errors import DataError
 from lightning_modules.export import load_module, load_sae
 from lightning_modules.interpret.suite import run_suite
+from lightning_modules.model_card import checkpoint_facts
 
 #: Columns of the W&B feature table (one row per feature).
 FEATURE_COLUMNS = ["id", "label", "purity", "energy", "fires", "contribution", "survival", "stability_cos",
@@ -208,6 +209,22 @@ def load_any_sae(path: str | Path):
     return load_sae(path).eval()
 
 
+def fit_group(path: str | Path) -> str | None:
+    """The W&B group (``train.py fit`` names it after the recipe) of the fit that made an SAE, when its checkpoint
+    recorded one: ``path`` is that checkpoint, or an export folder whose ``run.json`` (the fit-end export's) names
+    it. None when nothing says (a folder from ``train.py export``, a checkpoint from before groups were recorded)."""
+    path = Path(path)
+    ckpt: str | Path | None = path if path.is_file() else None
+    if ckpt is None and (path / RUN_FILE).is_file():
+        try:
+            ckpt = json.loads((path / RUN_FILE).read_text()).get("checkpoint")
+        except ValueError:  # a damaged run.json: the run is only ungrouped
+            return None
+    if not ckpt or not Path(ckpt).is_file():
+        return None
+    return (checkpoint_facts(ckpt).get("wandb") or {}).get("group")
+
+
 def interpret_main(argv: list[str]) -> None:
     """``interpret --sae SAE --cache CACHE``: run the interpretability suite on demand (the same files and logged
     keys as the ``InterpretSAE`` callback at the end of fit)."""
@@ -230,7 +247,8 @@ def interpret_main(argv: list[str]) -> None:
     parser.add_argument("--top_k", type=int, default=500)
     parser.add_argument("--n_unique", type=int, default=100)
     parser.add_argument("--n_contexts", type=int, default=10)
-    parser.add_argument("--wandb_project", type=str | None, default=None, help="also log to this W&B project")
+    parser.add_argument("--wandb_project", type=str | None, default=None, help="also log to this W&B project (job type "
+                        "interpret; grouped with the fit's run when its checkpoint names the group)")
     parser.add_argument("--wandb_offline", type=bool, default=True, help="offline W&B run (`wandb sync` later)")
     parser.add_argument("--log_browser", type=bool, default=True, help="log the browser page to W&B too")
     parser.add_argument("--device", type=str, default="auto", help="auto (cuda when there is one), cpu, cuda, ...")
@@ -245,7 +263,8 @@ def interpret_main(argv: list[str]) -> None:
     loggers: list[Logger] = [CSVLogger(str(out), name="csv")]
     if args.wandb_project:
         loggers.append(WandbLogger(project=args.wandb_project, save_dir=str(out), offline=args.wandb_offline,
-                                   name=f"interpret-{sae_path.name}", job_type="interpret"))
+                                   name=f"interpret-{sae_path.name}", job_type="interpret",
+                                   group=fit_group(sae_path)))
         loggers[-1].log_hyperparams({k: v for k, v in vars(args).items() if k != "__path__"})
     callback = InterpretSAE(compare_sae=args.compare_sae, pseval=args.pseval, pseval_saes=args.pseval_saes,
                             wic_split=args.wic_split, max_tokens=args.max_tokens, sample_seed=args.sample_seed,

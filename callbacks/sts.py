@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -10,12 +12,20 @@ from datamodules.sts import STSPairs, load_sts, spearman100
 from lightning_modules.components.errors import DataError
 
 
+def metric_name(task: str) -> str:
+    """What :class:`STSEvaluator` logs for ``task``: ``val/<task>_spearman``, a file's stem standing for its path."""
+    name = Path(task).stem if task.endswith((".tsv", ".txt", ".csv")) else task
+    return f"val/{name}_spearman"
+
+
 class STSEvaluator(pl.Callback):
     """Logs ``val/<task>_spearman`` (Spearman x 100) every ``every_n_steps`` optimiser steps and at each epoch's end.
 
     Made for checkpoint selection: ``ModelCheckpoint(monitor="val/stsb_spearman", mode="max")``. Encoding runs
     without dropout, in length-sorted batches; each distinct sentence is tokenised once (at fit start) and encoded
     once per evaluation. Every rank computes the same number (the dev set is small), so no broadcast is needed.
+    A module whose embedding nests smaller ones (``selection_dims``, e.g. a Matryoshka MCR2 head: [32, ..., 256])
+    is scored by the mean over those prefixes, so the checkpoint kept is good at every size.
 
     Args:
         task: an STS task name (``stsb``, ``sickr``, ...) or a TSV path (``sentence1, sentence2, score``).
@@ -37,7 +47,7 @@ class STSEvaluator(pl.Callback):
 
     @property
     def metric_name(self) -> str:
-        return f"val/{self.pairs.name if self.pairs else self.task}_spearman"
+        return metric_name(self.task)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.pairs is None:
@@ -53,10 +63,12 @@ class STSEvaluator(pl.Callback):
             self._ids = pl_module.encoder.tokenize(unique)
 
     def evaluate(self, pl_module: pl.LightningModule) -> float:
-        """Spearman x 100 of the module's current weights on the configured pairs."""
+        """Spearman x 100 of the module's current weights on the configured pairs (the mean over the module's
+        ``selection_dims`` prefixes when it has them)."""
         z_ND = pl_module.encode_ids(self._ids, batch_size=self.batch_size)
-        cos_P = F.cosine_similarity(z_ND[self._index1], z_ND[self._index2], dim=-1)
-        return spearman100(cos_P, self.pairs.scores)
+        rhos = [spearman100(F.cosine_similarity(z_ND[self._index1, :k], z_ND[self._index2, :k], dim=-1),
+                            self.pairs.scores) for k in getattr(pl_module, "selection_dims", None) or [None]]
+        return sum(rhos) / len(rhos)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch_end: bool) -> None:
         rho = self._record(trainer, pl_module)
@@ -88,7 +100,9 @@ class STSEvaluator(pl.Callback):
         return bool(self.history) and self.history[-1][0] == trainer.global_step and trainer.global_step > 0
 
     def state_dict(self) -> dict:
-        return {"history": self.history}
+        # metric and data_root: for the model card of an export from a checkpoint (lightning_modules.model_card)
+        root = None if self.data_root is None else str(self.data_root)
+        return {"history": self.history, "metric": self.metric_name, "data_root": root}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
@@ -24,13 +25,26 @@ CLASS_PATH_KEY = "embedlab_class_path"
 class RecordsClassPath:
     """Mixin for LightningModules: every checkpoint records the module's class, so ``export.load_module`` rebuilds
     the right class whether or not the run was launched through LightningCLI (which records ``_class_path``), and
-    the class and version of each logger, so that ``fit --ckpt_path`` continues the same W&B run."""
+    each logger (:func:`logger_record`), so that ``fit --ckpt_path`` continues the same W&B run and an export's
+    model card names it."""
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CLASS_PATH_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
         loggers = self._trainer.loggers if self._trainer is not None else []
-        checkpoint[LOGGERS_KEY] = [{"class": type(lg).__name__, "version": None if lg.version is None
-                                    else str(lg.version)} for lg in loggers]
+        checkpoint[LOGGERS_KEY] = [logger_record(lg) for lg in loggers]
+
+
+def logger_record(logger) -> dict:
+    """What a checkpoint keeps of a logger: class and version; for W&B also the project, save_dir and group (the
+    recipe, for ``train.py interpret`` to group its run with the fit's; plain strings: checkpoints are read with
+    ``weights_only``)."""
+    record = {"class": type(logger).__name__, "version": None if logger.version is None else str(logger.version)}
+    if record["class"] == "WandbLogger":
+        group = (getattr(logger, "_wandb_init", None) or {}).get("group")  # wandb.init's kwargs, before it runs
+        record.update({k: None if v is None else str(v) for k, v in (("project", logger.name),
+                                                                      ("save_dir", logger.save_dir),
+                                                                      ("group", group))})
+    return record
 
 
 def total_norm(tensors: list[Tensor]) -> Tensor:
@@ -152,6 +166,16 @@ class EmbeddingModule(GuardsDivergence, pl.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
+        self._shared_options = {"lr": lr, "weight_decay": weight_decay, "warmup_ratio": warmup_ratio,
+                                "check_finite_every_n_steps": check_finite_every_n_steps,
+                                "max_mean_cosine": max_mean_cosine}
+
+    def save_hyperparameters(self, *args, frame=None, **kwargs) -> None:
+        """Lightning's, from the subclass's ``__init__`` frame, plus the options defined here (a subclass takes them
+        through ``**kwargs``, so the frame holds only those given): every checkpoint records them all, and a resumed
+        run can refuse a changed one."""
+        super().save_hyperparameters(*args, frame=frame or inspect.currentframe().f_back, **kwargs)
+        self.hparams.update(self._shared_options)
 
     @property
     def tokenizer(self):

@@ -163,10 +163,29 @@ def changed_options(cfg, ckpt: dict) -> list[str]:
             continue
         now_args, then_args = now.get("init_args") or {}, then.get("init_args") or {}
         for key in sorted(set(then_args) & set(now_args) - switches):
-            if now_args[key] is not None and now_args[key] != then_args[key]:
-                out.append(f"{part}.init_args.{key} (checkpoint {_shown(then_args[key])}, now "
-                           f"{_shown(now_args[key])})")
+            out.extend(_differences(f"{part}.init_args.{key}", now_args[key], then_args[key]))
     return out
+
+
+def _differences(name: str, now, then) -> list[str]:
+    """``name (checkpoint X, now Y)`` where ``now`` is set and differs; nested configs (an SAE's ``sae``) are
+    compared field by field, so a field left null (``d_in``, taken from the data) is not a change."""
+    if isinstance(now, dict) and isinstance(then, dict):
+        return [d for key in sorted(set(now) & set(then)) for d in _differences(f"{name}.{key}", now[key], then[key])]
+    if now is not None and now != then:
+        return [f"{name} (checkpoint {_shown(then)}, now {_shown(now)})"]
+    return []
+
+
+def _fill_unset(args, recorded: dict) -> None:
+    """Options left null in ``args`` (a config namespace) take the checkpoint's recorded value, nested ones too."""
+    for key, value in recorded.items():
+        if key not in args or value is None:
+            continue
+        if args[key] is None:
+            args[key] = value
+        elif isinstance(value, dict) and hasattr(args[key], "items"):
+            _fill_unset(args[key], value)
 
 
 def resume_config(cfg, warn=print) -> Path | None:
@@ -204,9 +223,8 @@ def resume_config(cfg, warn=print) -> Path | None:
     cfg.ckpt_path = str(path)
     recorded = ckpt.get("hyper_parameters") or {}
     init_args = cfg.model.get("init_args") if cfg.get("model") is not None else None
-    for key, value in recorded.items():
-        if init_args is not None and key in init_args and init_args[key] is None and value is not None:
-            init_args[key] = value
+    if init_args is not None:
+        _fill_unset(init_args, recorded)
     wandb_ids = [r["version"] for r in ckpt.get(LOGGERS_KEY, []) if r["class"] == "WandbLogger" and r["version"]]
     for logger in _entries(cfg.trainer.get("logger")):
         args = logger.init_args

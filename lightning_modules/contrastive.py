@@ -26,7 +26,8 @@ class ContrastiveModule(EmbeddingModule):
         max_length: tokens per sentence.
         temperature: tau in ``cos / tau``.
         candidates: the candidate builder; default :class:`InBatchNegatives` (SimCSE).
-        lr, weight_decay, warmup_ratio, check_finite_every_n_steps, max_mean_cosine: see :class:`EmbeddingModule`.
+        **kwargs: the options every EmbeddingModule shares, defined once there: ``lr``, ``weight_decay``,
+            ``warmup_ratio``, ``check_finite_every_n_steps``, ``max_mean_cosine`` (the CLI lists them here too).
         attn_implementation: e.g. ``sdpa``; None keeps the model's default.
         mini_batch_size: GradCache (:mod:`lightning_modules.losses.grad_cache`): embed the batch in chunks of this
             many rows and cache the embedding gradients, so activation memory is that of one chunk while the loss
@@ -43,18 +44,13 @@ class ContrastiveModule(EmbeddingModule):
         max_length: int = 32,
         temperature: float = 0.05,
         candidates: CandidateBuilder | None = None,
-        lr: float = 3e-5,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.0,
         attn_implementation: str | None = None,
         mini_batch_size: int | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
-        check_finite_every_n_steps: int = 50,
-        max_mean_cosine: float | None = 0.99,
+        **kwargs,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                         check_finite_every_n_steps=check_finite_every_n_steps, max_mean_cosine=max_mean_cosine)
+        super().__init__(**kwargs)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if mini_batch_size is not None and mini_batch_size < 1:

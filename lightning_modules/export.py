@@ -27,6 +27,10 @@ from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSA
 from lightning_modules.components.errors import DataError, why_write_failed
 from lightning_modules.components.guard import DivergenceError
 from lightning_modules.components.hub import pooler_report_filtered
+from lightning_modules.model_card import write_model_card
+from lightning_modules.sae_card import sae_card
+from lightning_modules.saelens_format import WEIGHTS_FILE as SAELENS_WEIGHTS
+from lightning_modules.saelens_format import from_saelens, saelens_files
 
 
 def sentence_transformer_modules(module: EmbeddingModule, transformer_dir: str | Path) -> list[nn.Module]:
@@ -123,13 +127,41 @@ def is_sae(module) -> bool:
     return getattr(module, "sae", None) is not None
 
 
-def export(module, output_dir: str | Path, overwrite: bool = False) -> Path:
+def export(module, output_dir: str | Path, overwrite: bool = False, run_facts: dict | None = None,
+           format: str | None = None, sae_metrics: dict | None = None) -> Path:
     """The one export entry point, used by ``train.py export`` and by ``callbacks.ExportOnFitEnd``: an SAE module
-    gives ``cfg.json`` + ``sae.safetensors`` (:func:`export_sae`); any other module (contrastive encoder, MCR2 head)
-    a sentence-transformers folder (:func:`export_sentence_transformer`)."""
-    if is_sae(module):
-        return export_sae(module, output_dir, overwrite=overwrite)
-    return export_sentence_transformer(module, output_dir, overwrite=overwrite)
+    gives an SAE folder in ``format`` (:func:`export_sae`; ``sae_metrics`` fill its README), any other module
+    (contrastive encoder, MCR2 head) a sentence-transformers folder (:func:`export_sentence_transformer`) whose model
+    card is written from ``run_facts`` (see :mod:`lightning_modules.model_card`). ``format`` is checked by
+    :func:`export_format`."""
+    format = export_format(module, format)
+    if format in SAE_FORMATS:
+        return export_sae(module, output_dir, overwrite=overwrite, format=format, metrics=sae_metrics)
+    return export_sentence_transformer(module, output_dir, overwrite=overwrite, run_facts=run_facts)
+
+
+#: The folders an SAE exports to: sparsify's layout (the default) or SAELens' (``saelens_format``).
+SAE_FORMATS = ("sparsify", "saelens")
+
+
+def export_format(module, format: str | None, option: str = "format") -> str | None:
+    """The format ``module`` exports to: ``format`` (an SAE format, SAEs only) or, when None, the default (sparsify
+    for an SAE, ``sentence-transformers`` otherwise). ``option`` names the setting in the errors (``--format`` for
+    ``train.py export``); ``module`` None checks the name alone (before a checkpoint is loaded) and returns it.
+
+    Raises:
+        DataError: an unknown format, or an SAE format for a module that is not an SAE.
+    """
+    if format is not None and format not in SAE_FORMATS:
+        raise DataError(f"{option} {format!r} is not an export format: {' or '.join(SAE_FORMATS)} (SAEs only)")
+    if module is None:
+        return format
+    if not is_sae(module):
+        if format is not None:
+            raise DataError(f"{option} {format}: only SAEs have export formats; {type(module).__name__} exports as a "
+                            f"sentence-transformers folder (drop {option})")
+        return "sentence-transformers"
+    return format or SAE_FORMATS[0]
 
 
 def how_to_load(module, folder: Path) -> str:
@@ -139,9 +171,12 @@ def how_to_load(module, folder: Path) -> str:
     return f"SentenceTransformer('{folder}')"
 
 
-def export_sentence_transformer(module: EmbeddingModule, output_dir: str | Path, overwrite: bool = False) -> Path:
+def export_sentence_transformer(module: EmbeddingModule, output_dir: str | Path, overwrite: bool = False,
+                                run_facts: dict | None = None) -> Path:
     """Write ``module`` as a sentence-transformers folder and return its path (``overwrite``: replace an earlier
-    export there)."""
+    export there). Its README.md is the model card of :mod:`lightning_modules.model_card`, from the module and
+    ``run_facts`` (the STS test sets are scored on the written folder when the facts name their data root; the
+    scores are also put in ``run_facts["sts"]`` for the caller to log)."""
     # imported when used: sentence-transformers takes ~3 s to import; only this path needs it
     from sentence_transformers import SentenceTransformer
 
@@ -158,6 +193,8 @@ def export_sentence_transformer(module: EmbeddingModule, output_dir: str | Path,
             with pooler_report_filtered():  # the folder holds no pooler, on purpose (load_pretrained)
                 st = SentenceTransformer(modules=sentence_transformer_modules(module, tmp), device="cpu")
             st.save(str(tmp))
+            dim = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension  # 6.x name
+            write_model_card(tmp, module, run_facts, output_dir, dim())
     finally:
         model.train(was_training)
     return output_dir
@@ -213,69 +250,93 @@ SPARSIFY_FIELDS = ("activation", "expansion_factor", "normalize_decoder", "num_l
                    "skip_connection", "transcode")
 
 
-def export_sae(module_or_sae, output_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write ``cfg.json`` + ``sae.safetensors`` (sparsify's layout: ``encoder.weight`` (F, d), ``encoder.bias``,
-    ``W_dec`` (F, d), ``b_dec``) for an ``SAEModule`` or a ``BatchTopKSAE``.
+def export_sae(module_or_sae, output_dir: str | Path, overwrite: bool = False, format: str = "sparsify",
+               metrics: dict | None = None) -> Path:
+    """Write an ``SAEModule`` or a ``BatchTopKSAE`` as a folder of ``format``, with a generated README.md
+    (:func:`lightning_modules.sae_card.sae_card`; ``metrics``: the run's figures in ``sae_metrics.json``'s names).
+
+    - ``sparsify``: ``cfg.json`` + ``sae.safetensors`` (sparsify's layout: ``encoder.weight`` (F, d),
+      ``encoder.bias``, ``W_dec`` (F, d), ``b_dec``); EleutherAI sparsify opens it as a per-row TopK SAE.
+    - ``saelens``: ``cfg.json`` + ``sae_weights.safetensors``, a JumpReLU SAE with the global threshold
+      (:mod:`lightning_modules.saelens_format`); SAELens' codes are this SAE's inference codes. Refused (DataError)
+      while the SAE has no threshold.
 
     The input scale is folded into the biases and the threshold (see ``fold_input_scale``), so the exported SAE
-    takes raw activations. The inference threshold (input units), the full BatchTopK config and the folded scale are
-    in ``cfg.json``; the training-only dead-latent counters stay in the Lightning checkpoint.
+    takes raw activations. The inference threshold (input units), the full BatchTopK config, the folded scale and
+    what the SAE reads are in ``cfg.json`` (SAELens: under ``metadata``); the training-only dead-latent counters stay
+    in the Lightning checkpoint.
     """
 
     sae = getattr(module_or_sae, "sae", module_or_sae)
     if not isinstance(sae, BatchTopKSAE):
         raise TypeError(f"export_sae needs an SAEModule or a BatchTopKSAE, got {type(module_or_sae).__name__}")
+    if format not in SAE_FORMATS:
+        raise DataError(f"format {format!r} is not an SAE export format: {' or '.join(SAE_FORMATS)}")
     output_dir = prepare_output_dir(output_dir, "cfg.json", overwrite)
     check_finite_weights(sae, "the SAE")
     scale = float(sae.input_scale)
     folded = fold_input_scale(copy.deepcopy(sae).cpu().float())
-    tensors = {"encoder.weight": folded.W_enc, "encoder.bias": folded.b_enc, "W_dec": folded.W_dec,
-               "b_dec": folded.b_dec}
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     cfg = sae.cfg
-    meta = {
-        "activation": "topk", "expansion_factor": cfg.expansion_factor, "normalize_decoder": True,
-        "num_latents": sae.num_latents, "k": cfg.k, "multi_topk": False, "skip_connection": False,
-        "transcode": False, "d_in": cfg.d_in,
+    ours = {
         "architecture": "batch_topk",
         "threshold": float(folded.threshold),
         "input_scale_folded": scale,
         "training_steps": int(sae.steps),
-        "batch_topk": cfg.to_dict(),
+        "batch_topk": {**cfg.to_dict(), "matryoshka_widths": cfg.widths},  # sizes, fractions resolved
         "activations": sae.activations,
     }
+    if format == "saelens":
+        tensors, meta = saelens_files(folded, ours)
+        weights_file = SAELENS_WEIGHTS
+    else:
+        tensors = {"encoder.weight": folded.W_enc, "encoder.bias": folded.b_enc, "W_dec": folded.W_dec,
+                   "b_dec": folded.b_dec}
+        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+        meta = {
+            "activation": "topk", "expansion_factor": cfg.expansion_factor, "normalize_decoder": True,
+            "num_latents": sae.num_latents, "k": cfg.k, "multi_topk": False, "skip_connection": False,
+            "transcode": False, "d_in": cfg.d_in, **ours,
+        }
+        weights_file = "sae.safetensors"
     with writing_folder(output_dir) as tmp:
-        save_file(tensors, str(tmp / "sae.safetensors"))
+        save_file(tensors, str(tmp / weights_file))
         (tmp / "cfg.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "README.md").write_text(sae_card(sae, format, output_dir, metrics))
     return output_dir
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu"):
-    """A ``BatchTopKSAE`` (eval mode: codes by threshold) from a folder written by :func:`export_sae`.
+    """A ``BatchTopKSAE`` (eval mode: codes by threshold) from a folder written by :func:`export_sae`, in either
+    format.
 
-    Folders written by sparsify (no ``batch_topk`` entry) load as BatchTopK SAEs with their k and no threshold.
+    Folders written by sparsify (no ``batch_topk`` entry) load as BatchTopK SAEs with their k and no threshold;
+    SAELens JumpReLU folders whose thresholds are one value (SAELens' own BatchTopK saves) with that threshold.
     """
 
     path = Path(path)
-    for name in ("cfg.json", "sae.safetensors"):
+    saelens = (path / SAELENS_WEIGHTS).is_file()
+    for name in ("cfg.json", SAELENS_WEIGHTS if saelens else "sae.safetensors"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} not found: not an SAE folder written by export_sae")
+    weights = path / (SAELENS_WEIGHTS if saelens else "sae.safetensors")
     meta = json.loads((path / "cfg.json").read_text())
-    if "batch_topk" in meta:
+    tensors = load_file(str(weights))
+    if saelens:
+        cfg, tensors, meta = from_saelens(meta, tensors, str(path))
+    elif "batch_topk" in meta:
         cfg = BatchTopKConfig.from_dict({**meta["batch_topk"], "normalize_input": False})
     else:
         cfg = BatchTopKConfig(d_in=meta["d_in"], num_latents=meta.get("num_latents") or 0,
                               expansion_factor=meta.get("expansion_factor", 8), k=meta["k"], normalize_input=False)
     sae = BatchTopKSAE(cfg)
-    tensors = load_file(str(path / "sae.safetensors"))
     expected = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
     if set(tensors) != expected:
-        raise ValueError(f"{path / 'sae.safetensors'}: tensors {sorted(tensors)}, expected {sorted(expected)}")
+        raise ValueError(f"{weights}: tensors {sorted(tensors)}, expected {sorted(expected)}")
     with torch.no_grad():
         for name, param in (("encoder.weight", sae.W_enc), ("encoder.bias", sae.b_enc), ("W_dec", sae.W_dec),
                             ("b_dec", sae.b_dec)):
             if tensors[name].shape != param.shape:
-                raise ValueError(f"{path / 'sae.safetensors'}: {name} has shape {tuple(tensors[name].shape)}, "
+                raise ValueError(f"{weights}: {name} has shape {tuple(tensors[name].shape)}, "
                                  f"cfg.json implies {tuple(param.shape)}")
             param.copy_(tensors[name])
         sae.threshold.fill_(meta.get("threshold", -1.0))

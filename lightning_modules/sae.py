@@ -7,7 +7,6 @@ There is no text encoder to train here, so this is a plain LightningModule (not 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -100,11 +99,10 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
     and token counts are reduced over ranks, so every rank keeps identical buffers.
 
     Args:
-        d_in: input dimension; None takes it from the datamodule (``dim``) and records it in the hyper-parameters.
-        expansion_factor, num_latents, k, k_aux, aux_coef, dead_after, aux_detach, aux_normalize, threshold_beta,
-            threshold_start, normalize_input, b_dec_init, candidates_per_row, matryoshka_widths,
-            matryoshka_weights: see :class:`~lightning_modules.components.batch_topk.BatchTopKConfig` (null
-            Matryoshka lists: the plain SAE). A Matryoshka SAE also logs ``sae/prefix_fvu/<width>`` in training and
+        sae: the SAE's :class:`~lightning_modules.components.batch_topk.BatchTopKConfig`, whole (``sae: {k: 32,
+            expansion_factor: 8, ...}`` in YAML); its ``d_in`` left null is taken from the datamodule (``dim``) and
+            recorded in the hyper-parameters. A dict (as checkpoints store it) is accepted too. A Matryoshka SAE
+            (``matryoshka_widths``) also logs ``sae/prefix_fvu/<width>`` in training and
             ``val/sae/prefix_fvu/<width>`` (exact over the split) in validation.
         lr: Adam learning rate; None uses ``2e-4 / sqrt(F / 2**14)`` (dictionary_learning / sparsify scaling).
         warmup_ratio: fraction of the steps with a linear warm-up from 0.
@@ -118,22 +116,7 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
 
     def __init__(
         self,
-        d_in: int | None = None,
-        expansion_factor: int = 8,
-        num_latents: int = 0,
-        k: int = 32,
-        k_aux: int = 0,
-        aux_coef: float = 1 / 32,
-        dead_after: int = 10_000_000,
-        aux_detach: bool = True,
-        aux_normalize: bool = True,
-        threshold_beta: float = 0.999,
-        threshold_start: int = 1000,
-        normalize_input: bool = True,
-        b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median",
-        candidates_per_row: int = 4,
-        matryoshka_widths: list[int | float] | None = None,
-        matryoshka_weights: list[float] | None = None,
+        sae: BatchTopKConfig | None = None,
         lr: float | None = None,
         warmup_ratio: float = 0.05,
         decay_ratio: float = 0.2,
@@ -148,24 +131,25 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
                              f"{warmup_ratio}, {decay_ratio}")
         if lr is not None and lr < 0:
             raise ValueError(f"lr must be >= 0 (or null for the size-scaled default), got {lr}")
-        self.save_hyperparameters()
+        if sae is None:
+            sae = BatchTopKConfig()
+        elif isinstance(sae, dict):
+            sae = BatchTopKConfig.from_dict(sae, drop_extra_fields=False)
+        self.save_hyperparameters(ignore=["sae"])
+        self.hparams["sae"] = sae.to_dict()  # plain values: checkpoints load with weights_only=True
         self.sae: BatchTopKSAE | None = None
         self._initialized = False
-        if d_in is not None:
-            self._build(d_in)
+        if sae.d_in is not None:
+            self._build(sae.d_in)
 
     def _sae_config(self, d_in: int) -> BatchTopKConfig:
-        names = set(BatchTopKConfig.__dataclass_fields__) - {"d_in"}
-        values = {n: self.hparams[n] for n in names}
-        for name in ("matryoshka_widths", "matryoshka_weights"):
-            values[name] = list(values[name] or [])
-        return BatchTopKConfig(d_in=d_in, **values)
+        return BatchTopKConfig.from_dict({**self.hparams["sae"], "d_in": d_in}, drop_extra_fields=False)
 
     def _build(self, d_in: int) -> None:
         try:
             cfg = self._sae_config(d_in)
         except ValueError as err:  # raised at setup when d_in comes from the data: after the config was parsed
-            raise DataError(f"model.init_args: {err}") from None
+            raise DataError(f"model.init_args.sae: {err}") from None
         self.sae = BatchTopKSAE(cfg)
         self.val_fvu = FVU(d_in)
         self.val_counts = LatentCounts(self.sae.num_latents)
@@ -177,12 +161,12 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
         dim = getattr(dm, "dim", None)
         if self.sae is None:
             if dim is None:
-                raise ValueError("SAEModule: d_in is not set and the datamodule has no `dim`: set model.d_in")
-            self.hparams["d_in"] = int(dim)
+                raise ValueError("SAEModule: d_in is not set and the datamodule has no `dim`: set model.sae.d_in")
+            self.hparams["sae"]["d_in"] = int(dim)
             self._build(int(dim))
         elif dim is not None and dim != self.sae.cfg.d_in:
             raise ValueError(f"SAEModule was built for d_in={self.sae.cfg.d_in} but the datamodule yields "
-                             f"{dim}-dimensional vectors: set model.d_in to {dim} or null")
+                             f"{dim}-dimensional vectors: set model.sae.d_in to {dim} or null")
         meta = getattr(getattr(dm, "cache", None), "meta", None)
         if meta:  # what the SAE reads: kept in checkpoints and cfg.json, checked by the interpretability suite
             self.sae.activations = activations_of(meta)

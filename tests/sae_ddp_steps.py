@@ -31,8 +31,8 @@ def main() -> None:
     pl.seed_everything(0)
     data = ActivationsDataModule(model_name_or_path=args.model_dir, source=args.source, cache_path=args.cache,
                                  batch_size=32, max_length=32)
-    model = SAEModule(expansion_factor=2, k=4, dead_after=64, threshold_start=1, init_samples=256,
-                      matryoshka_widths=args.matryoshka_widths)
+    model = SAEModule(sae=dict(expansion_factor=2, k=4, dead_after=64, threshold_start=1,
+                               matryoshka_widths=args.matryoshka_widths), init_samples=256)
     # the end-of-fit writers resolve <log_dir> on every rank (a broadcast) and write on rank 0 only
     from pytorch_lightning.loggers import CSVLogger
 

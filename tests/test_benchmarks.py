@@ -1,5 +1,6 @@
 """The measuring parts of the benchmark scripts: MFU's FLOP formula, the activation-memory counter, run_all."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_modules import ContrastiveModule
+from lightning_modules.components.batch_topk import BatchTopKSAE
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -16,6 +18,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import grad_cache  # noqa: E402
 import mfu  # noqa: E402
 import run_all  # noqa: E402
+import sae_throughput  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
@@ -152,3 +155,27 @@ def test_device_wheels_keeps_the_requirements_that_apply_to_the_gpu_machine(tmp_
     assert names(set()) == ["always", "linux-only"]
     assert names({"signatures"}) == ["always", "extra-dep", "linux-only"]
     assert device_wheels.canonical("Typing_Extensions") == device_wheels.canonical("typing-extensions")
+
+
+def test_sae_throughput_plain_reference_keeps_every_tensor_on_the_sae_device():
+    """Its dead-latent counts once stayed on the CPU while the SAE ran on CUDA: a move to the meta device shows any
+    tensor left behind."""
+    sae = sae_throughput.start_sae(torch.randn(512, 16), 16, 4, 4, 64)
+    plain = sae_throughput.PlainSAE(sae)
+    assert int((plain.counts >= sae.cfg.dead_after).sum()) == 64 // 10  # the 10% dead latents it starts with
+    plain.to("meta")
+    assert {t.device.type for t in [*plain.parameters(), *plain.buffers()]} == {"meta"}
+
+
+def test_sae_throughput_times_sae_lens_from_the_same_weights_and_inputs():
+    """SAELens' step and ours start from the same SAE: with AuxK off, their first losses (the reconstruction error
+    of the same batch top-k codes) are equal, so the benchmark compares like with like."""
+    pytest.importorskip("sae_lens", reason="needs sae-lens: pip install -e '.[peers]'")
+    x = torch.randn(512, 16) * 3 + 1
+    start = sae_throughput.start_sae(x, 16, 4, 4, 64)
+    ours = BatchTopKSAE(dataclasses.replace(start.cfg, aux_coef=0.0))
+    ours.load_state_dict(start.state_dict())
+    loss_ours = sae_throughput.our_step(ours.train(), x[:64], torch.optim.Adam(ours.parameters(), lr=1e-3))
+    theirs = sae_throughput.SAELensStep(start, aux=False, lr=1e-3, batch=64, device=torch.device("cpu"))
+    torch.testing.assert_close(theirs(x[:64]), loss_ours, rtol=1e-5, atol=1e-6)
+    assert int(theirs.since_fired.gt(theirs.window).sum()) <= start.num_latents // 10  # the 10% dead, minus revivals

@@ -125,4 +125,4 @@ def test_negative_learning_rates_are_named(tiny_model):
     with pytest.raises(ValueError, match=r"weight_decay=-0.1"):
         ContrastiveModule(tiny_model, weight_decay=-0.1)
     with pytest.raises(ValueError, match=r"lr must be >= 0 \(or null for the size-scaled default\), got -0.001"):
-        SAEModule(d_in=8, k=2, lr=-1e-3)
+        SAEModule(sae=dict(d_in=8, k=2), lr=-1e-3)

@@ -235,7 +235,7 @@ def test_mixed_precision_with_clipping_takes_foreach_and_fits(tiny_model, sample
 
     assert fit(clip=1.0).defaults["fused"] is False
     assert fit(clip=0.0).defaults["fused"] is True
-    sae = SAEModule(d_in=8, expansion_factor=2, k=2)
+    sae = SAEModule(sae=dict(d_in=8, expansion_factor=2, k=2))
     for clip, fused in [(1.0, False), (None, True)]:
         sae._trainer = SimpleNamespace(gradient_clip_val=clip, precision_plugin=MixedPrecision("bf16-mixed", "cpu"),
                                        estimated_stepping_batches=10)

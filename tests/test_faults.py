@@ -153,8 +153,9 @@ def recipe_args(kind: str, tmp_path: Path, model: str, sample_data: Path) -> lis
                 "--model.pooler", "mean", "--model.max_length", "16", "--model.out_dim", "8",
                 "--model.grouping", "kmeans", "--model.num_clusters", "3", "--model.lr", "1e-2",
                 "--data", "datamodules.GroupedTextDataModule", "--data.source", sentences, "--data.batch_size", "32"]
-    return [*common, "--model", "lightning_modules.SAEModule", "--model.expansion_factor", "2", "--model.k", "4",
-            "--model.threshold_start", "1", "--model.init_samples", "64", "--model.dead_after", "64",
+    return [*common, "--model", "lightning_modules.SAEModule", "--model.sae.expansion_factor", "2",
+            "--model.sae.k", "4", "--model.sae.threshold_start", "1", "--model.init_samples", "64",
+            "--model.sae.dead_after", "64",
             "--data", "datamodules.ActivationsDataModule", "--data.model_name_or_path", model,
             "--data.source", sentences, "--data.cache_dir", str(tmp_path.parent / "cache"), "--data.max_length", "32",
             "--data.batch_size", "32", "--data.val_fraction", "0.1", "--data.encode_device", "cpu"]
@@ -298,9 +299,10 @@ def sae_checkpoint(tmp_path_factory, tiny_model_no_dropout, sample_data) -> Path
 
 
 @pytest.mark.parametrize("option, value, match", [
-    ("--model.k", "0", r"k = 0 must be between 1 and the dictionary size 64"),
-    ("--model.k", "5000", r"k = 5000 must be between 1 and the dictionary size"),
-    ("--model.expansion_factor", "0", r"expansion_factor"),
+    ("--model.sae.k", "0", r"k = 0 must be between 1 and the dictionary size"),
+    ("--model.sae.k", "5000", r"k = 5000 must be between 1 and the dictionary size 64"),
+    ("--model.sae.expansion_factor", "0", r"expansion_factor"),
+    ("--model.k", "4", r"--model.k is now --model.init_args.sae.k \(SAEModule takes its config whole\)"),
     ("--trainer.max_steps", "-5", r"max_steps"),
 ])
 def test_sae_option_mistakes_are_one_line_errors_naming_the_option(option, value, match, tmp_path,

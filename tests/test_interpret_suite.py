@@ -90,7 +90,7 @@ def test_callback_after_fit_and_the_command_match_the_functions(tiny_model_no_dr
     cb = InterpretSAE(compare_sae=str(other), pseval=True, output_dir=str(tmp_path / "interp"), **SUITE_ARGS)
     wandb_logger = WandbLogger(project="embedlab-test", save_dir=str(tmp_path), offline=True)
     pl.seed_everything(0)
-    model = SAEModule(expansion_factor=2, k=4, threshold_start=2, lr=3e-3, init_samples=64)
+    model = SAEModule(sae=dict(expansion_factor=2, k=4, threshold_start=2), lr=3e-3, init_samples=64)
     trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=[CSVLogger(tmp_path / "csv"), wandb_logger],
                          callbacks=[cb], enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, log_every_n_steps=1)

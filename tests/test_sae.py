@@ -258,15 +258,21 @@ def test_matryoshka_loss_and_gradients_equal_the_nested_formula(widths, weights)
     with torch.no_grad():  # each prefix's error from the formula, on the codes the batch top-k selected
         codes, latent = sae.dense(out), torch.arange(sae.num_latents)
         want = [(x - (codes * (latent < w)) @ sae.W_dec - sae.b_dec).pow(2).sum(-1).mean()
-                for w in sae.cfg.matryoshka_widths]
+                for w in sae.cfg.widths]
     torch.testing.assert_close(out.prefix_mse, torch.stack(want))
     torch.testing.assert_close(out.prefix_mse[-1], (x - out.x_hat).pow(2).sum(-1).mean())  # full prefix = plain
 
 
 def test_matryoshka_widths_as_fractions_of_the_dictionary():
     cfg = BatchTopKConfig(d_in=8, expansion_factor=4, k=2, matryoshka_widths=[0.125, 0.5, 1.0])
-    assert cfg.matryoshka_widths == [4, 16, 32] and [w for w, _ in cfg.levels] == [4, 16, 32]
-    assert BatchTopKConfig(**{**cfg.to_dict()}).matryoshka_widths == [4, 16, 32]  # stored as sizes: round trip
+    assert cfg.widths == [4, 16, 32] and [w for w, _ in cfg.levels] == [4, 16, 32]
+    # kept as given, so a recipe's fractions and a checkpoint's record compare equal on resume; sizes on demand
+    assert cfg.matryoshka_widths == [0.125, 0.5, 1.0]
+    assert BatchTopKConfig(**{**cfg.to_dict()}).widths == [4, 16, 32]
+    unknown = BatchTopKConfig(expansion_factor=4, k=2, matryoshka_widths=[0.125, 0.5, 1.0])  # d_in from the data
+    assert BatchTopKConfig.from_dict({**unknown.to_dict(), "d_in": 8}).widths == [4, 16, 32]
+    with pytest.raises(ValueError, match="end at the dictionary size 32"):
+        BatchTopKConfig(d_in=8, expansion_factor=4, k=2, matryoshka_widths=[0.125, 0.5])
 
 
 def test_matryoshka_weights_default_to_equal_shares_summing_to_one():
@@ -406,7 +412,7 @@ def test_k_larger_than_the_dictionary_is_a_clear_error():
     from lightning_modules import SAEModule
 
     with pytest.raises(ValueError, match="dictionary size 12"):
-        SAEModule(d_in=6, expansion_factor=2, k=13)
+        SAEModule(sae=dict(d_in=6, expansion_factor=2, k=13))
     with pytest.raises(ValueError, match="threshold_beta"):
         BatchTopKConfig(d_in=6, threshold_beta=1.0)
 
@@ -436,13 +442,14 @@ def test_a_matryoshka_fit_logs_each_prefix_and_its_full_prefix_is_the_plain_fvu(
     from lightning_modules import SAEModule
 
     pl.seed_everything(0)
-    model = SAEModule(expansion_factor=2, k=4, dead_after=256, threshold_start=3, lr=3e-3, init_samples=512,
-                      matryoshka_widths=[0.125, 0.5, 1.0], matryoshka_weights=[1.0, 1.0, 2.0])
+    model = SAEModule(sae=dict(expansion_factor=2, k=4, dead_after=256, threshold_start=3,
+                               matryoshka_widths=[0.125, 0.5, 1.0], matryoshka_weights=[1.0, 1.0, 2.0]),
+                      lr=3e-3, init_samples=512)
     trainer = pl.Trainer(accelerator="cpu", max_steps=8, val_check_interval=8, logger=False, log_every_n_steps=1,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, tiny_data(tiny_model_no_dropout, sample_data, tiny_cache))
     m = trainer.callback_metrics
-    assert model.sae.cfg.matryoshka_widths == [8, 32, 64]
+    assert model.sae.cfg.widths == [8, 32, 64]
     assert {f"sae/prefix_fvu/{w}" for w in (8, 32, 64)} <= set(m)
     torch.testing.assert_close(m["val/sae/prefix_fvu/64"], m["val/sae/fvu"], rtol=1e-5, atol=1e-6)
     assert m["val/sae/prefix_fvu/8"] > m["val/sae/prefix_fvu/64"]  # a few latents explain less than all of them
@@ -455,13 +462,13 @@ def test_smoke_fit_on_a_tiny_encoder(tiny_model_no_dropout, sample_data, tiny_ca
     from lightning_modules import SAEModule
 
     pl.seed_everything(0)
-    model = SAEModule(expansion_factor=2, k=4, dead_after=256, threshold_start=3, lr=3e-3, init_samples=512)
+    model = SAEModule(sae=dict(expansion_factor=2, k=4, dead_after=256, threshold_start=3), lr=3e-3, init_samples=512)
     trainer = pl.Trainer(accelerator="cpu", max_steps=25, val_check_interval=25, logger=CSVLogger(tmp_path),
                          log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path)
     trainer.fit(model, tiny_data(tiny_model_no_dropout, sample_data, tiny_cache))
     sae = model.sae
-    assert sae.cfg.d_in == 32 and model.hparams.d_in == 32 and bool(sae.initialized)
+    assert sae.cfg.d_in == 32 and model.hparams.sae["d_in"] == 32 and bool(sae.initialized)
     torch.testing.assert_close(torch.linalg.vector_norm(sae.W_dec, dim=-1), torch.ones(64))
     import csv
 
@@ -505,7 +512,7 @@ def test_d_in_mismatch_with_the_data_is_a_clear_error(tiny_model_no_dropout, sam
 
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"d_in=48 but the datamodule yields 32-dimensional"):
-        trainer.fit(SAEModule(d_in=48, k=4), tiny_data(tiny_model_no_dropout, sample_data, tiny_cache))
+        trainer.fit(SAEModule(sae=dict(d_in=48, k=4)), tiny_data(tiny_model_no_dropout, sample_data, tiny_cache))
 
 
 SAE_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("sae_*.yaml"))
@@ -526,12 +533,12 @@ def test_recipe_runs_a_few_steps_on_a_tiny_encoder(config, tiny_model_no_dropout
         "--data.data_root", "null", "--data.subset", "null", "--data.column", "text", "--data.text_prefix", "",
         "--data.max_sentences", "null", "--data.cache_dir", str(tmp_path / "cache"), "--data.batch_size", "32",
         "--data.max_length", "32",  # the tiny encoder's 64 positions
-        "--data.val_fraction", "0.2", "--model.threshold_start", "1", "--model.init_samples", "256",
+        "--data.val_fraction", "0.2", "--model.init_args.sae.threshold_start", "1", "--model.init_samples", "256",
     ])
     assert cli.trainer.global_step == 3
     exported = next(tmp_path.rglob("sae/cfg.json")).parent
     sae = load_sae(exported)
-    assert sae.cfg.d_in == 32 and sae.num_latents == 32 * cli.model.hparams.expansion_factor
+    assert sae.cfg.d_in == 32 and sae.num_latents == 32 * cli.model.hparams.sae["expansion_factor"]
     metrics = json.loads((exported / "sae_metrics.json").read_text())
     assert "val/sae/fvu" in metrics and metrics["num_latents"] == sae.num_latents
     # `train.py export` on the best checkpoint writes the same SAE

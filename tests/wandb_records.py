@@ -78,3 +78,26 @@ def logged_history(path: str | Path) -> list[dict]:
         if r.WhichOneof("record_type") == "history":
             rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
     return rows
+
+
+def logged_summary(path: str | Path) -> dict:
+    """The run summary as it stands at the end (later updates of a key replace earlier ones)."""
+    out = {}
+    for r in read_records(path):
+        if r.WhichOneof("record_type") == "summary":
+            out.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in r.summary.update})
+    return out
+
+
+def logged_artifacts(path: str | Path) -> list[dict]:
+    """Each artefact the run logged: name, type, aliases, metadata and its manifest entries (path in the artefact ->
+    ``local_path`` for a file kept for upload, ``ref`` for a reference)."""
+    out = []
+    for r in read_records(path):
+        if r.WhichOneof("record_type") == "artifact":
+            a = r.artifact
+            out.append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
+                         "metadata": json.loads(a.metadata) if a.metadata else {},
+                         "files": {c.path: {"local_path": c.local_path, "ref": c.ref, "size": c.size,
+                                            "digest": c.digest} for c in a.manifest.contents}})
+    return out

@@ -41,8 +41,8 @@ class BatchTopKConfig:
     Defaults follow dictionary_learning's ``BatchTopKTrainer`` unless noted.
     """
 
-    d_in: int
-    """Dimension of the input vectors."""
+    d_in: int | None = None
+    """Dimension of the input vectors; None until known (``SAEModule`` takes it from the data at setup)."""
 
     expansion_factor: int = 8
     """Dictionary size as a multiple of ``d_in`` (used when ``num_latents`` is 0)."""
@@ -87,8 +87,9 @@ class BatchTopKConfig:
 
     matryoshka_widths: list[int | float] = dataclasses.field(default_factory=list)
     """Nested dictionary prefixes for the Matryoshka loss, increasing and ending at the dictionary size: sizes
-    (``[128, 512, 2048, 3072]``) or fractions of it as floats (``[0.125, 0.5, 1.0]``, rounded to sizes on
-    construction, so a recipe fits any model); empty: the plain BatchTopK loss. ``[F]`` is the plain loss exactly."""
+    (``[128, 512, 2048, 3072]``) or fractions of it as floats (``[0.125, 0.5, 1.0]``, so a recipe fits any model;
+    kept as given, resolved to sizes by :attr:`widths`); empty: the plain BatchTopK loss. ``[F]`` is the plain loss
+    exactly."""
 
     matryoshka_weights: list[float] = dataclasses.field(default_factory=list)
     """Weight of each prefix's reconstruction error; empty: equal weights summing to 1 (dictionary_learning)."""
@@ -98,14 +99,16 @@ class BatchTopKConfig:
     the full flattened top-k when some row had all its candidates chosen; 0 always uses the full top-k."""
 
     def __post_init__(self) -> None:
-        if self.d_in < 1:
+        self.matryoshka_widths = list(self.matryoshka_widths or [])  # null in YAML: the plain SAE
+        self.matryoshka_weights = list(self.matryoshka_weights or [])
+        if self.d_in is not None and self.d_in < 1:
             raise ValueError(f"d_in must be >= 1, got {self.d_in}")
         if self.num_latents < 0 or (self.num_latents == 0 and self.expansion_factor < 1):
             raise ValueError(f"num_latents must be >= 0 and expansion_factor >= 1 (got {self.num_latents}, "
                              f"{self.expansion_factor})")
-        if not 1 <= self.k <= self.latents:
-            raise ValueError(f"k = {self.k} must be between 1 and the dictionary size {self.latents} "
-                             f"(d_in {self.d_in} x expansion_factor {self.expansion_factor} or num_latents)")
+        if self.k < 1:
+            raise ValueError(f"k = {self.k} must be between 1 and the dictionary size (d_in x expansion_factor, or "
+                             "num_latents)")
         if self.k_aux < 0 or self.aux_coef < 0 or self.dead_after < 1 or self.candidates_per_row < 0:
             raise ValueError("k_aux, aux_coef and candidates_per_row must be >= 0, dead_after >= 1")
         if not 0 <= self.threshold_beta < 1 or self.threshold_start < 0:
@@ -113,27 +116,37 @@ class BatchTopKConfig:
                              f"{self.threshold_beta}, {self.threshold_start}")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise ValueError(f"b_dec_init must be geometric_median, mean or zeros, got {self.b_dec_init!r}")
-        self.matryoshka_widths = [max(1, round(w * self.latents)) if isinstance(w, float) else w
-                                  for w in self.matryoshka_widths]
-        widths, weights = list(self.matryoshka_widths), list(self.matryoshka_weights)
-        if widths and (widths[-1] != self.latents or any(w < 1 for w in widths)
-                       or any(a >= b for a, b in zip(widths, widths[1:]))):
-            raise ValueError(f"matryoshka_widths must increase strictly from >= 1 and end at the dictionary size "
-                             f"{self.latents}, got {widths}")
-        if weights and (len(weights) != len(widths) or any(w < 0 for w in weights) or sum(weights) <= 0):
-            raise ValueError(f"matryoshka_weights must be one non-negative weight per width ({len(widths)}), not all "
+        n_widths, weights = len(self.matryoshka_widths), list(self.matryoshka_weights)
+        if weights and (len(weights) != n_widths or any(w < 0 for w in weights) or sum(weights) <= 0):
+            raise ValueError(f"matryoshka_weights must be one non-negative weight per width ({n_widths}), not all "
                              f"zero, got {weights}")
+        if self.d_in is not None or self.num_latents:  # the dictionary size is known: check what depends on it
+            if self.k > self.latents:
+                raise ValueError(f"k = {self.k} must be between 1 and the dictionary size {self.latents} "
+                                 f"(d_in {self.d_in} x expansion_factor {self.expansion_factor} or num_latents)")
+            widths = self.widths
+            if widths and (widths[-1] != self.latents or any(w < 1 for w in widths)
+                           or any(a >= b for a, b in zip(widths, widths[1:]))):
+                raise ValueError(f"matryoshka_widths must increase strictly from >= 1 and end at the dictionary "
+                                 f"size {self.latents}, got {self.matryoshka_widths} (sizes {widths})")
+
+    @property
+    def widths(self) -> list[int]:
+        """The Matryoshka prefix sizes, fractions resolved against the dictionary size."""
+        return [max(1, round(w * self.latents)) if isinstance(w, float) else int(w) for w in self.matryoshka_widths]
 
     @property
     def levels(self) -> list[tuple[int, float]]:
         """(width, weight) of each Matryoshka prefix; the plain SAE is the single level (F, 1.0)."""
-        widths = list(self.matryoshka_widths) or [self.latents]
+        widths = self.widths or [self.latents]
         weights = list(self.matryoshka_weights) or ([1.0 / len(widths)] * len(widths) if self.matryoshka_widths
                                                     else [1.0])
         return list(zip(widths, weights))
 
     @property
     def latents(self) -> int:
+        if not self.num_latents and self.d_in is None:
+            raise ValueError("the dictionary size is unknown until d_in is set (or num_latents given)")
         return self.num_latents or self.d_in * self.expansion_factor
 
     @property

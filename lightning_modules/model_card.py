@@ -1,0 +1,275 @@
+"""Model cards: the README.md of an exported sentence-transformers folder, generated from the module and its run.
+
+The card names the base model, the method and its key settings, the training data and steps, what the exported
+model scores, the run it came from and how to load it. Every value comes from the module or a small dict of run
+facts read from the run itself (the checkpoint: :func:`checkpoint_facts`; the live trainer:
+``callbacks.ExportOnFitEnd``), never typed by hand. Run facts, all optional:
+
+- ``checkpoint``: the checkpoint the weights come from; ``step``: its optimiser steps; ``run_steps``: the steps
+  the run took in all (when it went on after that checkpoint).
+- ``data``: the datamodule's config, ``{"class_path": ..., "init_args": {...}}``.
+- ``dev_metric``: ``{"name", "value", "step", "selected"}``, the dev metric the run logged for these weights
+  (``selected``: the checkpoint was the best by it).
+- ``wandb``: ``{"id", "project", "dir", "offline"}`` (and ``group`` when recorded); ``run_dir``: the run folder.
+- ``sts_data_root``: the folder of the STS test sets (the run's STSEvaluator's or datamodule's ``data_root``):
+  when set, the exported folder is scored at export on the ``sts_tasks`` found there (default
+  :data:`DEFAULT_STS_TASKS`; ``[]`` measures nothing) and the scores land in ``sts``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from datamodules.base import looks_like_hub_name
+from lightning_modules.checkpoints import DATA_CONFIG_KEY, LOGGERS_KEY
+from lightning_modules.components.errors import DataError
+
+#: STS test sets scored at export when the run names a data root (all seven take about a minute on MiniLM).
+DEFAULT_STS_TASKS = ("stsb", "sickr")
+#: Candidate builder -> the method it makes of ContrastiveModule.
+METHODS = {"InBatchNegatives": "SimCSE", "PositiveMixing": "HNCSE-PM", "HardNegativeMixing": "HNCSE-HNM"}
+#: Datamodule init arguments that say what the model was trained on, in the order shown.
+DATA_KEYS = ("source", "data_root", "tasks", "split", "column", "subset", "max_rows", "batch_size")
+
+
+def checkpoint_facts(ckpt_path: str | Path) -> dict:
+    """The run facts a checkpoint holds: its step, data config, the dev metric logged for its weights and its W&B run.
+
+    Args:
+        ckpt_path: a checkpoint written by ``train.py fit``.
+
+    Returns:
+        Run facts (see the module docstring); keys the checkpoint cannot tell are absent.
+    """
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    step = int(ckpt.get("global_step", 0))
+    data = ckpt.get(DATA_CONFIG_KEY) or ({"init_args": dict(ckpt["datamodule_hyper_parameters"])}
+                                         if ckpt.get("datamodule_hyper_parameters") else None)
+    states = [s for s in (ckpt.get("callbacks") or {}).values() if isinstance(s, dict)]
+    sts_roots = [s.get("data_root") for s in states if "history" in s] + [((data or {}).get("init_args") or {})
+                                                                          .get("data_root")]
+    dirs = [s["dirpath"] for s in states if "best_k_models" in s and isinstance(s.get("dirpath"), str)]
+    facts = {"checkpoint": str(ckpt_path), "step": step, "data": data,
+             "run_dir": str(Path(dirs[0]).parent) if dirs else None,  # as callbacks.export.run_folder finds it
+             "dev_metric": _dev_metric(states, ckpt_path, step), "wandb": _wandb_run(ckpt.get(LOGGERS_KEY) or []),
+             "sts_data_root": next((r for r in sts_roots if r), None)}
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def _dev_metric(states: list[dict], ckpt_path: str | Path, step: int) -> dict | None:
+    """The score a ``ModelCheckpoint`` kept this file for, else the ``STSEvaluator`` value at its step."""
+    real = os.path.realpath(ckpt_path)
+    for state in states:
+        if state.get("monitor") and isinstance(state.get("best_k_models"), dict):
+            kept = {os.path.realpath(p): v for p, v in state["best_k_models"].items()}
+            if real in kept and kept[real] is not None:
+                selected = os.path.realpath(state.get("best_model_path") or "") == real
+                return {"name": state["monitor"], "value": float(kept[real]), "step": step, "selected": selected}
+    for state in states:
+        for at, value in state.get("history") or []:
+            if state.get("metric") and at == step:
+                return {"name": state["metric"], "value": float(value), "step": step, "selected": False}
+    return None
+
+
+def _wandb_run(loggers: list[dict]) -> dict | None:
+    """The W&B run of a checkpoint's logger records (id, project, its newest local folder when found, and its group
+    when recorded)."""
+    for record in loggers:
+        if record.get("class") == "WandbLogger" and record.get("version"):
+            run = {"id": record["version"], "project": record.get("project")}
+            if record.get("group"):
+                run["group"] = record["group"]
+            folders = sorted(Path(record.get("save_dir") or ".", "wandb").glob(f"*run-*-{run['id']}"),
+                             key=lambda p: p.stat().st_mtime)
+            if folders:
+                run.update(dir=str(folders[-1]), offline=folders[-1].name.startswith("offline-"))
+            return run
+    return None
+
+
+def measure_sts(folder: str | Path, data_root: str, tasks: Sequence[str] = DEFAULT_STS_TASKS) -> dict:
+    """Score the sentence-transformers model in ``folder`` on the STS test sets of ``tasks`` found under
+    ``data_root`` (``train.py evaluate``'s protocol: SentEval text, Spearman x 100 of cosine).
+
+    Returns:
+        ``{"data_root", "tasks": {task: {"spearman", "n_pairs"}}, "missing": [tasks not found]}``.
+    """
+    # imported when used: evaluate imports export (load_module), which imports this file
+    from lightning_modules.evaluate import SentenceTransformerEmbedder, load_tasks, score_tasks
+
+    found, missing = {}, []
+    for task in tasks:
+        try:
+            found.update(load_tasks([task], data_root, "senteval"))
+        except (DataError, FileNotFoundError):
+            missing.append(task)
+    scores = {}
+    if found:
+        from sentence_transformers import SentenceTransformer  # ~3 s to import; only exporting needs it
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        st = SentenceTransformer(str(folder), device=device)
+        scored, _ = score_tasks(SentenceTransformerEmbedder(st, str(folder)), found)
+        scores = {t: {"spearman": s.all, "n_pairs": s.n_pairs} for t, s in scored.items()}
+    return {"data_root": str(data_root), "tasks": scores, "missing": missing}
+
+
+def write_model_card(folder: Path, module, facts: dict | None, load_path: str | Path, dim: int) -> Path:
+    """Write ``folder/README.md`` (replacing sentence-transformers' generic card), scoring the STS test sets
+    first when the facts name a data root that exists here. The scores are also put in the caller's ``facts``
+    (``facts["sts"]``, when it is a dict), so that the caller logs the numbers the card shows without scoring the
+    model again (``callbacks.ExportOnFitEnd``: its W&B table and ``eval.json``)."""
+    given, facts = facts, dict(facts or {})
+    root = facts.get("sts_data_root")
+    tasks = facts.get("sts_tasks", DEFAULT_STS_TASKS)
+    if root and tasks and Path(root).is_dir():
+        facts["sts"] = measure_sts(folder, root, tasks)
+        if given is not None:
+            given["sts"] = facts["sts"]
+    path = Path(folder) / "README.md"
+    path.write_text(model_card(module, facts, load_path, dim))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- the card
+def _code(value) -> str:
+    return f"`{value}`"
+
+
+def method_rows(module, data: dict | None = None) -> tuple[str, list[tuple[str, str]]]:
+    """The method's name and its key settings as (setting, value) rows, read from the module (and, for the
+    contrastive variants, whether its data made them supervised)."""
+    hp = dict(getattr(module, "hparams", {}) or {})
+    enc = module.encoder
+    kind = type(module).__name__
+    if kind == "ContrastiveModule":
+        builder = module.candidates
+        args = ", ".join(f"{k} {v}" for k, v in vars(builder).items() if not k.startswith("_"))
+        name = METHODS.get(type(builder).__name__, type(builder).__name__)
+        data_class = str((data or {}).get("class_path") or "").rpartition(".")[2]
+        name = {"SentencesDataModule": "unsupervised ", "NLIDataModule": "supervised "}.get(data_class, "") + name
+        rows = [("objective", f"InfoNCE, candidates {_code(type(builder).__name__)}" + (f" ({args})" if args else "")),
+                ("pooler", _code(enc.pooler)), ("MLP over the pooled vector", _code(enc.mlp_mode)),
+                ("temperature", f"{module.temperature:g}"), ("max_length", str(enc.max_length))]
+    elif kind == "MCR2Module":
+        name = "MCR2 projection head on a frozen teacher"
+        grouping = module.grouping + (f" (k = {module.num_clusters})" if module.grouping == "kmeans" else "")
+        rows = [("output dim", f"{hp.get('in_dim') or enc.dim} -> {hp.get('out_dim')}"
+                 + (f" (hidden {hp['hidden_dim']})" if hp.get("hidden_dim") else " (linear)")),
+                ("grouping", grouping), ("eps2", f"{module.eps2:g}"), ("gamma", f"{module.gamma:g}"),
+                ("distillation weight", f"{module.distill_weight:g}"), ("head init", str(hp.get("init"))),
+                ("teacher pooler", _code(enc.pooler)), ("max_length", str(enc.max_length))]
+    else:
+        name = kind
+        rows = [(k, str(v)) for k, v in hp.items() if isinstance(v, (int, float, str, bool)) and not k.startswith("_")]
+    opt = f"{getattr(module, 'lr', hp.get('lr')):g}"
+    rows.append(("learning rate", f"{opt} (AdamW, weight decay {getattr(module, 'weight_decay', 0):g}, warmup ratio "
+                                  f"{getattr(module, 'warmup_ratio', 0):g}, linear decay)"))
+    return name, rows
+
+
+def data_text(data: dict | None) -> str:
+    """One line naming the training data: source, data_root, split, batch size ... and the datamodule."""
+    if not data:
+        return "not recorded"
+    args = data.get("init_args") or {}
+    parts = [f"{k} {_code(args[k])}" for k in DATA_KEYS if args.get(k) is not None]
+    cls = data.get("class_path")
+    return ", ".join(parts) + (f" ({_code(cls)})" if cls else "") if parts or cls else "not recorded"
+
+
+def steps_text(facts: dict) -> str:
+    """The optimiser steps behind the exported weights, and why that checkpoint."""
+    step, total = facts.get("step"), facts.get("run_steps")
+    if step is None:
+        return "not recorded" if total is None else f"{total} optimiser steps"
+    text = f"{step} optimiser steps"
+    dev = facts.get("dev_metric") or {}
+    went_on = total is not None and total != step
+    best = f"kept as the run's best by {_code(dev['name'])}" if dev.get("selected") else ""
+    if went_on or best:
+        text += f" ({'; '.join(p for p in (f'the run went on to {total}' if went_on else '', best) if p)})"
+    return text
+
+
+def evaluation_lines(facts: dict) -> list[str]:
+    """The STS table measured at export, and the dev metric logged for these weights."""
+    lines: list[str] = []
+    sts = facts.get("sts") or {}
+    if sts.get("tasks"):
+        lines += ["Spearman x 100 of cosine similarity on the STS test sets (the SimCSE / SentEval protocol of "
+                  "`train.py evaluate`), measured at export on this folder's model, test sets from "
+                  f"{_code(sts['data_root'])}:", "", "| task | split | pairs | Spearman x 100 |", "|---|---|---|---|"]
+        lines += [f"| {t} | test | {s['n_pairs']} | {s['spearman']:.2f} |" for t, s in sts["tasks"].items()]
+        if sts.get("missing"):
+            lines += ["", f"Not found under {_code(sts['data_root'])}, so not measured: {', '.join(sts['missing'])}."]
+        lines.append("")
+    elif facts.get("sts_data_root"):
+        why = (f"none of {', '.join(sts.get('missing') or [])} found under it" if sts
+               else "no STS tasks asked for" if facts.get("sts_tasks") == [] else "that folder is absent here")
+        lines += [f"No STS test set was measured at export ({why}; data root {_code(facts['sts_data_root'])}).", ""]
+    else:
+        lines += ["No STS test set was measured at export: the run names no data root to find them in.", ""]
+    dev = facts.get("dev_metric")
+    if dev:
+        lines += ["The dev metric the run logged for these weights:", "", "| metric | value | step |",
+                  "|---|---|---|", f"| {_code(dev['name'])} | {dev['value']:.2f} | {dev['step']} |", ""]
+    elif not sts.get("tasks"):
+        lines += ["The run logged no dev metric for these weights.", ""]
+    return lines
+
+
+def run_lines(facts: dict) -> list[str]:
+    """Where the run's records are: W&B run, run folder, checkpoint."""
+    rows = []
+    wandb = facts.get("wandb")
+    if wandb:
+        where = f", project {_code(wandb['project'])}" if wandb.get("project") else ""
+        if wandb.get("dir"):
+            where += f", folder {_code(wandb['dir'])}" + (f" (offline: `wandb sync {wandb['dir']}` uploads it)"
+                                                           if wandb.get("offline") else "")
+        rows.append(f"- W&B run {_code(wandb['id'])}{where}")
+    else:
+        rows.append("- W&B: the run had no WandbLogger")
+    for key, what in (("run_dir", "run folder"), ("checkpoint", "checkpoint")):
+        if facts.get(key):
+            rows.append(f"- {what}: {_code(facts[key])}")
+    return rows + [""]
+
+
+def model_card(module, facts: dict | None, load_path: str | Path, dim: int) -> str:
+    """The card's markdown for ``module`` exported to ``load_path`` (``dim``: the exported embedding size).
+
+    Args:
+        module: the exported ``EmbeddingModule`` (``ContrastiveModule``, ``MCR2Module``, ...).
+        facts: run facts (see the module docstring); None or {} gives a card of the module alone.
+        load_path: the folder as it is loaded.
+        dim: the size of the exported embeddings.
+    """
+    facts = facts or {}
+    base = module.encoder.model_name_or_path
+    method, settings = method_rows(module, facts.get("data"))
+    tag = method.split(" ")[-1 if "SimCSE" in method or "HNCSE" in method else 0].split("-")[0].lower()
+    short = Path(base).name if Path(base).exists() else base
+    front = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity", "tags:",
+             "- sentence-transformers", "- sentence-similarity", "- embedlab", f"- {tag}"]
+    if looks_like_hub_name(base) and not Path(base).exists():
+        front.append(f"base_model: {base}")
+    module_class = f"{type(module).__module__}.{type(module).__name__}"
+    rows = [("base model", _code(base)), ("method", f"{method} ({_code(module_class)})"), *settings,
+            ("training data", data_text(facts.get("data"))), ("steps", steps_text(facts))]
+    lines = [*front, "---", "", f"# {short}, {method}", "",
+             f"A sentence-transformers model: {dim}-d sentence embeddings, L2-normalised (a dot product is a cosine), "
+             "trained with embedlab. This card was written at export from the run's own records.", "",
+             "## Training", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+             "## Evaluation", "", *evaluation_lines(facts), "## Run", "", *run_lines(facts), "## Usage", "",
+             "```python", "from sentence_transformers import SentenceTransformer", "",
+             f"model = SentenceTransformer({str(load_path)!r})",
+             "embeddings = model.encode([\"A man is playing a guitar.\", \"Someone plays an instrument.\"])",
+             "similarity = model.similarity(embeddings, embeddings)", "```", ""]
+    return "\n".join(lines)

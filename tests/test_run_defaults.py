@@ -1,0 +1,136 @@
+"""What train.py fit supplies when a recipe leaves it unset: folders, loggers, checkpointing, LR monitoring, and the
+W&B run's group, tags, job type and best-value summaries (read back from the offline run file)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from jsonargparse import Namespace
+
+import train
+from callbacks.run_defaults import apply_run_defaults, recipe_name, run_tags, wandb_mode_default
+from tests.wandb_records import read_records
+
+
+def parsed(**trainer) -> Namespace:
+    """A fit config as the parser leaves it: unset options are None."""
+    return Namespace(
+        trainer=Namespace(default_root_dir=None, logger=None, enable_checkpointing=None, **trainer),
+        model=Namespace(class_path="lightning_modules.ContrastiveModule",
+                        init_args=Namespace(model_name_or_path="sentence-transformers/all-MiniLM-L6-v2",
+                                            candidates=None)),
+        data=Namespace(class_path="datamodules.SentencesDataModule", init_args=Namespace(source="wiki/wiki1m.txt")))
+
+
+def test_recipe_name_is_the_first_config_stem():
+    assert recipe_name(["fit", "--config", "configs/quickstart.yaml", "--config", "configs/trainer/ddp.yaml"]) \
+        == "quickstart"
+    assert recipe_name(["fit", "--config=configs/sae_minilm_sentences.yaml"]) == "sae_minilm_sentences"
+    assert recipe_name(["fit", "--model", "X"]) == "embedlab"
+
+
+def test_unset_options_get_the_recipe_defaults():
+    sts = Namespace(class_path="callbacks.STSEvaluator", init_args=Namespace(task="data/sts_dev.tsv",
+                                                                             every_n_steps=25))
+    cfg = parsed(callbacks=[sts])
+    apply_run_defaults(cfg, "my_recipe")
+    t = cfg.trainer
+    assert t.default_root_dir == "runs/my_recipe"
+    wandb, csv = t.logger
+    assert wandb.class_path.endswith("WandbLogger") and csv.class_path.endswith("CSVLogger")
+    assert wandb.init_args.name == "my_recipe" and wandb.init_args.save_dir == os.path.abspath("runs/my_recipe")
+    assert wandb.dict_kwargs == {"group": "my_recipe", "job_type": "fit",
+                                 "tags": ["simcse", "model:all-MiniLM-L6-v2", "data:sentences", "source:wiki1m.txt"]}
+    names = [c.class_path.rpartition(".")[2] for c in t.callbacks]
+    assert names == ["STSEvaluator", "ModelCheckpoint", "LearningRateMonitor", "WandbSummaries"]
+    ckpt = t.callbacks[1].init_args
+    assert (ckpt.monitor, ckpt.mode, ckpt.every_n_train_steps, ckpt.save_last) == ("val/sts_dev_spearman", "max", 25,
+                                                                                  True)
+
+
+def test_what_a_recipe_sets_is_kept():
+    own_logger = Namespace(class_path="pytorch_lightning.loggers.CSVLogger", init_args=Namespace(save_dir="x"))
+    own_ckpt = Namespace(class_path="pytorch_lightning.callbacks.ModelCheckpoint", init_args=Namespace(monitor="m"))
+    cfg = parsed(callbacks=[own_ckpt])
+    cfg.trainer.logger = [own_logger]
+    cfg.trainer.default_root_dir = "elsewhere"
+    apply_run_defaults(cfg, "r")
+    assert cfg.trainer.logger == [own_logger] and cfg.trainer.default_root_dir == "elsewhere"
+    assert [c.class_path.rpartition(".")[2] for c in cfg.trainer.callbacks] == ["ModelCheckpoint",
+                                                                                 "LearningRateMonitor"]
+    off = parsed(callbacks=None)
+    off.trainer.logger = False
+    off.trainer.enable_checkpointing = False
+    apply_run_defaults(off, "r")
+    assert off.trainer.logger is False and off.trainer.callbacks == []
+
+
+def test_an_sae_recipe_checkpoints_on_fvu_and_is_tagged_by_level():
+    cfg = parsed(callbacks=None)
+    cfg.model = Namespace(class_path="lightning_modules.SAEModule",
+                          init_args=Namespace(sae=Namespace(matryoshka_widths=[0.25, 1.0])))
+    cfg.data = Namespace(class_path="datamodules.ActivationsDataModule",
+                         init_args=Namespace(model_name_or_path="sentence-transformers/all-MiniLM-L6-v2",
+                                             source="brown", level="token"))
+    apply_run_defaults(cfg, "r")
+    ckpt = next(c for c in cfg.trainer.callbacks if c.class_path.endswith("ModelCheckpoint")).init_args
+    assert (ckpt.monitor, ckpt.mode) == ("val/sae/fvu", "min")
+    assert run_tags(cfg) == ["matryoshka-batchtopk-sae", "model:all-MiniLM-L6-v2", "data:activations",
+                             "source:brown", "level:token"]
+
+
+def test_wandb_goes_offline_only_when_nothing_says_how_to_reach_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert wandb_mode_default() is None
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    assert wandb_mode_default() is None
+    (tmp_path / "netrc").write_text("")
+    assert wandb_mode_default() == "offline"
+    assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_a_recipe_without_logger_blocks_gets_a_comparable_wandb_run(tmp_path, tiny_model, sample_data, monkeypatch):
+    """A recipe naming only its model, data and STS evaluator: the W&B run is grouped and tagged, the monitored
+    metric has a max summary, and best/<metric> and its step are the best checkpoint's."""
+    monkeypatch.chdir(tmp_path)
+    recipe = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_steps": 4, "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "enable_model_summary": False,
+                    "callbacks": [{"class_path": "callbacks.STSEvaluator",
+                                   "init_args": {"task": str(sample_data / "sts_dev.tsv"), "every_n_steps": 2}}]},
+        "model": {"class_path": "lightning_modules.ContrastiveModule",
+                  "init_args": {"model_name_or_path": tiny_model, "pooler": "cls", "lr": 1e-3}},
+        "data": {"class_path": "datamodules.SentencesDataModule",
+                 "init_args": {"source": str(sample_data / "sentences.txt"), "batch_size": 8}},
+    }
+    (tmp_path / "tiny_recipe.yaml").write_text(yaml.safe_dump(recipe))
+    cli = train.main(["fit", "--config", str(tmp_path / "tiny_recipe.yaml")])
+    ckpt = cli.trainer.checkpoint_callback
+    assert Path(ckpt.dirpath).resolve().is_relative_to(tmp_path / "runs" / "tiny_recipe")
+    run = cli.trainer.loggers[0].experiment
+    run_id = run.id
+    run.finish()
+    run_file = next((tmp_path / "runs" / "tiny_recipe" / "wandb").glob(f"*-{run_id}/run-{run_id}.wandb"))
+    records = read_records(run_file)
+    (header,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (header.run_group, header.job_type, header.display_name) == ("tiny_recipe", "fit", "tiny_recipe")
+    assert list(header.tags) == ["simcse", f"model:{Path(tiny_model).name}", "data:sentences",
+                                 "source:sentences.txt"]
+    metrics = {r.metric.name: r.metric for r in records if r.WhichOneof("record_type") == "metric"}
+    assert metrics["val/sts_dev_spearman"].summary.max
+    summary = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in r.summary.update})
+    best_step = torch.load(ckpt.best_model_path, weights_only=True, mmap=True)["global_step"]
+    assert summary["best/val/sts_dev_spearman"] == pytest.approx(float(ckpt.best_model_score))
+    assert summary["best/val/sts_dev_spearman/step"] == best_step > 0
