@@ -46,7 +46,7 @@ from lightning_modules.components.hub import (
     check_vocabulary_fits,
     resolve_model,
 )
-from lightning_modules.export import load_module
+from lightning_modules.loading import load_module
 
 #: The SimCSE table: task -> column title, in the paper's order.
 PAPER_COLUMNS = {

@@ -8,8 +8,6 @@ for, so the exported model ends with ``Normalize`` and a dot product is a cosine
 from __future__ import annotations
 
 import copy
-import importlib
-import inspect
 import json
 import os
 import shutil
@@ -21,12 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_modules.base import CLASS_PATH_KEY, EmbeddingModule
+from lightning_modules.base import EmbeddingModule
 from lightning_modules.checkpoints import ArtifactError
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, fold_input_scale
 from lightning_modules.components.errors import DataError, why_write_failed
 from lightning_modules.components.guard import DivergenceError
 from lightning_modules.components.hub import pooler_report_filtered
+from lightning_modules.loading import load_module
 from lightning_modules.model_card import write_model_card
 from lightning_modules.sae_card import sae_card
 from lightning_modules.saelens_format import WEIGHTS_FILE as SAELENS_WEIGHTS
@@ -200,47 +199,11 @@ def export_sentence_transformer(module: EmbeddingModule, output_dir: str | Path,
     return output_dir
 
 
-def module_class_from_checkpoint(ckpt_path: str | Path) -> type[EmbeddingModule]:
-    """The LightningModule class a checkpoint was written by (``RecordsClassPath``; LightningCLI's ``_class_path``)."""
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a text file, a truncated download, a pickle of something else: torch's errors vary
-        raise DataError(f"{ckpt_path}: not a readable Lightning checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200]})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict in it)")
-    class_path = ckpt.get(CLASS_PATH_KEY) or ckpt.get("hyper_parameters", {}).get("_class_path")
-    if class_path is None:
-        raise ValueError(f"{ckpt_path}: the checkpoint does not say which LightningModule wrote it (written by "
-                         "another framework?); load it with YourModule.load_from_checkpoint instead")
-    module_name, _, class_name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module_name), class_name)
-
-
 def best_or_current(trainer, pl_module):
     """The module of the trainer's best checkpoint, or ``pl_module`` itself when no checkpoint was kept; and that
     checkpoint's path ("" when none). What the end-of-fit export callbacks export."""
     ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     return (load_module(ckpt) if ckpt else pl_module), ckpt
-
-
-#: Training-speed switches turned off when a checkpoint is rebuilt for export or evaluation (a run compiled on a
-#: GPU must not spend minutes compiling on the CPU that exports it).
-INFERENCE_OVERRIDES = {"compile": False, "gradient_checkpointing": False}
-
-
-def load_module(ckpt_path: str | Path) -> EmbeddingModule:
-    """Rebuild a trained module from a checkpoint, on CPU, without its training-speed switches (an unreadable file
-    is an error naming it: :func:`module_class_from_checkpoint`)."""
-    path = Path(ckpt_path)
-    if path.is_dir():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} is a folder; give the .ckpt file inside it")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
-    cls = module_class_from_checkpoint(path)
-    accepted = inspect.signature(cls.__init__).parameters
-    overrides = {k: v for k, v in INFERENCE_OVERRIDES.items() if k in accepted}
-    return cls.load_from_checkpoint(path, map_location="cpu", **overrides)
 
 
 # ------------------------------------------------------------------------------------------ sparse autoencoders

@@ -27,6 +27,7 @@ import torch
 from datamodules.base import looks_like_hub_name
 from lightning_modules.checkpoints import DATA_CONFIG_KEY, LOGGERS_KEY
 from lightning_modules.components.errors import DataError
+from lightning_modules.evaluate import SentenceTransformerEmbedder, load_tasks, score_tasks
 
 #: STS test sets scored at export when the run names a data root (all seven take about a minute on MiniLM).
 DEFAULT_STS_TASKS = ("stsb", "sickr")
@@ -99,8 +100,6 @@ def measure_sts(folder: str | Path, data_root: str, tasks: Sequence[str] = DEFAU
     Returns:
         ``{"data_root", "tasks": {task: {"spearman", "n_pairs"}}, "missing": [tasks not found]}``.
     """
-    # imported when used: evaluate imports export (load_module), which imports this file
-    from lightning_modules.evaluate import SentenceTransformerEmbedder, load_tasks, score_tasks
 
     found, missing = {}, []
     for task in tasks:
