@@ -5,6 +5,7 @@
     python train.py export --ckpt_path CKPT --output_dir DIR         # -> sentence-transformers folder
     python train.py evaluate --model DIR_OR_CKPT --tasks stsb,sickr   # STS scores (default: the 7 STS tasks)
     python train.py interpret --sae SAE_DIR --cache CACHE_DIR         # SAE interpretability suite + browser
+    python train.py study decomposition --models M1 M2 --data_root D  # a whole study -> report folder
 
 Model, datamodule, logger and callbacks are chosen in YAML (``class_path`` / ``init_args``) and overridable on the
 command line; unknown keys are rejected at parse time.
@@ -26,6 +27,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from callbacks.interpret import interpret_main
 from callbacks.run_defaults import PROJECT, apply_run_defaults, recipe_name
+from callbacks.study import study_main
 from lightning_modules.checkpoints import DATA_CONFIG_KEY, AtomicCheckpointIO, resume_config
 from lightning_modules.components.batch_topk import BatchTopKConfig
 from lightning_modules.components.errors import DataError, StorageError
@@ -125,7 +127,7 @@ def export_main(argv: list[str]) -> None:
 
 
 #: The commands beside LightningCLI's fit / validate / test, each ``function(argv)``: the one place they are named.
-COMMANDS = {"export": export_main, "evaluate": evaluate_main, "interpret": interpret_main}
+COMMANDS = {"export": export_main, "evaluate": evaluate_main, "interpret": interpret_main, "study": study_main}
 
 
 #: Options that moved, by module: old init_args name -> new one (an old recipe or command line is told the new key).

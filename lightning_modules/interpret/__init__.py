@@ -2,8 +2,11 @@
 
 from lightning_modules.interpret.browser import write_feature_browser
 from lightning_modules.interpret.codes import SparseCodes, encode_sparse
+from lightning_modules.interpret.cross_model import compare_models, word_codes
+from lightning_modules.interpret.frontier import pareto_front, score_sae
 from lightning_modules.interpret.pooling import decompose_sentence, pooling_contributions
 from lightning_modules.interpret.pos import label_features, purity_summary
+from lightning_modules.interpret.probes import fit_linear, fit_mlp, probe_caches
 from lightning_modules.interpret.pseval import PSEvalResult, ps_eval
 from lightning_modules.interpret.report import InterpretReport, interpret_sae
 from lightning_modules.interpret.stability import group_share, match_decoders
@@ -12,3 +15,4 @@ from lightning_modules.interpret.suite import SuiteResult, run_suite
 __all__ = ["InterpretReport", "SparseCodes", "decompose_sentence", "encode_sparse", "group_share",
            "interpret_sae", "label_features", "match_decoders", "pooling_contributions", "purity_summary"]
 __all__ += ["PSEvalResult", "SuiteResult", "ps_eval", "run_suite", "write_feature_browser"]
+__all__ += ["compare_models", "fit_linear", "fit_mlp", "pareto_front", "probe_caches", "score_sae", "word_codes"]

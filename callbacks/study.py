@@ -1,0 +1,417 @@
+"""The seed analyses as one command each: ``python train.py study NAME [options | --config FILE]``.
+
+- ``decomposition`` (Tehenan et al., arXiv 2506.04373): per model, a Brown token cache and a BatchTopK SAE of one
+  layer, the interpretability suite on it (POS purity, pooling survival, PS-Eval, the feature browser), POS probes
+  per layer (linear and MLP) and on the SAE's codes; then, over the models, shared vs model-specific features
+  (matched by activation over the same Brown words) and the POS profile of each group.
+- ``frontier`` (Papadimitriou et al., arXiv 2504.11695): SAEs of every k x dictionary size on one cache, explained
+  variance against held-out L0, as a table and a plot, with the browser of one of them.
+- ``pseval`` (Minegishi et al., arXiv 2501.06254): one SAE per layer, PS-Eval of each on WiC, with a browser each.
+
+Each writes a report folder (:mod:`lightning_modules.interpret.study_report`): ``study.json``, ``report.md``,
+``report.html``, PNG figures, and per SAE its export, ``train.json`` and the suite's folder (``features.html``).
+Caches are built on first use and SAEs trained unless the folder already holds one trained with the same settings.
+Options are documented by ``python train.py study NAME --help``; a YAML file of them is read with ``--config``
+(``configs/studies/``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from callbacks.study_build import (
+    CacheSpec,
+    TrainSpec,
+    device_of,
+    held_out_vectors,
+    sentence_view,
+    slug,
+    token_cache,
+    train_sae,
+)
+from datamodules.activation_builder import check_layer
+from datamodules.activation_cache import META_SENTENCE
+from datamodules.wic import load_wic
+from lightning_modules.components.batch_topk import BatchTopKConfig
+from lightning_modules.components.errors import DataError
+from lightning_modules.export import load_sae
+from lightning_modules.interpret.codes import encode_sparse
+from lightning_modules.interpret.cross_model import compare_models, word_codes
+from lightning_modules.interpret.frontier import frontier_plot, pareto_front, score_sae
+from lightning_modules.interpret.plot import Series, bar_chart, line_chart
+from lightning_modules.interpret.pos import TAGS, label_features
+from lightning_modules.interpret.probes import PROBE_KINDS, probe_caches
+from lightning_modules.interpret.study_report import Section, Table, write_report
+from lightning_modules.interpret.suite import run_suite
+
+#: The SAE a study trains unless told otherwise: configs/sae_minilm_brown_tokens.yaml's.
+RECIPE_SAE = BatchTopKConfig(expansion_factor=8, k=32, aux_coef=1 / 32, dead_after=500_000, threshold_start=100)
+SUITE_KEYS = ("l0", "alive_share", "pos_purity_mean", "pos_purity_ge_0.8", "pooling_survival_mean",
+              "pooling_feature_share", "pooling_error_share")
+PSEVAL_KEYS = ("specificity", "f1", "accuracy", "precision", "recall")
+
+
+# ------------------------------------------------------------------------------------------------ options
+def common_parser(name: str, doc: str) -> ArgumentParser:
+    p = ArgumentParser(prog=f"train.py study {name}", description=doc)
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (configs/studies/)")
+    p.add_argument("--output_dir", type=str, default=f"runs/study_{name}", help="the report folder")
+    p.add_argument("--data_root", type=str | None, default=None, help="folder holding nltk_data/ (Brown) and wic/")
+    p.add_argument("--cache_dir", type=str | None, default=None, help="activation caches (default $EMBEDLAB_CACHE)")
+    p.add_argument("--max_sentences", type=int | None, default=None,
+                   help="the first N Brown sentences for the SAE caches (null: all 57,340)")
+    p.add_argument("--max_length", type=int, default=256, help="tokens per sentence")
+    p.add_argument("--encode_batch_size", type=int, default=64, help="sentences per encoder pass while caching")
+    p.add_argument("--val_fraction", type=float, default=0.02,
+                   help="sentences held out of SAE training (a fixed hash of the id); the SAEs are scored on them")
+    p.add_argument("--sae", type=BatchTopKConfig, default=RECIPE_SAE, help="the SAE (BatchTopKConfig), e.g. --sae.k 64")
+    p.add_argument("--steps", type=int, default=2000, help="training steps per SAE")
+    p.add_argument("--batch_size", type=int, default=1024, help="vectors per SAE training step")
+    p.add_argument("--lr", type=float | None, default=5e-3, help="Adam learning rate (null: the size-scaled default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--suite_tokens", type=int | None, default=100_000,
+                   help="tokens (whole sentences) the interpretability suite reads per SAE (null: all)")
+    p.add_argument("--top_k", type=int, default=500, help="POS labels: top activations per feature")
+    p.add_argument("--n_unique", type=int, default=100, help="POS labels: distinct words among them")
+    p.add_argument("--n_contexts", type=int, default=10, help="browser: contexts per feature")
+    p.add_argument("--device", type=str, default="auto", help="auto (cuda when there is one), cpu, cuda, ...")
+    p.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (null: torch's default)")
+    return p
+
+
+def parse(parser: ArgumentParser, argv: list[str]) -> Namespace:
+    """Parsed options with ``--sae`` as a :class:`BatchTopKConfig` (its own checks as a one-line error)."""
+    args = parser.parse_args(argv)
+    try:
+        sae = BatchTopKConfig.from_dict(dict(args.sae.as_dict() if isinstance(args.sae, Namespace) else
+                                             args.sae.to_dict()))
+    except (ValueError, TypeError) as err:
+        raise DataError(f"--sae: {err}") from None
+    args.sae = sae
+    return args
+
+
+def settings_of(args: Namespace) -> dict:
+    """The options, as plain values, for study.json."""
+    return {k: (v.to_dict() if isinstance(v, BatchTopKConfig) else v) for k, v in vars(args).items()
+            if k not in ("config", "__path__")}
+
+
+def positive(args: Namespace, *names: str) -> None:
+    for name in names:
+        value = args[name]
+        if value is not None and (value if isinstance(value, int | float) else min(value, default=1)) < 1:
+            raise DataError(f"--{name} {value}: must be >= 1")
+
+
+def specs(args: Namespace) -> tuple[CacheSpec, TrainSpec]:
+    positive(args, "max_sentences", "max_length", "steps", "batch_size", "suite_tokens", "encode_batch_size")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not 0 < args.val_fraction < 1:
+        raise DataError(f"--val_fraction {args.val_fraction}: must be in (0, 1)")
+    cache = CacheSpec(args.data_root, args.cache_dir, args.max_length, "keep", args.encode_batch_size, args.device,
+                      args.batch_size, args.val_fraction)
+    accelerator = "gpu" if device_of(args.device).startswith("cuda") else "cpu"
+    return cache, TrainSpec(args.steps, args.lr, seed=args.seed, accelerator=accelerator)
+
+
+def wic_pairs(args: Namespace, required: bool) -> list | None:
+    """WiC dev pairs from ``data_root``, or None (with a printed note) when they do not load and are optional."""
+    try:
+        return load_wic("dev", args.data_root, hub=False)
+    except (DataError, OSError) as err:
+        if required:
+            raise DataError(f"--data_root {args.data_root}: WiC did not load ({err})") from None
+        print(f"  PS-Eval skipped: WiC did not load ({err})", flush=True)
+        return None
+
+
+def suite(sae, dm, folder: Path, args: Namespace, pairs, text_prefix: str = "") -> dict:
+    """The interpretability suite on ``sae`` (its browser and files under ``folder``); its summary."""
+    res = run_suite(sae.to(device_of(args.device)), dm.cache, folder, wic_pairs=pairs, max_tokens=args.suite_tokens,
+                    sample_seed=args.seed, top_k=args.top_k, n_unique=args.n_unique, n_contexts=args.n_contexts,
+                    title=f"{Path(dm.model_name_or_path).name} layer {dm.cache.meta['layer']}: BatchTopK "
+                          f"{sae.num_latents} x k{sae.cfg.k}")
+    sae.cpu()
+    return res.summary
+
+
+def pseval_of(summary: dict) -> dict[str, float]:
+    return {k.rsplit("/", 1)[1]: v for k, v in summary.items()
+            if k.startswith("interpret/pseval/") and k.rsplit("/", 1)[1] in PSEVAL_KEYS}
+
+
+# ------------------------------------------------------------------------------------------ decomposition
+def decomposition(argv: list[str]) -> dict:
+    """Decomposition study: SAE, suite and probes per model, then shared vs model-specific features."""
+    p = common_parser("decomposition", decomposition.__doc__)
+    p.add_argument("--models", type=str, nargs="+", required=True, help="encoders (hub names or folders), >= 1")
+    p.add_argument("--layer", type=int, default=-1, help="hidden_states index the SAEs read (-1: last)")
+    p.add_argument("--text_prefixes", type=dict[str, str], default={},
+                   help='per model, e.g. {"intfloat/multilingual-e5-large": "query: "}')
+    p.add_argument("--probe_layers", type=list[int] | None, default=None, help="layers probed (null: 0 .. last)")
+    p.add_argument("--probe_sentences", type=int, default=5000, help="first N Brown sentences of the probe caches")
+    p.add_argument("--probe_tokens", type=int | None, default=50_000, help="probe words (whole sentences) drawn")
+    p.add_argument("--probe_kinds", type=list[str], default=list(PROBE_KINDS))
+    p.add_argument("--mlp_epochs", type=int, default=5)
+    p.add_argument("--mlp_hidden", type=int, default=256)
+    p.add_argument("--compare_sentences", type=int, default=4000,
+                   help="sentences (drawn from those all models cached) the features are matched over")
+    p.add_argument("--match_threshold", type=float, default=0.5, help="correlation at which a feature is shared")
+    p.add_argument("--one_to_one", type=bool, default=False, help="Hungarian matching instead of best match")
+    args = parse(p, argv)
+    cache_spec, train_spec = specs(args)
+    positive(args, "probe_sentences", "probe_tokens", "compare_sentences", "mlp_epochs", "mlp_hidden")
+    if not args.models:
+        raise DataError("--models: give at least one encoder")
+    if len(set(map(slug, args.models))) < len(args.models):
+        raise DataError(f"--models {args.models}: two models would share a report folder (same name)")
+    if bad := [k for k in args.probe_kinds if k not in PROBE_KINDS]:
+        raise DataError(f"--probe_kinds: unknown {bad}; choose from {list(PROBE_KINDS)}")
+    if not -1 <= args.match_threshold <= 1:
+        raise DataError(f"--match_threshold {args.match_threshold}: a correlation, in [-1, 1]")
+    out = Path(args.output_dir)
+    pairs = wic_pairs(args, required=False)
+    models, dms, saes = {}, {}, {}
+    for model in args.models:
+        name, prefix = slug(model), args.text_prefixes.get(model, "")
+        print(f"[{name}] cache, SAE, suite", flush=True)
+        t = time.perf_counter()
+        dm = token_cache(model, args.layer, cache_spec, args.max_sentences, prefix)
+        layer = int(dm.cache.meta["layer"])
+        sae, record = train_sae(dm, args.sae, train_spec, out / name / f"L{layer}" / "sae")
+        held = score_sae(sae, held_out_vectors(dm, 50_000, args.seed))
+        summary = suite(sae, dm, out / name / f"L{layer}" / "interpret", args, pairs, prefix)
+        print(f"[{name}] probes", flush=True)
+        n_layers = int(dm.cache.meta["num_hidden_layers"])
+        probe_layers = sorted({check_layer(v, n_layers, model) for v in (
+            args.probe_layers if args.probe_layers is not None else range(n_layers + 1))})
+        caches = {f"layer{L}": dm.cache if L == layer else token_cache(
+            model, L, cache_spec, args.probe_sentences, prefix).cache for L in probe_layers}
+        if f"layer{layer}" not in caches:
+            caches[f"layer{layer}"] = dm.cache
+        probes = probe_caches(caches, sae=sae, sae_input=f"layer{layer}", kinds=args.probe_kinds,
+                              max_tokens=args.probe_tokens, seed=args.seed,
+                              mlp={"epochs": args.mlp_epochs, "hidden": args.mlp_hidden, "seed": args.seed})
+        models[name] = {"model": model, "layer": layer, "num_layers": n_layers, "text_prefix": prefix,
+                        "num_latents": sae.num_latents, "k": sae.cfg.k,
+                        "cache": str(dm.cache.folder), "cache_vectors": len(dm.cache),
+                        "cache_sentences": int(dm.cache.meta["n_sentences"]), "sae": record,
+                        "held_out": held, "suite": {k: summary.get(f"interpret/{k}") for k in SUITE_KEYS},
+                        "pseval": pseval_of(summary), "probes": probes.to_dict(),
+                        "probe_caches": {k: str(c.folder) for k, c in caches.items()},
+                        "browser": f"{name}/L{layer}/interpret/features.html", "seconds": time.perf_counter() - t}
+        dms[name], saes[name] = dm, sae
+    cross = None
+    if len(models) > 1:
+        print("[cross-model] matching features over the same Brown words", flush=True)
+        common = None
+        for dm in dms.values():
+            ids = np.unique(dm.cache.metadata()[:, META_SENTENCE])
+            common = ids if common is None else np.intersect1d(common, ids)
+        rng = np.random.default_rng(args.seed)
+        chosen = np.sort(rng.permutation(common)[: args.compare_sentences])
+        words, labels = {}, {}
+        for name, dm in dms.items():
+            view = sentence_view(dm.cache, chosen)
+            codes = encode_sparse(saes[name], view)
+            labels[name] = label_features(codes, dm.cache.sentences(), top_k=args.top_k, n_unique=args.n_unique,
+                                          n_contexts=0)
+            words[name] = word_codes(codes)
+        result = compare_models(words, labels, args.match_threshold, args.one_to_one)
+        cross = {**result.to_dict(), "sentences": int(len(chosen))}
+    data = {"study": "decomposition", "argv": argv, "models": models, "cross_model": cross,
+            "settings": settings_of(args)}
+    return report_decomposition(out, data)
+
+
+def report_decomposition(out: Path, data: dict) -> dict:
+    models, cross = data["models"], data["cross_model"]
+    head = Table(["model", "layer", "SAE", "held-out EV", "L0", "POS purity", "purity >= 0.8", "pooling survival",
+                  "feature share", "PS-Eval specificity", "PS-Eval F1", "PS-Eval accuracy"],
+                 [[n, m["layer"], f"{m['num_latents']} x k{m['k']}",
+                   m["held_out"]["explained_variance"], m["held_out"]["l0"], m["suite"]["pos_purity_mean"],
+                   m["suite"]["pos_purity_ge_0.8"], m["suite"]["pooling_survival_mean"],
+                   m["suite"]["pooling_feature_share"], m["pseval"].get("specificity"), m["pseval"].get("f1"),
+                   m["pseval"].get("accuracy")] for n, m in models.items()])
+    rows, series = [], []
+    for n, m in models.items():
+        res = m["probes"]["results"]
+        for kind in next(iter(res.values())):
+            layers = sorted(int(k[5:]) for k in res if k.startswith("layer"))
+            series.append(Series(f"{n} {kind}", layers, [res[f"layer{L}"][kind]["accuracy"] for L in layers]))
+            series.append(Series(f"{n} {kind} SAE codes", [m["layer"]], [res["sae"][kind]["accuracy"]]))
+        for inp, by_kind in res.items():
+            rows.append([n, inp] + [v for k in by_kind.values() for v in (k["accuracy"], k["macro_f1"])]
+                        + [next(iter(by_kind.values()))["majority_accuracy"]])
+    kinds = list(next(iter(next(iter(models.values()))["probes"]["results"].values())))
+    probe_table = Table(["model", "input"] + [f"{k} {s}" for k in kinds for s in ("accuracy", "macro-F1")]
+                        + ["majority"], rows)
+    line_chart(out / "probes.png", series, "POS probe accuracy by layer", "layer (hidden_states index)",
+               "test accuracy (split by sentence)")
+    first = next(iter(models.values()))["probes"]
+    sections = [Section("Models", [f"Brown token caches ([CLS]/[SEP] kept); SAE settings in study.json; the suite on "
+                                   f"{data['settings']['suite_tokens']} tokens per model."], [head],
+                        links=[(f"{n}: feature browser", m["browser"]) for n, m in models.items()]),
+                Section("POS probes", [f"Universal POS tag of each word's first wordpiece; {first['n_train']:,} train "
+                                       f"and {first['n_test']:,} test words of {first['n_sentences']:,} sentences, "
+                                       "split by sentence. 'sae' is the probe on the SAE's codes of the SAE's layer."],
+                        [probe_table], ["probes.png"])]
+    if cross:
+        pair_rows = [[k.replace("|", " vs "), v["n_features"], v["n_silent"], v["n_shared"], v["shared_share"],
+                      v["match_corr_mean"], v["match_corr_median"], v["n_mutual"]] for k, v in cross["pairs"].items()]
+        model_rows = [[n, v["n_features"], v["n_silent"], v["shared_any_share"], v["shared_all_share"],
+                       v["specific_share"], v["pos_shared"]["purity_mean"], v["pos_specific"]["purity_mean"]]
+                      for n, v in cross["models"].items()]
+        tags = [t for t in TAGS if any(t in v[g]["dominant"] for v in cross["models"].values()
+                                       for g in ("pos_shared", "pos_specific"))]
+        pos_rows = [[f"{n} {g[4:]}"] + [v[g]["dominant"].get(t, 0.0) for t in tags]
+                    for n, v in cross["models"].items() for g in ("pos_shared", "pos_specific")]
+        bar_chart(out / "cross_model_pos.png", tags, {r[0]: r[1:] for r in pos_rows},
+                  "Dominant POS of shared and specific features", "share of the group's features")
+        sections.append(Section(
+            "Shared and model-specific features",
+            [f"Features matched by the correlation of their activations over {cross['sentences']:,} Brown sentences' "
+             f"words (max over a word's pieces); shared: match correlation >= {cross['threshold']} "
+             f"({cross['method']} match). Silent: no activation on those words."],
+            [Table(["model vs other", "features", "silent", "shared", "shared share", "mean match corr",
+                    "median match corr", "mutual pairs"], pair_rows),
+             Table(["model", "features", "silent", "shared (any)", "shared (all)", "specific", "purity shared",
+                    "purity specific"], model_rows),
+             Table(["group"] + tags, pos_rows)], ["cross_model_pos.png"]))
+    files = write_report(out, "Decomposition study", sections, data)
+    print(f"report: {files['html']}", flush=True)
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ frontier
+def frontier(argv: list[str]) -> dict:
+    """Frontier study: SAEs of each k x dictionary size on one cache, explained variance against held-out L0."""
+    p = common_parser("frontier", frontier.__doc__)
+    p.add_argument("--model", type=str, default="sentence-transformers/all-MiniLM-L6-v2")
+    p.add_argument("--layer", type=int, default=-1)
+    p.add_argument("--text_prefix", type=str, default="")
+    p.add_argument("--ks", type=list[int], default=[8, 16, 32, 64, 128], help="training k of the sweep")
+    p.add_argument("--expansions", type=list[int], default=[4, 8, 16], help="dictionary sizes, as multiples of d")
+    p.add_argument("--eval_tokens", type=int, default=50_000, help="held-out vectors every SAE is scored on")
+    p.add_argument("--recipe_sae", type=str | None, default=None, help="an exported SAE of this cache, shown too")
+    p.add_argument("--browse", type=str | None, default=None,
+                   help="EXPANSIONxK of the SAE that gets the suite and browser (default: the --sae's, else the first)")
+    args = parse(p, argv)
+    cache_spec, train_spec = specs(args)
+    positive(args, "ks", "expansions", "eval_tokens")
+    out = Path(args.output_dir)
+    dm = token_cache(args.model, args.layer, cache_spec, args.max_sentences, args.text_prefix)
+    layer = int(dm.cache.meta["layer"])
+    x_eval = held_out_vectors(dm, args.eval_tokens, args.seed)
+    points, saes = [], {}
+    for e in args.expansions:
+        for k in args.ks:
+            name = f"{e}x{k}"
+            cfg = BatchTopKConfig.from_dict({**args.sae.to_dict(), "expansion_factor": e, "num_latents": 0, "k": k})
+            sae, record = train_sae(dm, cfg, train_spec, out / "saes" / name)
+            saes[name] = sae
+            points.append({"name": name, "num_latents": sae.num_latents, "k": k, **score_sae(sae, x_eval),
+                           "train_seconds": record.get("train_seconds")})
+            print(f"  {name}: EV {points[-1]['explained_variance']:.4f} at L0 {points[-1]['l0']:.1f}", flush=True)
+    front = pareto_front([q["l0"] for q in points], [q["explained_variance"] for q in points])
+    for q, on in zip(points, front):
+        q["on_front"] = bool(on)
+    extra = []
+    if args.recipe_sae:
+        sae = load_sae(args.recipe_sae)
+        if sae.cfg.d_in != dm.dim:
+            raise DataError(f"--recipe_sae {args.recipe_sae}: takes {sae.cfg.d_in}-d inputs, the cache holds "
+                            f"{dm.dim}-d vectors")
+        extra.append({"name": "recipe", "group": "recipe SAE", "num_latents": sae.num_latents, "k": sae.cfg.k,
+                      **score_sae(sae, x_eval), "path": args.recipe_sae})
+    default = f"{args.sae.expansion_factor}x{args.sae.k}"
+    browse = args.browse or (default if default in saes else next(iter(saes)))
+    if browse not in saes:
+        raise DataError(f"--browse {browse}: not one of the SAEs of the sweep ({', '.join(saes)})")
+    summary = suite(saes[browse], dm, out / "saes" / browse / "interpret", args, None, args.text_prefix)
+    frontier_plot(points + extra, out / "frontier.png",
+                  f"{Path(args.model).name} layer {layer}: explained variance vs L0")
+    data = {"study": "frontier", "argv": argv, "model": args.model, "layer": layer, "cache": str(dm.cache.folder),
+            "eval_vectors": len(x_eval), "points": points, "extra": extra, "browsed": browse,
+            "browsed_suite": {k: summary.get(f"interpret/{k}") for k in SUITE_KEYS},
+            "settings": settings_of(args)}
+    text = [f"{Path(args.model).name} hidden_states[{layer}] Brown tokens; every SAE trained {args.steps} steps of "
+            f"{args.batch_size} vectors; scored with the inference threshold on {len(x_eval):,} held-out vectors."]
+    sections = [Section("Explained variance against L0", text, figures=["frontier.png"]),
+                Section("Table", [], [Table(["SAE", "latents", "k", "L0", "explained variance", "FVU",
+                                             "never active", "frontier"],
+                               [[q["name"], q["num_latents"], q["k"], q["l0"], q["explained_variance"], q["fvu"],
+                                 q["never_active"], "yes" if q.get("on_front") else ""] for q in points + extra])]),
+                Section("Features", [f"The suite on the {browse} SAE."],
+                        links=[(f"{browse}: feature browser", f"saes/{browse}/interpret/features.html")])]
+    files = write_report(out, "Sparsity frontier", sections, data)
+    print(f"report: {files['html']}", flush=True)
+    return data
+
+
+# -------------------------------------------------------------------------------------------------- pseval
+def pseval(argv: list[str]) -> dict:
+    """PS-Eval study: one SAE per layer of one encoder, PS-Eval of each on the WiC dev pairs."""
+    p = common_parser("pseval", pseval.__doc__)
+    p.add_argument("--model", type=str, default="sentence-transformers/all-MiniLM-L6-v2")
+    p.add_argument("--layers", type=list[int] | None, default=None, help="layers with an SAE (null: 1 .. last)")
+    p.add_argument("--text_prefix", type=str, default="")
+    args = parse(p, argv)
+    cache_spec, train_spec = specs(args)
+    out = Path(args.output_dir)
+    pairs = wic_pairs(args, required=True)
+    layers = args.layers
+    results = {}
+    first = token_cache(args.model, -1 if not layers else layers[0], cache_spec, args.max_sentences, args.text_prefix)
+    n_layers = int(first.cache.meta["num_hidden_layers"])
+    layers = sorted({check_layer(v, n_layers, args.model) for v in (layers if layers is not None
+                                                                     else range(1, n_layers + 1))})
+    for L in layers:
+        print(f"[layer {L}] cache, SAE, suite with PS-Eval", flush=True)
+        dm = token_cache(args.model, L, cache_spec, args.max_sentences, args.text_prefix)
+        sae, record = train_sae(dm, args.sae, train_spec, out / f"L{L}" / "sae")
+        summary = suite(sae, dm, out / f"L{L}" / "interpret", args, pairs, args.text_prefix)
+        results[L] = {"pseval": pseval_of(summary), "held_out": score_sae(sae, held_out_vectors(dm, 50_000)),
+                      "suite": {k: summary.get(f"interpret/{k}") for k in SUITE_KEYS}, "sae": record,
+                      "pairs": summary.get(f"interpret/pseval/layer{L}/balanced"),
+                      "browser": f"L{L}/interpret/features.html"}
+    line_chart(out / "pseval.png", [Series(k, layers, [results[L]["pseval"].get(k, float("nan")) for L in layers])
+                                    for k in ("specificity", "f1", "accuracy")],
+               f"PS-Eval by layer: {Path(args.model).name}", "layer (hidden_states index)", "score", y_range=(0, 1))
+    data = {"study": "pseval", "argv": argv, "model": args.model, "layers": results,
+            "settings": settings_of(args)}
+    table = Table(["layer", "balanced pairs", *PSEVAL_KEYS, "held-out EV", "L0", "POS purity"],
+                  [[L, r["pairs"], *(r["pseval"].get(k) for k in PSEVAL_KEYS), r["held_out"]["explained_variance"],
+                    r["held_out"]["l0"], r["suite"]["pos_purity_mean"]] for L, r in results.items()])
+    sections = [Section("PS-Eval by layer", ["WiC dev pairs whose target is one token in both contexts, T/F balanced; "
+                                            "'same top feature' predicts 'same sense'."], [table], ["pseval.png"],
+                        [(f"layer {L}: feature browser", r["browser"]) for L, r in results.items()])]
+    files = write_report(out, "PS-Eval by layer", sections, data)
+    print(f"report: {files['html']}", flush=True)
+    return data
+
+
+#: The studies, by name: ``python train.py study NAME ...``.
+STUDIES: dict[str, Callable[[list[str]], dict]] = {"decomposition": decomposition, "frontier": frontier,
+                                                   "pseval": pseval}
+
+
+def study_main(argv: list[str]) -> dict | None:
+    """``study NAME [options]``: run one study (``--help`` after the name lists its options)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: train.py study {{{','.join(STUDIES)}}} [options]  (train.py study NAME --help)\n\n{__doc__}")
+        return None
+    if argv[0] not in STUDIES:
+        raise DataError(f"study: unknown study {argv[0]!r}; choose from {', '.join(STUDIES)}")
+    return STUDIES[argv[0]](argv[1:])
+
+
+__all__ = ["RECIPE_SAE", "STUDIES", "study_main"]

@@ -1,0 +1,209 @@
+"""`train.py study ...` end to end on tiny BERTs over a generated Brown corpus: the report folders hold exactly what the
+suite's functions give for the SAEs the study trained; a rerun reuses the SAEs; the frontier's points, the PNGs and
+the pages; wrong inputs give one-line errors naming the option."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_model
+from mini_brown import TWO_GENRES_TAG_MAP, write_mini_nltk
+from test_pseval import E2E_ROWS, write_wic
+
+import train
+from callbacks.study_build import sentence_view
+from datamodules.activation_cache import META_SENTENCE, ActivationCache
+from datamodules.activations import held_out
+from datamodules.wic import load_wic
+from lightning_modules.components.errors import DataError
+from lightning_modules.export import load_sae
+from lightning_modules.interpret.codes import encode_sparse
+from lightning_modules.interpret.cross_model import compare_models, word_codes
+from lightning_modules.interpret.frontier import score_sae
+from lightning_modules.interpret.plot import read_png
+from lightning_modules.interpret.pos import label_features
+from lightning_modules.interpret.probes import probe_caches
+from lightning_modules.interpret.pseval import ps_eval
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = [("the", "at"), ("a", "at"), ("man", "nn"), ("dog", "nn"), ("guitar", "nn"), ("pasta", "nn"),
+         ("is", "bez"), ("playing", "vbg"), ("cooking", "vbg"), ("reads", "vbz"), ("two", "cd"), (".", ".")]
+
+
+def write_brown(root: Path, n: int = 60) -> Path:
+    """``root/nltk_data`` with ``n`` random tagged sentences in two genres; returns ``root``."""
+    rng = np.random.default_rng(0)
+
+    def sentences(k: int) -> str:
+        return "".join("\n\t" + " ".join("/".join(WORDS[i]) for i in rng.integers(0, len(WORDS), rng.integers(3, 8)))
+                       + "\n" for _ in range(k))
+
+    write_mini_nltk(root / "nltk_data", {"brown/ca01": sentences(n // 2), "brown/ck01": sentences(n - n // 2)},
+                    "ca01 news\nck01 fiction\n", TWO_GENRES_TAG_MAP)
+    write_wic(root / "wic", E2E_ROWS, ["T"] * 6 + ["F"] * 6)
+    return root
+
+
+@pytest.fixture(scope="module")
+def study_root(tmp_path_factory) -> Path:
+    return write_brown(tmp_path_factory.mktemp("study_data"))
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory) -> list[str]:
+    base = tmp_path_factory.mktemp("models")
+    return [str(build_tiny_model(base / name, dropout=0.0, seed=s)) for s, name in enumerate(("bert-a", "bert-b"))]
+
+
+TINY = ["--steps", "8", "--batch_size", "16", "--sae.expansion_factor", "2", "--sae.k", "4",
+        "--sae.threshold_start", "2", "--max_length", "32", "--top_k", "20", "--n_unique", "5", "--n_contexts", "3",
+        "--val_fraction", "0.3", "--suite_tokens", "null"]
+
+
+def test_decomposition_study_report_equals_the_functions(two_models, study_root, tmp_path, capsys):
+    out = tmp_path / "decomp"
+    argv = ["study", "decomposition", "--models", *two_models, "--data_root", str(study_root), "--output_dir",
+            str(out), "--probe_sentences", "40", "--probe_tokens", "null", "--mlp_epochs", "2", "--mlp_hidden", "8",
+            "--compare_sentences", "50", "--match_threshold", "0.3", *TINY]
+    train.main(argv)
+    data = json.loads((out / "study.json").read_text())
+    assert set(data["models"]) == {"bert-a", "bert-b"}
+    for f in ("report.md", "report.html", "probes.png", "cross_model_pos.png"):
+        assert (out / f).is_file(), f
+    assert read_png(out / "probes.png").shape[0] == 520 and read_png(out / "probes.png").shape[1] >= 900
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "bert-a/L2/interpret/features.html" in page
+    saes, caches = {}, {}
+    for name, m in data["models"].items():
+        folder = out / name / "L2"
+        assert (folder / "interpret" / "features.html").is_file() and (folder / "sae" / "train.json").is_file()
+        assert m["layer"] == 2 and m["num_layers"] == 2 and m["sae"]["steps"] == 8
+        sae = load_sae(folder / "sae")
+        cache = ActivationCache(m["cache"])
+        saes[name], caches[name] = sae, cache
+        # the suite's summary and PS-Eval, as `train.py interpret` writes them
+        summary = json.loads((folder / "interpret" / "summary.json").read_text())
+        assert m["suite"]["pos_purity_mean"] == pytest.approx(summary["interpret/pos_purity_mean"])
+        want_ps = ps_eval(m["model"], {2: sae}, load_wic("dev", str(study_root)))[2]
+        assert m["pseval"]["specificity"] == pytest.approx(want_ps.specificity)
+        # probes: layers 0..2 over the same words, and the SAE's codes, as probe_caches gives them
+        layer_caches = {k: ActivationCache(c) for k, c in m["probe_caches"].items()}
+        assert set(m["probes"]["results"]) == {"layer0", "layer1", "layer2", "sae"}
+        assert m["probe_caches"]["layer2"] == m["cache"] and m["probes"]["n_sentences"] == 40  # the probe caches'
+        want = probe_caches(layer_caches, sae=sae, sae_input="layer2", max_tokens=None,
+                            mlp={"epochs": 2, "hidden": 8, "seed": 0})
+        assert m["probes"]["n_test"] == want.n_test and m["probes"]["n_train"] == want.n_train
+        for inp in ("layer0", "layer1", "layer2", "sae"):
+            for kind in ("linear", "mlp"):
+                assert m["probes"]["results"][inp][kind]["accuracy"] == pytest.approx(
+                    want.results[inp][kind].accuracy)
+                assert m["probes"]["results"][inp][kind]["macro_f1"] == pytest.approx(
+                    want.results[inp][kind].macro_f1)
+        # held-out scores of the SAE
+        dm_rows = np.flatnonzero(held_out(cache.metadata()[:, META_SENTENCE].astype(np.int64), 0.3))
+        assert m["held_out"]["explained_variance"] == pytest.approx(
+            score_sae(sae, cache.gather(dm_rows))["explained_variance"], rel=1e-6)
+    # cross-model: the same sentences, codes, labels and matches
+    common = np.intersect1d(*(np.unique(c.metadata()[:, META_SENTENCE]) for c in caches.values()))
+    chosen = np.sort(np.random.default_rng(0).permutation(common)[:50])
+    words, labels = {}, {}
+    for name, cache in caches.items():
+        codes = encode_sparse(saes[name], sentence_view(cache, chosen))
+        labels[name] = label_features(codes, cache.sentences(), top_k=20, n_unique=5, n_contexts=0)
+        words[name] = word_codes(codes)
+    want = compare_models(words, labels, 0.3).to_dict()
+    assert data["cross_model"]["sentences"] == len(chosen) == 50
+    assert data["cross_model"]["models"] == json.loads(json.dumps(want["models"]))
+    assert data["cross_model"]["pairs"] == json.loads(json.dumps(want["pairs"]))
+    # a rerun reuses the trained SAEs and gives the same numbers
+    capsys.readouterr()
+    train.main(argv)
+    assert "reusing the SAE" in capsys.readouterr().out
+    again = json.loads((out / "study.json").read_text())
+    for name in caches:
+        assert again["models"][name]["held_out"] == data["models"][name]["held_out"]
+        assert again["models"][name]["probes"] == data["models"][name]["probes"]
+
+
+def test_frontier_and_pseval_studies(two_models, study_root, tmp_path):
+    out = tmp_path / "frontier"
+    train.main(["study", "frontier", "--model", two_models[0], "--data_root", str(study_root), "--output_dir",
+                str(out), "--ks", "[2, 4]", "--expansions", "[1, 2]", "--eval_tokens", "1000", *TINY])
+    data = json.loads((out / "study.json").read_text())
+    points = {p["name"]: p for p in data["points"]}
+    assert set(points) == {"1x2", "1x4", "2x2", "2x4"} and points["2x4"]["num_latents"] == 64
+    for p in points.values():  # the frontier flag: nothing else has L0 <= and more explained variance
+        beaten = any(q["l0"] <= p["l0"] and q["explained_variance"] > p["explained_variance"]
+                     for q in points.values() if q is not p)
+        assert p["on_front"] == (not beaten)
+    assert data["browsed"] == "2x4" and (out / "saes" / "2x4" / "interpret" / "features.html").is_file()  # --sae's
+    assert read_png(out / "frontier.png").shape == (520, 900, 3)
+    assert "| 2x4 | 64 | 4 |" in (out / "report.md").read_text()
+    # the recipe's SAE is scored on the same held-out vectors: an SAE of the sweep gets its own numbers back
+    train.main(["study", "frontier", "--model", two_models[0], "--data_root", str(study_root), "--output_dir",
+                str(out), "--ks", "[2, 4]", "--expansions", "[1, 2]", "--eval_tokens", "1000",
+                "--recipe_sae", str(out / "saes" / "2x4"), "--browse", "2x4", *TINY])
+    again = json.loads((out / "study.json").read_text())
+    assert again["extra"][0]["explained_variance"] == pytest.approx(points["2x4"]["explained_variance"])
+    with pytest.raises(DataError, match="--browse 3x3"):
+        train.main(["study", "frontier", "--model", two_models[0], "--data_root", str(study_root), "--output_dir",
+                    str(out), "--ks", "[2, 4]", "--expansions", "[1, 2]", "--browse", "3x3", *TINY])
+
+    out = tmp_path / "pseval"
+    train.main(["study", "pseval", "--model", two_models[0], "--data_root", str(study_root), "--output_dir",
+                str(out), "--layers", "[1, 2]", *TINY])
+    data = json.loads((out / "study.json").read_text())
+    data["layers"] = {int(k): v for k, v in data["layers"].items()}
+    assert set(data["layers"]) == {1, 2}
+    saes = {L: load_sae(out / f"L{L}" / "sae") for L in (1, 2)}
+    want = ps_eval(two_models[0], saes, load_wic("dev", str(study_root)))
+    for L in (1, 2):
+        assert data["layers"][L]["pseval"]["specificity"] == pytest.approx(want[L].specificity)
+        assert data["layers"][L]["pairs"] == 12
+        assert (out / f"L{L}" / "interpret" / "features.html").is_file()
+    assert read_png(out / "pseval.png").shape == (520, 900, 3)
+    assert "layer 2: feature browser" in (out / "report.html").read_text()
+
+
+def test_wrong_inputs_name_the_option(two_models, study_root, tmp_path):
+    base = ["--data_root", str(study_root), "--output_dir", str(tmp_path / "x"), *TINY]
+    cases = [
+        (["study", "nope"], "unknown study 'nope'"),
+        (["study", "decomposition", "--models", two_models[0], two_models[0], *base], "share a report folder"),
+        (["study", "decomposition", "--models", two_models[0], "--probe_kinds", "[svm]", *base], "--probe_kinds"),
+        (["study", "decomposition", "--models", two_models[0], "--match_threshold", "2", *base], "--match_threshold"),
+        (["study", "frontier", "--model", two_models[0], "--ks", "[0]", *base], "--ks"),
+        (["study", "frontier", "--model", two_models[0], "--max_sentences", "0", *base], "--max_sentences 0"),
+        (["study", "pseval", "--model", two_models[0], *base[:-2], "--val_fraction", "1.5"], "--val_fraction 1.5"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(DataError, match=message.replace("[", r"\[")):
+            train.main(argv)
+    with pytest.raises(DataError, match="WiC did not load"):
+        train.main(["study", "pseval", "--model", two_models[0], *base, "--data_root", str(tmp_path)])
+    # from the shell: one line naming the problem, no traceback
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "study", "nope"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert res.returncode == 1 and res.stderr.startswith("error: study: unknown study 'nope'")
+    assert "Traceback" not in res.stderr and torch.get_num_threads() >= 1
+
+
+def test_study_configs_parse():
+    from jsonargparse import ArgumentParser  # noqa: F401  (the study parsers are jsonargparse's)
+
+    from callbacks.study import STUDIES
+
+    configs = sorted((ROOT / "configs" / "studies").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        name = path.stem.split("_", 1)[0]
+        assert name in STUDIES, path
+        with pytest.raises(SystemExit) as done:  # --help after --config: parsed, then the help (nothing runs)
+            STUDIES[name](["--config", str(path), "--print_config"])
+        assert done.value.code == 0
