@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 # Before anything imports huggingface_hub (it reads these once, at import): tests never touch the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,8 +93,10 @@ def _restore_global_state(monkeypatch, _activation_cache_dir):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     dtype = torch.get_default_dtype()
+    verbosity = transformers.logging.get_verbosity()  # importing sae_lens sets it to ERROR for the whole process
     yield
     torch.set_default_dtype(dtype)
+    transformers.logging.set_verbosity(verbosity)
     try:
         import wandb
 
