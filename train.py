@@ -207,4 +207,7 @@ if __name__ == "__main__":  # the guard matters: strategy="ddp" re-launches this
         message = user_error(err)
         if message is None or os.environ.get("EMBEDLAB_TRACEBACK"):
             raise
-        sys.exit(f"error: {message}\n(EMBEDLAB_TRACEBACK=1 shows the traceback)")
+        # one write per line (stderr is line-buffered): under DDP every rank reports, and sys.exit(text) writes the
+        # text and its newline separately, so another rank's line could land in the middle of this one
+        sys.stderr.write(f"error: {message}\n(EMBEDLAB_TRACEBACK=1 shows the traceback)\n")
+        sys.exit(1)

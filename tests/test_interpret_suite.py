@@ -175,7 +175,8 @@ def test_extra_config_runs_the_suite_when_fit_ends(tiny_model_no_dropout, brown_
     cfg["trainer"].update(accelerator="cpu", max_epochs=None, max_steps=4, logger=False, enable_progress_bar=False,
                           default_root_dir=str(tmp_path / "run"), val_check_interval=None,
                           callbacks=[{"class_path": "callbacks.ExportOnFitEnd"}])
-    cfg["model"]["init_args"].update(threshold_start=2, init_samples=64)
+    cfg["model"]["init_args"].update(init_samples=64)
+    cfg["model"]["init_args"]["sae"].update(threshold_start=2)
     cfg["data"]["init_args"].update(model_name_or_path=tiny_model_no_dropout, data_root=str(brown_wic_root),
                                     cache_dir=str(tmp_path / "cache"), special_tokens="keep", batch_size=8,
                                     val_fraction=0.0, max_length=32)
