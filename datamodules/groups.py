@@ -9,12 +9,17 @@ flat position ``i * V + v`` in :meth:`GroupedTextDataModule.sentence_ids`. Where
 - given labels: ``label_column`` names a column whose value is the row's group; batches carry ``group`` (B,).
 - k-means: plain sentences; the module clusters the teacher's embeddings once (:func:`kmeans_groups`).
 
+Plain sentences may come from several places: ``extra_sources`` appends the sentences of more files (or of an STS
+task's train pairs, without their scores) to ``source`` as one-sentence rows, e.g. every unlabelled sentence
+available to a compression head (:func:`read_extra_sentences`).
+
 Why not NLIDataModule with 2 columns: it works for pairs, but its batches carry no row index, so the teacher
 would be run on every batch and k-means clusters could not be looked up.
 """
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -24,6 +29,7 @@ from torch.utils.data import Dataset
 from datamodules.base import PadCollator, TextDataModule, looks_like_hub_name, resolve
 from datamodules.nli import read_rows
 from datamodules.sentences import read_sentences
+from datamodules.sts import SPLITS, STS_TASKS, load_sts
 from lightning_modules.components.errors import DataError
 
 
@@ -55,6 +61,35 @@ class GroupCollator:
         return out
 
 
+def read_extra_sentences(spec: str, data_root: str | None = None) -> list[str]:
+    """The sentences of one ``data.extra_sources`` entry.
+
+    Args:
+        spec: ``FILE`` (a ``.txt`` file, one sentence per line, or a CSV/TSV with a ``text`` column),
+            ``FILE:col1,col2`` (every row's texts in those columns of a CSV/TSV with a header, e.g.
+            ``nli/snli_devtest_for_simcse.csv:sent0,sent1,hard_neg``), or ``TASK:train`` for an STS task's
+            (``stsb``, ``sickr``) train pairs, both sentences, without their scores. Dev and test splits are refused:
+            dev pairs select checkpoints and test pairs report results, so neither may be trained on.
+        data_root: folder that relative paths are resolved against.
+    """
+    name, colon, rest = spec.partition(":")
+    if name in STS_TASKS:
+        split = rest or "train"
+        if name not in SPLITS:
+            raise DataError(f"data.extra_sources {spec!r}: {name} has only a test split, which is never trained on")
+        if split != "train":
+            raise DataError(f"data.extra_sources {spec!r}: only an STS train split may be trained on ({name} "
+                            f"{split} is kept for selection or evaluation); use e.g. '{name}:train'")
+        pairs = load_sts(name, split, data_root, hub=False)
+        return list(pairs.sentences1) + list(pairs.sentences2)
+    if not colon:
+        return read_sentences(spec, data_root, skip_empty=True)
+    columns = [c.strip() for c in rest.split(",") if c.strip()]
+    if not columns:
+        raise DataError(f"data.extra_sources {spec!r}: no column names after ':'")
+    return [text for row in read_rows(name, columns, data_root) for text in row]
+
+
 def kmeans_groups(embeddings_ND: Tensor, num_clusters: int, seed: int = 0) -> Tensor:
     """Cluster id (N,) of each L2-normalised row: scikit-learn's KMeans (k-means++, 3 restarts), on CPU.
 
@@ -83,6 +118,9 @@ class GroupedTextDataModule(TextDataModule):
         split, subset, data_files: hub dataset split, configuration and file(s).
         batch_size: rows per batch on each process (default 1000: the coding rate depends on the batch size, and
             the MCR2 paper uses m = 1000; with pairs, 500 rows are 1000 sentences).
+        extra_sources: more sentences appended to ``source``'s as one-sentence rows (see
+            :func:`read_extra_sentences` for the entries); needs one text column and no ``label_column``.
+            Repeated sentences of the whole set are then kept once (the first).
         **kwargs: see :class:`~datamodules.base.TextDataModule` (data_root, shuffle, drop_last, max_rows, seed...).
     """
 
@@ -95,12 +133,17 @@ class GroupedTextDataModule(TextDataModule):
         subset: str | None = None,
         data_files: str | None = None,
         batch_size: int = 1000,
+        extra_sources: list[str] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         self.columns = list(columns) if columns else ["text"]
         if label_column is not None and label_column in self.columns:
             raise DataError(f"data.label_column {label_column!r} is also one of data.columns {self.columns}")
+        self.extra_sources = list(extra_sources or [])
+        if self.extra_sources and (len(self.columns) != 1 or label_column is not None):
+            raise DataError(f"data.extra_sources adds single sentences: it needs one text column and no "
+                            f"data.label_column (got columns {self.columns}, label_column {label_column!r})")
         self.source, self.label_column, self.split, self.subset = source, label_column, split, subset
         self.data_files = data_files
         self.source_name = Path(source).name
@@ -112,7 +155,16 @@ class GroupedTextDataModule(TextDataModule):
         return len(self.columns)
 
     def load_rows(self) -> list[tuple[str, ...]]:
-        """Rows of the V texts, followed by the label when ``label_column`` is set."""
+        """Rows of the V texts, followed by the label when ``label_column`` is set; then the ``extra_sources``
+        sentences (each sentence once)."""
+        rows = self.source_rows()
+        if not self.extra_sources:
+            return rows
+        texts = chain((row[0] for row in rows), *(read_extra_sentences(s, self.data_root) for s in self.extra_sources))
+        return [(text,) for text in dict.fromkeys(texts)]
+
+    def source_rows(self) -> list[tuple[str, ...]]:
+        """The rows of ``source`` alone."""
         path = resolve(self.source, self.data_root)
         if path is None and not looks_like_hub_name(self.source):
             raise DataError(f"data file {self.source!r} not found (looked in {self.data_root or '.'} and the "

@@ -1,4 +1,4 @@
-"""MCR2Module: a projection head trained with MCR2 (+ optional similarity distillation) on a frozen teacher."""
+"""MCR2Module: a projection head trained with MCR2 and/or similarity distillation on a frozen teacher."""
 
 from __future__ import annotations
 
@@ -15,13 +15,48 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from datamodules.groups import kmeans_groups
+from datamodules.sts import load_sts, spearman100
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.components.encoder import Encoder
 from lightning_modules.components.heads import ProjectionHead
-from lightning_modules.losses.mcr2 import MCR2Output, mcr2_loss
+from lightning_modules.losses.mcr2 import MCR2Output, matryoshka_mcr2_loss, mcr2_loss
 
 Grouping = Literal["pairs", "kmeans", "labels"]
 GROUPINGS = ("pairs", "kmeans", "labels")
+Init = Literal["random", "pca", "truncation", "best"]
+INITS = ("random", "pca", "truncation", "best")
+
+
+def check_options(*, grouping: str, init: str, hidden_dim: int | None, eps2: float, gamma: float,
+                  distill_weight: float, mcr2_weight: float, listwise_weight: float, listwise_temperature: float,
+                  matryoshka_dims: list[int] | None, out_dim: int, num_clusters: int) -> None:
+    """Refuse a bad :class:`MCR2Module` option with a message naming it (before any model is loaded)."""
+    if grouping not in GROUPINGS:
+        raise ValueError(f"model.grouping must be one of {', '.join(GROUPINGS)}, got {grouping!r}")
+    if init not in INITS:
+        raise ValueError(f"model.init must be one of {', '.join(INITS)}, got {init!r}")
+    if init != "random" and hidden_dim is not None:
+        raise ValueError(f"model.init {init!r} initialises a linear head: set model.hidden_dim to null")
+    if not eps2 > 0:
+        raise ValueError(f"model.eps2 must be > 0, got {eps2}")
+    if distill_weight < 0 or gamma <= 0:
+        raise ValueError(f"model.gamma must be > 0 and model.distill_weight >= 0, got {gamma}, {distill_weight}")
+    for name, value in (("mcr2_weight", mcr2_weight), ("listwise_weight", listwise_weight)):
+        if not value >= 0:
+            raise ValueError(f"model.{name} must be >= 0, got {value}")
+    if not mcr2_weight and not distill_weight and not listwise_weight:
+        raise ValueError("model.mcr2_weight, model.distill_weight and model.listwise_weight are all 0: the head "
+                         "would have nothing to learn")
+    if not listwise_temperature > 0:
+        raise ValueError(f"model.listwise_temperature must be > 0, got {listwise_temperature}")
+    if matryoshka_dims is not None:
+        dims = list(matryoshka_dims)
+        if (not dims or any(not isinstance(k, int) or k < 1 for k in dims) or dims != sorted(set(dims))
+                or dims[-1] != out_dim):
+            raise ValueError(f"model.matryoshka_dims must be increasing positive sizes ending at model.out_dim "
+                             f"({out_dim}), e.g. [32, 64, 128, 256] for out_dim 256; got {matryoshka_dims}")
+    if grouping == "kmeans" and num_clusters < 2:
+        raise ValueError(f"model.num_clusters must be >= 2, got {num_clusters}")
 
 
 class MCR2Module(EmbeddingModule):
@@ -34,7 +69,9 @@ class MCR2Module(EmbeddingModule):
     Batches come from :class:`~datamodules.groups.GroupedTextDataModule` (``input_ids`` (B, V, L), ``index`` (B,),
     optionally ``group`` (B,)). With ``cache_teacher`` every training sentence is embedded once at the start of
     ``fit`` (optionally read from / written to ``cache_path``), so a step costs only the head and the loss.
-    The loss is computed on the batch gathered over all ranks (the coding rate depends on the batch size m).
+    The loss is computed on the batch gathered over all ranks (the coding rate depends on the batch size m):
+    ``mcr2_weight (-gamma R + R_c) + distill_weight * cosine + listwise_weight * listwise``, summed over the
+    ``matryoshka_dims`` prefixes when given (:func:`~lightning_modules.losses.mcr2.matryoshka_mcr2_loss`).
 
     Args:
         model_name_or_path: the teacher (hub name or local folder).
@@ -53,15 +90,35 @@ class MCR2Module(EmbeddingModule):
         kmeans_seed: seed of the k-means initialisation.
         eps2: epsilon squared of the coding rate.
         gamma: weight of R in ``-gamma R + R_c``.
+        mcr2_weight: weight of the MCR2 term ``-gamma R + R_c`` (0: a distillation-only head, for which the
+            grouping is not used and no k-means clustering runs).
         distill_weight: weight of the term keeping the student's pairwise cosines close to the teacher's (0: off).
-        init: ``random`` or ``pca`` (a linear head starts as the PCA projection of the training sentences'
-            teacher embeddings; skipped when resuming from a checkpoint).
+        listwise_weight: weight of the listwise similarity distillation: the KL divergence between the teacher's
+            and the head's softmax over each sentence's cosine similarities to the rest of the batch
+            (:func:`~lightning_modules.losses.mcr2.listwise_distillation`), which weights the near neighbours that
+            decide rankings (0: off).
+        listwise_temperature: the softmax temperature of that term (> 0; lower: more weight on near neighbours).
+        matryoshka_dims: nested output sizes, increasing and ending at ``out_dim`` (e.g. ``[32, 64, 128, 256]``):
+            the loss is summed over the prefixes ``z[:, :k]``, so that the first k outputs are each an embedding
+            on their own; the one export then gives them with ``SentenceTransformer(DIR, truncate_dim=k)``
+            (truncated after its Normalize: compare them by cosine, or pass ``normalize_embeddings=True``).
+            None: the whole output only.
+        init: how a linear head starts on a fresh run (skipped when resuming from a checkpoint): ``random``;
+            ``pca``, the PCA projection of the training sentences' teacher embeddings; ``truncation``, the first
+            ``out_dim`` teacher dimensions (``W = [I | 0]``, exactly the truncation baseline); ``best``, whichever
+            of ``pca`` and ``truncation`` scores higher on the ``init_dev`` dev pairs (the mean over the
+            ``matryoshka_dims`` prefixes when given).
+        init_dev: what ``init: best`` is chosen on: an STS task with a dev split (``stsb``, ``sickr``: its dev
+            split) or a TSV path (``sentence1, sentence2, score``). Never a test split.
+        init_data_root: the folder ``init_dev`` is read from; None takes the datamodule's ``data_root``.
         cache_teacher: embed each training sentence once, up front (needs a datamodule with ``sentence_ids``).
         cache_path: a ``.safetensors`` file for that cache; reused when it was written for the same teacher,
             pooler, max_length and sentences, rewritten otherwise.
-        lr, weight_decay, warmup_ratio, check_finite_every_n_steps, max_mean_cosine: see
-            :class:`EmbeddingModule` (a non-finite loss names the batch, the coding rates and the smallest group).
         attn_implementation: e.g. ``sdpa``; None keeps the model's default.
+        lr: peak learning rate; higher than :class:`EmbeddingModule`'s default, since the head trains from scratch.
+        **kwargs: the options every EmbeddingModule shares, defined there: ``weight_decay``, ``warmup_ratio``,
+            ``check_finite_every_n_steps``, ``max_mean_cosine`` (a non-finite loss names the batch, the coding rates
+            and the smallest group).
     """
 
     MEMO_SIZE = 4  #: teacher outputs of this many distinct id lists are kept by :meth:`encode_ids`
@@ -83,30 +140,24 @@ class MCR2Module(EmbeddingModule):
         eps2: float = 0.5,
         gamma: float = 1.0,
         distill_weight: float = 0.0,
-        init: Literal["random", "pca"] = "random",
+        init: Init = "random",
         cache_teacher: bool = True,
         cache_path: str | None = None,
-        check_finite_every_n_steps: int = 50,
-        max_mean_cosine: float | None = 0.99,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.0,
         attn_implementation: str | None = None,
+        mcr2_weight: float = 1.0,
+        listwise_weight: float = 0.0,
+        listwise_temperature: float = 0.05,
+        matryoshka_dims: list[int] | None = None,
+        init_dev: str = "stsb",
+        init_data_root: str | None = None,
+        lr: float = 1e-3,
+        **kwargs,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                         check_finite_every_n_steps=check_finite_every_n_steps, max_mean_cosine=max_mean_cosine)
-        if grouping not in GROUPINGS:
-            raise ValueError(f"model.grouping must be one of {', '.join(GROUPINGS)}, got {grouping!r}")
-        if init not in ("random", "pca"):
-            raise ValueError(f"model.init must be 'random' or 'pca', got {init!r}")
-        if init == "pca" and hidden_dim is not None:
-            raise ValueError("model.init 'pca' initialises a linear head: set model.hidden_dim to null")
-        if not eps2 > 0:
-            raise ValueError(f"model.eps2 must be > 0, got {eps2}")
-        if distill_weight < 0 or gamma <= 0:
-            raise ValueError(f"model.gamma must be > 0 and model.distill_weight >= 0, got {gamma}, {distill_weight}")
-        if grouping == "kmeans" and num_clusters < 2:
-            raise ValueError(f"model.num_clusters must be >= 2, got {num_clusters}")
+        super().__init__(lr=lr, **kwargs)
+        check_options(grouping=grouping, init=init, hidden_dim=hidden_dim, eps2=eps2, gamma=gamma,
+                      distill_weight=distill_weight, mcr2_weight=mcr2_weight, listwise_weight=listwise_weight,
+                      listwise_temperature=listwise_temperature, matryoshka_dims=matryoshka_dims, out_dim=out_dim,
+                      num_clusters=num_clusters)
         self.save_hyperparameters()
         self.encoder = Encoder(model_name_or_path, pooler, "none", max_length, attn_implementation)
         self.encoder.requires_grad_(False).eval()  # frozen teacher (docs/pitfalls.md #2)
@@ -116,16 +167,27 @@ class MCR2Module(EmbeddingModule):
                 f"{self.encoder.dim}-d embeddings; set model.in_dim to {self.encoder.dim} (or null to take the "
                 "teacher's size)"
             )
-        if init == "pca" and out_dim > self.encoder.dim:
-            raise ValueError(f"model.init 'pca' gives at most {self.encoder.dim} dims (the teacher's); "
+        if init != "random" and out_dim > self.encoder.dim:
+            raise ValueError(f"model.init {init!r} gives at most {self.encoder.dim} dims (the teacher's); "
                              f"model.out_dim is {out_dim}")
         self.head = ProjectionHead(self.encoder.dim, out_dim, hidden_dim, activation, normalize_input)
         self.grouping, self.num_clusters, self.kmeans_seed = grouping, num_clusters, kmeans_seed
         self.eps2, self.gamma, self.distill_weight = eps2, gamma, distill_weight
+        self.mcr2_weight, self.listwise_weight, self.listwise_temperature = mcr2_weight, listwise_weight, \
+            listwise_temperature
+        self.matryoshka_dims = list(matryoshka_dims) if matryoshka_dims is not None else None
         self.init, self.cache_teacher, self.cache_path = init, cache_teacher, cache_path
+        self.init_dev, self.init_data_root = init_dev, init_data_root
+        self.init_scores: dict[str, float] = {}  #: STS dev score of each candidate of ``init: best``
         self._cache_ND: Tensor | None = None  # teacher embedding of every training sentence (not checkpointed)
         self._clusters_N: Tensor | None = None
         self._teacher_memo: dict[int, Tensor] = {}
+
+    @property
+    def selection_dims(self) -> list[int] | None:
+        """The ``matryoshka_dims``: :class:`~callbacks.STSEvaluator` then scores the mean over these prefixes, the
+        metric ``init: best`` uses too (None: the whole output)."""
+        return self.matryoshka_dims
 
     # ----------------------------------------------------------------------------------------- frozen teacher
     def train(self, mode: bool = True) -> MCR2Module:
@@ -178,31 +240,66 @@ class MCR2Module(EmbeddingModule):
     # ------------------------------------------------------------------------------------ once, at fit start
     def on_fit_start(self) -> None:
         fresh = self.trainer.ckpt_path is None
-        needs = {"cache_teacher": self.cache_teacher, "grouping 'kmeans'": self.grouping == "kmeans",
-                 "init 'pca'": self.init == "pca" and fresh}
-        if not any(needs.values()):
-            return
+        kmeans = self.grouping == "kmeans" and self.mcr2_weight > 0
+        needs = {"cache_teacher": self.cache_teacher, "grouping 'kmeans'": kmeans,
+                 f"init {self.init!r}": fresh and self.init in ("pca", "best")}
         dm = getattr(self.trainer, "datamodule", None)
-        if not hasattr(dm, "sentence_ids"):
-            required = [k for k, v in needs.items() if v and k != "cache_teacher"]
-            if required:
-                raise ValueError(f"model {' and '.join(required)} needs every training sentence up front: use "
-                                 f"datamodules.GroupedTextDataModule (got {type(dm).__name__})")
-            rank_zero_warn(f"{type(dm).__name__} does not list its sentences: the teacher runs on every batch")
-            return
-        self._cache_ND = self.teacher_cache(dm.sentence_ids()).to(self.device)
-        strategy = self.trainer.strategy
-        if self.grouping == "kmeans":
+        if any(needs.values()):
+            if not hasattr(dm, "sentence_ids"):
+                required = [k for k, v in needs.items() if v and k != "cache_teacher"]
+                if required:
+                    raise ValueError(f"model {' and '.join(required)} needs every training sentence up front: use "
+                                     f"datamodules.GroupedTextDataModule (got {type(dm).__name__})")
+                rank_zero_warn(f"{type(dm).__name__} does not list its sentences: the teacher runs on every batch")
+            else:
+                self._cache_ND = self.teacher_cache(dm.sentence_ids()).to(self.device)
+        if kmeans and self._cache_ND is not None:
             clusters = kmeans_groups(self._cache_ND, self.num_clusters, self.kmeans_seed) if self.global_rank == 0 \
                 else None
-            self._clusters_N = strategy.broadcast(clusters, src=0).to(self.device)
-        if needs["init 'pca'"]:
+            self._clusters_N = self.trainer.strategy.broadcast(clusters, src=0).to(self.device)
+        if fresh and self.init != "random":
             state = None
             if self.global_rank == 0:
-                explained = self.head.init_pca(self._cache_ND)
-                rank_zero_info(f"head initialised by PCA: {float(explained):.1%} of the variance kept")
-                state = {k: v.cpu() for k, v in self.head.state_dict().items()}
-            self.head.load_state_dict(strategy.broadcast(state, src=0))
+                state = self.initial_head_state(getattr(dm, "data_root", None))
+            self.head.load_state_dict(self.trainer.strategy.broadcast(state, src=0))
+
+    def initial_head_state(self, data_root: str | None = None) -> dict[str, Tensor]:
+        """The head's starting weights for ``init`` (``pca``, ``truncation`` or ``best``), on CPU.
+
+        ``best`` scores both candidates on the ``init_dev`` pairs (Spearman x 100 of cosine, the mean over the
+        ``matryoshka_dims`` prefixes) and keeps the higher; the scores stay in :attr:`init_scores`.
+        """
+        candidates: dict[str, dict[str, Tensor]] = {}
+        if self.init in ("truncation", "best"):
+            self.head.init_truncation()
+            candidates["truncation"] = {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+        if self.init in ("pca", "best"):
+            explained = self.head.init_pca(self._cache_ND)
+            rank_zero_info(f"PCA head: {float(explained):.1%} of the training sentences' variance kept")
+            candidates["pca"] = {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+        choice = self.init
+        if self.init == "best":
+            self.init_scores = {name: self.dev_score(state, data_root) for name, state in candidates.items()}
+            choice = max(self.init_scores, key=self.init_scores.get)
+            scores = ", ".join(f"{k} {v:.2f}" for k, v in self.init_scores.items())
+            rank_zero_info(f"head initialised by {choice} (STS dev Spearman x 100 on {self.init_dev}: {scores})")
+        return candidates[choice]
+
+    def dev_score(self, state: dict[str, Tensor], data_root: str | None = None) -> float:
+        """Spearman x 100 of cosine on the ``init_dev`` pairs of the head with weights ``state`` (the mean over the
+        ``matryoshka_dims`` prefixes when given). The teacher's output is memoised (:meth:`encode_ids`)."""
+        root = self.init_data_root if self.init_data_root is not None else data_root
+        try:
+            pairs = load_sts(self.init_dev, "dev", root)
+        except Exception as err:  # DataError, or the hub being unreachable offline
+            raise ValueError(f"model.init 'best' is chosen on model.init_dev {self.init_dev!r} (read from "
+                             f"{root or '.'}; model.init_data_root), which could not be loaded: {err}") from err
+        self.head.load_state_dict(state)
+        z_ND = self.encode(pairs.sentences1 + pairs.sentences2)
+        n = len(pairs.sentences1)
+        dims = self.matryoshka_dims or [self.head.out_dim]
+        rhos = [spearman100(torch.cosine_similarity(z_ND[:n, :k], z_ND[n:, :k], dim=-1), pairs.scores) for k in dims]
+        return sum(rhos) / len(rhos)
 
     def teacher_cache(self, ids: Sequence[Sequence[int]]) -> Tensor:
         """Teacher embeddings (N, D) of ``ids``, read from ``cache_path`` when it matches, else computed once."""
@@ -262,15 +359,26 @@ class MCR2Module(EmbeddingModule):
         teacher_ND = self.teacher_embeddings(batch)
         z_GK, _ = self.gather(self.head(teacher_ND))
         self.guard.note_embeddings(z_GK, self.global_step)
-        teacher_GD = self.gather(teacher_ND)[0] if self.distill_weight else None
-        out = mcr2_loss(z_GK, self.batch_groups(batch), self.eps2, self.gamma, teacher_GD, self.distill_weight)
+        distilled = self.distill_weight or self.listwise_weight
+        teacher_GD = self.gather(teacher_ND)[0] if distilled else None
+        groups = self.batch_groups(batch) if self.mcr2_weight else 1  # no rates without the MCR2 term
+        terms = dict(eps2=self.eps2, gamma=self.gamma, teacher_MD=teacher_GD, distill_weight=self.distill_weight,
+                     listwise_weight=self.listwise_weight, temperature=self.listwise_temperature,
+                     mcr2_weight=self.mcr2_weight)
+        if self.matryoshka_dims:
+            out = matryoshka_mcr2_loss(z_GK, groups, self.matryoshka_dims, **terms)
+        else:
+            out = mcr2_loss(z_GK, groups, **terms)
         self.note_loss(out, teacher_ND, batch_idx)
         B = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=B)
-        self.log_dict({"train/rate": out.rate, "train/rate_c": out.rate_c, "train/delta_r": out.delta_r},
-                      batch_size=B)
+        if self.mcr2_weight:
+            self.log_dict({"train/rate": out.rate, "train/rate_c": out.rate_c, "train/delta_r": out.delta_r},
+                          batch_size=B)
         if self.distill_weight:
             self.log("train/distill", out.distill, batch_size=B)
+        if self.listwise_weight:
+            self.log("train/listwise", out.listwise, batch_size=B)
         return out.loss
 
     # ----------------------------------------------------------------------------------- non-finite losses
@@ -279,21 +387,27 @@ class MCR2Module(EmbeddingModule):
         dev = out.loss.device
         where = [torch.full((), float(v), device=dev) for v in (batch_idx, self.current_epoch)]
         extra = torch.stack(where + [out.rate, out.rate_c, out.distill, out.smallest_group.float(),
-                                     torch.isfinite(teacher_ND).all().float()])
+                                     torch.isfinite(teacher_ND).all().float(), out.listwise])
         self.guard.note_loss(out.loss, self.global_step, extra)
 
     def on_train_epoch_end(self) -> None:
         self.check_divergence()
 
     def divergence_causes(self, event) -> list[str]:
-        if event.kind != "loss" or len(event.extra) != 7:
+        if event.kind != "loss" or len(event.extra) != 8:
             return super().divergence_causes(event)
-        batch_idx, epoch, rate, rate_c, distill, smallest, teacher_ok = event.extra
+        batch_idx, epoch, rate, rate_c, distill, smallest, teacher_ok, listwise = event.extra
         causes = [f"at batch {int(batch_idx)} of epoch {int(epoch)}, R = {rate:.4g}, R_c = {rate_c:.4g}, "
-                  f"distillation = {distill:.4g}, smallest group {int(smallest)} sample(s)"]
+                  f"distillation = {distill:.4g}, listwise = {listwise:.4g}, smallest group {int(smallest)} "
+                  "sample(s)"]
         if not teacher_ok:
             causes.append("the teacher embeddings themselves hold NaN/Inf (fp16 overflow in the teacher, or a "
                           "corrupt cache_path file)")
+        if not self.mcr2_weight:
+            if self.listwise_weight:
+                causes.append(f"listwise_temperature = {self.listwise_temperature} may be too small for float32 "
+                              "softmax logits (raise it)")
+            return causes + super().divergence_causes(event)
         scale = self.head.out_dim / (max(smallest, 1) * self.eps2)
         causes.append(f"eps2 = {self.eps2} may be too small: the largest scale d / (m_j eps2) in the batch is "
                       f"{scale:.3g}, and float32 Cholesky fails when it is large and rows repeat (raise eps2)")

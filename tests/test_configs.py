@@ -35,6 +35,13 @@ def patch(node, paths: dict, tmp_path: Path, data_class: str | None = None):
             value = None
         elif key == "task" and cls and "STSEvaluator" in cls:
             value = str(paths["sts"])
+        elif key == "init_dev":  # MCR2Module's init: best is chosen on STS dev pairs
+            value = str(paths["sts"])
+        elif key == "extra_sources" and value:
+            value = [str(paths["sentences"])]
+        elif key == "matryoshka_dims" and value:  # must end at the shrunk out_dim
+            k = min(node.get("out_dim", value[-1]), 16)
+            value = [d for d in (4, 8) if d < k] + [k]
         elif key in ("save_dir", "dirpath", "output_dir", "default_root_dir"):
             value = str(tmp_path / key)
         elif key == "batch_size":

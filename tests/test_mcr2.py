@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from datamodules import GroupedTextDataModule, STSDataModule, load_sts
+from datamodules.groups import read_extra_sentences
+from datamodules.sts import spearman100
 from lightning_modules import MCR2Module
+from lightning_modules.components.errors import DataError
 from lightning_modules.components.guard import DivergenceError
 from lightning_modules.components.heads import ProjectionHead
 from lightning_modules.export import export_sentence_transformer
@@ -27,7 +30,9 @@ from lightning_modules.losses.mcr2 import (
     cosine_distillation,
     group_blocks,
     grouped_coding_rate,
+    listwise_distillation,
     logdet_identity_plus_gram,
+    matryoshka_mcr2_loss,
     mcr2_loss,
 )
 
@@ -59,6 +64,22 @@ def direct_distill(s, t):
             if i != j:
                 total = total + (s[i] @ s[j] - t[i] @ t[j]) ** 2
     return total / (m * (m - 1))
+
+
+def direct_listwise(s, t, tau_s, tau_t):
+    """Mean over rows i of sum_{j != i} p_ij log(p_ij / q_ij), softmaxes over j != i, written as loops."""
+    s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+    m = s.shape[0]
+    total = 0.0
+    for i in range(m):
+        others = [j for j in range(m) if j != i]
+        zt = sum(torch.exp(t[i] @ t[j] / tau_t) for j in others)
+        zs = sum(torch.exp(s[i] @ s[j] / tau_s) for j in others)
+        for j in others:
+            p = torch.exp(t[i] @ t[j] / tau_t) / zt
+            q = torch.exp(s[i] @ s[j] / tau_s) / zs
+            total = total + p * torch.log(p / q)
+    return total / m
 
 
 def unit_rows(m, d, seed=0):
@@ -179,6 +200,78 @@ def test_distillation_matches_the_loop_and_only_the_student_gets_gradient():
     assert out.loss.item() == pytest.approx((-out.rate + out.rate_c + 10 * out.distill).item(), rel=1e-6)
 
 
+def test_listwise_distillation_closed_form_on_hand_made_rows():
+    # teacher: rows 0 and 1 equal, row 2 orthogonal; student: rows 1 and 2 equal, row 0 orthogonal.
+    # With tau = 1 / ln 3, exp(cos / tau) is 3 for cos = 1 and 1 for cos = 0, so each softmax over the two other
+    # rows is (3/4, 1/4), (1/4, 3/4) or (1/2, 1/2):
+    #   row 0: p = (3/4, 1/4), q = (1/2, 1/2): KL = 3/4 ln(3/2) + 1/4 ln(1/2)
+    #   row 1: p = (3/4, 1/4), q = (1/4, 3/4): KL = 3/4 ln 3 + 1/4 ln(1/3) = 1/2 ln 3
+    #   row 2: p = (1/2, 1/2), q = (1/4, 3/4): KL = 1/2 ln 2 + 1/2 ln(2/3)
+    teacher = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    student = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 5.0]])  # any scale: rows are normalised
+    want = (0.75 * math.log(1.5) + 0.25 * math.log(0.5) + 0.5 * math.log(3) + 0.5 * math.log(2)
+            + 0.5 * math.log(2 / 3)) / 3
+    assert listwise_distillation(student, teacher, 1 / math.log(3)).item() == pytest.approx(want, rel=1e-6)
+    assert listwise_distillation(teacher, teacher, 1 / math.log(3)).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("tau_s,tau_t", [(0.05, None), (0.1, 0.05)])
+def test_listwise_distillation_matches_the_loop_and_only_the_student_gets_gradient(tau_s, tau_t):
+    s = torch.randn(7, 4, generator=torch.Generator().manual_seed(12)).requires_grad_()
+    t = torch.randn(7, 9, generator=torch.Generator().manual_seed(13)).requires_grad_()
+    got = listwise_distillation(s, t, tau_s, tau_t)
+    s64 = s.detach().double().requires_grad_()
+    want = direct_listwise(s64, t.detach().double(), tau_s, tau_t or tau_s)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want.item(), rel=1e-4)
+    got.backward()
+    want.backward()
+    assert t.grad is None
+    torch.testing.assert_close(s.grad.double(), s64.grad, atol=1e-5, rtol=1e-3)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        listwise_distillation(s[:1], t[:1])
+
+
+def test_mcr2_loss_sums_the_weighted_terms_and_skips_the_off_ones():
+    z = torch.randn(8, 5, generator=torch.Generator().manual_seed(14))
+    t = torch.randn(8, 11, generator=torch.Generator().manual_seed(15))
+    groups = torch.arange(8) // 2
+    out = mcr2_loss(z, groups, eps2=0.5, gamma=1.2, teacher_MD=t, distill_weight=3.0, listwise_weight=2.0,
+                    temperature=0.2, mcr2_weight=0.5)
+    zn = F.normalize(z.double(), dim=-1)
+    rate, rate_c = direct_rate(zn, 0.5), direct_rate_c(zn, groups, 0.5)
+    listwise = direct_listwise(z.double(), t.double(), 0.2, 0.2)
+    want = 0.5 * (-1.2 * rate + rate_c) + 3.0 * direct_distill(z.double(), t.double()) + 2.0 * listwise
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert out.listwise.item() == pytest.approx(listwise.item(), rel=1e-5)
+    # without the MCR2 term the groups are not read (3 does not divide the 8 rows)
+    only = mcr2_loss(z, 3, teacher_MD=t, listwise_weight=1.0, temperature=0.2, mcr2_weight=0.0)
+    assert only.rate.item() == only.rate_c.item() == only.smallest_group.item() == 0  # no rates were computed
+    assert only.loss.item() == pytest.approx(listwise.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="needs teacher_MD"):
+        mcr2_loss(z, groups, listwise_weight=1.0)
+
+
+def test_matryoshka_loss_is_the_sum_over_the_prefixes():
+    z = torch.randn(10, 8, generator=torch.Generator().manual_seed(16))
+    t = torch.randn(10, 12, generator=torch.Generator().manual_seed(17))
+    kw = dict(eps2=0.5, gamma=1.0, teacher_MD=t, distill_weight=2.0, listwise_weight=1.0, temperature=0.1,
+              mcr2_weight=0.3)
+    out = matryoshka_mcr2_loss(z, 2, [2, 4, 8], **kw)
+    parts = [mcr2_loss(z[:, :k], 2, **kw) for k in (2, 4, 8)]
+    for field in ("loss", "rate", "rate_c", "distill", "listwise"):
+        assert getattr(out, field).item() == pytest.approx(sum(getattr(p, field).item() for p in parts), rel=1e-6)
+    want = sum(0.3 * (-direct_rate(F.normalize(z[:, :k].double(), dim=-1), 0.5)
+                      + direct_rate_c(F.normalize(z[:, :k].double(), dim=-1), torch.arange(10) // 2, 0.5))
+               + 2.0 * direct_distill(z[:, :k].double(), t.double()) + direct_listwise(z[:, :k].double(), t.double(),
+                                                                                    0.1, 0.1)
+               for k in (2, 4, 8))
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert matryoshka_mcr2_loss(z, 2, [8], **kw).loss.item() == pytest.approx(parts[-1].loss.item(), rel=1e-6)
+    with pytest.raises(ValueError, match=r"lie in \[1, 8\]"):
+        matryoshka_mcr2_loss(z, 2, [4, 16], **kw)
+
+
 def test_float32_logdet_under_bf16_autocast():
     z = unit_rows(16, 8, seed=10)
     groups = torch.arange(16) % 4
@@ -214,6 +307,20 @@ def test_projection_head_shapes_pca_and_dense_layers():
         mlp.init_pca(x)
     with pytest.raises(ValueError, match="expects 12-d"):
         head(torch.randn(2, 7))
+
+
+def test_truncation_init_is_exactly_the_truncation_baseline():
+    x = torch.randn(40, 12, generator=torch.Generator().manual_seed(18))
+    head = ProjectionHead(12, 5)
+    head.init_truncation()
+    assert torch.equal(head(x), F.normalize(x, dim=-1)[:, :5])
+    raw = ProjectionHead(12, 5, normalize_input=False)
+    raw.init_truncation()
+    assert torch.equal(raw(x), x[:, :5])
+    with pytest.raises(ValueError, match="linear head"):
+        ProjectionHead(12, 5, hidden_dim=8).init_truncation()
+    with pytest.raises(ValueError, match="at most in_dim = 12"):
+        ProjectionHead(12, 13).init_truncation()
 
 
 # ------------------------------------------------------------------------------------------- data and module
@@ -268,8 +375,8 @@ def test_datamodule_batches_carry_index_group_and_whole_pairs(tiny_model, group_
 
 @pytest.mark.parametrize("grouping", ["pairs", "kmeans", "labels"])
 def test_fit_trains_only_the_head_and_keeps_the_teacher_frozen(tiny_model, group_files, grouping):
-    module = MCR2Module(tiny_model, out_dim=6, grouping=grouping, num_clusters=4, distill_weight=1.0, lr=1e-2,
-                        max_length=16)
+    module = MCR2Module(tiny_model, out_dim=6, grouping=grouping, num_clusters=4, distill_weight=1.0,
+                        listwise_weight=0.5, lr=1e-2, max_length=16)
     teacher_before = {k: v.clone() for k, v in module.encoder.state_dict().items()}
     head_before = {k: v.clone() for k, v in module.head.state_dict().items()}
     seen = {}
@@ -319,6 +426,72 @@ def test_pca_init_starts_at_the_pca_of_the_training_sentences(tiny_model, group_
     ref = ProjectionHead(32, 4)
     ref.init_pca(module.encoder.encode(SENTENCES))
     torch.testing.assert_close(module.head.layers[0].weight.abs(), ref.layers[0].weight.abs(), atol=1e-4, rtol=1e-3)
+
+
+def test_truncation_init_starts_at_the_truncated_teacher_without_listing_sentences(tiny_model, group_files):
+    # mcr2_weight 0: no k-means clustering, so with cache_teacher off nothing needs the sentences up front
+    module = MCR2Module(tiny_model, out_dim=4, grouping="kmeans", init="truncation", mcr2_weight=0.0,
+                        listwise_weight=1.0, cache_teacher=False, lr=0.0, max_length=16)
+    trainer(steps=1).fit(module, datamodule(group_files, "kmeans"))
+    assert module._cache_ND is None and module._clusters_N is None
+    teacher = module.encoder.encode(SENTENCES[:6])
+    torch.testing.assert_close(module.encode(SENTENCES[:6]), F.normalize(teacher, dim=-1)[:, :4], atol=0, rtol=0)
+
+
+def sts_of(z1, z2, scores, dims):
+    return sum(spearman100(F.cosine_similarity(z1[:, :k], z2[:, :k]), scores) for k in dims) / len(dims)
+
+
+@pytest.mark.parametrize("dims", [None, [2, 4]])
+def test_best_init_keeps_the_candidate_scoring_higher_on_dev(tiny_model, group_files, sample_data, dims):
+    dev = str(sample_data / "sts_dev.tsv")
+    module = MCR2Module(tiny_model, out_dim=4, grouping="kmeans", num_clusters=3, init="best", init_dev=dev,
+                        matryoshka_dims=dims, lr=0.0, max_length=16)
+    trainer(steps=1).fit(module, datamodule(group_files, "kmeans"))
+    pairs = load_sts(dev)
+    t1, t2 = module.encoder.encode(pairs.sentences1), module.encoder.encode(pairs.sentences2)
+    pca = ProjectionHead(32, 4)
+    pca.init_pca(module.encoder.encode(SENTENCES))
+    with torch.no_grad():
+        want = {"truncation": sts_of(F.normalize(t1, dim=-1), F.normalize(t2, dim=-1), pairs.scores, dims or [4]),
+                "pca": sts_of(pca(t1), pca(t2), pairs.scores, dims or [4])}
+    assert module.init_scores == pytest.approx(want, abs=1e-3)
+    assert abs(want["truncation"] - want["pca"]) > 0.1  # the choice below is not a tie
+    weight = module.head.layers[0].weight
+    if want["truncation"] > want["pca"]:
+        torch.testing.assert_close(weight, torch.eye(4, 32), atol=0, rtol=0)
+    else:
+        torch.testing.assert_close(weight.abs(), pca.layers[0].weight.abs(), atol=1e-4, rtol=1e-3)
+
+
+def test_best_init_names_an_unreadable_dev_set(tiny_model, group_files):
+    module = MCR2Module(tiny_model, out_dim=4, grouping="kmeans", num_clusters=3, init="best",
+                        init_dev="missing_dev.tsv", max_length=16)
+    with pytest.raises(ValueError, match="model.init_dev 'missing_dev.tsv'.*not found"):
+        trainer(steps=1).fit(module, datamodule(group_files, "kmeans"))
+
+
+def test_matryoshka_listwise_step_is_the_loss_summed_over_the_prefixes(tiny_model, group_files):
+    # grouping 'pairs' on one-sentence rows would be an error, but without the MCR2 term the groups are not read
+    module = MCR2Module(tiny_model, out_dim=6, grouping="pairs", matryoshka_dims=[2, 4, 6], mcr2_weight=0.0,
+                        listwise_weight=1.0, listwise_temperature=0.1, lr=1e-2, max_length=16)
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():
+                t = pl_module.teacher_embeddings(batch)
+                z = pl_module.head(t)
+                seen.setdefault("want", []).append(sum(direct_listwise(z[:, :k].double(), t.double(), 0.1, 0.1)
+                                                       for k in (2, 4, 6)).item())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.setdefault("got", []).append(outputs["loss"].item())
+
+    trainer(steps=2, callbacks=[Probe()]).fit(module, datamodule(group_files, "kmeans"))
+    assert len(seen["got"]) == 2
+    assert seen["got"] == pytest.approx(seen["want"], rel=1e-4)
+    assert seen["want"][1] != pytest.approx(seen["want"][0])  # the head moved
 
 
 def test_encode_and_validation_use_the_compressed_embedding(tiny_model, group_files, sample_data):
@@ -379,6 +552,48 @@ def test_export_encodes_like_the_module(tiny_model, tmp_path, hidden_dim):
     assert not module.encoder.training  # the teacher stays in eval mode
 
 
+def test_sts_evaluator_scores_a_matryoshka_head_by_the_mean_over_its_prefixes(tiny_model, sample_data):
+    from callbacks import STSEvaluator
+
+    module = MCR2Module(tiny_model, out_dim=6, matryoshka_dims=[2, 4, 6], mcr2_weight=0.0, listwise_weight=1.0,
+                        max_length=16)
+    with torch.no_grad():
+        for p in module.head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    dev = str(sample_data / "sts_dev.tsv")
+    cb = STSEvaluator(dev)
+    cb.setup(None, module, "fit")
+    pairs = load_sts(dev)
+    z1, z2 = module.encode(pairs.sentences1), module.encode(pairs.sentences2)
+    per_prefix = [sts_of(z1, z2, pairs.scores, [k]) for k in (2, 4, 6)]
+    assert cb.evaluate(module) == pytest.approx(sum(per_prefix) / 3, abs=1e-3)
+    assert max(per_prefix) - min(per_prefix) > 0.1  # the mean is not the full width's score
+
+
+def test_matryoshka_export_truncates_to_the_module_prefix(tiny_model, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    module = MCR2Module(tiny_model, out_dim=6, matryoshka_dims=[2, 4, 6], mcr2_weight=0.0, listwise_weight=1.0,
+                        max_length=16)
+    with torch.no_grad():
+        for p in module.head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    out = export_sentence_transformer(module, tmp_path / "st")
+    z = module.encode(SENTENCES)
+    for k in (2, 4, 6):
+        st = SentenceTransformer(str(out), device="cpu", truncate_dim=k)
+        prefix = F.normalize(z[:, :k], dim=-1)  # the module's own k-d embedding
+        # sentence-transformers truncates after the model's final Normalize: unit vectors only with
+        # normalize_embeddings=True, and the raw prefixes compare by cosine (the model's similarity function)
+        normed = st.encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
+        torch.testing.assert_close(normed, prefix, atol=1e-5, rtol=1e-4)
+        raw = st.encode(SENTENCES, convert_to_tensor=True)
+        assert raw.shape == (len(SENTENCES), k)
+        torch.testing.assert_close(raw, F.normalize(z, dim=-1)[:, :k], atol=1e-5, rtol=1e-4)
+        assert st.similarity_fn_name == "cosine"
+        torch.testing.assert_close(st.similarity(raw, raw), prefix @ prefix.T, atol=1e-5, rtol=1e-4)
+
+
 def test_checkpoint_round_trip(tiny_model, group_files, tmp_path):
     module = MCR2Module(tiny_model, out_dim=4, lr=1e-2, max_length=16)
     t = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, default_root_dir=tmp_path,
@@ -411,10 +626,39 @@ def test_teacher_head_dimension_mismatch_is_a_config_error(tiny_model):
 @pytest.mark.parametrize("kwargs,match", [({"eps2": 0.0}, "eps2"), ({"grouping": "clusters"}, "grouping"),
                                           ({"init": "pca", "hidden_dim": 8}, "linear head"),
                                           ({"init": "pca", "out_dim": 64}, "at most 32 dims"),
+                                          ({"init": "svd"}, "model.init must be one of"),
+                                          ({"init": "truncation", "hidden_dim": 8}, "linear head"),
+                                          ({"init": "best", "out_dim": 64}, "model.init 'best' gives at most 32"),
+                                          ({"mcr2_weight": -1.0}, "model.mcr2_weight must be >= 0"),
+                                          ({"listwise_weight": -0.5}, "model.listwise_weight must be >= 0"),
+                                          ({"mcr2_weight": 0.0}, "are all 0"),
+                                          ({"listwise_weight": 1.0, "listwise_temperature": 0.0},
+                                           "model.listwise_temperature must be > 0"),
+                                          ({"out_dim": 8, "matryoshka_dims": [4, 2, 8]}, "model.matryoshka_dims"),
+                                          ({"out_dim": 8, "matryoshka_dims": [2, 4]}, "ending at model.out_dim"),
+                                          ({"out_dim": 8, "matryoshka_dims": [0, 8]}, "model.matryoshka_dims"),
                                           ({"check_finite_every_n_steps": 0}, "check_finite")])
 def test_bad_options_are_named(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         MCR2Module(tiny_model, **kwargs, max_length=16)
+
+
+def test_extra_sources_append_unlabelled_sentences_once(group_files, tmp_path):
+    (tmp_path / "more.txt").write_text(f"a new sentence .\n{SENTENCES[0]}\n")
+    stsb = tmp_path / "root" / "stsb"
+    stsb.mkdir(parents=True)
+    (stsb / "sts-train.csv").write_text(f"g\tf\t2012\t1\t4.0\t{SENTENCES[1]}\tan sts sentence .\n")
+    dm = GroupedTextDataModule(str(group_files / "sentences.txt"), data_root=str(tmp_path / "root"),
+                               extra_sources=[str(tmp_path / "more.txt"), f"{group_files / 'pairs.csv'}:sent0,sent1",
+                                              "stsb:train"])
+    assert dm.load_rows() == [(s,) for s in SENTENCES + ["a new sentence .", "an sts sentence ."]]
+    assert read_extra_sentences("stsb", str(tmp_path / "root")) == [SENTENCES[1], "an sts sentence ."]
+    for spec, match in (("stsb:test", "only an STS train split"), ("sickr:dev", "only an STS train split"),
+                        ("sts12:test", "only a test split"), (f"{group_files / 'pairs.csv'}:", "no column names")):
+        with pytest.raises(DataError, match=match):
+            read_extra_sentences(spec, str(tmp_path / "root"))
+    with pytest.raises(DataError, match="data.extra_sources adds single sentences"):
+        GroupedTextDataModule(str(group_files / "pairs.csv"), columns=["sent0", "sent1"], extra_sources=["x.txt"])
 
 
 def test_pairs_grouping_on_single_sentences_is_named(tiny_model, group_files):
@@ -478,7 +722,7 @@ def test_there_are_mcr2_configs():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_config_runs_two_steps_on_a_tiny_model(config, tiny_model, group_files, tmp_path):
+def test_config_runs_two_steps_on_a_tiny_model(config, tiny_model, group_files, sample_data, tmp_path):
     import yaml
 
     import train
@@ -495,6 +739,12 @@ def test_config_runs_two_steps_on_a_tiny_model(config, tiny_model, group_files, 
                  "--data.data_root", "null", "--data.max_rows", "null"]
     if "in_dim" in init:
         overrides += ["--model.in_dim", "null"]
+    if init.get("init") == "best":
+        overrides += ["--model.init_dev", str(sample_data / "sts_dev.tsv")]
+    if init.get("matryoshka_dims"):
+        overrides += ["--model.matryoshka_dims", "[4, 8]"]
+    if data.get("extra_sources"):
+        overrides += ["--data.extra_sources", json.dumps([str(group_files / "sentences.txt")])]
     common = ["--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
               "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1"]
     assert data["source"]

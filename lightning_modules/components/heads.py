@@ -68,6 +68,20 @@ class ProjectionHead(nn.Module):
         return pairs
 
     @torch.no_grad()
+    def init_truncation(self) -> None:
+        """Set a linear head to keep the first K inputs (after the input normalisation): ``W = [I_K | 0]``,
+        ``b = 0``. Its embedding is then the teacher's truncated to K dims, so its cosines (and every STS score)
+        equal plain truncation's exactly."""
+        if self.hidden_dim is not None:
+            raise ValueError("truncation initialisation needs a linear head (hidden_dim=None)")
+        if self.out_dim > self.in_dim:
+            raise ValueError(f"truncation keeps at most in_dim = {self.in_dim} dims; out_dim is {self.out_dim}")
+        linear = self.layers[0]
+        linear.weight.zero_()
+        linear.weight[:, : self.out_dim].copy_(torch.eye(self.out_dim))
+        linear.bias.zero_()
+
+    @torch.no_grad()
     def init_pca(self, x_ND: Tensor) -> Tensor:
         """Set a linear head to the PCA projection of ``x_ND`` (after the input normalisation):
         ``(x - mean) @ V_K``, the K leading right singular vectors. Returns the explained-variance ratio."""

@@ -15,6 +15,8 @@ from lightning_modules.losses.mcr2 import (
     coding_rate,
     cosine_distillation,
     grouped_coding_rate,
+    listwise_distillation,
+    matryoshka_mcr2_loss,
     mcr2_loss,
 )
 from lightning_modules.losses.sae import (
@@ -40,6 +42,8 @@ __all__ = [
     "grad_cached_loss",
     "grouped_coding_rate",
     "info_nce",
+    "listwise_distillation",
+    "matryoshka_mcr2_loss",
     "mcr2_loss",
     "aux_loss",
     "dead_fraction",

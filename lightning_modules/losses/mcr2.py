@@ -13,10 +13,16 @@ are sorted once and sliced into zero-padded blocks, and each log-determinant use
 on a frozen Sentence-BERT. Every log-determinant is taken in float32 with autocast disabled (Cholesky).
 
 The rate depends on m: compute it on the batch gathered over all ranks (the paper uses m = 1000).
+
+Two similarity-distillation terms keep what the teacher ranks: :func:`cosine_distillation` (squared error of all
+pairwise cosines, dominated by the many unrelated pairs) and :func:`listwise_distillation` (KL between the teacher's
+and the student's softmax over each row's in-batch similarities at a temperature, which weights the near
+neighbours that decide rankings). :func:`matryoshka_mcr2_loss` sums the objective over nested output prefixes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -106,11 +112,13 @@ class MCR2Output(NamedTuple):
     """Loss and its parts (float32 scalars; ``distill`` is 0 without a teacher).
 
     Attributes:
-        loss: ``-gamma R + R_c + distill_weight * distill``.
-        rate: R of the whole batch.
-        rate_c: R_c, the group-wise rate.
+        loss: ``mcr2_weight (-gamma R + R_c) + distill_weight * distill + listwise_weight * listwise``.
+        rate: R of the whole batch (0 when the MCR2 term is off).
+        rate_c: R_c, the group-wise rate (0 when the MCR2 term is off).
         distill: mean squared difference of the off-diagonal cosine similarities (student vs teacher).
-        smallest_group: size of the smallest group in the batch (diagnostics for non-finite losses).
+        smallest_group: size of the smallest group in the batch (diagnostics for non-finite losses; 0 when the
+            MCR2 term is off).
+        listwise: :func:`listwise_distillation` (0 when off).
     """
 
     loss: Tensor
@@ -118,6 +126,7 @@ class MCR2Output(NamedTuple):
     rate_c: Tensor
     distill: Tensor
     smallest_group: Tensor
+    listwise: Tensor
 
     @property
     def delta_r(self) -> Tensor:
@@ -136,6 +145,35 @@ def cosine_distillation(student_MK: Tensor, teacher_MD: Tensor) -> Tensor:
     return diff_MM.pow(2).sum() / max(m * (m - 1), 1)
 
 
+def listwise_distillation(student_MK: Tensor, teacher_MD: Tensor, temperature: float = 0.05,
+                          teacher_temperature: float | None = None) -> Tensor:
+    """Mean over rows i of ``KL(p_i || q_i)``, where ``p_i`` and ``q_i`` are the teacher's and the student's softmax
+    over ``cos(x_i, x_j) / temperature`` for the other rows ``j != i`` of the batch.
+
+    A low temperature puts the weight on each row's nearest neighbours, the pairs whose order a similarity ranking
+    depends on, where :func:`cosine_distillation` weights every pair alike. Zero when the student's cosines equal
+    the teacher's (with equal temperatures). Float32, autocast off; the teacher side carries no gradient.
+
+    Args:
+        student_MK: student features (any scale: rows are L2-normalised here).
+        teacher_MD: teacher features of the same rows.
+        temperature: the student's softmax temperature (> 0).
+        teacher_temperature: the teacher's; None uses ``temperature``.
+    """
+    m = student_MK.shape[0]
+    if m < 2:
+        raise ValueError(f"listwise_distillation needs at least 2 rows, got {m}")
+    tau_t = temperature if teacher_temperature is None else teacher_temperature
+    with torch.autocast(device_type=student_MK.device.type, enabled=False):
+        s_MK = F.normalize(_float32(student_MK), dim=-1)
+        t_MD = F.normalize(_float32(teacher_MD.detach()), dim=-1)
+        self_MM = torch.eye(m, dtype=torch.bool, device=s_MK.device)
+        log_q_MM = torch.log_softmax((s_MK @ s_MK.T / temperature).masked_fill(self_MM, float("-inf")), dim=-1)
+        log_p_MM = torch.log_softmax((t_MD @ t_MD.T / tau_t).masked_fill(self_MM, float("-inf")), dim=-1)
+        kl_MM = log_p_MM.exp() * (log_p_MM - log_q_MM)
+    return kl_MM.masked_fill(self_MM, 0.0).sum() / m
+
+
 def mcr2_loss(
     z_MK: Tensor,
     groups_M: Tensor | int,
@@ -143,8 +181,12 @@ def mcr2_loss(
     gamma: float = 1.0,
     teacher_MD: Tensor | None = None,
     distill_weight: float = 0.0,
+    listwise_weight: float = 0.0,
+    temperature: float = 0.05,
+    mcr2_weight: float = 1.0,
 ) -> MCR2Output:
-    """MCR2 objective on L2-normalised rows of ``z_MK`` (rescaling would otherwise grow the rate without bound).
+    """MCR2 objective on L2-normalised rows of ``z_MK`` (rescaling would otherwise grow the rate without bound),
+    plus the optional distillation terms.
 
     Args:
         z_MK: student features of the whole (gathered) batch.
@@ -152,22 +194,52 @@ def mcr2_loss(
             entailment) pairs laid out as rows 2i, 2i + 1).
         eps2: epsilon squared, the quantisation error (paper default 0.5).
         gamma: weight of R.
-        teacher_MD: teacher embeddings of the same rows, for the optional distillation term.
+        teacher_MD: teacher embeddings of the same rows, for the distillation terms.
         distill_weight: weight of :func:`cosine_distillation` (0 skips it).
+        listwise_weight: weight of :func:`listwise_distillation` (0 skips it).
+        temperature: the listwise term's softmax temperature.
+        mcr2_weight: weight of ``-gamma R + R_c``; 0 skips the rates (a distillation-only head: ``rate``,
+            ``rate_c`` and ``smallest_group`` are then 0).
     """
     with torch.autocast(device_type=z_MK.device.type, enabled=False):
         z_MK = F.normalize(_float32(z_MK), dim=-1)
-        rate = coding_rate(z_MK, eps2)
-        groups = group_blocks(z_MK, groups_M)
-        rate_c = _blocks_rate(groups, z_MK.shape[0], eps2)
-        loss = -gamma * rate + rate_c
-        distill = torch.zeros((), device=z_MK.device)
+        zero = torch.zeros((), device=z_MK.device)
+        rate, rate_c, smallest, loss = zero, zero, torch.zeros((), dtype=torch.long, device=z_MK.device), zero
+        if mcr2_weight:
+            rate = coding_rate(z_MK, eps2)
+            groups = group_blocks(z_MK, groups_M)
+            rate_c = _blocks_rate(groups, z_MK.shape[0], eps2)
+            smallest = groups.counts_K.min()
+            loss = mcr2_weight * (-gamma * rate + rate_c)
+        if (distill_weight or listwise_weight) and teacher_MD is None:
+            raise ValueError("distill_weight or listwise_weight > 0 needs teacher_MD")
+        distill = listwise = zero
         if distill_weight:
-            if teacher_MD is None:
-                raise ValueError("distill_weight > 0 needs teacher_MD")
             distill = cosine_distillation(z_MK, teacher_MD)
             loss = loss + distill_weight * distill
-    return MCR2Output(loss, rate, rate_c, distill, groups.counts_K.min())
+        if listwise_weight:
+            listwise = listwise_distillation(z_MK, teacher_MD, temperature)
+            loss = loss + listwise_weight * listwise
+    return MCR2Output(loss, rate, rate_c, distill, smallest, listwise)
+
+
+def matryoshka_mcr2_loss(z_MK: Tensor, groups_M: Tensor | int, dims: Sequence[int], **kwargs) -> MCR2Output:
+    """:func:`mcr2_loss` of each prefix ``z_MK[:, :k]`` for ``k`` in ``dims``, summed term by term, so that the
+    first ``k`` outputs are each an embedding on their own (Kusupati et al., "Matryoshka Representation Learning",
+    NeurIPS 2022). ``smallest_group`` is the smallest over the prefixes (the same rows: all equal).
+
+    Args:
+        z_MK: student features; every ``k`` must be in ``[1, K]``.
+        groups_M: as in :func:`mcr2_loss`.
+        dims: the prefix sizes, e.g. ``(32, 64, 128, 256)``.
+        **kwargs: the other arguments of :func:`mcr2_loss` (weights, temperature, teacher).
+    """
+    if not dims or any(not 1 <= k <= z_MK.shape[-1] for k in dims):
+        raise ValueError(f"matryoshka dims must lie in [1, {z_MK.shape[-1]}], got {list(dims)}")
+    outs = [mcr2_loss(z_MK[:, :k], groups_M, **kwargs) for k in dims]
+    summed = [torch.stack(parts).sum() for parts in zip(*(o[:4] for o in outs))]
+    smallest = torch.stack([o.smallest_group for o in outs]).min()
+    return MCR2Output(*summed, smallest, torch.stack([o.listwise for o in outs]).sum())
 
 
 __all__ = [
@@ -177,6 +249,8 @@ __all__ = [
     "cosine_distillation",
     "group_blocks",
     "grouped_coding_rate",
+    "listwise_distillation",
     "logdet_identity_plus_gram",
+    "matryoshka_mcr2_loss",
     "mcr2_loss",
 ]
