@@ -140,9 +140,9 @@ class ExportOnFitEnd(WritesAtFitEnd):
         log_evaluation(wandb_loggers(trainer), self.eval_record, trainer.global_step)
         self._export_type = "sae" if is_sae(module) else "sentence-transformers"
         self._load_hint = how_to_load(module, self.exported)
-        lines = [f"checkpoint:     {ckpt or '(none saved; exported the final weights)'}",
-                 f"exported:       {self.exported}  ({self._load_hint})",
-                 f"evaluation:     {eval_file}"]
+        lines = [f"checkpoint:     {shown(ckpt) if ckpt else '(none saved; exported the final weights)'}",
+                 f"exported:       {shown(self.exported)}  ({how_to_load(module, shown(self.exported))})",
+                 f"evaluation:     {shown(eval_file)}"]
         for logger in trainer.loggers:
             wandb = wandb_run(logger)
             if wandb is not None:
@@ -171,10 +171,13 @@ def wandb_run(logger) -> dict | None:
     if run is None:
         return None
     offline = getattr(run.settings, "_offline", False) or getattr(run.settings, "mode", "") == "offline"
-    folder = Path(run.dir).parent
-    if folder.is_absolute() and folder.is_relative_to(Path.cwd()):
-        folder = folder.relative_to(Path.cwd())  # shown as the user would type it
-    return {"id": run.id, "project": run.project, "dir": str(folder), "offline": bool(offline)}
+    return {"id": run.id, "project": run.project, "dir": shown(Path(run.dir).parent), "offline": bool(offline)}
+
+
+def shown(path: str | Path) -> str:
+    """``path`` as the user would type it: relative to the working directory when it lies below it."""
+    path = Path(path)
+    return str(path.relative_to(Path.cwd()) if path.is_absolute() and path.is_relative_to(Path.cwd()) else path)
 
 
 def datamodule_config(dm: pl.LightningDataModule) -> dict:
