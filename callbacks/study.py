@@ -286,7 +286,12 @@ def report_decomposition(out: Path, data: dict) -> dict:
              Table(["model", "features", "silent", "shared (any)", "shared (all)", "specific", "purity shared",
                     "purity specific"], model_rows),
              Table(["group"] + tags, pos_rows)], ["cross_model_pos.png"]))
-    files = write_report(out, "Decomposition study", sections, data)
+    return report(out, "Decomposition study", sections, data)
+
+
+def report(out: Path, title: str, sections: list, data: dict) -> dict:
+    """Write a study's report folder, say where its page is, and return the study's numbers."""
+    files = write_report(out, title, sections, data)
     print(f"report: {files['html']}", flush=True)
     return data
 
@@ -352,9 +357,7 @@ def frontier(argv: list[str]) -> dict:
                                  q["never_active"], "yes" if q.get("on_front") else ""] for q in points + extra])]),
                 Section("Features", [f"The suite on the {browse} SAE."],
                         links=[(f"{browse}: feature browser", f"saes/{browse}/interpret/features.html")])]
-    files = write_report(out, "Sparsity frontier", sections, data)
-    print(f"report: {files['html']}", flush=True)
-    return data
+    return report(out, "Sparsity frontier", sections, data)
 
 
 # -------------------------------------------------------------------------------------------------- pseval
@@ -394,9 +397,7 @@ def pseval(argv: list[str]) -> dict:
     sections = [Section("PS-Eval by layer", ["WiC dev pairs whose target is one token in both contexts, T/F balanced; "
                                             "'same top feature' predicts 'same sense'."], [table], ["pseval.png"],
                         [(f"layer {L}: feature browser", r["browser"]) for L, r in results.items()])]
-    files = write_report(out, "PS-Eval by layer", sections, data)
-    print(f"report: {files['html']}", flush=True)
-    return data
+    return report(out, "PS-Eval by layer", sections, data)
 
 
 #: The studies, by name: ``python train.py study NAME ...``.

@@ -552,14 +552,20 @@ def test_export_encodes_like_the_module(tiny_model, tmp_path, hidden_dim):
     assert not module.encoder.training  # the teacher stays in eval mode
 
 
-def test_sts_evaluator_scores_a_matryoshka_head_by_the_mean_over_its_prefixes(tiny_model, sample_data):
-    from callbacks import STSEvaluator
-
+def perturbed_matryoshka_head(tiny_model: str) -> MCR2Module:
+    """A 6-d Matryoshka head (prefixes 2 / 4 / 6) moved off its initialisation, so its prefixes score differently."""
     module = MCR2Module(tiny_model, out_dim=6, matryoshka_dims=[2, 4, 6], mcr2_weight=0.0, listwise_weight=1.0,
                         max_length=16)
     with torch.no_grad():
         for p in module.head.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    return module
+
+
+def test_sts_evaluator_scores_a_matryoshka_head_by_the_mean_over_its_prefixes(tiny_model, sample_data):
+    from callbacks import STSEvaluator
+
+    module = perturbed_matryoshka_head(tiny_model)
     dev = str(sample_data / "sts_dev.tsv")
     cb = STSEvaluator(dev)
     cb.setup(None, module, "fit")
@@ -573,11 +579,7 @@ def test_sts_evaluator_scores_a_matryoshka_head_by_the_mean_over_its_prefixes(ti
 def test_matryoshka_export_truncates_to_the_module_prefix(tiny_model, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    module = MCR2Module(tiny_model, out_dim=6, matryoshka_dims=[2, 4, 6], mcr2_weight=0.0, listwise_weight=1.0,
-                        max_length=16)
-    with torch.no_grad():
-        for p in module.head.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    module = perturbed_matryoshka_head(tiny_model)
     out = export_sentence_transformer(module, tmp_path / "st")
     z = module.encode(SENTENCES)
     for k in (2, 4, 6):
