@@ -139,12 +139,14 @@ def check_moved_options(args: list[str]) -> None:
     them as merely "not accepted")."""
     models, flags = set(), []
     for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args) or arg.startswith("--config="):
-            path = args[i + 1] if arg == "--config" else arg.split("=", 1)[1]
+        if arg in ("--config", "-c") and i + 1 < len(args) or arg.startswith("--config="):
+            path = args[i + 1] if arg in ("--config", "-c") else arg.split("=", 1)[1]
             try:
                 model = (yaml.safe_load(open(path)) or {}).get("model") or {}
             except (OSError, yaml.YAMLError, AttributeError):
                 continue  # the parser names an unreadable config itself
+            if not isinstance(model, dict):
+                continue  # `model: SomeModule` as a plain class name: no init_args here
             name = str(model.get("class_path", "")).rpartition(".")[2]
             models.add(name)
             for key in (model.get("init_args") or {}) if isinstance(model.get("init_args"), dict) else ():

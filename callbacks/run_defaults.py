@@ -38,7 +38,7 @@ SUMMARIES = "callbacks.WandbSummaries"
 def recipe_name(argv: list[str]) -> str:
     """The stem of the first ``--config`` on the command line ("embedlab" without one)."""
     for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
             return Path(argv[i + 1]).stem
         if arg.startswith("--config="):
             return Path(arg.split("=", 1)[1]).stem
@@ -151,7 +151,8 @@ def apply_run_defaults(cfg: Namespace, recipe: str) -> None:
     loggers = entries(trainer.logger)
     if loggers and "LearningRateMonitor" not in names:
         callbacks.append(entry(LR_MONITOR, logging_interval="step"))
-    if any(class_name(lg) == "WandbLogger" for lg in loggers) and "WandbSummaries" not in names:
-        callbacks.append(entry(SUMMARIES))
+    if any(class_name(lg) == "WandbLogger" for lg in loggers):
         wandb_mode_default()
+        if "WandbSummaries" not in names:
+            callbacks.append(entry(SUMMARIES))
     trainer.callbacks = callbacks

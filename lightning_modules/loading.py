@@ -48,4 +48,8 @@ def load_module(ckpt_path: str | Path) -> EmbeddingModule:
     cls = module_class_from_checkpoint(path)
     accepted = inspect.signature(cls.__init__).parameters
     overrides = {k: v for k, v in INFERENCE_OVERRIDES.items() if k in accepted}
+    upgrade = getattr(cls, "upgrade_hparams", None)  # options an older version of the module kept elsewhere
+    if upgrade is not None:
+        recorded = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+        overrides.update(upgrade(recorded))
     return cls.load_from_checkpoint(path, map_location="cpu", **overrides)

@@ -142,6 +142,16 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
         if sae.d_in is not None:
             self._build(sae.d_in)
 
+    @staticmethod
+    def upgrade_hparams(recorded: dict) -> dict:
+        """Checkpoints written before the module took its config whole keep the BatchTopKConfig fields flat among
+        its hyper-parameters: nested under ``sae`` here, so ``load_module`` rebuilds them (Lightning would drop the
+        unknown flat keys and build a default SAE)."""
+        if "sae" in recorded:
+            return {}
+        flat = {k: v for k, v in recorded.items() if k in BatchTopKConfig.__dataclass_fields__}
+        return {"sae": flat} if flat else {}
+
     def _sae_config(self, d_in: int) -> BatchTopKConfig:
         return BatchTopKConfig.from_dict({**self.hparams["sae"], "d_in": d_in}, drop_extra_fields=False)
 

@@ -7,6 +7,7 @@ from them; nothing is typed by hand): ``callbacks.ExportOnFitEnd`` passes what `
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -24,13 +25,13 @@ def checkpoint_metrics(ckpt_path: str | Path, sae: BatchTopKSAE) -> dict:
     """What a checkpoint says about the SAE it holds, in ``sae_metrics.json``'s names: its step, the dead-latent
     count of its training counters, and the monitored ``sae/`` value of a ``ModelCheckpoint`` that kept this very
     file among its best (the only logged figure a checkpoint stores)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     metrics: dict = {"checkpoint": str(ckpt_path), "global_step": ckpt.get("global_step")}
     for state in (ckpt.get("callbacks") or {}).values():
         if not isinstance(state, dict) or "sae/" not in str(state.get("monitor")):
             continue
         for path, score in (state.get("best_k_models") or {}).items():
-            if Path(path).name == Path(ckpt_path).name and score is not None:
+            if os.path.realpath(path) == os.path.realpath(ckpt_path) and score is not None:
                 metrics[state["monitor"]] = float(score)
     metrics.update(state_metrics(sae))
     return metrics

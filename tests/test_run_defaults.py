@@ -134,3 +134,15 @@ def test_a_recipe_without_logger_blocks_gets_a_comparable_wandb_run(tmp_path, ti
     best_step = torch.load(ckpt.best_model_path, weights_only=True, mmap=True)["global_step"]
     assert summary["best/val/sts_dev_spearman"] == pytest.approx(float(ckpt.best_model_score))
     assert summary["best/val/sts_dev_spearman/step"] == best_step > 0
+
+
+def test_the_short_config_flag_names_the_recipe_and_old_keys_in_a_recipe_file_are_named(tmp_path):
+    from lightning_modules.components.errors import DataError
+
+    assert recipe_name(["fit", "-c", "configs/quickstart.yaml"]) == "quickstart"
+    old = tmp_path / "old_sae.yaml"
+    old.write_text("model:\n  class_path: lightning_modules.SAEModule\n  init_args:\n    k: 64\n")
+    with pytest.raises(DataError, match=r"old_sae.yaml: model.init_args.k is now model.init_args.sae.k"):
+        train.check_moved_options(["fit", "-c", str(old)])
+    (tmp_path / "plain.yaml").write_text("model: lightning_modules.SAEModule\n")
+    train.check_moved_options(["fit", "--config", str(tmp_path / "plain.yaml")])  # no init_args: nothing moved

@@ -577,3 +577,23 @@ def test_forward_under_bf16_autocast_computes_in_float32():
         out = sae(X)
     assert out.x_hat.dtype == torch.float32
     torch.testing.assert_close(out.x_hat, sae(X).x_hat)
+
+
+def test_a_checkpoint_written_before_the_config_was_taken_whole_still_loads(tmp_path):
+    """Older SAE checkpoints keep k, expansion_factor, ... flat among the hyper-parameters: load_module nests them
+    under ``sae`` (Lightning would drop the unknown keys and build a default SAE that the weights do not fit)."""
+    import pytorch_lightning as pl
+
+    from lightning_modules.loading import load_module
+    from lightning_modules.sae import SAEModule
+
+    module = SAEModule(sae=dict(d_in=8, expansion_factor=2, k=3, threshold_start=5, dead_after=77), lr=1e-3)
+    with torch.no_grad():
+        module.sae.W_enc.add_(torch.randn_like(module.sae.W_enc))
+    flat = {**module.hparams["sae"], "lr": 1e-3, "_class_path": "lightning_modules.sae.SAEModule"}
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": flat,
+                "pytorch-lightning_version": pl.__version__, "global_step": 0}, path)
+    loaded = load_module(path)
+    assert loaded.sae.cfg.k == 3 and loaded.sae.cfg.dead_after == 77 and loaded.sae.num_latents == 16
+    torch.testing.assert_close(loaded.sae.W_enc, module.sae.W_enc)
