@@ -26,6 +26,7 @@ from pathlib import Path
 from jsonargparse import Namespace
 
 from callbacks.sts import metric_name
+from lightning_modules.checkpoints import config_entries
 
 PROJECT = "embedlab"
 WANDB = "pytorch_lightning.loggers.WandbLogger"
@@ -43,13 +44,6 @@ def recipe_name(argv: list[str]) -> str:
         if arg.startswith("--config="):
             return Path(arg.split("=", 1)[1]).stem
     return PROJECT
-
-
-def entries(value) -> list:
-    """The class entries of a logger / callbacks option (null, one entry, or a list; ``False`` is none)."""
-    if value is None or isinstance(value, bool):
-        return []
-    return list(value) if isinstance(value, list) else [value]
 
 
 def class_name(entry) -> str:
@@ -103,7 +97,7 @@ def sts_metric(callback: Namespace) -> str:
 
 def default_checkpoint(cfg: Namespace) -> Namespace:
     """The ModelCheckpoint a recipe without one gets (see the module docstring)."""
-    for callback in entries(cfg.trainer.get("callbacks")):
+    for callback in config_entries(cfg.trainer.get("callbacks")):
         if class_name(callback) == "STSEvaluator":
             metric = sts_metric(callback)
             every = (callback.get("init_args") or Namespace()).get("every_n_steps", 250)
@@ -144,11 +138,11 @@ def apply_run_defaults(cfg: Namespace, recipe: str) -> None:
                   dict_kwargs={"group": recipe, "job_type": "fit", "tags": run_tags(cfg)}),
             entry(CSV, save_dir=root, name="csv"),
         ]
-    callbacks = entries(trainer.get("callbacks"))
+    callbacks = config_entries(trainer.get("callbacks"))
     names = {class_name(c) for c in callbacks}
     if "ModelCheckpoint" not in names and trainer.get("enable_checkpointing") is not False:
         callbacks.append(default_checkpoint(cfg))
-    loggers = entries(trainer.logger)
+    loggers = config_entries(trainer.logger)
     if loggers and "LearningRateMonitor" not in names:
         callbacks.append(entry(LR_MONITOR, logging_interval="step"))
     if any(class_name(lg) == "WandbLogger" for lg in loggers):

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-
-def wandb_runs(trainer: pl.Trainer) -> list:
-    """The W&B runs of the trainer's loggers (started on first use)."""
-    return [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+from callbacks.run_results import checkpoint_step, wandb_loggers
 
 
 class WandbSummaries(pl.Callback):
@@ -28,18 +23,17 @@ class WandbSummaries(pl.Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for run in wandb_runs(trainer):
+        for run in (lg.experiment for lg in wandb_loggers(trainer)):
             for ckpt in self.monitored(trainer):
                 run.define_metric(ckpt.monitor, summary=ckpt.mode)
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        runs = wandb_runs(trainer)
+        runs = [lg.experiment for lg in wandb_loggers(trainer)]
         for ckpt in self.monitored(trainer) if runs else []:
             if ckpt.best_model_score is None or not ckpt.best_model_path:
                 continue
-            # the step is in the checkpoint itself (mmap: nothing but that scalar is read)
-            step = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+            step = checkpoint_step(ckpt.best_model_path, trainer.global_step)
             for run in runs:
                 run.summary[f"best/{ckpt.monitor}"] = float(ckpt.best_model_score)
                 run.summary[f"best/{ckpt.monitor}/step"] = int(step)

@@ -111,7 +111,7 @@ DATA_SWITCHES = {"num_workers", "pin_memory", "persistent_workers", "pad_to_mult
                  "encode_device"}
 
 
-def _entries(value) -> list:
+def config_entries(value) -> list:
     """A config's logger / callbacks value as a list of ``class_path`` namespaces."""
     if value is None or isinstance(value, bool):
         return []
@@ -140,8 +140,8 @@ def search_roots(cfg) -> list[Path]:
     """Where a fit config's checkpoints can be: the trainer's root, the loggers' save_dir, ModelCheckpoint dirpaths."""
     trainer = cfg.trainer
     roots = [trainer.get("default_root_dir")]
-    roots += [lg.init_args.get("save_dir") for lg in _entries(trainer.get("logger")) if hasattr(lg, "init_args")]
-    roots += [cb.init_args.get("dirpath") for cb in _entries(trainer.get("callbacks"))
+    roots += [lg.init_args.get("save_dir") for lg in config_entries(trainer.get("logger")) if hasattr(lg, "init_args")]
+    roots += [cb.init_args.get("dirpath") for cb in config_entries(trainer.get("callbacks"))
               if cb.class_path.endswith("ModelCheckpoint")]
     unique = list(dict.fromkeys(Path(r) for r in roots if r))
     return unique or [Path.cwd() / "lightning_logs"]
@@ -226,13 +226,13 @@ def resume_config(cfg, warn=print) -> Path | None:
     if init_args is not None:
         _fill_unset(init_args, recorded)
     wandb_ids = [r["version"] for r in ckpt.get(LOGGERS_KEY, []) if r["class"] == "WandbLogger" and r["version"]]
-    for logger in _entries(cfg.trainer.get("logger")):
+    for logger in config_entries(cfg.trainer.get("logger")):
         args = logger.init_args
         if logger.class_path.endswith("WandbLogger") and wandb_ids and not (args.get("id") or args.get("version")) \
                 and not os.environ.get("WANDB_RUN_ID"):
             args.id = wandb_ids.pop(0)
     if not path.name.startswith("hpc_ckpt"):
-        for callback in _entries(cfg.trainer.get("callbacks")):
+        for callback in config_entries(cfg.trainer.get("callbacks")):
             if callback.class_path.endswith("ModelCheckpoint") and not callback.init_args.get("dirpath"):
                 callback.init_args.dirpath = os.path.realpath(path.parent)
     warn(f"resuming from {path} (global step {ckpt.get('global_step')})")
