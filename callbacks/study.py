@@ -17,6 +17,7 @@ Options are documented by ``python train.py study NAME --help``; a YAML file of 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,7 @@ from callbacks.study_build import (
     slug,
     token_cache,
     train_sae,
+    training_vectors,
 )
 from datamodules.activation_builder import check_layer
 from datamodules.activation_cache import META_SENTENCE
@@ -43,10 +45,11 @@ from lightning_modules.components.errors import DataError
 from lightning_modules.export import load_sae
 from lightning_modules.interpret.codes import encode_sparse
 from lightning_modules.interpret.cross_model import compare_models, word_codes
-from lightning_modules.interpret.frontier import frontier_plot, pareto_front, score_sae
+from lightning_modules.interpret.frontier import frontier_plot, pareto_front, score_sae, sentence_variance_share
 from lightning_modules.interpret.plot import Series, bar_chart, line_chart
 from lightning_modules.interpret.pos import TAGS, label_features
 from lightning_modules.interpret.probes import PROBE_KINDS, probe_caches
+from lightning_modules.interpret.stability import energy_deciles
 from lightning_modules.interpret.study_report import Section, Table, write_report
 from lightning_modules.interpret.suite import run_suite
 
@@ -55,6 +58,8 @@ RECIPE_SAE = BatchTopKConfig(expansion_factor=8, k=32, aux_coef=1 / 32, dead_aft
 SUITE_KEYS = ("l0", "alive_share", "pos_purity_mean", "pos_purity_ge_0.8", "pooling_survival_mean",
               "pooling_feature_share", "pooling_error_share")
 PSEVAL_KEYS = ("specificity", "f1", "accuracy", "precision", "recall")
+#: Training-minus-held-out explained variance above which a study says the SAE memorised its training sentences.
+MEMORISED_GAP = 0.05
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -133,14 +138,34 @@ def wic_pairs(args: Namespace, required: bool) -> list | None:
         return None
 
 
-def suite(sae, dm, folder: Path, args: Namespace, pairs, text_prefix: str = "") -> dict:
-    """The interpretability suite on ``sae`` (its browser and files under ``folder``); its summary."""
-    res = run_suite(sae.to(device_of(args.device)), dm.cache, folder, wic_pairs=pairs, max_tokens=args.suite_tokens,
+def suite(sae, dm, folder: Path, args: Namespace, pairs, text_prefix: str = "", sae_b=None) -> dict:
+    """The interpretability suite on ``sae`` (its browser and files under ``folder``; stability against ``sae_b``,
+    the same SAE trained with another seed, when given); its :class:`SuiteResult`."""
+    res = run_suite(sae.to(device_of(args.device)), dm.cache, folder, sae_b=sae_b, wic_pairs=pairs,
+                    max_tokens=args.suite_tokens,
                     sample_seed=args.seed, top_k=args.top_k, n_unique=args.n_unique, n_contexts=args.n_contexts,
                     title=f"{Path(dm.model_name_or_path).name} layer {dm.cache.meta['layer']}: BatchTopK "
                           f"{sae.num_latents} x k{sae.cfg.k}")
     sae.cpu()
-    return res.summary
+    return res
+
+
+def fit_scores(sae, dm, name: str, seed: int, max_rows: int = 50_000) -> dict:
+    """``held_out`` and ``train`` scores of ``sae`` (:func:`score_sae`, as many training vectors as held-out ones)
+    and ``gap``, the training explained variance minus the held-out one; says so when the gap is large."""
+    held = score_sae(sae, held_out_vectors(dm, max_rows, seed))
+    train = score_sae(sae, training_vectors(dm, held["n"], seed))
+    gap = train["explained_variance"] - held["explained_variance"]
+    if gap > MEMORISED_GAP:
+        print(f"  note: {name} explains {train['explained_variance']:.3f} of its training vectors' variance but "
+              f"{held['explained_variance']:.3f} of held-out ones: it memorised training sentences (more sentences "
+              "or fewer latents)", flush=True)
+    return {"held_out": held, "train": train, "gap": gap}
+
+
+def cache_sentence_share(dm) -> float:
+    """Share of the cache's variance between sentences (:func:`sentence_variance_share`)."""
+    return sentence_variance_share(dm.cache.vectors(), dm.cache.metadata()[:, META_SENTENCE])
 
 
 def pseval_of(summary: dict) -> dict[str, float]:
@@ -187,8 +212,8 @@ def decomposition(argv: list[str]) -> dict:
         dm = token_cache(model, args.layer, cache_spec, args.max_sentences, prefix)
         layer = int(dm.cache.meta["layer"])
         sae, record = train_sae(dm, args.sae, train_spec, out / name / f"L{layer}" / "sae")
-        held = score_sae(sae, held_out_vectors(dm, 50_000, args.seed))
-        summary = suite(sae, dm, out / name / f"L{layer}" / "interpret", args, pairs, prefix)
+        fit = fit_scores(sae, dm, name, args.seed)
+        summary = suite(sae, dm, out / name / f"L{layer}" / "interpret", args, pairs, prefix).summary
         print(f"[{name}] probes", flush=True)
         n_layers = int(dm.cache.meta["num_hidden_layers"])
         probe_layers = sorted({check_layer(v, n_layers, model) for v in (
@@ -204,7 +229,9 @@ def decomposition(argv: list[str]) -> dict:
                         "num_latents": sae.num_latents, "k": sae.cfg.k,
                         "cache": str(dm.cache.folder), "cache_vectors": len(dm.cache),
                         "cache_sentences": int(dm.cache.meta["n_sentences"]), "sae": record,
-                        "held_out": held, "suite": {k: summary.get(f"interpret/{k}") for k in SUITE_KEYS},
+                        "held_out": fit["held_out"], "train_fit": fit["train"], "fit_gap": fit["gap"],
+                        "sentence_variance_share": cache_sentence_share(dm),
+                        "suite": {k: summary.get(f"interpret/{k}") for k in SUITE_KEYS},
                         "pseval": pseval_of(summary), "probes": probes.to_dict(),
                         "probe_caches": {k: str(c.folder) for k, c in caches.items()},
                         "browser": f"{name}/L{layer}/interpret/features.html", "seconds": time.perf_counter() - t}
@@ -234,10 +261,12 @@ def decomposition(argv: list[str]) -> dict:
 
 def report_decomposition(out: Path, data: dict) -> dict:
     models, cross = data["models"], data["cross_model"]
-    head = Table(["model", "layer", "SAE", "held-out EV", "L0", "POS purity", "purity >= 0.8", "pooling survival",
-                  "feature share", "PS-Eval specificity", "PS-Eval F1", "PS-Eval accuracy"],
-                 [[n, m["layer"], f"{m['num_latents']} x k{m['k']}",
-                   m["held_out"]["explained_variance"], m["held_out"]["l0"], m["suite"]["pos_purity_mean"],
+    head = Table(["model", "layer", "SAE", "held-out EV", "training EV", "never active (held out)", "L0",
+                  "POS purity", "purity >= 0.8", "pooling survival", "feature share", "PS-Eval specificity",
+                  "PS-Eval F1", "PS-Eval accuracy"],
+                 [[n, m["layer"], f"{m['num_latents']} x k{m['k']}", m["held_out"]["explained_variance"],
+                   m["train_fit"]["explained_variance"], m["held_out"]["never_active"], m["held_out"]["l0"],
+                   m["suite"]["pos_purity_mean"],
                    m["suite"]["pos_purity_ge_0.8"], m["suite"]["pooling_survival_mean"],
                    m["suite"]["pooling_feature_share"], m["pseval"].get("specificity"), m["pseval"].get("f1"),
                    m["pseval"].get("accuracy")] for n, m in models.items()])
@@ -257,8 +286,17 @@ def report_decomposition(out: Path, data: dict) -> dict:
     line_chart(out / "probes.png", series, "POS probe accuracy by layer", "layer (hidden_states index)",
                "test accuracy (split by sentence)")
     first = next(iter(models.values()))["probes"]
+    memorised = [f"{n} explains {m['train_fit']['explained_variance']:.3f} of its training vectors' variance but "
+                 f"{m['held_out']['explained_variance']:.3f} of held-out ones: it memorised training sentences (its "
+                 f"cache's variance is {m['sentence_variance_share']:.0%} between sentences; {m['cache_sentences']:,} "
+                 f"sentences for {m['num_latents']:,} latents), so its features describe those sentences more than "
+                 "the model: give it more sentences or fewer latents." for n, m in models.items()
+                 if m["fit_gap"] > MEMORISED_GAP]
+    shares = ", ".join(f"{n} {m['sentence_variance_share']:.0%}" for n, m in models.items())
     sections = [Section("Models", [f"Brown token caches ([CLS]/[SEP] kept); SAE settings in study.json; the suite on "
-                                   f"{data['settings']['suite_tokens']} tokens per model."], [head],
+                                   f"{data['settings']['suite_tokens']} tokens per model. Explained variance (EV) on "
+                                   "held-out sentences and on as many training vectors; share of each cache's variance "
+                                   f"that lies between sentences: {shares}.", *memorised], [head],
                         links=[(f"{n}: feature browser", m["browser"]) for n, m in models.items()]),
                 Section("POS probes", [f"Universal POS tag of each word's first wordpiece; {first['n_train']:,} train "
                                        f"and {first['n_test']:,} test words of {first['n_sentences']:,} sentences, "
@@ -309,13 +347,19 @@ def frontier(argv: list[str]) -> dict:
     p.add_argument("--recipe_sae", type=str | None, default=None, help="an exported SAE of this cache, shown too")
     p.add_argument("--browse", type=str | None, default=None,
                    help="EXPANSIONxK of the SAE that gets the suite and browser (default: the --sae's, else the first)")
+    p.add_argument("--stability_seed", type=int | None, default=1,
+                   help="train the browsed SAE again with this seed: decoder stability across seeds by feature energy "
+                        "(null: skip)")
     args = parse(p, argv)
     cache_spec, train_spec = specs(args)
     positive(args, "ks", "expansions", "eval_tokens")
+    if args.stability_seed is not None and args.stability_seed == args.seed:
+        raise DataError(f"--stability_seed {args.stability_seed}: the same as --seed; stability needs another seed")
     out = Path(args.output_dir)
     dm = token_cache(args.model, args.layer, cache_spec, args.max_sentences, args.text_prefix)
     layer = int(dm.cache.meta["layer"])
     x_eval = held_out_vectors(dm, args.eval_tokens, args.seed)
+    x_fit = training_vectors(dm, len(x_eval), args.seed)
     points, saes = [], {}
     for e in args.expansions:
         for k in args.ks:
@@ -324,6 +368,7 @@ def frontier(argv: list[str]) -> dict:
             sae, record = train_sae(dm, cfg, train_spec, out / "saes" / name)
             saes[name] = sae
             points.append({"name": name, "num_latents": sae.num_latents, "k": k, **score_sae(sae, x_eval),
+                           "train_explained_variance": score_sae(sae, x_fit)["explained_variance"],
                            "train_seconds": record.get("train_seconds")})
             print(f"  {name}: EV {points[-1]['explained_variance']:.4f} at L0 {points[-1]['l0']:.1f}", flush=True)
     front = pareto_front([q["l0"] for q in points], [q["explained_variance"] for q in points])
@@ -341,23 +386,69 @@ def frontier(argv: list[str]) -> dict:
     browse = args.browse or (default if default in saes else next(iter(saes)))
     if browse not in saes:
         raise DataError(f"--browse {browse}: not one of the SAEs of the sweep ({', '.join(saes)})")
-    summary = suite(saes[browse], dm, out / "saes" / browse / "interpret", args, None, args.text_prefix)
+    other = None
+    if args.stability_seed is not None:
+        e, k = (int(v) for v in browse.split("x"))
+        cfg = BatchTopKConfig.from_dict({**args.sae.to_dict(), "expansion_factor": e, "num_latents": 0, "k": k})
+        other, _ = train_sae(dm, cfg, dataclasses.replace(train_spec, seed=args.stability_seed),
+                             out / "saes" / f"{browse}_seed{args.stability_seed}")
+    browsed = suite(saes[browse], dm, out / "saes" / browse / "interpret", args, None, args.text_prefix, other)
+    summary = browsed.summary
+    energy = np.array([f["energy"] for f in browsed.features])
+    bins = energy_deciles(energy)
+    by_decile = [{"decile": b, "energy_mean": float(energy[bins == b].mean()),
+                  "stability_cos": summary.get(f"interpret/stability_mean_cos/decile_{b}")} for b in range(10)]
+    groups = {k.removeprefix("interpret/group_share_"): v for k, v in summary.items()
+              if k.startswith("interpret/group_share_")}
     frontier_plot(points + extra, out / "frontier.png",
                   f"{Path(args.model).name} layer {layer}: explained variance vs L0")
-    data = {"study": "frontier", "argv": argv, "model": args.model, "layer": layer, "cache": str(dm.cache.folder),
+    data = {"study": "frontier", "argv": argv, "output_dir": str(out), "model": args.model, "layer": layer,
+            "cache": str(dm.cache.folder),
             "eval_vectors": len(x_eval), "points": points, "extra": extra, "browsed": browse,
             "browsed_suite": {k: summary.get(f"interpret/{k}") for k in SUITE_KEYS},
-            "settings": settings_of(args)}
+            "stability": None if other is None else {
+                "seeds": [args.seed, args.stability_seed], "mean_cos": summary["interpret/stability_mean_cos"],
+                "method": summary["interpret/stability_method"]},
+            "energy_deciles": by_decile, "group_share": groups or None, "settings": settings_of(args)}
     text = [f"{Path(args.model).name} hidden_states[{layer}] Brown tokens; every SAE trained {args.steps} steps of "
             f"{args.batch_size} vectors; scored with the inference threshold on {len(x_eval):,} held-out vectors."]
     sections = [Section("Explained variance against L0", text, figures=["frontier.png"]),
-                Section("Table", [], [Table(["SAE", "latents", "k", "L0", "explained variance", "FVU",
-                                             "never active", "frontier"],
-                               [[q["name"], q["num_latents"], q["k"], q["l0"], q["explained_variance"], q["fvu"],
-                                 q["never_active"], "yes" if q.get("on_front") else ""] for q in points + extra])]),
-                Section("Features", [f"The suite on the {browse} SAE."],
-                        links=[(f"{browse}: feature browser", f"saes/{browse}/interpret/features.html")])]
+                Section("Table", ["Training EV: the same scores on as many training vectors (much above the "
+                                  "held-out one: the SAE memorised its training sentences)."],
+                        [Table(["SAE", "latents", "k", "L0", "explained variance", "training EV", "FVU",
+                                "never active", "frontier"],
+                               [[q["name"], q["num_latents"], q["k"], q["l0"], q["explained_variance"],
+                                 q.get("train_explained_variance"), q["fvu"], q["never_active"],
+                                 "yes" if q.get("on_front") else ""] for q in points + extra])]),
+                energy_section(data, browse)]
     return report(out, "Sparsity frontier", sections, data)
+
+
+def energy_section(data: dict, browse: str) -> Section:
+    """The browsed SAE's features by energy E[z_i]: stability across seeds per energy decile, and the share of each
+    feature's energy on informative vs imaginative Brown prose."""
+    stab, deciles, groups = data["stability"], data["energy_deciles"], data["group_share"]
+    text = [f"The suite on the {browse} SAE; features ranked by energy E[z_i] (mean code over the suite's tokens, "
+            "zeros included) and cut into ten equal deciles."]
+    figures = []
+    if stab:
+        text.append(f"Stability: the decoder rows of seeds {stab['seeds'][0]} and {stab['seeds'][1]} matched one to "
+                    f"one ({stab['method']}): mean cosine {stab['mean_cos']:.3f}.")
+        line_chart(Path(data["output_dir"]) / "stability.png",
+                   [Series("matched decoder cosine", list(range(10)), [d["stability_cos"] for d in deciles])],
+                   f"{browse}: stability across seeds by energy decile", "energy decile (0: lowest)",
+                   "mean matched cosine", y_range=(0, 1))
+        figures.append("stability.png")
+    tables = [Table(["energy decile", "mean energy", "matched cosine"],
+                    [[d["decile"], d["energy_mean"], d["stability_cos"]] for d in deciles])]
+    if groups:
+        text.append(f"Group share E_a[z_i] / (E_a[z_i] + E_b[z_i]), a = informative prose (Brown A-J), b = imaginative "
+                    f"(K-R): mean {groups['mean']:.3f}; {groups['specific_a']:.0f} features above 0.9, "
+                    f"{groups['specific_b']:.0f} below 0.1.")
+        tables.append(Table(["group share", "features"], [[f"{b / 10:.1f}-{(b + 1) / 10:.1f}", int(groups[f"hist/{b}"])]
+                                                           for b in range(10)]))
+    return Section("Features: energy, stability, groups", text, tables, figures,
+                   [(f"{browse}: feature browser", f"saes/{browse}/interpret/features.html")])
 
 
 # -------------------------------------------------------------------------------------------------- pseval
@@ -381,8 +472,9 @@ def pseval(argv: list[str]) -> dict:
         print(f"[layer {L}] cache, SAE, suite with PS-Eval", flush=True)
         dm = token_cache(args.model, L, cache_spec, args.max_sentences, args.text_prefix)
         sae, record = train_sae(dm, args.sae, train_spec, out / f"L{L}" / "sae")
-        summary = suite(sae, dm, out / f"L{L}" / "interpret", args, pairs, args.text_prefix)
-        results[L] = {"pseval": pseval_of(summary), "held_out": score_sae(sae, held_out_vectors(dm, 50_000)),
+        summary = suite(sae, dm, out / f"L{L}" / "interpret", args, pairs, args.text_prefix).summary
+        fit = fit_scores(sae, dm, f"the layer-{L} SAE", args.seed)
+        results[L] = {"pseval": pseval_of(summary), "held_out": fit["held_out"], "train_fit": fit["train"],
                       "suite": {k: summary.get(f"interpret/{k}") for k in SUITE_KEYS}, "sae": record,
                       "pairs": summary.get(f"interpret/pseval/layer{L}/balanced"),
                       "browser": f"L{L}/interpret/features.html"}
@@ -391,9 +483,10 @@ def pseval(argv: list[str]) -> dict:
                f"PS-Eval by layer: {Path(args.model).name}", "layer (hidden_states index)", "score", y_range=(0, 1))
     data = {"study": "pseval", "argv": argv, "model": args.model, "layers": results,
             "settings": settings_of(args)}
-    table = Table(["layer", "balanced pairs", *PSEVAL_KEYS, "held-out EV", "L0", "POS purity"],
+    table = Table(["layer", "balanced pairs", *PSEVAL_KEYS, "held-out EV", "training EV", "L0", "POS purity"],
                   [[L, r["pairs"], *(r["pseval"].get(k) for k in PSEVAL_KEYS), r["held_out"]["explained_variance"],
-                    r["held_out"]["l0"], r["suite"]["pos_purity_mean"]] for L, r in results.items()])
+                    r["train_fit"]["explained_variance"], r["held_out"]["l0"], r["suite"]["pos_purity_mean"]]
+                   for L, r in results.items()])
     sections = [Section("PS-Eval by layer", ["WiC dev pairs whose target is one token in both contexts, T/F balanced; "
                                             "'same top feature' predicts 'same sense'."], [table], ["pseval.png"],
                         [(f"layer {L}: feature browser", r["browser"]) for L, r in results.items()])]

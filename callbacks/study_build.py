@@ -128,7 +128,16 @@ def held_out_vectors(dm: ActivationsDataModule, max_rows: int, seed: int = 0) ->
     when the datamodule holds none out."""
     if not len(dm.val_rows):
         raise DataError("no held-out sentences: the study's caches need val_fraction > 0")
-    rows = dm.val_rows
+    return _draw(dm, dm.val_rows, max_rows, seed)
+
+
+def training_vectors(dm: ActivationsDataModule, max_rows: int, seed: int = 0) -> torch.Tensor:
+    """Up to ``max_rows`` of the vectors the SAEs train on, drawn without replacement: scored next to the held-out
+    ones, the gap says whether a dictionary memorised its training sentences."""
+    return _draw(dm, dm.train_rows, max_rows, seed)
+
+
+def _draw(dm: ActivationsDataModule, rows: np.ndarray, max_rows: int, seed: int) -> torch.Tensor:
     if len(rows) > max_rows:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
     return dm.cache.gather(rows)
@@ -139,4 +148,4 @@ def device_of(name: str) -> str:
 
 
 __all__ = ["CacheSpec", "TrainSpec", "device_of", "held_out_vectors", "sentence_view", "slug", "token_cache",
-           "train_sae"]
+           "train_sae", "training_vectors"]

@@ -25,11 +25,12 @@ from lightning_modules.components.errors import DataError
 from lightning_modules.export import load_sae
 from lightning_modules.interpret.codes import encode_sparse
 from lightning_modules.interpret.cross_model import compare_models, word_codes
-from lightning_modules.interpret.frontier import score_sae
+from lightning_modules.interpret.frontier import score_sae, sentence_variance_share
 from lightning_modules.interpret.plot import read_png
 from lightning_modules.interpret.pos import label_features
 from lightning_modules.interpret.probes import probe_caches
 from lightning_modules.interpret.pseval import ps_eval
+from lightning_modules.interpret.stability import energy_deciles, match_decoders, stability_by_decile
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = [("the", "at"), ("a", "at"), ("man", "nn"), ("dog", "nn"), ("guitar", "nn"), ("pasta", "nn"),
@@ -64,6 +65,33 @@ def two_models(tmp_path_factory) -> list[str]:
 TINY = ["--steps", "8", "--batch_size", "16", "--sae.expansion_factor", "2", "--sae.k", "4",
         "--sae.threshold_start", "2", "--max_length", "32", "--top_k", "20", "--n_unique", "5", "--n_contexts", "3",
         "--val_fraction", "0.3", "--suite_tokens", "null"]
+
+
+def sentence_share_loop(x: np.ndarray, sid: np.ndarray) -> float:
+    """Between-sentence share of the variance, from the formula, one sentence at a time."""
+    mean = x.mean(0)
+    total = sum(float(((r - mean) ** 2).sum()) for r in x)
+    within = 0.0
+    for s in np.unique(sid):
+        rows = x[sid == s]
+        within += float(((rows - rows.mean(0)) ** 2).sum())
+    return 1 - within / total
+
+
+def test_sentence_variance_share_against_the_formula():
+    rng = np.random.default_rng(3)
+    sid = np.repeat([7, 2, 9, 4], [3, 1, 5, 2])
+    x = rng.normal(size=(len(sid), 5)) + 3 * rng.normal(size=(10, 5))[sid]
+    want = sentence_share_loop(x, sid)
+    assert 0.5 < want < 1
+    # shards of any size and chunks smaller than a shard give the same share
+    assert sentence_variance_share([x], sid) == pytest.approx(want, rel=1e-12)
+    assert sentence_variance_share([x[:4], torch.tensor(x[4:])], sid, chunk_rows=3) == pytest.approx(want, rel=1e-12)
+    # every token of a sentence the same vector: all of the variance is between sentences; one sentence: none
+    assert sentence_variance_share([x[[0, 0, 5, 5, 5]]], np.array([1, 1, 2, 2, 2])) == pytest.approx(1.0)
+    assert sentence_variance_share([x], np.zeros(len(x))) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="11 rows but 3 sentence ids"):
+        sentence_variance_share([x], sid[:3])
 
 
 def test_decomposition_study_report_equals_the_functions(two_models, study_root, tmp_path, capsys):
@@ -109,6 +137,17 @@ def test_decomposition_study_report_equals_the_functions(two_models, study_root,
         dm_rows = np.flatnonzero(held_out(cache.metadata()[:, META_SENTENCE].astype(np.int64), 0.3))
         assert m["held_out"]["explained_variance"] == pytest.approx(
             score_sae(sae, cache.gather(dm_rows))["explained_variance"], rel=1e-6)
+        # ... and on as many training vectors, drawn from the rows the SAE trained on
+        train_rows = np.flatnonzero(~held_out(cache.metadata()[:, META_SENTENCE].astype(np.int64), 0.3))
+        drawn = np.sort(np.random.default_rng(0).choice(train_rows, len(dm_rows), replace=False))
+        fit = score_sae(sae, cache.gather(drawn))
+        assert m["train_fit"]["n"] == len(dm_rows) and m["train_fit"]["fvu"] == pytest.approx(fit["fvu"], rel=1e-6)
+        assert m["fit_gap"] == pytest.approx(fit["explained_variance"] - m["held_out"]["explained_variance"])
+        assert m["sentence_variance_share"] == pytest.approx(
+            sentence_share_loop(cache.gather(np.arange(len(cache))).double().numpy(),
+                                cache.metadata()[:, META_SENTENCE]))
+    report_md = (out / "report.md").read_text()
+    assert ("memorised training sentences" in report_md) == any(m["fit_gap"] > 0.05 for m in data["models"].values())
     # cross-model: the same sentences, codes, labels and matches
     common = np.intersect1d(*(np.unique(c.metadata()[:, META_SENTENCE]) for c in caches.values()))
     chosen = np.sort(np.random.default_rng(0).permutation(common)[:50])
@@ -143,6 +182,28 @@ def test_frontier_and_pseval_studies(two_models, study_root, tmp_path):
                      for q in points.values() if q is not p)
         assert p["on_front"] == (not beaten)
     assert data["browsed"] == "2x4" and (out / "saes" / "2x4" / "interpret" / "features.html").is_file()  # --sae's
+    # every point is scored on as many training vectors too
+    cache = ActivationCache(data["cache"])
+    sid = cache.metadata()[:, META_SENTENCE].astype(np.int64)
+    val_rows, train_rows = np.flatnonzero(held_out(sid, 0.3)), np.flatnonzero(~held_out(sid, 0.3))
+    drawn = np.sort(np.random.default_rng(0).choice(train_rows, len(val_rows), replace=False))
+    assert points["1x2"]["train_explained_variance"] == pytest.approx(
+        score_sae(load_sae(out / "saes" / "1x2"), cache.gather(drawn))["explained_variance"], rel=1e-6)
+    # stability: the browsed SAE again with seed 1, decoders matched one to one, by energy decile of the suite's codes
+    sae_a, sae_b = load_sae(out / "saes" / "2x4"), load_sae(out / "saes" / "2x4_seed1")
+    assert json.loads((out / "saes" / "2x4_seed1" / "train.json").read_text())["settings"]["seed"] == 1
+    assert not torch.equal(sae_a.W_dec, sae_b.W_dec)
+    matching = match_decoders(sae_a.W_dec, sae_b.W_dec)
+    assert data["stability"]["seeds"] == [0, 1]
+    assert data["stability"]["mean_cos"] == pytest.approx(matching.mean_cos, rel=1e-6)
+    energy = encode_sparse(sae_a, cache).energy
+    want = stability_by_decile(matching, energy)
+    for d in data["energy_deciles"]:
+        assert d["energy_mean"] == pytest.approx(float(energy[energy_deciles(energy) == d["decile"]].mean()), rel=1e-5)
+        assert d["stability_cos"] == pytest.approx(want[d["decile"]], rel=1e-6, nan_ok=True)
+    assert sum(data["group_share"][f"hist/{b}"] for b in range(10)) > 0  # news and fiction sentences
+    assert read_png(out / "stability.png").shape[0] == 520 and read_png(out / "stability.png").shape[1] >= 900
+    assert "matched cosine" in (out / "report.md").read_text()
     assert read_png(out / "frontier.png").shape == (520, 900, 3)
     assert "| 2x4 | 64 | 4 |" in (out / "report.md").read_text()
     # the recipe's SAE is scored on the same held-out vectors: an SAE of the sweep gets its own numbers back
@@ -179,6 +240,7 @@ def test_wrong_inputs_name_the_option(two_models, study_root, tmp_path):
         (["study", "decomposition", "--models", two_models[0], "--probe_kinds", "[svm]", *base], "--probe_kinds"),
         (["study", "decomposition", "--models", two_models[0], "--match_threshold", "2", *base], "--match_threshold"),
         (["study", "frontier", "--model", two_models[0], "--ks", "[0]", *base], "--ks"),
+        (["study", "frontier", "--model", two_models[0], "--stability_seed", "0", *base], "--stability_seed 0"),
         (["study", "frontier", "--model", two_models[0], "--max_sentences", "0", *base], "--max_sentences 0"),
         (["study", "pseval", "--model", two_models[0], *base[:-2], "--val_fraction", "1.5"], "--val_fraction 1.5"),
     ]

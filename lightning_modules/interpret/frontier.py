@@ -6,6 +6,11 @@ measured mean number of active features per vector, not the training k: ``explai
 ``FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` (the mean over the held-out rows), accumulated exactly in
 float64 over chunks. A point is on the frontier when no other point has at most its L0 and more explained variance
 (:func:`pareto_front`); the recipe's own SAE can be scored on the same rows and shown among them.
+
+:func:`sentence_variance_share` measures how much of a token cache's variance lies between sentences (tokens of one
+sentence sharing its meaning). Where that share is high, a dictionary with about as many latents as training
+sentences can spend latents on single sentences: it fits its training tokens and misses held-out ones, which the
+studies show by scoring every SAE on training vectors too.
 """
 
 from __future__ import annotations
@@ -49,6 +54,31 @@ def score_sae(sae: BatchTopKSAE, x_ND: np.ndarray | torch.Tensor, chunk_rows: in
             "never_active": float((~fired).float().mean()), "n": n}
 
 
+@torch.no_grad()
+def sentence_variance_share(parts: Sequence[np.ndarray | torch.Tensor], sentence_N: np.ndarray,
+                            chunk_rows: int = 65536) -> float:
+    """Share of the total variance of the rows of ``parts`` (arrays stacked in order, e.g. a cache's memory-mapped
+    shards) that lies between the groups of ``sentence_N`` (a sentence id per row):
+    ``1 - sum_i ||x_i - mean_{s(i)}||^2 / sum_i ||x_i - mean||^2``, in float64 over chunks.
+    0: every sentence has the global mean; 1: each sentence's tokens are one vector."""
+    ids, inv = np.unique(np.asarray(sentence_N), return_inverse=True)
+    inv_t = torch.as_tensor(inv.reshape(-1), dtype=torch.long)
+    if len(inv_t) != sum(len(p) for p in parts):
+        raise ValueError(f"{sum(len(p) for p in parts)} rows but {len(inv_t)} sentence ids")
+    sums = torch.zeros(len(ids), parts[0].shape[1], dtype=torch.float64)
+    sum_sq, start = 0.0, 0
+    for part in parts:
+        for lo in range(0, len(part), chunk_rows):
+            x = torch.from_numpy(np.array(part[lo : lo + chunk_rows], dtype=np.float64))
+            sums.index_add_(0, inv_t[start + lo : start + lo + len(x)], x)
+            sum_sq += float(x.pow(2).sum())
+        start += len(part)
+    counts = torch.bincount(inv_t, minlength=len(ids)).double()
+    total = sum_sq - float(sums.sum(0).pow(2).sum()) / float(counts.sum())
+    within = sum_sq - float((sums.pow(2).sum(1) / counts).sum())
+    return 1.0 - within / total if total > 0 else float("nan")
+
+
 def pareto_front(l0: Sequence[float], explained: Sequence[float]) -> np.ndarray:
     """(P,) bool: points that no other point beats, i.e. none has L0 <= theirs and more explained variance (or the
     same explained variance at a lower L0)."""
@@ -73,4 +103,4 @@ def frontier_plot(points: Sequence[dict], path: str | Path, title: str = "Explai
                       log_x=True)
 
 
-__all__ = ["frontier_plot", "pareto_front", "score_sae"]
+__all__ = ["frontier_plot", "pareto_front", "score_sae", "sentence_variance_share"]
