@@ -17,6 +17,7 @@ Options are documented by ``python train.py study NAME --help``; a YAML file of 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import time
 from collections.abc import Callable
@@ -87,6 +88,8 @@ def common_parser(name: str, doc: str) -> ArgumentParser:
     p.add_argument("--n_contexts", type=int, default=10, help="browser: contexts per feature")
     p.add_argument("--device", type=str, default="auto", help="auto (cuda when there is one), cpu, cuda, ...")
     p.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (null: torch's default)")
+    p.add_argument("--wandb_project", type=str | None, default=None,
+                   help="also log the report to this W&B project (offline without credentials; `wandb sync` later)")
     return p
 
 
@@ -328,10 +331,58 @@ def report_decomposition(out: Path, data: dict) -> dict:
 
 
 def report(out: Path, title: str, sections: list, data: dict) -> dict:
-    """Write a study's report folder, say where its page is, and return the study's numbers."""
+    """Write a study's report folder, say where its page is, log it to W&B when asked, and return the numbers."""
     files = write_report(out, title, sections, data)
     print(f"report: {files['html']}", flush=True)
+    if data["settings"].get("wandb_project"):
+        log_wandb(data["settings"]["wandb_project"], out, sections, data, files["html"])
     return data
+
+
+def numbers(data, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a study's results as flat ``a/b/c`` keys (lists of records keyed by their ``name``)."""
+    out: dict[str, float] = {}
+    items = (data.items() if isinstance(data, dict) else
+             ((d.get("name", i) if isinstance(d, dict) else i, d) for i, d in enumerate(data)))
+    for key, value in items:
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int | float):
+            out[f"{prefix}{key}"] = float(value)
+        elif isinstance(value, dict | list):
+            out.update(numbers(value, f"{prefix}{key}/"))
+    return out
+
+
+def log_wandb(project: str, out: Path, sections: list, data: dict, page: Path) -> None:
+    """One W&B run per study (job type ``study``, grouped by study): its options as the config, every table of the
+    report as a W&B table, every figure (an HTML panel holding the PNG), the page as HTML and every number in the run summary. Offline
+    when nothing says how to reach W&B (``wandb sync`` uploads it later)."""
+    import wandb  # ~1 s to import: only when asked
+
+    from callbacks.run_defaults import wandb_mode_default
+
+    wandb_mode_default()
+    name = data["study"]
+    run = wandb.init(project=project, name=f"study-{name}", group=f"study_{name}", job_type="study",
+                     dir=str(out.resolve()), config=data["settings"])
+    try:
+        logged: dict = {"report": wandb.Html(page.read_text(encoding="utf-8"))}
+        for section in sections:
+            key = slug(section.title).lower()
+            for i, table in enumerate(section.tables):
+                logged[f"{key}/table{i}"] = wandb.Table(columns=table.headers, data=table.rows, allow_mixed_types=True)
+            for figure in section.figures:  # as HTML: wandb.Image would need Pillow, which nothing else here does
+                png = base64.b64encode((out / figure).read_bytes()).decode()
+                logged[f"{key}/{Path(figure).stem}"] = wandb.Html(f"<img src='data:image/png;base64,{png}'>")
+        run.log(logged)
+        skip = ("settings", "argv")
+        run.summary.update(numbers({k: v for k, v in data.items() if k not in skip}))
+        folder, offline = Path(run.dir).parent, run.settings.mode in ("offline", "dryrun")
+    finally:
+        run.finish()
+    hint = f"  (offline: `wandb sync {folder}` uploads it later)" if offline else ""
+    print(f"W&B run: {folder}{hint}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ frontier

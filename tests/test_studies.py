@@ -15,6 +15,7 @@ import torch
 from conftest import build_tiny_model
 from mini_brown import TWO_GENRES_TAG_MAP, write_mini_nltk
 from test_pseval import E2E_ROWS, write_wic
+from wandb_records import logged_history, read_records
 
 import train
 from callbacks.study_build import sentence_view
@@ -170,7 +171,7 @@ def test_decomposition_study_report_equals_the_functions(two_models, study_root,
         assert again["models"][name]["probes"] == data["models"][name]["probes"]
 
 
-def test_frontier_and_pseval_studies(two_models, study_root, tmp_path):
+def test_frontier_and_pseval_studies(two_models, study_root, tmp_path, monkeypatch):
     out = tmp_path / "frontier"
     train.main(["study", "frontier", "--model", two_models[0], "--data_root", str(study_root), "--output_dir",
                 str(out), "--ks", "[2, 4]", "--expansions", "[1, 2]", "--eval_tokens", "1000", *TINY])
@@ -217,9 +218,30 @@ def test_frontier_and_pseval_studies(two_models, study_root, tmp_path):
                     str(out), "--ks", "[2, 4]", "--expansions", "[1, 2]", "--browse", "3x3", *TINY])
 
     out = tmp_path / "pseval"
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     train.main(["study", "pseval", "--model", two_models[0], "--data_root", str(study_root), "--output_dir",
-                str(out), "--layers", "[1, 2]", *TINY])
+                str(out), "--layers", "[1, 2]", "--wandb_project", "embedlab-test", *TINY])
     data = json.loads((out / "study.json").read_text())
+    # W&B (offline, no credentials): the report's table, its figure and page, and every number in the summary
+    run_file = next((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    history = logged_history(run_file)[0]
+    assert history["ps-eval-by-layer/table0/_type"] == "table-file"
+    assert history["ps-eval-by-layer/pseval/_type"] == "html-file" and history["report/_type"] == "html-file"
+    table = json.loads((run_file.parent / "files" / history["ps-eval-by-layer/table0/path"]).read_text())
+    assert table["columns"][:3] == ["layer", "balanced pairs", "specificity"]
+    assert [row[0] for row in table["data"]] == [1, 2]
+    assert table["data"][1][2] == pytest.approx(data["layers"]["2"]["pseval"]["specificity"])
+    summary, config = {}, {}
+    for r in read_records(run_file):
+        kind = r.WhichOneof("record_type")
+        if kind in ("summary", "run"):
+            items = r.summary.update if kind == "summary" else r.run.config.update
+            (summary if kind == "summary" else config).update({i.key: json.loads(i.value_json) for i in items})
+    assert summary["layers/2/held_out/explained_variance"] == pytest.approx(
+        data["layers"]["2"]["held_out"]["explained_variance"])
+    assert config["layers"] == [1, 2] and config["steps"] == 8
     data["layers"] = {int(k): v for k, v in data["layers"].items()}
     assert set(data["layers"]) == {1, 2}
     saes = {L: load_sae(out / f"L{L}" / "sae") for L in (1, 2)}
