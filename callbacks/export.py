@@ -22,7 +22,7 @@ from datamodules.base import read_json, write_atomic
 from lightning_modules.evaluate import parse_tasks
 from lightning_modules.export import best_or_current, export, export_format, how_to_load, is_sae, prepare_output_dir
 from lightning_modules.model_card import DEFAULT_STS_TASKS, checkpoint_facts
-from lightning_modules.sae_card import state_metrics
+from lightning_modules.sae_card import checkpoint_metrics, state_metrics
 
 RUN_FILE = "run.json"
 
@@ -220,8 +220,11 @@ def fit_facts(trainer: pl.Trainer, ckpt: str | None, run_dir: Path | None, sts_t
 
 
 def sae_metrics(trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None) -> dict:
-    """The SAE's final figures written beside its export: logged ``sae/*`` values and its state."""
-    sae = module.sae
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "sae/" in k}
-    metrics.update({"checkpoint": ckpt or None, "global_step": trainer.global_step, **state_metrics(sae)})
-    return metrics
+    """The figures written beside an SAE's export: the last logged ``sae/*`` values and the SAE's state. When the
+    exported checkpoint is from an earlier step than the last one, those logged values describe other weights: the
+    figures are then the checkpoint's own (:func:`checkpoint_metrics`: its step, its monitored value, its buffers),
+    and the last logged values are kept apart under ``last_logged`` with their step, which the card does not read."""
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if "sae/" in k}
+    if ckpt and checkpoint_step(ckpt, trainer.global_step) != trainer.global_step:
+        return {**checkpoint_metrics(ckpt, module.sae), "last_logged": {"global_step": trainer.global_step, **logged}}
+    return {**logged, "checkpoint": ckpt or None, "global_step": trainer.global_step, **state_metrics(module.sae)}

@@ -196,6 +196,38 @@ def test_the_end_of_fit_export_writes_the_saelens_format_with_its_metrics_and_ca
     assert f"| dead latents | {metrics['dead_latents']} of {F} |" in card
 
 
+def test_an_earlier_best_checkpoint_gets_its_own_figures_not_the_last_steps(tmp_path):
+    """The export holds the best checkpoint's weights; figures logged at a later step describe other weights."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    from callbacks import ExportOnFitEnd
+
+    pl.seed_everything(0)
+    x = torch.randn(512, D) * 4 + 1
+    module = SAEModule(sae=dict(d_in=D, num_latents=F, k=K, threshold_start=1, dead_after=128), lr=1e-2)
+    # the highest training FVU is kept as "best": an early step, since training lowers it
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="sae/fvu", mode="max", every_n_train_steps=1)
+    callback = ExportOnFitEnd(output_dir=str(tmp_path / "sae"))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[best, callback])
+    trainer.fit(module, DataLoader(x, batch_size=64))
+    metrics = json.loads((tmp_path / "sae" / "sae_metrics.json").read_text())
+    ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] < 6 and metrics["checkpoint"] == best.best_model_path
+    assert metrics["global_step"] == ckpt["global_step"]
+    assert metrics["sae/fvu"] == pytest.approx(float(best.best_model_score))  # the checkpoint's own value
+    assert "sae/l0" not in metrics and metrics["last_logged"]["global_step"] == 6  # later values kept apart
+    assert metrics["last_logged"]["sae/fvu"] == pytest.approx(float(trainer.callback_metrics["sae/fvu"]))
+    assert metrics["last_logged"]["sae/fvu"] < metrics["sae/fvu"]
+    dead = (ckpt["state_dict"]["sae.tokens_since_fired"] >= 128).sum()
+    assert metrics["dead_latents"] == int(dead)  # the checkpoint's buffers
+    card = (tmp_path / "sae" / "README.md").read_text()
+    assert f"| FVU | {metrics['sae/fvu']:.4g} | last logged training batch" in card
+    assert "| L0 (non-zero codes per vector) | not measured |" in card
+
+
 def test_train_export_format_saelens_and_its_errors(fitted_sae, tmp_path, tiny_model, sample_data):
     module, x, ckpt, _ = fitted_sae
     train.main(["export", "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "lens"), "--format", "saelens"])
