@@ -356,8 +356,8 @@ def numbers(data, prefix: str = "") -> dict[str, float]:
 
 def log_wandb(project: str, out: Path, sections: list, data: dict, page: Path) -> None:
     """One W&B run per study (job type ``study``, grouped by study): its options as the config, every table of the
-    report as a W&B table, every figure (an HTML panel holding the PNG), the page as HTML and every number in the run summary. Offline
-    when nothing says how to reach W&B (``wandb sync`` uploads it later)."""
+    report as a W&B table, every figure and the page as HTML panels, every number in the run summary. Offline when
+    nothing says how to reach W&B (``wandb sync`` uploads it later)."""
     import wandb  # ~1 s to import: only when asked
 
     from callbacks.run_defaults import wandb_mode_default
