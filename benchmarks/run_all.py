@@ -13,7 +13,8 @@ per benchmark. ``<machine>`` is the host name and the device, e.g. ``gpu-node-3-
 ``vm-cpu2``.
 
 Benchmarks whose data or model is missing are skipped with the reason; ``compression`` is always skipped here
-(hours on a CPU: run ``benchmarks/compression.py`` by itself).
+(about 18 minutes on one CPU thread, longer than the rest together: run ``benchmarks/compression.py`` by
+itself).
 """
 
 from __future__ import annotations
@@ -146,8 +147,8 @@ BENCHMARKS: dict[str, Bench] = {
                               "6", "--batch_size", "256"],
         needs=lambda: _needs("wic/dev/dev.data.txt")() or _needs("nltk_data/corpora/brown.zip")(),
         headline=_interpret),
-    "compression": Bench("compression.py", [], needs=lambda: "long (hours on CPU): run benchmarks/compression.py "
-                                                             "by itself"),
+    "compression": Bench("compression.py", [], needs=lambda: "long (~18 min on one CPU thread): run "
+                                                             "benchmarks/compression.py by itself"),
 }
 
 
