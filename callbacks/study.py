@@ -183,7 +183,10 @@ def decomposition(argv: list[str]) -> dict:
     p.add_argument("--models", type=str, nargs="+", required=True, help="encoders (hub names or folders), >= 1")
     p.add_argument("--layer", type=int, default=-1, help="hidden_states index the SAEs read (-1: last)")
     p.add_argument("--text_prefixes", type=dict[str, str], default={},
-                   help='per model, e.g. {"intfloat/multilingual-e5-large": "query: "}')
+                   help='per model (its name, or its folder name), e.g. {"intfloat/multilingual-e5-large": "query: "}')
+    p.add_argument("--lrs", type=dict[str, float], default={},
+                   help='per-model learning rates replacing --lr, keyed like --text_prefixes, e.g. '
+                        '{"all-mpnet-base-v2": 2.0e-3}')
     p.add_argument("--probe_layers", type=list[int] | None, default=None, help="layers probed (null: 0 .. last)")
     p.add_argument("--probe_sentences", type=int, default=5000, help="first N Brown sentences of the probe caches")
     p.add_argument("--probe_tokens", type=int | None, default=50_000, help="probe words (whole sentences) drawn")
@@ -203,18 +206,24 @@ def decomposition(argv: list[str]) -> dict:
         raise DataError(f"--models {args.models}: two models would share a report folder (same name)")
     if bad := [k for k in args.probe_kinds if k not in PROBE_KINDS]:
         raise DataError(f"--probe_kinds: unknown {bad}; choose from {list(PROBE_KINDS)}")
+    for option in ("text_prefixes", "lrs"):
+        if stray := [k for k in args[option] if k not in args.models and k not in map(slug, args.models)]:
+            raise DataError(f"--{option}: {stray} name none of --models {args.models} (give a model as listed, or "
+                            "its folder name)")
     if not -1 <= args.match_threshold <= 1:
         raise DataError(f"--match_threshold {args.match_threshold}: a correlation, in [-1, 1]")
     out = Path(args.output_dir)
     pairs = wic_pairs(args, required=False)
     models, dms, saes = {}, {}, {}
     for model in args.models:
-        name, prefix = slug(model), args.text_prefixes.get(model, "")
+        name = slug(model)
+        prefix = args.text_prefixes.get(model, args.text_prefixes.get(name, ""))
+        spec = dataclasses.replace(train_spec, lr=args.lrs.get(model, args.lrs.get(name, train_spec.lr)))
         print(f"[{name}] cache, SAE, suite", flush=True)
         t = time.perf_counter()
         dm = token_cache(model, args.layer, cache_spec, args.max_sentences, prefix)
         layer = int(dm.cache.meta["layer"])
-        sae, record = train_sae(dm, args.sae, train_spec, out / name / f"L{layer}" / "sae")
+        sae, record = train_sae(dm, args.sae, spec, out / name / f"L{layer}" / "sae")
         fit = fit_scores(sae, dm, name, args.seed)
         summary = suite(sae, dm, out / name / f"L{layer}" / "interpret", args, pairs, prefix).summary
         print(f"[{name}] probes", flush=True)
@@ -229,7 +238,7 @@ def decomposition(argv: list[str]) -> dict:
                               max_tokens=args.probe_tokens, seed=args.seed,
                               mlp={"epochs": args.mlp_epochs, "hidden": args.mlp_hidden, "seed": args.seed})
         models[name] = {"model": model, "layer": layer, "num_layers": n_layers, "text_prefix": prefix,
-                        "num_latents": sae.num_latents, "k": sae.cfg.k,
+                        "num_latents": sae.num_latents, "k": sae.cfg.k, "lr": spec.lr,
                         "cache": str(dm.cache.folder), "cache_vectors": len(dm.cache),
                         "cache_sentences": int(dm.cache.meta["n_sentences"]), "sae": record,
                         "held_out": fit["held_out"], "train_fit": fit["train"], "fit_gap": fit["gap"],
@@ -267,7 +276,8 @@ def report_decomposition(out: Path, data: dict) -> dict:
     head = Table(["model", "layer", "SAE", "held-out EV", "training EV", "never active (held out)", "L0",
                   "POS purity", "purity >= 0.8", "pooling survival", "feature share", "PS-Eval specificity",
                   "PS-Eval F1", "PS-Eval accuracy"],
-                 [[n, m["layer"], f"{m['num_latents']} x k{m['k']}", m["held_out"]["explained_variance"],
+                 [[n, m["layer"], f"{m['num_latents']} x k{m['k']}, lr {m['lr'] or 'default'}",
+                   m["held_out"]["explained_variance"],
                    m["train_fit"]["explained_variance"], m["held_out"]["never_active"], m["held_out"]["l0"],
                    m["suite"]["pos_purity_mean"],
                    m["suite"]["pos_purity_ge_0.8"], m["suite"]["pooling_survival_mean"],

@@ -99,7 +99,7 @@ def test_decomposition_study_report_equals_the_functions(two_models, study_root,
     out = tmp_path / "decomp"
     argv = ["study", "decomposition", "--models", *two_models, "--data_root", str(study_root), "--output_dir",
             str(out), "--probe_sentences", "40", "--probe_tokens", "null", "--mlp_epochs", "2", "--mlp_hidden", "8",
-            "--compare_sentences", "50", "--match_threshold", "0.3", *TINY]
+            "--compare_sentences", "50", "--match_threshold", "0.3", "--lrs", '{"bert-b": 0.002}', *TINY]
     train.main(argv)
     data = json.loads((out / "study.json").read_text())
     assert set(data["models"]) == {"bert-a", "bert-b"}
@@ -113,6 +113,7 @@ def test_decomposition_study_report_equals_the_functions(two_models, study_root,
         folder = out / name / "L2"
         assert (folder / "interpret" / "features.html").is_file() and (folder / "sae" / "train.json").is_file()
         assert m["layer"] == 2 and m["num_layers"] == 2 and m["sae"]["steps"] == 8
+        assert m["lr"] == m["sae"]["settings"]["lr"] == {"bert-a": 5e-3, "bert-b": 2e-3}[name]  # --lrs by folder
         sae = load_sae(folder / "sae")
         cache = ActivationCache(m["cache"])
         saes[name], caches[name] = sae, cache
@@ -261,6 +262,10 @@ def test_wrong_inputs_name_the_option(two_models, study_root, tmp_path):
         (["study", "decomposition", "--models", two_models[0], two_models[0], *base], "share a report folder"),
         (["study", "decomposition", "--models", two_models[0], "--probe_kinds", "[svm]", *base], "--probe_kinds"),
         (["study", "decomposition", "--models", two_models[0], "--match_threshold", "2", *base], "--match_threshold"),
+        (["study", "decomposition", "--models", two_models[0], "--lrs", '{"bert-x": 0.1}', *base],
+         "--lrs: ['bert-x'] name none of --models"),
+        (["study", "decomposition", "--models", two_models[0], "--text_prefixes", '{"bert": "q: "}', *base],
+         "--text_prefixes: ['bert'] name none"),
         (["study", "frontier", "--model", two_models[0], "--ks", "[0]", *base], "--ks"),
         (["study", "frontier", "--model", two_models[0], "--stability_seed", "0", *base], "--stability_seed 0"),
         (["study", "frontier", "--model", two_models[0], "--max_sentences", "0", *base], "--max_sentences 0"),
