@@ -83,7 +83,8 @@ class ExportOnFitEnd(WritesAtFitEnd):
     """At the end of ``fit``, export the best checkpoint (else the last weights) with
     :func:`lightning_modules.export.export`: a sentence-transformers folder (``<run folder>/export``) for encoders
     and MCR2 heads, ``cfg.json`` + ``sae.safetensors`` (``<run folder>/sae``) for SAEs, with ``sae_metrics.json``
-    beside them (the last logged ``sae/*`` and ``val/sae/*`` values, the threshold, the dead-latent count).
+    beside them (the threshold, the dead-latent count, and the last logged ``sae/*`` and ``val/sae/*`` values, or
+    the checkpoint's own when it is from an earlier step: :func:`sae_metrics`).
 
     Prints the checkpoint, the exported folder and the logger locations (W&B run folder and ``wandb sync`` hint
     when offline).

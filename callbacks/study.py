@@ -153,17 +153,32 @@ def suite(sae, dm, folder: Path, args: Namespace, pairs, text_prefix: str = "", 
     return res
 
 
+def per_model(mapping: dict, model: str, default):
+    """``mapping``'s value for ``model``: its key as listed, else a key with the same :func:`slug` (the folder name
+    with runs of other characters than letters, digits and dots as ``-``: ``bge_small_en``, ``/models/bge_small_en``
+    and ``BAAI/bge-small-en`` all match), else ``default``."""
+    if model in mapping:
+        return mapping[model]
+    return next((v for k, v in mapping.items() if slug(k) == slug(model)), default)
+
+
+def memorised(name: str, train_ev: float | None, held_ev: float, detail: str = "") -> str | None:
+    """The sentence a study prints and reports when an SAE explains more than :data:`MEMORISED_GAP` more variance
+    of its training vectors than of held-out ones; None when it does not."""
+    if train_ev is None or not train_ev - held_ev > MEMORISED_GAP:
+        return None
+    return (f"{name} explains {train_ev:.3f} of its training vectors' variance but {held_ev:.3f} of held-out ones: "
+            f"it memorised training sentences{detail}; give it more sentences or fewer latents.")
+
+
 def fit_scores(sae, dm, name: str, seed: int, max_rows: int = 50_000) -> dict:
     """``held_out`` and ``train`` scores of ``sae`` (:func:`score_sae`, as many training vectors as held-out ones)
-    and ``gap``, the training explained variance minus the held-out one; says so when the gap is large."""
+    and ``gap``, the training explained variance minus the held-out one; prints :func:`memorised`'s note."""
     held = score_sae(sae, held_out_vectors(dm, max_rows, seed))
     train = score_sae(sae, training_vectors(dm, held["n"], seed))
-    gap = train["explained_variance"] - held["explained_variance"]
-    if gap > MEMORISED_GAP:
-        print(f"  note: {name} explains {train['explained_variance']:.3f} of its training vectors' variance but "
-              f"{held['explained_variance']:.3f} of held-out ones: it memorised training sentences (more sentences "
-              "or fewer latents)", flush=True)
-    return {"held_out": held, "train": train, "gap": gap}
+    if note := memorised(name, train["explained_variance"], held["explained_variance"]):
+        print(f"  note: {note}", flush=True)
+    return {"held_out": held, "train": train, "gap": train["explained_variance"] - held["explained_variance"]}
 
 
 def cache_sentence_share(dm) -> float:
@@ -207,7 +222,7 @@ def decomposition(argv: list[str]) -> dict:
     if bad := [k for k in args.probe_kinds if k not in PROBE_KINDS]:
         raise DataError(f"--probe_kinds: unknown {bad}; choose from {list(PROBE_KINDS)}")
     for option in ("text_prefixes", "lrs"):
-        if stray := [k for k in args[option] if k not in args.models and k not in map(slug, args.models)]:
+        if stray := [k for k in args[option] if slug(k) not in map(slug, args.models)]:
             raise DataError(f"--{option}: {stray} name none of --models {args.models} (give a model as listed, or "
                             "its folder name)")
     if not -1 <= args.match_threshold <= 1:
@@ -217,8 +232,8 @@ def decomposition(argv: list[str]) -> dict:
     models, dms, saes = {}, {}, {}
     for model in args.models:
         name = slug(model)
-        prefix = args.text_prefixes.get(model, args.text_prefixes.get(name, ""))
-        spec = dataclasses.replace(train_spec, lr=args.lrs.get(model, args.lrs.get(name, train_spec.lr)))
+        prefix = per_model(args.text_prefixes, model, "")
+        spec = dataclasses.replace(train_spec, lr=per_model(args.lrs, model, train_spec.lr))
         print(f"[{name}] cache, SAE, suite", flush=True)
         t = time.perf_counter()
         dm = token_cache(model, args.layer, cache_spec, args.max_sentences, prefix)
@@ -299,17 +314,16 @@ def report_decomposition(out: Path, data: dict) -> dict:
     line_chart(out / "probes.png", series, "POS probe accuracy by layer", "layer (hidden_states index)",
                "test accuracy (split by sentence)")
     first = next(iter(models.values()))["probes"]
-    memorised = [f"{n} explains {m['train_fit']['explained_variance']:.3f} of its training vectors' variance but "
-                 f"{m['held_out']['explained_variance']:.3f} of held-out ones: it memorised training sentences (its "
-                 f"cache's variance is {m['sentence_variance_share']:.0%} between sentences; {m['cache_sentences']:,} "
-                 f"sentences for {m['num_latents']:,} latents), so its features describe those sentences more than "
-                 "the model: give it more sentences or fewer latents." for n, m in models.items()
-                 if m["fit_gap"] > MEMORISED_GAP]
+    notes = [memorised(n, m["train_fit"]["explained_variance"], m["held_out"]["explained_variance"],
+                       f" (its cache's variance is {m['sentence_variance_share']:.0%} between sentences; "
+                       f"{m['cache_sentences']:,} cached sentences, held-out ones included, for {m['num_latents']:,} "
+                       "latents), so its features describe those sentences more than the model")
+             for n, m in models.items()]
     shares = ", ".join(f"{n} {m['sentence_variance_share']:.0%}" for n, m in models.items())
     sections = [Section("Models", [f"Brown token caches ([CLS]/[SEP] kept); SAE settings in study.json; the suite on "
                                    f"{data['settings']['suite_tokens']} tokens per model. Explained variance (EV) on "
                                    "held-out sentences and on as many training vectors; share of each cache's variance "
-                                   f"that lies between sentences: {shares}.", *memorised], [head],
+                                   f"that lies between sentences: {shares}.", *filter(None, notes)], [head],
                         links=[(f"{n}: feature browser", m["browser"]) for n, m in models.items()]),
                 Section("POS probes", [f"Universal POS tag of each word's first wordpiece; {first['n_train']:,} train "
                                        f"and {first['n_test']:,} test words of {first['n_sentences']:,} sentences, "
@@ -344,8 +358,12 @@ def report(out: Path, title: str, sections: list, data: dict) -> dict:
     """Write a study's report folder, say where its page is, log it to W&B when asked, and return the numbers."""
     files = write_report(out, title, sections, data)
     print(f"report: {files['html']}", flush=True)
-    if data["settings"].get("wandb_project"):
-        log_wandb(data["settings"]["wandb_project"], out, sections, data, files["html"])
+    if project := data["settings"].get("wandb_project"):
+        try:
+            log_wandb(project, out, sections, data, files["html"])
+        except Exception as err:  # noqa: BLE001 - hours of study are already on disk; say why W&B missed them
+            print(f"warning: --wandb_project {project}: the report was not logged to W&B ({type(err).__name__}: "
+                  f"{err}); {out} holds all of it", flush=True)
     return data
 
 
@@ -432,6 +450,8 @@ def frontier(argv: list[str]) -> dict:
                            "train_explained_variance": score_sae(sae, x_fit)["explained_variance"],
                            "train_seconds": record.get("train_seconds")})
             print(f"  {name}: EV {points[-1]['explained_variance']:.4f} at L0 {points[-1]['l0']:.1f}", flush=True)
+            if note := memorised(name, points[-1]["train_explained_variance"], points[-1]["explained_variance"]):
+                print(f"  note: {note}", flush=True)
     front = pareto_front([q["l0"] for q in points], [q["explained_variance"] for q in points])
     for q, on in zip(points, front):
         q["on_front"] = bool(on)
@@ -475,7 +495,9 @@ def frontier(argv: list[str]) -> dict:
             f"{args.batch_size} vectors; scored with the inference threshold on {len(x_eval):,} held-out vectors."]
     sections = [Section("Explained variance against L0", text, figures=["frontier.png"]),
                 Section("Table", ["Training EV: the same scores on as many training vectors (much above the "
-                                  "held-out one: the SAE memorised its training sentences)."],
+                                  "held-out one: the SAE memorised its training sentences).",
+                                  *filter(None, (memorised(q["name"], q.get("train_explained_variance"),
+                                                           q["explained_variance"]) for q in points + extra))],
                         [Table(["SAE", "latents", "k", "L0", "explained variance", "training EV", "FVU",
                                 "never active", "frontier"],
                                [[q["name"], q["num_latents"], q["k"], q["l0"], q["explained_variance"],
@@ -548,8 +570,11 @@ def pseval(argv: list[str]) -> dict:
                   [[L, r["pairs"], *(r["pseval"].get(k) for k in PSEVAL_KEYS), r["held_out"]["explained_variance"],
                     r["train_fit"]["explained_variance"], r["held_out"]["l0"], r["suite"]["pos_purity_mean"]]
                    for L, r in results.items()])
+    notes = [memorised(f"the layer-{L} SAE", r["train_fit"]["explained_variance"], r["held_out"]["explained_variance"])
+             for L, r in results.items()]
     sections = [Section("PS-Eval by layer", ["WiC dev pairs whose target is one token in both contexts, T/F balanced; "
-                                            "'same top feature' predicts 'same sense'."], [table], ["pseval.png"],
+                                            "'same top feature' predicts 'same sense'.", *filter(None, notes)],
+                        [table], ["pseval.png"],
                         [(f"layer {L}: feature browser", r["browser"]) for L, r in results.items()])]
     return report(out, "PS-Eval by layer", sections, data)
 

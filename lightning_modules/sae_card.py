@@ -17,7 +17,8 @@ from lightning_modules.components.batch_topk import BatchTopKSAE
 #: The figures of the card: (label, metric name under ``val/sae/`` and ``sae/``).
 QUALITY = (("FVU", "fvu"), ("explained variance", "explained_variance"), ("L0 (non-zero codes per vector)", "l0"),
            ("dead fraction", "dead_fraction"))
-SOURCES = (("val/sae/", "held-out split, inference threshold"), ("sae/", "last logged training batch, batch top-k"))
+SOURCES = (("val/sae/", "held-out split, inference threshold"),
+           ("sae/", "training batch at the exported step, batch top-k"))
 NOT_MEASURED = "not measured"
 
 

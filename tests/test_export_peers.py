@@ -153,7 +153,7 @@ def test_the_readme_is_generated_from_the_sae_and_its_figures(tmp_path):
                 f"| inference threshold (input units) | {threshold} |", "| training steps | 1234 |",
                 "| FVU | 0.2051 | held-out split, inference threshold |",
                 "| L0 (non-zero codes per vector) | 31.5 | held-out split",  # the held-out value wins
-                "| dead fraction | 0.125 | last logged training batch", "| dead latents | 8 of 64 |",
+                "| dead fraction | 0.125 | training batch at the exported step", "| dead latents | 8 of 64 |",
                 "| explained variance | not measured |", "up to step 900; the weights are those of `runs/x/step900",
                 f"SAE.load_from_disk('{tmp_path / 'lens'}')", f"load_sae('{tmp_path / 'lens'}')"):
         assert row in card, row
@@ -192,7 +192,7 @@ def test_the_end_of_fit_export_writes_the_saelens_format_with_its_metrics_and_ca
     assert metrics["checkpoint"] == ckpt and metrics["global_step"] == 6 and metrics["sae/l0"] == K
     torch.testing.assert_close(load_sae(out).encode(x), module.encode(x), rtol=1e-5, atol=1e-5)
     card = (out / "README.md").read_text()
-    assert f"| FVU | {metrics['sae/fvu']:.4g} | last logged training batch" in card
+    assert f"| FVU | {metrics['sae/fvu']:.4g} | training batch at the exported step" in card
     assert f"| dead latents | {metrics['dead_latents']} of {F} |" in card
 
 
@@ -224,7 +224,7 @@ def test_an_earlier_best_checkpoint_gets_its_own_figures_not_the_last_steps(tmp_
     dead = (ckpt["state_dict"]["sae.tokens_since_fired"] >= 128).sum()
     assert metrics["dead_latents"] == int(dead)  # the checkpoint's buffers
     card = (tmp_path / "sae" / "README.md").read_text()
-    assert f"| FVU | {metrics['sae/fvu']:.4g} | last logged training batch" in card
+    assert f"| FVU | {metrics['sae/fvu']:.4g} | training batch at the exported step" in card
     assert "| L0 (non-zero codes per vector) | not measured |" in card
 
 

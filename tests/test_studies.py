@@ -95,11 +95,38 @@ def test_sentence_variance_share_against_the_formula():
         sentence_variance_share([x], sid[:3])
 
 
+def test_memorisation_note_and_per_model_keys(tmp_path, capsys, monkeypatch):
+    from callbacks import study
+
+    assert study.memorised("m", 0.70, 0.66) is None and study.memorised("m", None, 0.5) is None  # gap 0.04
+    note = study.memorised("m", 0.80, 0.60, " (detail)")
+    assert note == ("m explains 0.800 of its training vectors' variance but 0.600 of held-out ones: it memorised "
+                    "training sentences (detail); give it more sentences or fewer latents.")
+    # keys as listed, or naming the same folder
+    lrs = {"bge_small_en": 1e-3, "sentence-transformers/all-MiniLM-L6-v2": 2e-3}
+    assert study.per_model(lrs, "/models/bge_small_en", 5e-3) == 1e-3
+    assert study.per_model(lrs, "BAAI/bge-small-en", 5e-3) == 1e-3
+    assert study.per_model(lrs, "sentence-transformers/all-MiniLM-L6-v2", 5e-3) == 2e-3
+    assert study.per_model(lrs, "/m/all-mpnet-base-v2", 5e-3) == 5e-3
+    # a report whose SAE memorised says so; a W&B failure after the report is written is a one-line warning
+    table = study.Table(["layer", "x"], [[1, 0.5]])
+    data = {"study": "pseval", "settings": {"wandb_project": "p"}}
+
+    def broken(*args):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(study, "log_wandb", broken)
+    study.report(tmp_path, "T", [study.Section("S", [note], [table])], data)
+    out = capsys.readouterr().out
+    assert "warning: --wandb_project p: the report was not logged to W&B (RuntimeError: no network)" in out
+    assert "it memorised training sentences (detail)" in (tmp_path / "report.md").read_text()
+
+
 def test_decomposition_study_report_equals_the_functions(two_models, study_root, tmp_path, capsys):
     out = tmp_path / "decomp"
     argv = ["study", "decomposition", "--models", *two_models, "--data_root", str(study_root), "--output_dir",
             str(out), "--probe_sentences", "40", "--probe_tokens", "null", "--mlp_epochs", "2", "--mlp_hidden", "8",
-            "--compare_sentences", "50", "--match_threshold", "0.3", "--lrs", '{"bert-b": 0.002}', *TINY]
+            "--compare_sentences", "50", "--match_threshold", "0.3", "--lrs", '{"bert_b": 0.002}', *TINY]
     train.main(argv)
     data = json.loads((out / "study.json").read_text())
     assert set(data["models"]) == {"bert-a", "bert-b"}
