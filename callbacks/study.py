@@ -50,6 +50,7 @@ from lightning_modules.interpret.frontier import frontier_plot, pareto_front, sc
 from lightning_modules.interpret.plot import Series, bar_chart, line_chart
 from lightning_modules.interpret.pos import TAGS, label_features
 from lightning_modules.interpret.probes import PROBE_KINDS, probe_caches
+from lightning_modules.interpret.pseval import model_and_tokenizer
 from lightning_modules.interpret.stability import energy_deciles
 from lightning_modules.interpret.study_report import Section, Table, write_report
 from lightning_modules.interpret.suite import run_suite
@@ -126,8 +127,9 @@ def specs(args: Namespace) -> tuple[CacheSpec, TrainSpec]:
         raise DataError(f"--val_fraction {args.val_fraction}: must be in (0, 1)")
     cache = CacheSpec(args.data_root, args.cache_dir, args.max_length, "keep", args.encode_batch_size, args.device,
                       args.batch_size, args.val_fraction)
-    accelerator = "gpu" if device_of(args.device).startswith("cuda") else "cpu"
-    return cache, TrainSpec(args.steps, args.lr, seed=args.seed, accelerator=accelerator)
+    device = device_of(args.device)
+    accelerator = "gpu" if device.startswith("cuda") else "cpu"
+    return cache, TrainSpec(args.steps, args.lr, seed=args.seed, accelerator=accelerator, device=device)
 
 
 def wic_pairs(args: Namespace, required: bool) -> list | None:
@@ -141,16 +143,15 @@ def wic_pairs(args: Namespace, required: bool) -> list | None:
         return None
 
 
-def suite(sae, dm, folder: Path, args: Namespace, pairs, text_prefix: str = "", sae_b=None) -> dict:
+def suite(sae, dm, folder: Path, args: Namespace, pairs, sae_b=None, encoder=None):
     """The interpretability suite on ``sae`` (its browser and files under ``folder``; stability against ``sae_b``,
-    the same SAE trained with another seed, when given); its :class:`SuiteResult`."""
-    res = run_suite(sae.to(device_of(args.device)), dm.cache, folder, sae_b=sae_b, wic_pairs=pairs,
-                    max_tokens=args.suite_tokens,
-                    sample_seed=args.seed, top_k=args.top_k, n_unique=args.n_unique, n_contexts=args.n_contexts,
-                    title=f"{Path(dm.model_name_or_path).name} layer {dm.cache.meta['layer']}: BatchTopK "
-                          f"{sae.num_latents} x k{sae.cfg.k}")
-    sae.cpu()
-    return res
+    the same SAE trained with another seed, when given; PS-Eval on ``pairs``, with ``encoder`` when the caller
+    loaded it once for several SAEs); its :class:`SuiteResult`."""
+    return run_suite(sae, dm.cache, folder, sae_b=sae_b, wic_pairs=pairs, encoder=encoder,
+                     max_tokens=args.suite_tokens, sample_seed=args.seed, top_k=args.top_k, n_unique=args.n_unique,
+                     n_contexts=args.n_contexts,
+                     title=f"{Path(dm.model_name_or_path).name} layer {dm.cache.meta['layer']}: BatchTopK "
+                           f"{sae.num_latents} x k{sae.cfg.k}")
 
 
 def per_model(mapping: dict, model: str, default):
@@ -240,7 +241,7 @@ def decomposition(argv: list[str]) -> dict:
         layer = int(dm.cache.meta["layer"])
         sae, record = train_sae(dm, args.sae, spec, out / name / f"L{layer}" / "sae")
         fit = fit_scores(sae, dm, name, args.seed)
-        summary = suite(sae, dm, out / name / f"L{layer}" / "interpret", args, pairs, prefix).summary
+        summary = suite(sae, dm, out / name / f"L{layer}" / "interpret", args, pairs).summary
         print(f"[{name}] probes", flush=True)
         n_layers = int(dm.cache.meta["num_hidden_layers"])
         probe_layers = sorted({check_layer(v, n_layers, model) for v in (
@@ -439,12 +440,13 @@ def frontier(argv: list[str]) -> dict:
     layer = int(dm.cache.meta["layer"])
     x_eval = held_out_vectors(dm, args.eval_tokens, args.seed)
     x_fit = training_vectors(dm, len(x_eval), args.seed)
-    points, saes = [], {}
+    points, saes, cfgs = [], {}, {}
     for e in args.expansions:
         for k in args.ks:
             name = f"{e}x{k}"
-            cfg = BatchTopKConfig.from_dict({**args.sae.to_dict(), "expansion_factor": e, "num_latents": 0, "k": k})
-            sae, record = train_sae(dm, cfg, train_spec, out / "saes" / name)
+            cfgs[name] = BatchTopKConfig.from_dict({**args.sae.to_dict(), "expansion_factor": e, "num_latents": 0,
+                                                    "k": k})
+            sae, record = train_sae(dm, cfgs[name], train_spec, out / "saes" / name)
             saes[name] = sae
             points.append({"name": name, "num_latents": sae.num_latents, "k": k, **score_sae(sae, x_eval),
                            "train_explained_variance": score_sae(sae, x_fit)["explained_variance"],
@@ -457,7 +459,7 @@ def frontier(argv: list[str]) -> dict:
         q["on_front"] = bool(on)
     extra = []
     if args.recipe_sae:
-        sae = load_sae(args.recipe_sae)
+        sae = load_sae(args.recipe_sae, device=train_spec.device)
         if sae.cfg.d_in != dm.dim:
             raise DataError(f"--recipe_sae {args.recipe_sae}: takes {sae.cfg.d_in}-d inputs, the cache holds "
                             f"{dm.dim}-d vectors")
@@ -469,11 +471,9 @@ def frontier(argv: list[str]) -> dict:
         raise DataError(f"--browse {browse}: not one of the SAEs of the sweep ({', '.join(saes)})")
     other = None
     if args.stability_seed is not None:
-        e, k = (int(v) for v in browse.split("x"))
-        cfg = BatchTopKConfig.from_dict({**args.sae.to_dict(), "expansion_factor": e, "num_latents": 0, "k": k})
-        other, _ = train_sae(dm, cfg, dataclasses.replace(train_spec, seed=args.stability_seed),
+        other, _ = train_sae(dm, cfgs[browse], dataclasses.replace(train_spec, seed=args.stability_seed),
                              out / "saes" / f"{browse}_seed{args.stability_seed}")
-    browsed = suite(saes[browse], dm, out / "saes" / browse / "interpret", args, None, args.text_prefix, other)
+    browsed = suite(saes[browse], dm, out / "saes" / browse / "interpret", args, None, other)
     summary = browsed.summary
     energy = np.array([f["energy"] for f in browsed.features])
     bins = energy_deciles(energy)
@@ -551,11 +551,13 @@ def pseval(argv: list[str]) -> dict:
     n_layers = int(first.cache.meta["num_hidden_layers"])
     layers = sorted({check_layer(v, n_layers, args.model) for v in (layers if layers is not None
                                                                      else range(1, n_layers + 1))})
+    encoder = model_and_tokenizer(args.model)  # once: PS-Eval of every layer reads the same model
     for L in layers:
         print(f"[layer {L}] cache, SAE, suite with PS-Eval", flush=True)
-        dm = token_cache(args.model, L, cache_spec, args.max_sentences, args.text_prefix)
+        dm = first if int(first.cache.meta["layer"]) == L else token_cache(args.model, L, cache_spec,
+                                                                             args.max_sentences, args.text_prefix)
         sae, record = train_sae(dm, args.sae, train_spec, out / f"L{L}" / "sae")
-        summary = suite(sae, dm, out / f"L{L}" / "interpret", args, pairs, args.text_prefix).summary
+        summary = suite(sae, dm, out / f"L{L}" / "interpret", args, pairs, encoder=encoder).summary
         fit = fit_scores(sae, dm, f"the layer-{L} SAE", args.seed)
         results[L] = {"pseval": pseval_of(summary), "held_out": fit["held_out"], "train_fit": fit["train"],
                       "suite": {k: summary.get(f"interpret/{k}") for k in SUITE_KEYS}, "sae": record,

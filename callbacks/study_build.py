@@ -81,12 +81,14 @@ class TrainSpec:
     init_samples: int = 65536
     seed: int = 0
     accelerator: str = "auto"
+    device: str = "cpu"
+    """Where the trained (or reused) SAE is loaded: every later pass over it (scores, codes, the suite) runs there."""
 
 
 def train_sae(dm: ActivationsDataModule, cfg: BatchTopKConfig, spec: TrainSpec, folder: str | Path):
     """Train an SAE with ``cfg`` on ``dm``'s training rows for ``spec.steps`` steps and export it to ``folder``, or
     load the one there when ``train.json`` records the same cache and settings. Returns ``(sae, record)``: the SAE
-    as exported (eval mode, CPU) and what ``train.json`` holds."""
+    as exported (eval mode, on ``spec.device``) and what ``train.json`` holds."""
     folder = Path(folder)
     settings = {"cache": str(dm.cache.folder), "sae": {**cfg.to_dict(), "d_in": dm.dim}, "steps": spec.steps,
                 "batch_size": dm.batch_size, "lr": spec.lr, "warmup_ratio": spec.warmup_ratio,
@@ -96,7 +98,7 @@ def train_sae(dm: ActivationsDataModule, cfg: BatchTopKConfig, spec: TrainSpec, 
         record = json.loads(record_file.read_text())
         if record.get("settings") == settings:
             print(f"  reusing the SAE in {folder} (same settings)", flush=True)
-            return load_sae(folder).eval(), record
+            return load_sae(folder, device=spec.device).eval(), record
     if spec.steps < 1:
         raise DataError(f"steps={spec.steps}: an SAE needs at least one training step")
     pl.seed_everything(spec.seed, verbose=False)
@@ -120,7 +122,7 @@ def train_sae(dm: ActivationsDataModule, cfg: BatchTopKConfig, spec: TrainSpec, 
     record_file.write_text(json.dumps(record, indent=1))
     print(f"  trained {folder} ({trainer.global_step} steps, {seconds:.0f} s, last train FVU "
           f"{record['last_train_fvu']:.3f})", flush=True)
-    return load_sae(folder).eval(), record
+    return load_sae(folder, device=spec.device).eval(), record
 
 
 def held_out_vectors(dm: ActivationsDataModule, max_rows: int, seed: int = 0) -> torch.Tensor:

@@ -23,35 +23,31 @@ import torch
 
 from lightning_modules.components.batch_topk import BatchTopKSAE
 from lightning_modules.interpret.plot import Series, line_chart
+from lightning_modules.sae import FVU, LatentCounts
 
 
 @torch.no_grad()
 def score_sae(sae: BatchTopKSAE, x_ND: np.ndarray | torch.Tensor, chunk_rows: int = 4096) -> dict[str, float]:
     """``fvu``, ``explained_variance``, ``l0``, ``never_active`` (share of features silent on every row) and ``n``
-    of ``sae`` in eval mode on the rows of ``x_ND``."""
+    of ``sae`` in eval mode on the rows of ``x_ND``: the validation step's own metrics (:class:`FVU`,
+    :class:`LatentCounts`), read once at the end."""
+    if len(x_ND) == 0:
+        raise ValueError("no vectors to score the SAE on")
     was_training = sae.training
     sae.eval()
     dev = sae.W_enc.device
-    n, sse, sum_x, sum_sq, active = 0, 0.0, None, 0.0, 0
-    fired = torch.zeros(sae.num_latents, dtype=torch.bool, device=dev)
+    fvu, counts = FVU(sae.cfg.d_in).to(dev), LatentCounts(sae.num_latents).to(dev)
     try:
         for lo in range(0, len(x_ND), chunk_rows):
             x = torch.as_tensor(np.asarray(x_ND[lo : lo + chunk_rows], dtype=np.float32)).to(dev)
             out = sae(x)
-            xd = x.double()
-            sse += float((xd - out.x_hat.double()).pow(2).sum())
-            sum_x = xd.sum(0) if sum_x is None else sum_x + xd.sum(0)
-            sum_sq += float(xd.pow(2).sum())
-            active += int(out.acts.numel())
-            fired[out.latents] = True
-            n += len(x)
+            fvu.update(x, out.x_hat)
+            counts.update(out.latents, len(x))
     finally:
         sae.train(was_training)
-    if n == 0:
-        raise ValueError("no vectors to score the SAE on")
-    fvu = sse / (sum_sq - float(sum_x.pow(2).sum()) / n)
-    return {"fvu": fvu, "explained_variance": 1 - fvu, "l0": active / n,
-            "never_active": float((~fired).float().mean()), "n": n}
+    value, latents = float(fvu.compute()), counts.compute()
+    return {"fvu": value, "explained_variance": 1 - value, "l0": float(latents["l0"]),
+            "never_active": float(latents["dead_fraction"]), "n": len(x_ND)}
 
 
 @torch.no_grad()
