@@ -12,14 +12,11 @@ from torch import Tensor
 from transformers import get_linear_schedule_with_warmup
 
 from datamodules.sts import spearman100
-from lightning_modules.checkpoints import LOGGERS_KEY
+from lightning_modules.checkpoints import CLASS_PATH_KEY, LOGGERS_KEY
 from lightning_modules.components.encoder import Encoder
 from lightning_modules.components.guard import DivergenceError, DivergenceGuard, Event, describe
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-
-
-CLASS_PATH_KEY = "embedlab_class_path"
 
 
 class RecordsClassPath:

@@ -13,6 +13,7 @@ every entry's CRC, which finds truncation and corruption without unpickling anyt
 
 from __future__ import annotations
 
+import importlib
 import os
 import zipfile
 from collections.abc import Iterable
@@ -100,6 +101,8 @@ def check_complete(path: str | Path, roots: Iterable[str | Path] = ()) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- resuming
 DATA_CONFIG_KEY = "embedlab_data_config"
+#: Where a checkpoint names the LightningModule class that wrote it (``base.RecordsClassPath``).
+CLASS_PATH_KEY = "embedlab_class_path"
 LOGGERS_KEY = "embedlab_loggers"
 
 #: Options a resumed run may change: they change how fast a step runs or how often it is checked, not what it
@@ -177,6 +180,28 @@ def _differences(name: str, now, then) -> list[str]:
     return []
 
 
+def checkpoint_class(ckpt: dict) -> type | None:
+    """The class a checkpoint names (:data:`CLASS_PATH_KEY`, else LightningCLI's ``_class_path``), imported; None
+    when it names none."""
+    class_path = ckpt.get(CLASS_PATH_KEY) or (ckpt.get("hyper_parameters") or {}).get("_class_path")
+    if not class_path:
+        return None
+    module_name, _, class_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def recorded_hparams(ckpt: dict) -> dict:
+    """A checkpoint's hyper-parameters as its module takes them now: its class's ``upgrade_hparams`` (options an
+    older version kept elsewhere, e.g. an SAE's flat config fields, now nested under ``sae``) applied. Resuming and
+    loading both read them here, so an older checkpoint resumes with the settings it was trained with."""
+    recorded = dict(ckpt.get("hyper_parameters") or {})
+    try:
+        upgrade = getattr(checkpoint_class(ckpt), "upgrade_hparams", None)
+    except (ImportError, AttributeError):  # a class that no longer exists: whoever builds it names it
+        upgrade = None
+    return {**recorded, **upgrade(recorded)} if upgrade is not None else recorded
+
+
 def _fill_unset(args, recorded: dict) -> None:
     """Options left null in ``args`` (a config namespace) take the checkpoint's recorded value, nested ones too."""
     for key, value in recorded.items():
@@ -215,6 +240,7 @@ def resume_config(cfg, warn=print) -> Path | None:
     else:
         path = check_complete(given, roots)
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt["hyper_parameters"] = recorded_hparams(ckpt)
     changed = changed_options(cfg, ckpt)
     if changed:
         raise DataError(f"--ckpt_path {path} resumes a run with the settings it was trained with, and these "

@@ -597,3 +597,20 @@ def test_a_checkpoint_written_before_the_config_was_taken_whole_still_loads(tmp_
     loaded = load_module(path)
     assert loaded.sae.cfg.k == 3 and loaded.sae.cfg.dead_after == 77 and loaded.sae.num_latents == 16
     torch.testing.assert_close(loaded.sae.W_enc, module.sae.W_enc)
+    # resuming it reads the same nested settings: a recipe's different k is refused, unset fields are filled
+    from jsonargparse import Namespace
+
+    from lightning_modules.checkpoints import resume_config
+    from lightning_modules.components.errors import DataError
+
+    def fit_config(k):
+        return Namespace(ckpt_path=str(path), trainer=Namespace(default_root_dir=str(tmp_path), logger=None,
+                                                                callbacks=None),
+                         model=Namespace(class_path="lightning_modules.sae.SAEModule",
+                                         init_args=Namespace(sae=Namespace(k=k, dead_after=None), lr=None)))
+    with pytest.raises(DataError, match=r"model.init_args.sae.k \(checkpoint 3, now 32\)"):
+        resume_config(fit_config(32), warn=lambda _: None)
+    cfg = fit_config(None)
+    resume_config(cfg, warn=lambda _: None)
+    args = cfg.model.init_args
+    assert args.sae.k == 3 and args.sae.dead_after == 77 and args.lr == 1e-3
