@@ -135,7 +135,7 @@ class ExportOnFitEnd(WritesAtFitEnd):
         if metrics is not None:
             (out / "sae_metrics.json").write_text(json.dumps(metrics, indent=1))
         # the numbers the card shows (facts["sts"], filled by the export) or the SAE's figures: never scored again
-        step = facts["step"] if facts is not None else checkpoint_step(ckpt, trainer.global_step)
+        step = facts["step"] if facts is not None else metrics["global_step"]  # the exported weights' step
         self.eval_record = evaluation(ckpt, step, facts, metrics, trainer.callbacks)
         eval_file = write_evaluation(self._run or out.parent, self.eval_record)
         log_evaluation(wandb_loggers(trainer), self.eval_record, trainer.global_step)

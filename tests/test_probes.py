@@ -73,6 +73,8 @@ def test_split_by_sentence_keeps_each_sentence_on_one_side():
         split_by_sentence(np.array([1, 1]), 0.5)
     kept = sample_sentences(sid, 60, seed=0)
     assert kept.sum() <= 60 and all(kept[sid == s].all() or not kept[sid == s].any() for s in np.unique(sid))
+    assert kept.sum() > 60 - 7  # filled up to the budget, short of it by less than the longest sentence
+    assert not np.array_equal(kept, sample_sentences(sid, 60, seed=1))  # the seed draws other sentences
 
 
 def test_macro_f1_equals_a_loop_over_the_formula():
