@@ -272,6 +272,26 @@ def test_matryoshka_loss_is_the_sum_over_the_prefixes():
         matryoshka_mcr2_loss(z, 2, [4, 16], **kw)
 
 
+def test_matryoshka_loss_with_group_ids_sorts_them_once(monkeypatch):
+    """Group ids (k-means clusters, labels) are sorted with one host sync per step, not one per prefix, and give
+    the same loss as each prefix grouped on its own."""
+    from lightning_modules.losses import mcr2 as losses
+
+    z = torch.randn(12, 8, generator=torch.Generator().manual_seed(18))
+    groups = torch.tensor([3, 0, 3, 1, 0, 0, 1, 3, 1, 1, 0, 1])  # groups of 3, 4 and 5 rows
+    parts = [mcr2_loss(z[:, :k], groups, eps2=0.5) for k in (2, 4, 8)]
+    calls = []
+    real = losses.group_layout
+    monkeypatch.setattr(losses, "group_layout", lambda g: calls.append(1) or real(g))
+    out = matryoshka_mcr2_loss(z, groups, [2, 4, 8], eps2=0.5)
+    assert len(calls) == 1
+    assert out.rate_c.item() == pytest.approx(sum(p.rate_c.item() for p in parts), rel=1e-6)
+    assert out.loss.item() == pytest.approx(sum(p.loss.item() for p in parts), rel=1e-6)
+    assert out.smallest_group.item() == 3
+    with pytest.raises(ValueError, match="one group id per row"):
+        matryoshka_mcr2_loss(z, groups[:5], [2, 4])
+
+
 def test_float32_logdet_under_bf16_autocast():
     z = unit_rows(16, 8, seed=10)
     groups = torch.arange(16) % 4

@@ -73,13 +73,30 @@ class GroupBlocks(NamedTuple):
     counts_K: Tensor
 
 
-def group_blocks(z_MD: Tensor, groups_M: Tensor | int) -> GroupBlocks:
+class GroupLayout(NamedTuple):
+    """How rows fall into groups, found once per batch (:func:`group_layout`) and reused by every prefix of a
+    Matryoshka loss: the rows in group order, each group's size (on the host: block shapes) and as a tensor."""
+
+    order_M: Tensor
+    sizes: list[int]
+    counts_K: Tensor
+
+
+def group_layout(groups_M: Tensor) -> GroupLayout:
+    """The :class:`GroupLayout` of a group id per row (any values): one stable sort, one host sync."""
+    order_M = torch.argsort(groups_M, stable=True)
+    _, counts_K = torch.unique_consecutive(groups_M[order_M], return_counts=True)
+    # The one host sync: block shapes depend on how many rows each group has in this batch.
+    return GroupLayout(order_M, counts_K.tolist(), counts_K)
+
+
+def group_blocks(z_MD: Tensor, groups_M: Tensor | int | GroupLayout) -> GroupBlocks:
     """Split rows into groups by sorting once and slicing (never a dense m x m membership matrix).
 
     Args:
         z_MD: features.
         groups_M: an integer group id per row (any values), or an int S meaning consecutive blocks of S rows
-            (``m`` must be a multiple of S; no sort and no host sync).
+            (``m`` must be a multiple of S; no sort and no host sync), or a :class:`GroupLayout` already found.
     """
     m, d = z_MD.shape
     if isinstance(groups_M, int):
@@ -87,16 +104,17 @@ def group_blocks(z_MD: Tensor, groups_M: Tensor | int) -> GroupBlocks:
             raise ValueError(f"group size {groups_M} does not divide the {m} rows")
         K = m // groups_M
         return GroupBlocks(z_MD.reshape(K, groups_M, d), torch.full((K,), groups_M, device=z_MD.device))
-    if groups_M.shape != (m,):
-        raise ValueError(f"groups_M must hold one group id per row: shape {tuple(groups_M.shape)} for {m} rows")
-    order_M = torch.argsort(groups_M, stable=True)
-    _, counts_K = torch.unique_consecutive(groups_M[order_M], return_counts=True)
-    # The one host sync: block shapes depend on how many rows each group has in this batch.
-    slices = torch.split(z_MD[order_M], counts_K.tolist())
-    return GroupBlocks(pad_sequence(slices, batch_first=True), counts_K)
+    if not isinstance(groups_M, GroupLayout):
+        if groups_M.shape != (m,):
+            raise ValueError(f"groups_M must hold one group id per row: shape {tuple(groups_M.shape)} for {m} rows")
+        groups_M = group_layout(groups_M)
+    if len(groups_M.order_M) != m:
+        raise ValueError(f"a group layout of {len(groups_M.order_M)} rows for {m} rows")
+    slices = torch.split(z_MD[groups_M.order_M], groups_M.sizes)
+    return GroupBlocks(pad_sequence(slices, batch_first=True), groups_M.counts_K)
 
 
-def grouped_coding_rate(z_MD: Tensor, groups_M: Tensor | int, eps2: float = 0.5) -> Tensor:
+def grouped_coding_rate(z_MD: Tensor, groups_M: Tensor | int | GroupLayout, eps2: float = 0.5) -> Tensor:
     """``R_c(Z) = sum_j m_j / (2m) logdet(I_d + d / (m_j eps2) Z_j^T Z_j)``; see :func:`group_blocks` for groups."""
     return _blocks_rate(group_blocks(z_MD, groups_M), z_MD.shape[0], eps2)
 
@@ -176,7 +194,7 @@ def listwise_distillation(student_MK: Tensor, teacher_MD: Tensor, temperature: f
 
 def mcr2_loss(
     z_MK: Tensor,
-    groups_M: Tensor | int,
+    groups_M: Tensor | int | GroupLayout,
     eps2: float = 0.5,
     gamma: float = 1.0,
     teacher_MD: Tensor | None = None,
@@ -236,18 +254,24 @@ def matryoshka_mcr2_loss(z_MK: Tensor, groups_M: Tensor | int, dims: Sequence[in
     """
     if not dims or any(not 1 <= k <= z_MK.shape[-1] for k in dims):
         raise ValueError(f"matryoshka dims must lie in [1, {z_MK.shape[-1]}], got {list(dims)}")
+    if isinstance(groups_M, Tensor) and kwargs.get("mcr2_weight", 1.0):
+        if groups_M.shape != (z_MK.shape[0],):
+            raise ValueError(f"groups_M must hold one group id per row: shape {tuple(groups_M.shape)} for "
+                             f"{z_MK.shape[0]} rows")
+        groups_M = group_layout(groups_M)  # the same rows in every prefix: sort and sync once, not per prefix
     outs = [mcr2_loss(z_MK[:, :k], groups_M, **kwargs) for k in dims]
-    summed = [torch.stack(parts).sum() for parts in zip(*(o[:4] for o in outs))]
-    smallest = torch.stack([o.smallest_group for o in outs]).min()
-    return MCR2Output(*summed, smallest, torch.stack([o.listwise for o in outs]).sum())
+    return MCR2Output(*(torch.stack([getattr(o, f) for o in outs]).min() if f == "smallest_group" else
+                        torch.stack([getattr(o, f) for o in outs]).sum() for f in MCR2Output._fields))
 
 
 __all__ = [
     "GroupBlocks",
+    "GroupLayout",
     "MCR2Output",
     "coding_rate",
     "cosine_distillation",
     "group_blocks",
+    "group_layout",
     "grouped_coding_rate",
     "listwise_distillation",
     "logdet_identity_plus_gram",
