@@ -20,6 +20,7 @@ from lightning_modules.components.errors import DataError
 from lightning_modules.export import load_module, load_sae
 from lightning_modules.interpret.suite import run_suite
 from lightning_modules.model_card import checkpoint_facts
+from lightning_modules.saelens_format import sae_weights_file
 
 #: Columns of the W&B feature table (one row per feature).
 FEATURE_COLUMNS = ["id", "label", "purity", "energy", "fires", "contribution", "survival", "stability_cos",
@@ -203,9 +204,9 @@ def load_any_sae(path: str | Path):
         if not hasattr(module, "sae"):
             raise DataError(f"{path} is a {type(module).__name__} checkpoint, not an SAEModule one")
         return module.sae.eval()
-    if not (path / "cfg.json").is_file():
+    if sae_weights_file(path) is None:
         raise DataError(f"{path}: neither an SAE checkpoint (.ckpt) nor an exported SAE folder (cfg.json + "
-                        "sae.safetensors)")
+                        "sae.safetensors, or SAELens' sae_weights.safetensors)")
     return load_sae(path).eval()
 
 

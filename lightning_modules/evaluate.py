@@ -47,6 +47,7 @@ from lightning_modules.components.hub import (
     resolve_model,
 )
 from lightning_modules.loading import load_module
+from lightning_modules.saelens_format import sae_weights_file
 
 #: The SimCSE table: task -> column title, in the paper's order.
 PAPER_COLUMNS = {
@@ -155,7 +156,7 @@ def load_embedder(
     # imported when used: sentence-transformers takes ~3 s to import; only this path needs it
     from sentence_transformers import SentenceTransformer
 
-    if path.is_dir() and (path / "sae.safetensors").is_file():
+    if path.is_dir() and sae_weights_file(path) is not None:
         raise DataError(f"{path} is an exported SAE: evaluate scores sentence encoders; run `python train.py "
                         f"interpret --sae {path} --cache CACHE_FOLDER`")
     if path.is_dir():

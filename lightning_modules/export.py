@@ -29,7 +29,7 @@ from lightning_modules.loading import load_module
 from lightning_modules.model_card import write_model_card
 from lightning_modules.sae_card import sae_card
 from lightning_modules.saelens_format import WEIGHTS_FILE as SAELENS_WEIGHTS
-from lightning_modules.saelens_format import from_saelens, saelens_files
+from lightning_modules.saelens_format import from_saelens, sae_weights_file, saelens_files
 
 
 def sentence_transformer_modules(module: EmbeddingModule, transformer_dir: str | Path) -> list[nn.Module]:
@@ -277,11 +277,11 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu"):
     """
 
     path = Path(path)
-    saelens = (path / SAELENS_WEIGHTS).is_file()
-    for name in ("cfg.json", SAELENS_WEIGHTS if saelens else "sae.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found: not an SAE folder written by export_sae")
-    weights = path / (SAELENS_WEIGHTS if saelens else "sae.safetensors")
+    weights = sae_weights_file(path)
+    if weights is None:
+        missing = "cfg.json" if not (path / "cfg.json").is_file() else "sae.safetensors"
+        raise FileNotFoundError(f"{path / missing} not found: not an SAE folder written by export_sae")
+    saelens = weights.name == SAELENS_WEIGHTS
     meta = json.loads((path / "cfg.json").read_text())
     tensors = load_file(str(weights))
     if saelens:

@@ -22,6 +22,8 @@ everything else (level, text prefix, model fingerprint, the BatchTopK config, th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -32,6 +34,16 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 #: The ``metadata.sae_lens_version`` written: the first version of the layout above (SAELens converts older ones).
 LAYOUT_VERSION = "6.0.0"
 
+
+
+def sae_weights_file(path: str | Path) -> Path | None:
+    """The weights of the SAE folder ``path``: this project's ``sae.safetensors`` or SAELens' (:data:`WEIGHTS_FILE`),
+    beside a ``cfg.json``; None when ``path`` is no SAE folder. Every loader asks this, so a folder in either
+    format is recognised everywhere."""
+    path = Path(path)
+    if not (path / "cfg.json").is_file():
+        return None
+    return next((path / name for name in (WEIGHTS_FILE, "sae.safetensors") if (path / name).is_file()), None)
 
 def saelens_files(folded: BatchTopKSAE, embedlab: dict) -> tuple[dict[str, Tensor], dict]:
     """The tensors and ``cfg.json`` of the SAELens folder of ``folded`` (an SAE whose input scale is folded, see

@@ -236,6 +236,13 @@ def test_train_export_format_saelens_and_its_errors(fitted_sae, tmp_path, tiny_m
     torch.testing.assert_close(load_sae(out).encode(x), module.encode(x), rtol=1e-5, atol=1e-5)
     card = (out / "README.md").read_text()
     assert "| FVU | not measured |" in card and "up to step 6; the weights are those of" in card
+    # the SAELens folder is an SAE to every loader: interpret loads it, evaluate says it is no sentence encoder
+    from callbacks.interpret import load_any_sae
+    from lightning_modules.evaluate import load_embedder
+
+    torch.testing.assert_close(load_any_sae(out).encode(x), module.encode(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(DataError, match="is an exported SAE: evaluate scores sentence encoders"):
+        load_embedder(str(out))
     with pytest.raises(DataError) as bad:
         train.main(["export", "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "x"), "--format", "onnx"])
     assert train.user_error(bad.value) == "--format 'onnx' is not an export format: sparsify or saelens (SAEs only)"
