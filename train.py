@@ -22,9 +22,10 @@ from jsonargparse import ArgumentParser
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
-from pytorch_lightning.utilities import rank_zero_warn
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from callbacks import preemption
 from callbacks.interpret import interpret_main
 from callbacks.run_defaults import PROJECT, apply_run_defaults, recipe_name
 from callbacks.study import study_main
@@ -97,6 +98,16 @@ class EmbedLabCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the config chose
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:  # Lightning stopped on SIGTERM: a SystemExit with no code, i.e. exit 0
+            stops = [cb for cb in self.trainer.callbacks if isinstance(cb, preemption.PreemptionCheckpoint)]
+            if not stops:
+                raise preemption.Preempted(f"stopped by SIGTERM at step {self.trainer.global_step}; no checkpoint "
+                                           "was saved (no PreemptionCheckpoint callback)", 15) from None
+            raise preemption.Preempted(stops[0].message(), stops[0].signum or 15) from None
 
 
 def export_main(argv: list[str]) -> None:
@@ -171,6 +182,8 @@ def main(argv: list[str] | None = None) -> EmbedLabCLI | None:
         COMMANDS[args[0]](args[1:])
         return None
     check_moved_options(args)
+    if args[:1] == ["fit"]:
+        preemption.arm()  # until the training loop owns SIGTERM: a stop while the data is prepared is named too
     return EmbedLabCLI(
         LightningModule,
         LightningDataModule,
@@ -205,6 +218,10 @@ def user_error(err: BaseException) -> str | None:
 if __name__ == "__main__":  # the guard matters: strategy="ddp" re-launches this script (docs/pitfalls.md #9)
     try:
         main()
+    except preemption.Preempted as stop:  # exit 128 + signal: a scheduler or pipeline sees a killed job, not a done one
+        if rank_zero_only.rank == 0:
+            sys.stderr.write(f"error: {stop}\n")
+        sys.exit(stop.exit_code)
     except (ValueError, OSError, RuntimeError) as err:
         message = user_error(err)
         if message is None or os.environ.get("EMBEDLAB_TRACEBACK"):

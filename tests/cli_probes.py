@@ -53,3 +53,21 @@ class DivergeOnOneRank(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             pl_module.guard.note_loss(torch.tensor(float("nan")), self.step)
+
+
+class WaitAt(Callback):
+    """At the end of training step ``step``, writes ``marker`` and waits (up to a minute) for a signal from outside:
+    a test then sends SIGTERM to the process at a known step, as a scheduler would."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, marker
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import time
+            from pathlib import Path
+
+            Path(self.marker).write_text(str(self.step))
+            deadline = time.time() + 60
+            while not trainer.received_sigterm and time.time() < deadline:
+                time.sleep(0.05)

@@ -11,10 +11,14 @@ right after the handler ran, so nothing but the checkpoint survives).
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cli_probes
 import pytest
+import torch
 from pytorch_lightning import Callback
 from test_train_cli import fit_args
 
@@ -93,3 +97,118 @@ def test_sigusr1_saves_an_hpc_checkpoint_requeues_and_the_requeued_run_resumes_a
     assert resumed[0][:3] == (3, 0, 3)
     assert interrupted + resumed == straight
     assert not (job / "hpc_ckpt_2.ckpt").exists()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sigterm_at(args: list[str], step: int, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``train.py`` with ``args`` as a subprocess and send it a real SIGTERM from here once it has finished
+    training step ``step`` (it waits there, cli_probes.WaitAt); return the finished process."""
+    marker = cwd / f"at_step_{step}"
+    env = {**os.environ, **(env or {}), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--trainer.callbacks+=cli_probes.WaitAt",
+                             f"--trainer.callbacks.step={step}", f"--trainer.callbacks.marker={marker}"],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), f"the run never reached step {step}: {proc.communicate(timeout=60)[1][-3000:]}"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_sigterm_saves_the_step_reached_exits_143_and_the_resumed_run_ends_with_the_uninterrupted_weights(
+        tmp_path, tiny_model_no_dropout, sample_data):
+    """As `scancel` or a Kubernetes eviction: SIGTERM after step 5 of 8. Lightning alone exits 0 with the last
+    periodic checkpoint (step 4 here); now last.ckpt holds step 5, the exit code is 143 with one line naming it."""
+    from test_faults import recipe_args
+
+    from lightning_modules.checkpoints import newest_complete
+
+    straight = train.main(recipe_args("contrastive", tmp_path / "straight", tiny_model_no_dropout, sample_data))
+    args = recipe_args("contrastive", tmp_path / "stopped", tiny_model_no_dropout, sample_data)
+    proc = sigterm_at(args, 5, tmp_path)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    [line] = error_lines(proc.stderr)
+    saved = tmp_path / "stopped" / "ckpt" / "last.ckpt"
+    assert line == ("error: stopped by SIGTERM at step 5: checkpoint stopped/ckpt/last.ckpt holds that step; "
+                    "`--ckpt_path last` resumes it")  # the path as typed from the run's working directory
+    assert "Traceback" not in proc.stderr
+    assert newest_complete([tmp_path / "stopped"]) == saved.resolve()
+    assert torch.load(saved, weights_only=False)["global_step"] == 5
+    resumed = train.main([*args, "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == straight.trainer.global_step == 8
+    want, got = straight.model.state_dict(), resumed.model.state_dict()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sigterm_under_slurm_without_sigusr1_requeues_and_the_requeued_job_resumes_by_itself(
+        tmp_path, tiny_model, sample_data, fake_slurm):
+    """SLURM preempting with SIGTERM alone (no --signal=SIGUSR1): Lightning only prints "Bypassing SIGTERM" and
+    exits 0. Now the step reached is saved as Lightning's hpc checkpoint, the job is requeued once (scontrol,
+    replaced here by a script recording its arguments), and the requeued run resumes from it with no --ckpt_path."""
+    from datamodules.sample import write_sample
+
+    data = write_sample(tmp_path / "d", n_sentences=40, n_pairs=5)
+    job = tmp_path / "job"
+    args = fit_args(job, tiny_model, data, "--config", str(SLURM_YAML), *CPU, "--trainer.max_steps", "8",
+                    "--data.batch_size", "8")
+    proc = sigterm_at(args, 3, tmp_path)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert fake_slurm.read_text().split() == ["requeue", "4242"]
+    assert torch.load(job / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 3
+    [line] = error_lines(proc.stderr)
+    assert line == ("error: stopped by SIGTERM at step 3: checkpoint job/hpc_ckpt_1.ckpt; SLURM job 4242 was "
+                    "requeued and resumes from it by itself")
+    cli = train.main(args)  # the requeued job: same command, same environment
+    assert cli.trainer.global_step == 8
+    assert cli.config.fit.ckpt_path is None  # Lightning resumed from hpc_ckpt_1.ckpt itself
+    assert fake_slurm.read_text().split() == ["requeue", "4242"]  # requeued once
+
+
+def test_sigterm_while_the_activation_cache_is_built_keeps_whole_shards_that_the_rerun_reuses(
+        tmp_path, tiny_model_no_dropout):
+    """SIGTERM lands while an SAE run caches its activations (before Lightning's loop owns the signal): the run
+    stops between writes with exit 143 and one line, every shard on disk loads whole, and the rerun encodes only
+    the sentences that were missing."""
+    import json
+
+    import numpy as np
+    from test_faults import recipe_args
+
+    from datamodules.sample import write_sample
+
+    data = write_sample(tmp_path / "d", n_sentences=3000, n_pairs=5)
+    args = [*recipe_args("sae", tmp_path / "run", tiny_model_no_dropout, data), "--data.shard_sentences", "8"]
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list(cache.glob("*/shard_00002.meta.npy")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert error_lines(err) == ["error: stopped by SIGTERM before training started (nothing trained yet; an "
+                                "activation cache being built keeps its finished shards, which a rerun reuses)"]
+    [folder] = [p.parent for p in cache.glob("*/identity.json")]
+    assert not (folder / "meta.json").exists()  # not marked complete
+    done = sorted(folder.glob("shard_*.meta.npy"))
+    assert 3 <= len(done) < 3000 // 8
+    for meta in done:  # every shard the stopped run left is whole
+        vectors = np.load(meta.with_name(meta.name.replace(".meta.", ".vectors.")))
+        assert len(vectors) == len(np.load(meta)) > 0
+    cli = train.main(args)
+    assert cli.trainer.global_step == 8
+    built = json.loads((folder / "meta.json").read_text())
+    assert built["complete"] and built["n_sentences"] == 3000
+    kept = sum(len(np.load(meta)) for meta in done)
+    assert built["build"]["new_vectors"] == built["n_vectors"] - kept
