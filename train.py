@@ -28,6 +28,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from callbacks import preemption
 from callbacks.interpret import interpret_main
 from callbacks.run_defaults import PROJECT, apply_run_defaults, recipe_name
+from callbacks.run_environment import bound_startup, check_trainer_environment, start_wandb
 from callbacks.study import study_main
 from lightning_modules.checkpoints import DATA_CONFIG_KEY, AtomicCheckpointIO, resume_config
 from lightning_modules.components.batch_topk import BatchTopKConfig
@@ -90,13 +91,23 @@ class EmbedLabCLI(LightningCLI):
         apply_run_defaults(self.config.fit, self.recipe)
         resume_config(self.config.fit, warn=rank_zero_warn)
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--startup_timeout", type=float, default=300.0,
+                            help="seconds the processes of a distributed run wait for each other at start-up before "
+                                 "giving up with the ranks that never joined")
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except MisconfigurationException as err:  # e.g. max_steps -5: Lightning's check of the trainer options
+        except (MisconfigurationException, ValueError) as err:  # e.g. max_steps -5, or devices against SLURM's tasks
             raise DataError(f"trainer: {err}") from None
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the config chose
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        check_trainer_environment(trainer)
+        subcommand = self.config.get("subcommand")
+        bound_startup(trainer.strategy, self.config[subcommand].startup_timeout)
+        if subcommand == "fit":
+            start_wandb(trainer.loggers)
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:

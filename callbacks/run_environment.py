@@ -1,0 +1,171 @@
+"""The cluster around a run, checked before it trains: rank variables, distributed start-up, W&B's network.
+
+Environment left over from another job or machine is either consistent and used, or an error naming it:
+
+- :func:`check_rank_variables`: ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``NODE_RANK`` (torchrun's
+  ``GROUP_RANK`` / ``LOCAL_WORLD_SIZE``, SLURM's ``SLURM_PROCID`` / ``SLURM_LOCALID`` / ``SLURM_NODEID`` /
+  ``SLURM_NTASKS``) must fit the trainer's devices and nodes. Lightning reads some of them and ignores others: a
+  leftover ``RANK=1`` in a one-process run makes every rank-zero-only step (loggers, export, evaluation) silently
+  skip, and a ``WORLD_SIZE=2`` with one process started waits for a peer forever.
+- :func:`bound_startup`: the processes of a DDP run meet in a rendezvous that gives up after ``--startup_timeout``
+  seconds, naming the ranks that never joined and ``MASTER_ADDR`` / ``MASTER_PORT`` (torch waits 30 minutes and
+  says nothing). Under torchrun its own rendezvous does this, and this one stands aside.
+- :func:`start_wandb`: a W&B logger in online mode that cannot reach its server within wandb's ``init_timeout``
+  goes offline with one warning line (``wandb sync`` uploads the run later) instead of ending the run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+from collections.abc import Mapping
+from datetime import timedelta
+
+import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning_fabric.utilities.distributed import _destroy_dist_connection
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.utilities import rank_zero_warn
+
+from lightning_modules.components.errors import DataError
+
+#: Rank variables and what bounds each: the number of processes (``world``), processes per node (``devices``),
+#: a global rank (``rank``), a rank within the node (``local``) or a node's rank (``node``).
+RANK_VARIABLES = {
+    "WORLD_SIZE": "world", "LOCAL_WORLD_SIZE": "devices", "RANK": "rank", "LOCAL_RANK": "local",
+    "NODE_RANK": "node", "GROUP_RANK": "node", "SLURM_PROCID": "rank", "SLURM_LOCALID": "local",
+    "SLURM_NODEID": "node",
+}
+
+
+class ClusterError(DataError):
+    """The processes or the network around a run are not as the run's options say; the message names them."""
+
+
+def check_rank_variables(devices: int, num_nodes: int, slurm: bool, env: Mapping[str, str] = os.environ) -> None:
+    """Raise :class:`ClusterError` naming each rank variable in ``env`` that does not fit a run of ``num_nodes``
+    nodes x ``devices`` processes (``SLURM_NTASKS`` counts only when Lightning runs under SLURM, ``slurm``)."""
+    world = devices * num_nodes
+    size = {"world": world, "devices": devices}
+    count = {"rank": world, "local": devices, "node": num_nodes}
+    names = dict(RANK_VARIABLES, **({"SLURM_NTASKS": "world"} if slurm else {}))
+    values, problems = {}, []
+    for name, kind in names.items():
+        raw = env.get(name)
+        if raw is None:
+            continue
+        try:
+            values[name] = value = int(raw)
+        except ValueError:
+            problems.append(f"{name}={raw!r} is not a whole number")
+            continue
+        if kind in size and value != size[kind]:
+            problems.append(f"{name}={value}, but the trainer runs {size[kind]} process{'es' * (size[kind] != 1)}"
+                            + (" per node" if kind == "devices" else ""))
+        elif kind in count and not 0 <= value < count[kind]:
+            problems.append(f"{name}={value} is outside 0..{count[kind] - 1}")
+    node = values.get("NODE_RANK", values.get("GROUP_RANK"))
+    rank, local = values.get("RANK"), values.get("LOCAL_RANK")
+    if not problems and None not in (node, rank, local) and rank != node * devices + local:
+        problems.append(f"RANK={rank}, but node {node} x {devices} devices + LOCAL_RANK={local} is rank "
+                        f"{node * devices + local}")
+    if problems:
+        raise ClusterError(f"rank variables do not fit this run (devices {devices}, num_nodes {num_nodes}): "
+                           f"{'; '.join(problems)}. Left over from another job? Unset them, or set --trainer.devices "
+                           "and --trainer.num_nodes to what the launcher started")
+
+
+def check_trainer_environment(trainer) -> None:
+    """:func:`check_rank_variables` for a built trainer (its devices, nodes and cluster environment)."""
+    environment = trainer._accelerator_connector.cluster_environment
+    check_rank_variables(trainer.num_devices, trainer.num_nodes, isinstance(environment, SLURMEnvironment))
+
+
+# ------------------------------------------------------------------------------------------ distributed start-up
+#: The rendezvous store of this process, kept for the life of its process group (gloo reads it for new groups).
+_STORE: list = []
+
+
+def join(address: str, port: int, rank: int, world_size: int, timeout_s: float) -> torch.distributed.Store:
+    """Meet the other ranks at ``address:port`` (rank 0 hosts a ``TCPStore`` there) within ``timeout_s``; return the
+    store, or raise :class:`ClusterError` naming the ranks that never joined. torch's own start-up counts the
+    processes that connected but cannot say which are missing, and waits 30 minutes by default."""
+    where = f"MASTER_ADDR={address}, MASTER_PORT={port}"
+    deadline = time.monotonic() + timeout_s
+    try:
+        store = torch.distributed.TCPStore(address, port, is_master=rank == 0, wait_for_workers=False,
+                                           timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, TimeoutError) as err:  # DistNetworkError / DistStoreError are RuntimeErrors
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ClusterError(f"distributed start-up: rank {rank} could not "
+                           f"{'open' if rank == 0 else 'reach rank 0 at'} {address}:{port} within {timeout_s:g} s "
+                           f"({where}): {first}") from None
+    store.set(f"embedlab/joined/{rank}", str(os.getpid()))
+    keys = [f"embedlab/joined/{r}" for r in range(world_size)]
+    while not store.check(keys):
+        if time.monotonic() > deadline:
+            missing = [r for r, key in enumerate(keys) if not store.check([key])]
+            shown = ", ".join(map(str, missing[:20])) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+            raise ClusterError(f"distributed start-up: rank{'s' * (len(missing) > 1)} {shown} of {world_size} never "
+                               f"joined within {timeout_s:g} s ({where}; this is rank {rank}). Start every process "
+                               "(the launcher, srun's tasks), check that they reach MASTER_ADDR:MASTER_PORT, or give "
+                               "them longer with --startup_timeout")
+        time.sleep(0.2)
+    return store
+
+
+def bound_startup(strategy, timeout_s: float) -> None:
+    """Make a DDP strategy's ranks meet through :func:`join` (bounded by ``timeout_s``) before torch's process group
+    is made over the same store; Lightning then finds the group initialised and goes on. Not under torchrun, whose
+    agent runs the rendezvous, nor for other strategies."""
+    if not isinstance(strategy, DDPStrategy) or isinstance(strategy.cluster_environment, TorchElasticEnvironment):
+        return
+    setup_distributed = strategy.setup_distributed
+
+    def setup_with_rendezvous() -> None:
+        if strategy.num_nodes * strategy.num_processes > 1 and not torch.distributed.is_initialized():
+            strategy.set_world_ranks()
+            environment, backend = strategy.cluster_environment, strategy._get_process_group_backend()
+            store = join(environment.main_address, environment.main_port, strategy.global_rank,
+                         strategy.world_size, timeout_s)
+            _STORE[:] = [store]
+            device = strategy.root_device
+            torch.distributed.init_process_group(backend, store=store, rank=strategy.global_rank,
+                                                 world_size=strategy.world_size, timeout=strategy._timeout,
+                                                 device_id=device if device.type != "cpu" else None)
+            if backend == "nccl":  # as Lightning does for the groups it makes
+                atexit.register(_destroy_dist_connection)
+        setup_distributed()
+
+    strategy.setup_distributed = setup_with_rendezvous
+
+
+# ------------------------------------------------------------------------------------------------------- W&B
+#: wandb.init's wait for its server when neither WANDB_INIT_TIMEOUT nor the logger's settings say otherwise.
+WANDB_INIT_TIMEOUT_S = 60.0
+
+
+def start_wandb(loggers: list) -> None:
+    """Start each W&B logger's run now, before training; one that cannot reach its server within wandb's
+    ``init_timeout`` (``WANDB_INIT_TIMEOUT``, else 60 s) starts offline instead, with one warning line."""
+    for logger in loggers:
+        if type(logger).__name__ != "WandbLogger" or getattr(logger, "_experiment", None) is not None:
+            continue
+        init = logger._wandb_init  # the keyword arguments WandbLogger passes to wandb.init
+        if init.get("mode") in ("offline", "disabled") or os.environ.get("WANDB_MODE") in ("offline", "dryrun",
+                                                                                              "disabled"):
+            continue  # nothing to wait for: Lightning starts it
+        import wandb
+
+        if "WANDB_INIT_TIMEOUT" not in os.environ and init.get("settings") is None:
+            init["settings"] = wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S)
+        try:
+            logger.experiment  # noqa: B018
+        except (wandb.errors.CommError, wandb.errors.UsageError, TimeoutError, ConnectionError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            logger._experiment = None
+            init["mode"] = "offline"
+            run = logger.experiment
+            rank_zero_warn(f"W&B could not reach its server ({reason}); this run logs offline to "
+                           f"{os.path.dirname(run.dir)}: `wandb sync {os.path.dirname(run.dir)}` uploads it later")

@@ -1,0 +1,122 @@
+"""The cluster around a run (issue: runs that survive it): rank variables, distributed start-up, W&B without a
+network, folders checked before the work. Real faults: real processes, real ports, real read-only folders."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train_cli import fit_args
+
+import train
+from callbacks.run_environment import ClusterError, check_rank_variables
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(args: list[str], cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")},
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **env}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("env, devices, nodes, slurm", [
+    ({}, 1, 1, False),
+    ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}, 1, 1, False),
+    ({"LOCAL_RANK": "1", "WORLD_SIZE": "2", "NODE_RANK": "0"}, 2, 1, False),  # what Lightning's launcher sets
+    ({"RANK": "5", "LOCAL_RANK": "1", "GROUP_RANK": "1", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"}, 4, 2, False),
+    ({"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_NTASKS": "4"}, 2, 2, True),
+    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, 2, 1, False),  # an interactive allocation: Lightning launches
+])
+def test_consistent_rank_variables_are_used(env, devices, nodes, slurm):
+    check_rank_variables(devices, nodes, slurm, env)
+
+
+@pytest.mark.parametrize("env, devices, nodes, slurm, named", [
+    ({"RANK": "1"}, 1, 1, False, ["RANK=1 is outside 0..0"]),  # leftover: rank-zero work would silently skip
+    ({"WORLD_SIZE": "2", "RANK": "3"}, 2, 1, False, ["RANK=3 is outside 0..1"]),
+    ({"WORLD_SIZE": "4"}, 2, 1, False, ["WORLD_SIZE=4, but the trainer runs 2 processes"]),
+    ({"LOCAL_RANK": "x"}, 1, 1, False, ["LOCAL_RANK='x' is not a whole number"]),
+    ({"RANK": "2", "LOCAL_RANK": "1", "NODE_RANK": "0"}, 2, 2, False, ["RANK=2, but node 0 x 2 devices + "
+                                                                      "LOCAL_RANK=1 is rank 1"]),
+    ({"LOCAL_WORLD_SIZE": "8"}, 4, 2, False, ["LOCAL_WORLD_SIZE=8, but the trainer runs 4 processes per node"]),
+    ({"SLURM_NTASKS": "16", "SLURM_PROCID": "0"}, 8, 1, True, ["SLURM_NTASKS=16, but the trainer runs 8 processes"]),
+    ({"SLURM_PROCID": "1", "NODE_RANK": "2"}, 1, 1, False, ["NODE_RANK=2 is outside 0..0",
+                                                            "SLURM_PROCID=1 is outside 0..0"]),
+])
+def test_inconsistent_rank_variables_are_named(env, devices, nodes, slurm, named):
+    with pytest.raises(ClusterError) as raised:
+        check_rank_variables(devices, nodes, slurm, env)
+    for part in named:
+        assert part in str(raised.value)
+    assert f"(devices {devices}, num_nodes {nodes})" in str(raised.value)
+
+
+def test_a_leftover_rank_is_refused_before_anything_runs(tmp_path, tiny_model, sample_data, monkeypatch):
+    """A one-process fit with RANK=1 left in the environment: Lightning took it as rank 1, so the loggers, the
+    checkpoints' log folder and the export were skipped without a word and the run exited 0."""
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ClusterError, match=r"RANK=1 is outside 0\.\.0\. Left over from another job\?"):
+        train.main(fit_args(tmp_path, tiny_model, sample_data))
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_rank_that_never_starts_ends_the_start_up_within_the_timeout_naming_it(tmp_path, tiny_model, sample_data):
+    """Rank 0 of a 2-process gloo run started alone (as a launcher that lost a node would): torch waits 30
+    minutes in silence; here it gives up after --startup_timeout with the missing rank and the address."""
+    port = free_port()
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    args = fit_args(tmp_path, tiny_model, sample_data, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                    "--startup_timeout", "3")
+    start = time.monotonic()
+    proc = run_train(args, tmp_path, env, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert time.monotonic() - start < 90
+    assert error_lines(proc.stderr) == [
+        f"error: distributed start-up: rank 1 of 2 never joined within 3 s (MASTER_ADDR=127.0.0.1, MASTER_PORT={port}; "
+        "this is rank 0). Start every process (the launcher, srun's tasks), check that they reach "
+        "MASTER_ADDR:MASTER_PORT, or give them longer with --startup_timeout"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_rank_whose_master_never_starts_names_the_address(tmp_path, tiny_model, sample_data):
+    port = free_port()
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    args = fit_args(tmp_path, tiny_model, sample_data, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                    "--startup_timeout", "3")
+    proc = run_train(args, tmp_path, env, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    [line] = error_lines(proc.stderr)
+    assert line.startswith(f"error: distributed start-up: rank 1 could not reach rank 0 at 127.0.0.1:{port} within "
+                           f"3 s (MASTER_ADDR=127.0.0.1, MASTER_PORT={port})")
+
+
+def test_two_ranks_started_by_hand_meet_and_train(tmp_path, tiny_model, sample_data):
+    """Both ranks started from outside, as srun or a hand-written launcher does: they meet through the bounded
+    rendezvous and train to the end; only rank 0 writes the checkpoints."""
+    port = free_port()
+    args = fit_args(tmp_path, tiny_model, sample_data, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                    "--startup_timeout", "60", "--trainer.max_steps", "2")
+    base = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")},
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert list(tmp_path.rglob("*.ckpt"))
