@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import time
 from collections.abc import Mapping
 from datetime import timedelta
@@ -26,7 +27,7 @@ import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning_fabric.utilities.distributed import _destroy_dist_connection
 from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_only
 
 from lightning_modules.components.errors import DataError
 
@@ -167,5 +168,12 @@ def start_wandb(loggers: list) -> None:
             logger._experiment = None
             init["mode"] = "offline"
             run = logger.experiment
-            rank_zero_warn(f"W&B could not reach its server ({reason}); this run logs offline to "
-                           f"{os.path.dirname(run.dir)}: `wandb sync {os.path.dirname(run.dir)}` uploads it later")
+            folder = os.path.dirname(run.dir)
+            warn_line(f"W&B could not reach its server ({reason}); this run logs offline to {folder}: "
+                      f"`wandb sync {folder}` uploads it later")
+
+
+@rank_zero_only
+def warn_line(text: str) -> None:
+    """One ``warning:`` line on stderr (a Python warning takes two: the text and the source line)."""
+    sys.stderr.write(f"warning: {text}\n")

@@ -120,3 +120,26 @@ def test_two_ranks_started_by_hand_meet_and_train(tmp_path, tiny_model, sample_d
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     assert list(tmp_path.rglob("*.ckpt"))
+
+
+def test_wandb_online_without_a_reachable_server_falls_back_to_offline_and_the_run_goes_on(
+        tmp_path, tiny_model, sample_data):
+    """WANDB_MODE=online with a key and the server at a closed local port (a compute node without outbound network):
+    wandb stalled ~140 s and raised CommError, so the run never started. Now, within wandb's init timeout, one
+    warning line, an offline run folder, and the fit ends normally."""
+    port = free_port()  # nothing listens there
+    args = fit_args(tmp_path, tiny_model, sample_data, "--trainer.logger", "pytorch_lightning.loggers.WandbLogger",
+                    "--trainer.logger.save_dir", str(tmp_path), "--trainer.logger.project", "embedlab-test",
+                    "--trainer.max_steps", "2")
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{port}",
+           "WANDB_INIT_TIMEOUT": "5", "WANDB_SILENT": "false"}
+    start = time.monotonic()
+    proc = run_train(args, tmp_path, env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.monotonic() - start < 120
+    warnings = [line for line in proc.stderr.splitlines() if "W&B could not reach its server" in line]
+    assert len(warnings) == 1, proc.stderr[-3000:]
+    [offline] = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert f"this run logs offline to {offline}: `wandb sync {offline}` uploads it later" in warnings[0]
+    assert list(offline.glob("run-*.wandb"))
+    assert list(tmp_path.rglob("*.ckpt"))
