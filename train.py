@@ -28,7 +28,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from callbacks import preemption
 from callbacks.interpret import interpret_main
 from callbacks.run_defaults import PROJECT, apply_run_defaults, recipe_name
-from callbacks.run_environment import bound_startup, check_trainer_environment, start_wandb
+from callbacks.run_environment import bound_startup, check_run_folders, check_trainer_environment, start_wandb
 from callbacks.study import study_main
 from lightning_modules.checkpoints import DATA_CONFIG_KEY, AtomicCheckpointIO, resume_config
 from lightning_modules.components.batch_topk import BatchTopKConfig
@@ -90,6 +90,7 @@ class EmbedLabCLI(LightningCLI):
             return super()._parse_ckpt_path()  # validate / test: Lightning's (the checkpoint's hparams apply)
         apply_run_defaults(self.config.fit, self.recipe)
         resume_config(self.config.fit, warn=rank_zero_warn)
+        check_run_folders(self.config.fit)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--startup_timeout", type=float, default=300.0,

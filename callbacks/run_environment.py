@@ -10,6 +10,9 @@ Environment left over from another job or machine is either consistent and used,
 - :func:`bound_startup`: the processes of a DDP run meet in a rendezvous that gives up after ``--startup_timeout``
   seconds, naming the ranks that never joined and ``MASTER_ADDR`` / ``MASTER_PORT`` (torch waits 30 minutes and
   says nothing). Under torchrun its own rendezvous does this, and this one stands aside.
+- :func:`check_run_folders`: every folder a fit will write (run folder, logger folders, checkpoint and export
+  folders, the activation cache) is written to once before the first step, so a read-only or full mount is named
+  then, not after the steps it would lose (and W&B never falls back to /tmp on its own).
 - :func:`start_wandb`: a W&B logger in online mode that cannot reach its server within wandb's ``init_timeout``
   goes offline with one warning line (``wandb sync`` uploads the run later) instead of ending the run.
 """
@@ -29,7 +32,10 @@ from lightning_fabric.utilities.distributed import _destroy_dist_connection
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
-from lightning_modules.components.errors import DataError
+from callbacks.run_defaults import class_name
+from datamodules.activation_cache import default_cache_dir
+from lightning_modules.checkpoints import config_entries
+from lightning_modules.components.errors import DataError, StorageError, unwritable
 
 #: Rank variables and what bounds each: the number of processes (``world``), processes per node (``devices``),
 #: a global rank (``rank``), a rank within the node (``local``) or a node's rank (``node``).
@@ -140,6 +146,37 @@ def bound_startup(strategy, timeout_s: float) -> None:
         setup_distributed()
 
     strategy.setup_distributed = setup_with_rendezvous
+
+
+# ------------------------------------------------------------------------------------------------------ folders
+def run_folders(cfg) -> list[tuple[str, str]]:
+    """``(option, folder)`` for each folder a parsed ``fit`` config writes: the trainer's root, the loggers'
+    folders, callbacks' ``dirpath`` / ``output_dir``, and a datamodule's activation cache folder."""
+    trainer = cfg.trainer
+    out = [("trainer.default_root_dir", trainer.get("default_root_dir"))]
+    for part, entries, keys in (("trainer.logger", trainer.get("logger"), ("save_dir", "dir")),
+                                ("trainer.callbacks", trainer.get("callbacks"), ("dirpath", "output_dir"))):
+        for item in config_entries(entries):
+            args = item.get("init_args") or {}
+            out += [(f"{part} {class_name(item)} {key}", args[key]) for key in keys if args.get(key)]
+    data = cfg.get("data")
+    data_args = (data.get("init_args") if hasattr(data, "get") else None) or {}
+    if "cache_dir" in data_args:
+        env = os.environ.get("EMBEDLAB_CACHE")
+        option = "data.init_args.cache_dir" if data_args["cache_dir"] else (
+            f"EMBEDLAB_CACHE={env}" if env else "the activation cache folder")
+        out.append((option, data_args["cache_dir"] or default_cache_dir()))
+    return [(option, str(folder)) for option, folder in out if folder]
+
+
+def check_run_folders(cfg) -> None:
+    """Write to each of :func:`run_folders` once, before anything is built; raise :class:`StorageError` naming the
+    first that cannot be written."""
+    for option, folder in dict.fromkeys(run_folders(cfg)):
+        reason = unwritable(folder)
+        if reason is not None:
+            raise StorageError(f"{option}: cannot write in {folder} ({reason}); nothing was run. Give a writable "
+                               "folder")
 
 
 # ------------------------------------------------------------------------------------------------------- W&B

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lightning_modules.components.errors import DataError, StorageError, why_write_failed
+from lightning_modules.components.errors import DataError, StorageError, unwritable, why_write_failed
 
 
 class ArtifactError(StorageError):
@@ -223,7 +223,8 @@ def resume_config(cfg, warn=print) -> Path | None:
       left null take the checkpoint's value, so the recorded config is what runs.
     - the run continues where it was: W&B loggers without an id take the checkpoint's run id, and
       ModelCheckpoint callbacks without a dirpath write beside the resumed checkpoint (so its best-k state is
-      restored, and the end-of-fit export goes to the same run folder).
+      restored, and the end-of-fit export goes to the same run folder), unless that folder cannot be written
+      (a shared read-only store): then into the run's own folder, with a warning saying so.
     ``best``, ``hpc``, ``registry`` and null are Lightning's to resolve and are left alone.
     """
     given = cfg.get("ckpt_path")
@@ -257,9 +258,15 @@ def resume_config(cfg, warn=print) -> Path | None:
         if logger.class_path.endswith("WandbLogger") and wandb_ids and not (args.get("id") or args.get("version")) \
                 and not os.environ.get("WANDB_RUN_ID"):
             args.id = wandb_ids.pop(0)
-    if not path.name.startswith("hpc_ckpt"):
-        for callback in config_entries(cfg.trainer.get("callbacks")):
-            if callback.class_path.endswith("ModelCheckpoint") and not callback.init_args.get("dirpath"):
+    unset = [cb for cb in config_entries(cfg.trainer.get("callbacks"))
+             if cb.class_path.endswith("ModelCheckpoint") and not cb.init_args.get("dirpath")]
+    if unset and not path.name.startswith("hpc_ckpt"):
+        reason = unwritable(path.parent)
+        if reason is None:
+            for callback in unset:
                 callback.init_args.dirpath = os.path.realpath(path.parent)
+        else:  # a shared read-only store: the steps must not be lost at the first save
+            warn(f"the checkpoint folder {path.parent} cannot be written ({reason}): this run writes its new "
+                 "checkpoints into its own run folder")
     warn(f"resuming from {path} (global step {ckpt.get('global_step')})")
     return path

@@ -2,6 +2,7 @@
 network, folders checked before the work. Real faults: real processes, real ports, real read-only folders."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -143,3 +144,80 @@ def test_wandb_online_without_a_reachable_server_falls_back_to_offline_and_the_r
     assert f"this run logs offline to {offline}: `wandb sync {offline}` uploads it later" in warnings[0]
     assert list(offline.glob("run-*.wandb"))
     assert list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Makes a folder read-only for real: a read-only bind mount of it onto itself (root only; skipped otherwise,
+    since permission bits do not stop root and a read-only mount is what shared checkpoint stores are)."""
+    mounted = []
+
+    def make(folder: Path) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to make a read-only bind mount")
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
+        mounted.append(folder)
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], check=True)
+        with pytest.raises(OSError):
+            (folder / "probe").write_text("x")
+        return folder
+
+    yield make
+    for folder in reversed(mounted):
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_resuming_from_a_read_only_checkpoint_store_writes_the_new_checkpoints_into_the_run_folder(
+        tmp_path, tiny_model, sample_data, read_only):
+    """--ckpt_path in a read-only folder: every step trained, then an OSError at the first save (the steps lost).
+    Now the new checkpoints go to the run's own folder, said in one warning, and the run ends normally."""
+    train.main(fit_args(tmp_path / "store", tiny_model, sample_data))
+    [last] = list((tmp_path / "store").rglob("last.ckpt"))
+    read_only(tmp_path / "store")
+    said = f"the checkpoint folder {last.parent} cannot be written (Read-only file system): this run writes its " \
+           "new checkpoints into its own run folder"
+    with pytest.warns(UserWarning, match=re.escape(said)):
+        cli = train.main(fit_args(tmp_path / "run", tiny_model, sample_data, "--ckpt_path", str(last),
+                                  "--trainer.max_steps", "6"))
+    assert cli.trainer.global_step == 6
+    [new] = list((tmp_path / "run").rglob("last.ckpt"))
+    import torch
+
+    assert torch.load(new, weights_only=False)["global_step"] == 6
+
+
+def test_a_read_only_run_folder_is_named_before_the_first_step(tmp_path, tiny_model, sample_data, read_only):
+    root = read_only(tmp_path / "ro")
+    with pytest.raises(OSError) as raised:
+        train.main(fit_args(root, tiny_model, sample_data))
+    assert train.user_error(raised.value) == (f"trainer.default_root_dir: cannot write in {root} (Read-only file "
+                                              "system); nothing was run. Give a writable folder")
+
+
+def test_a_read_only_wandb_folder_is_named_not_swapped_for_tmp(tmp_path, tiny_model, sample_data, read_only):
+    """W&B given an unwritable save_dir wrote its run to /tmp/wandb without a word."""
+    root = read_only(tmp_path / "ro")
+    args = fit_args(tmp_path / "run", tiny_model, sample_data, "--trainer.logger",
+                    "pytorch_lightning.loggers.WandbLogger", "--trainer.logger.save_dir", str(root))
+    with pytest.raises(OSError) as raised:
+        train.main(args)
+    assert train.user_error(raised.value).startswith(f"trainer.logger WandbLogger save_dir: cannot write in {root} "
+                                                     "(Read-only file system)")
+
+
+def test_a_cache_variable_naming_a_file_is_named(tmp_path, tiny_model_no_dropout, sample_data, monkeypatch):
+    from test_faults import recipe_args
+
+    args = [a for a in recipe_args("sae", tmp_path, tiny_model_no_dropout, sample_data)]
+    at = args.index("--data.cache_dir")
+    del args[at:at + 2]
+    (tmp_path / "cachefile").write_text("not a folder")
+    monkeypatch.setenv("EMBEDLAB_CACHE", str(tmp_path / "cachefile"))
+    with pytest.raises(OSError) as raised:
+        train.main(args)
+    assert train.user_error(raised.value) == (f"EMBEDLAB_CACHE={tmp_path / 'cachefile'}: cannot write in "
+                                              f"{tmp_path / 'cachefile'} (it is a file, not a folder); nothing was "
+                                              "run. Give a writable folder")

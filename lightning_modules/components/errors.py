@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -28,3 +29,18 @@ def why_write_failed(err: OSError, path: Path) -> str:
     if free < 1 << 20:
         return f"No space left on device ({free // 1024} KiB free; {err.strerror or err})"
     return str(err.strerror or err)
+
+
+def unwritable(folder: str | Path) -> str | None:
+    """Why files cannot be written in ``folder`` (created when missing), or None when they can. Tried for real,
+    with a temporary file: permission bits say nothing to root, and a read-only mount only shows on writing."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return "it is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".embedlab-write-check-"):
+            pass
+    except OSError as err:
+        return why_write_failed(err, folder / "x")
+    return None
