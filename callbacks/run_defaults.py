@@ -13,7 +13,8 @@ leave it unset (``null``):
   after the step and the score), else on an SAE's ``val/sae/fvu`` (min); ``last.ckpt`` is kept either way.
 - ``LearningRateMonitor`` (per step) when a logger is on and no callback is one.
 - :class:`~callbacks.wandb_summary.WandbSummaries` for the best value of every monitored metric.
-- :class:`~callbacks.preemption.PreemptionCheckpoint`: SIGTERM saves the step reached and exits non-zero.
+- :class:`~callbacks.preemption.PreemptionCheckpoint` (unless checkpointing is off): SIGTERM saves the step reached
+  and the run exits non-zero.
 
 They are filled into the parsed config before anything is built, so resuming (``--ckpt_path``) treats them like
 options a recipe wrote, and the config every logger records holds them.
@@ -145,7 +146,7 @@ def apply_run_defaults(cfg: Namespace, recipe: str) -> None:
     if "ModelCheckpoint" not in names and trainer.get("enable_checkpointing") is not False:
         callbacks.append(default_checkpoint(cfg))
     loggers = config_entries(trainer.logger)
-    if "PreemptionCheckpoint" not in names:
+    if "PreemptionCheckpoint" not in names and trainer.get("enable_checkpointing") is not False:
         callbacks.append(entry(PREEMPTION))
     if loggers and "LearningRateMonitor" not in names:
         callbacks.append(entry(LR_MONITOR, logging_interval="step"))

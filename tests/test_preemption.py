@@ -102,11 +102,11 @@ def test_sigusr1_saves_an_hpc_checkpoint_requeues_and_the_requeued_run_resumes_a
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sigterm_at(args: list[str], step: int, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``train.py`` with ``args`` as a subprocess and send it a real SIGTERM from here once it has finished
+def sigterm_at(args: list[str], step: int, cwd: Path, signum: int = signal.SIGTERM) -> subprocess.CompletedProcess:
+    """Run ``train.py`` with ``args`` as a subprocess and send it a real ``signum`` from here once it has finished
     training step ``step`` (it waits there, cli_probes.WaitAt); return the finished process."""
     marker = cwd / f"at_step_{step}"
-    env = {**os.environ, **(env or {}), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--trainer.callbacks+=cli_probes.WaitAt",
                              f"--trainer.callbacks.step={step}", f"--trainer.callbacks.marker={marker}"],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -114,7 +114,7 @@ def sigterm_at(args: list[str], step: int, cwd: Path, env: dict | None = None) -
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     assert marker.exists(), f"the run never reached step {step}: {proc.communicate(timeout=60)[1][-3000:]}"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
@@ -147,6 +147,19 @@ def test_sigterm_saves_the_step_reached_exits_143_and_the_resumed_run_ends_with_
     want, got = straight.model.state_dict(), resumed.model.state_dict()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sigusr1_outside_slurm_stops_like_sigterm_instead_of_killing_the_run(tmp_path, tiny_model, sample_data):
+    """`--signal=SIGUSR1@90` without SLURM's auto-requeue (or any scheduler sending it): its default action
+    killed the process with nothing saved. Now it stops like SIGTERM, with exit 128 + 10."""
+    args = fit_args(tmp_path / "run", tiny_model, sample_data, "--trainer.max_steps", "8")
+    proc = sigterm_at(args, 2, tmp_path, signal.SIGUSR1)
+    assert proc.returncode == 128 + signal.SIGUSR1, proc.stderr[-3000:]
+    [line] = error_lines(proc.stderr)
+    assert line.startswith("error: stopped by SIGUSR1 at step 2: checkpoint run/lightning_logs/version_0/"
+                           "checkpoints/last.ckpt holds that step")
+    assert torch.load(tmp_path / "run/lightning_logs/version_0/checkpoints/last.ckpt",
+                      weights_only=False)["global_step"] == 2
 
 
 def test_sigterm_under_slurm_without_sigusr1_requeues_and_the_requeued_job_resumes_by_itself(

@@ -47,7 +47,8 @@ def test_unset_options_get_the_recipe_defaults():
     assert wandb.dict_kwargs == {"group": "my_recipe", "job_type": "fit",
                                  "tags": ["simcse", "model:all-MiniLM-L6-v2", "data:sentences", "source:wiki1m.txt"]}
     names = [c.class_path.rpartition(".")[2] for c in t.callbacks]
-    assert names == ["STSEvaluator", "ModelCheckpoint", "LearningRateMonitor", "WandbSummaries"]
+    assert names == ["STSEvaluator", "ModelCheckpoint", "PreemptionCheckpoint", "LearningRateMonitor",
+                     "WandbSummaries"]
     ckpt = t.callbacks[1].init_args
     assert (ckpt.monitor, ckpt.mode, ckpt.every_n_train_steps, ckpt.save_last) == ("val/sts_dev_spearman", "max", 25,
                                                                                   True)
@@ -62,6 +63,7 @@ def test_what_a_recipe_sets_is_kept():
     apply_run_defaults(cfg, "r")
     assert cfg.trainer.logger == [own_logger] and cfg.trainer.default_root_dir == "elsewhere"
     assert [c.class_path.rpartition(".")[2] for c in cfg.trainer.callbacks] == ["ModelCheckpoint",
+                                                                                 "PreemptionCheckpoint",
                                                                                  "LearningRateMonitor"]
     off = parsed(callbacks=None)
     off.trainer.logger = False
