@@ -32,6 +32,7 @@ from lightning_fabric.utilities.distributed import _destroy_dist_connection
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
+from callbacks.export import shown
 from callbacks.run_defaults import class_name
 from datamodules.activation_cache import default_cache_dir
 from lightning_modules.checkpoints import config_entries
@@ -205,7 +206,7 @@ def start_wandb(loggers: list) -> None:
             logger._experiment = None
             init["mode"] = "offline"
             run = logger.experiment
-            folder = os.path.dirname(run.dir)
+            folder = shown(os.path.dirname(run.dir))
             warn_line(f"W&B could not reach its server ({reason}); this run logs offline to {folder}: "
                       f"`wandb sync {folder}` uploads it later")
 

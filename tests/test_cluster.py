@@ -141,7 +141,8 @@ def test_wandb_online_without_a_reachable_server_falls_back_to_offline_and_the_r
     warnings = [line for line in proc.stderr.splitlines() if "W&B could not reach its server" in line]
     assert len(warnings) == 1, proc.stderr[-3000:]
     [offline] = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert f"this run logs offline to {offline}: `wandb sync {offline}` uploads it later" in warnings[0]
+    shown = offline.relative_to(tmp_path)  # as typed from the run's working directory
+    assert f"this run logs offline to {shown}: `wandb sync {shown}` uploads it later" in warnings[0]
     assert list(offline.glob("run-*.wandb"))
     assert list(tmp_path.rglob("*.ckpt"))
 
