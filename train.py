@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 
 import yaml
@@ -115,11 +116,12 @@ class EmbedLabCLI(LightningCLI):
         try:
             super()._run_subcommand(subcommand)
         except SIGTERMException:  # Lightning stopped on SIGTERM: a SystemExit with no code, i.e. exit 0
-            stops = [cb for cb in self.trainer.callbacks if isinstance(cb, preemption.PreemptionCheckpoint)]
-            if not stops:
+            stop = next((cb for cb in self.trainer.callbacks if isinstance(cb, preemption.PreemptionCheckpoint)),
+                        None)
+            if stop is None:  # checkpointing is off
                 raise preemption.Preempted(f"stopped by SIGTERM at step {self.trainer.global_step}; no checkpoint "
-                                           "was saved (no PreemptionCheckpoint callback)", 15) from None
-            raise preemption.Preempted(stops[0].message(), stops[0].signum or 15) from None
+                                           "was saved (checkpointing is off)", signal.SIGTERM) from None
+            raise preemption.Preempted(stop.message(), stop.signum or signal.SIGTERM) from None
 
 
 def export_main(argv: list[str]) -> None:
