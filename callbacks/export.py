@@ -146,7 +146,9 @@ class ExportOnFitEnd(WritesAtFitEnd):
                  f"evaluation:     {shown(eval_file)}"]
         for logger in trainer.loggers:
             wandb = wandb_run(logger)
-            if wandb is not None:
+            if wandb is not None and wandb["disabled"]:
+                lines.append("W&B run:        none (WANDB_MODE=disabled: nothing was logged to W&B)")
+            elif wandb is not None:
                 hint = f"  (offline: `wandb sync {wandb['dir']}` uploads it later)" if wandb["offline"] else ""
                 lines.append(f"W&B run:        {wandb['dir']}{hint}")
             elif getattr(logger, "log_dir", None):
@@ -172,7 +174,8 @@ def wandb_run(logger) -> dict | None:
     if run is None:
         return None
     offline = getattr(run.settings, "_offline", False) or getattr(run.settings, "mode", "") == "offline"
-    return {"id": run.id, "project": run.project, "dir": shown(Path(run.dir).parent), "offline": bool(offline)}
+    return {"id": run.id, "project": run.project, "dir": shown(Path(run.dir).parent), "offline": bool(offline),
+            "disabled": bool(getattr(run, "disabled", False))}
 
 
 def shown(path: str | Path) -> str:
@@ -198,7 +201,7 @@ def fit_facts(trainer: pl.Trainer, ckpt: str | None, run_dir: Path | None, sts_t
     facts.update(run_steps=trainer.global_step, sts_tasks=list(sts_tasks))
     if run_dir is not None:
         facts["run_dir"] = str(run_dir)
-    runs = [r for r in map(wandb_run, trainer.loggers) if r is not None]
+    runs = [r for r in map(wandb_run, trainer.loggers) if r is not None and not r["disabled"]]  # disabled: no run
     if runs:
         facts["wandb"] = runs[0]
     dm = getattr(trainer, "datamodule", None)

@@ -192,8 +192,12 @@ def start_wandb(loggers: list) -> None:
         if type(logger).__name__ != "WandbLogger" or getattr(logger, "_experiment", None) is not None:
             continue
         init = logger._wandb_init  # the keyword arguments WandbLogger passes to wandb.init
-        if init.get("mode") in ("offline", "disabled") or os.environ.get("WANDB_MODE") in ("offline", "dryrun",
-                                                                                              "disabled"):
+        mode = init.get("mode") or os.environ.get("WANDB_MODE")
+        if mode == "disabled":  # often left over from another job: say so, since nothing will reach W&B
+            source = "the logger's mode: disabled" if init.get("mode") else "WANDB_MODE=disabled"
+            warn_line(f"W&B is disabled ({source}): nothing of this run is logged to W&B; unset it to log (offline "
+                      "without a key)")
+        if mode in ("offline", "dryrun", "disabled"):
             continue  # nothing to wait for: Lightning starts it
         import wandb
 

@@ -222,3 +222,18 @@ def test_a_cache_variable_naming_a_file_is_named(tmp_path, tiny_model_no_dropout
     assert train.user_error(raised.value) == (f"EMBEDLAB_CACHE={tmp_path / 'cachefile'}: cannot write in "
                                               f"{tmp_path / 'cachefile'} (it is a file, not a folder); nothing was "
                                               "run. Give a writable folder")
+
+
+def test_a_leftover_disabled_wandb_mode_is_said_and_the_summary_lists_no_run_folder(tmp_path, tiny_model,
+                                                                                   sample_data):
+    """WANDB_MODE=disabled left in the environment: nothing reached W&B and the end-of-fit lines listed a
+    /tmp/wandb/run-... folder that was never written."""
+    args = fit_args(tmp_path, tiny_model, sample_data, "--trainer.logger", "pytorch_lightning.loggers.WandbLogger",
+                    "--trainer.logger.save_dir", str(tmp_path), "--trainer.max_steps", "2",
+                    "--trainer.callbacks+=callbacks.ExportOnFitEnd", "--trainer.callbacks.sts_tasks=[]")
+    proc = run_train(args, tmp_path, {"WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("warning:")] == [
+        "warning: W&B is disabled (WANDB_MODE=disabled): nothing of this run is logged to W&B; unset it to log "
+        "(offline without a key)"]
+    assert "W&B run:        none (WANDB_MODE=disabled: nothing was logged to W&B)" in proc.stdout
