@@ -35,6 +35,18 @@ def write_atomic(path: Path, text: str) -> None:
         raise StorageError(f"could not write {path}: {why_write_failed(err, path)}") from None
 
 
+def readable_as_umask(path: Path) -> None:
+    """Give ``path``, and everything under it when it is a folder, the mode a new file or folder gets from the umask
+    (0644 / 0755 under umask 022): safetensors' ``save_file`` creates its file 0600 whatever the umask, so another
+    account on a shared cluster could not read the weights beside files it can read. Call it after writing and
+    before the atomic rename, so that no reader ever sees the file with the other mode."""
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it
+    os.umask(mask)
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def read_json(path: Path, what: str, remedy: str):
     """The JSON in ``path``, or a DataError naming the file, saying it is damaged (``what``) and what to do."""
     try:

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from datamodules.base import readable_as_umask
 from datamodules.groups import kmeans_groups
 from datamodules.sts import load_sts, spearman100
 from lightning_modules.base import EmbeddingModule
@@ -322,6 +323,7 @@ class MCR2Module(EmbeddingModule):
         if path is not None and self.global_rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({"embeddings": embeddings}, str(path), metadata={"fingerprint": fingerprint})
+            readable_as_umask(path)  # save_file makes it 0600
         return embeddings
 
     # ------------------------------------------------------------------------------------------------ training
