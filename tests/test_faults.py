@@ -336,6 +336,14 @@ def test_export_and_evaluate_mistakes_are_one_line_errors(sae_checkpoint, tmp_pa
         ["evaluate", "--model", "someone/not-a-model", "--tasks", "stsb"])  # offline: one line, not a traceback
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc (a filesystem with 0 bytes free)")
+def test_an_export_where_no_file_can_be_made_names_that_not_a_full_disk(sae_checkpoint):
+    # /proc has 0 bytes free, like any virtual or read-only filesystem: that is not why the write failed
+    message = one_line_error(["export", "--ckpt_path", str(sae_checkpoint), "--output_dir", "/proc/embedlab_x"])
+    assert message.startswith("could not write the export /proc/embedlab_x: No such file or directory"), message
+    assert "space" not in message
+
+
 def test_a_blank_line_in_an_sae_source_names_the_option_that_exists(tmp_path, tiny_model_no_dropout, sample_data):
     text = tmp_path / "blank.txt"
     text.write_text("a man is playing a guitar .\n\nthe dog is cleaning the car .\n" * 20)

@@ -17,14 +17,17 @@ class StorageError(OSError):
 
 
 def why_write_failed(err: OSError, path: Path) -> str:
-    """What an OSError from writing ``path`` means, in words: numpy's short-write error says only "N requested
-    and M written", so a (nearly) full filesystem is named from its free space."""
+    """What an OSError from writing ``path`` means, in words: the system's reason when it gives one (a full disk only
+    when it says so: ENOSPC, or EDQUOT for a quota). numpy's short-write error has no errno and says only "N requested
+    and M written": then a (nearly) full filesystem is named from its free space."""
     if err.errno == errno.ENOSPC:
         return "No space left on device"
+    if err.errno is not None:  # the free space of /proc or a read-only mount is 0 too: never a reason by itself
+        return str(err.strerror or err)
     try:
         free = shutil.disk_usage(Path(path).parent).free
     except OSError:
-        return str(err.strerror or err)
+        return str(err)
     if free < 1 << 20:
-        return f"No space left on device ({free // 1024} KiB free; {err.strerror or err})"
-    return str(err.strerror or err)
+        return f"No space left on device ({free // 1024} KiB free; {err})"
+    return str(err)
