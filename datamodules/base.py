@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -57,7 +58,12 @@ def read_json(path: Path, what: str, remedy: str):
 
 def resolve(source: str, data_root: str | None) -> Path | None:
     """The local file or folder ``source`` names (absolute, or relative to ``data_root`` or the working
-    directory), or None when nothing local exists (the caller may then try the Hugging Face hub)."""
+    directory), or None when nothing local exists (the caller may then try the Hugging Face hub).
+
+    Raises:
+        DataError: nothing exists but a candidate is a symbolic link that leads nowhere (:func:`broken_link`):
+            "not found" would hide why, and the hub would be asked for a file that is on disk.
+    """
     candidates = [Path(source)] if Path(source).is_absolute() else []
     if not candidates:
         if data_root:
@@ -66,6 +72,23 @@ def resolve(source: str, data_root: str | None) -> Path | None:
     for path in candidates:
         if path.exists():
             return path
+    for path in candidates:
+        if why := broken_link(path):
+            raise DataError(why)
+    return None
+
+
+def broken_link(path: Path) -> str | None:
+    """Why ``path`` cannot be opened when a symbolic link is the cause (a loop of links, or a link to a missing
+    file), in words naming it; None otherwise."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return f"{path} is a symbolic link loop (following its links never reaches a file: {err.strerror})"
+        if path.is_symlink():
+            return (f"{path} is a dangling symbolic link: it points to {os.path.realpath(path)}, which does not "
+                    "exist")
     return None
 
 

@@ -194,6 +194,17 @@ def test_model_folder_without_tokenizer_files_is_refused(tmp_path, tiny_model, s
         load_embedder(str(bare))
 
 
+def test_a_data_source_that_is_a_broken_symbolic_link_is_named_so(tmp_path, tiny_model, sample_data):
+    loop, dangling = tmp_path / "loop", tmp_path / "dangling"
+    loop.symlink_to("loop")
+    dangling.symlink_to(tmp_path / "moved" / "sentences.txt")  # a data folder moved away
+    message = one_line_error(fit_args(tmp_path, tiny_model, sample_data, "--data.source", str(loop)))
+    assert message.startswith(f"{loop} is a symbolic link loop"), message
+    message = one_line_error(fit_args(tmp_path, tiny_model, sample_data, "--data.source", str(dangling)))
+    target = tmp_path / "moved" / "sentences.txt"
+    assert message == f"{dangling} is a dangling symbolic link: it points to {target}, which does not exist"
+
+
 def test_damaged_cache_files_are_named(tmp_path):
     from datamodules.activation_builder import model_fingerprint
     from datamodules.activation_cache import ActivationCache, save_atomic
