@@ -34,8 +34,8 @@ from datamodules.activation_cache import (
     default_cache_dir,
     identity_diff,
 )
-from datamodules.base import ResumesMidEpoch, read_json
-from lightning_modules.components.errors import DataError
+from datamodules.base import ResumesMidEpoch
+from lightning_modules.components.errors import DataError, read_json
 
 
 # ---------------------------------------------------------------------------------------------------- streaming

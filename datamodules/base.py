@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import errno
 import io
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,14 +45,6 @@ def readable_as_umask(path: Path) -> None:
     path = Path(path)
     for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
-
-
-def read_json(path: Path, what: str, remedy: str):
-    """The JSON in ``path``, or a DataError naming the file, saying it is damaged (``what``) and what to do."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: {what} is damaged or incomplete ({err}); {remedy}") from None
 
 
 def resolve(source: str, data_root: str | None) -> Path | None:

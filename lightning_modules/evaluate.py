@@ -42,6 +42,7 @@ from datamodules.sts import SICK_FILES, STS_TASKS, TEXT_FORMS, STSPairs, load_st
 from lightning_modules.components.errors import DataError
 from lightning_modules.components.hub import (
     check_max_length,
+    check_model_files,
     check_tokenizer_files,
     check_vocabulary_fits,
     resolve_model,
@@ -103,8 +104,8 @@ class SentenceTransformerEmbedder:
 
 
 def _check_weights(folder: Path) -> None:
-    """Raise when a model folder (or its Transformer module's sub-folder) holds a config but no weights, or no
-    tokenizer files."""
+    """Raise when a model folder (or its Transformer module's sub-folder) holds a config but no weights, no
+    tokenizer files, or files copied in part (:func:`check_model_files`)."""
     transformer_dirs = [folder]
     modules_json = folder / "modules.json"
     if modules_json.is_file():
@@ -119,6 +120,7 @@ def _check_weights(folder: Path) -> None:
                 f"(found {sorted(p.name for p in d.iterdir())})"
             )
         check_tokenizer_files(d)
+        check_model_files(d)
 
 
 def load_embedder(

@@ -194,6 +194,25 @@ def test_model_folder_without_tokenizer_files_is_refused(tmp_path, tiny_model, s
         load_embedder(str(bare))
 
 
+@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json"])
+def test_a_model_folder_copied_in_half_names_the_file_and_says_copy_it_again(damaged, tmp_path, tiny_model,
+                                                                             sample_data):
+    from datamodules.activations import ActivationsDataModule
+
+    folder = tmp_path / "half"
+    shutil.copytree(tiny_model, folder)
+    os.truncate(folder / damaged, (folder / damaged).stat().st_size // 2)
+    expected = (rf"{re.escape(str(folder / damaged))}: a file of the model folder is (damaged or )?incomplete.*; "
+                rf"copy the folder {re.escape(str(folder))} again$")
+    for args in (["evaluate", "--model", str(folder), "--tasks", "stsb"], fit_args(tmp_path, str(folder), sample_data)):
+        message = one_line_error(args)
+        assert re.search(expected, message), message
+    builder = ActivationsDataModule(model_name_or_path=str(folder), source=str(sample_data / "sentences.txt"),
+                                    cache_dir=str(tmp_path / "cache"), encode_device="cpu")
+    with pytest.raises(DataError, match=expected):
+        builder.prepare_data()
+
+
 def test_a_data_source_that_is_a_broken_symbolic_link_is_named_so(tmp_path, tiny_model, sample_data):
     loop, dangling = tmp_path / "loop", tmp_path / "dangling"
     loop.symlink_to("loop")

@@ -1,9 +1,10 @@
-"""The errors that name a bad input or a failed write, shared by every package (the lowest layer: no imports of
-ours). ``train.py`` prints them as one ``error:`` line instead of a traceback."""
+"""The errors that name a bad input or a failed write, and the small readers that raise them, shared by every package
+(the lowest layer: no imports of ours). ``train.py`` prints them as one ``error:`` line instead of a traceback."""
 
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,14 @@ class DataError(ValueError):
 
 class StorageError(OSError):
     """A file could not be written or read back (a full disk, a damaged file); the message names it."""
+
+
+def read_json(path: Path, what: str, remedy: str):
+    """The JSON in ``path``, or a DataError naming the file, saying it is damaged (``what``) and what to do."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: {what} is damaged or incomplete ({err}); {remedy}") from None
 
 
 def why_write_failed(err: OSError, path: Path) -> str:
