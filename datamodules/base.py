@@ -415,6 +415,11 @@ class TextDataModule(ResumesMidEpoch, pl.LightningDataModule):
         self.setup()
         return self._texts
 
+    @property
+    def views(self) -> int:
+        """V, the sentences per row."""
+        return len(self.texts[0])
+
     def tokenized(self) -> TokenizedRows:
         if self._dataset is None:
             self._dataset = TokenizedRows(self.tokenize_views(self.texts, len(self.texts[0])))

@@ -224,6 +224,25 @@ def test_a_data_source_that_is_a_broken_symbolic_link_is_named_so(tmp_path, tiny
     assert message == f"{dangling} is a dangling symbolic link: it points to {target}, which does not exist"
 
 
+@pytest.mark.parametrize("switch, match", [
+    (["--model", "lightning_modules.MCR2Module"],  # the recipe's data: one sentence per row
+     r"^model.grouping 'pairs' needs rows of at least 2 sentences, but SentencesDataModule gives rows of 1: "),
+    (["--model", "lightning_modules.MCR2Module", "--model.grouping", "kmeans"],
+     r"^model grouping 'kmeans' needs every training sentence up front: use datamodules.GroupedTextDataModule "
+     r"\(got SentencesDataModule\)$"),
+    (["--model", "lightning_modules.MCR2Module", "--model.grouping", "labels", "--data",
+      "datamodules.GroupedTextDataModule"],
+     r"^model.grouping 'labels' needs labelled rows, and the rows of GroupedTextDataModule carry no label: set "
+     r"data.label_column"),
+])
+def test_a_model_switched_to_data_it_cannot_group_is_refused_before_training(switch, match, tmp_path, tiny_model,
+                                                                             sample_data):
+    args = fit_args(tmp_path, tiny_model, sample_data, *switch, "--model.out_dim", "8", "--model.max_length", "32")
+    message = one_line_error(args)
+    assert re.search(match, message), message
+    assert not list(tmp_path.rglob("*.ckpt"))  # refused before the first step
+
+
 def test_damaged_cache_files_are_named(tmp_path):
     from datamodules.activation_builder import model_fingerprint
     from datamodules.activation_cache import ActivationCache, save_atomic
