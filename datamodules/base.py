@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -31,7 +32,8 @@ def write_atomic(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # NotADirectoryError when the folder is a file
+            tmp.unlink(missing_ok=True)
         raise StorageError(f"could not write {path}: {why_write_failed(err, path)}") from None
 
 

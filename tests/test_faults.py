@@ -243,6 +243,21 @@ def test_a_model_switched_to_data_it_cannot_group_is_refused_before_training(swi
     assert not list(tmp_path.rglob("*.ckpt"))  # refused before the first step
 
 
+def test_embedlab_cache_naming_a_file_is_one_line_naming_it(tmp_path, tiny_model_no_dropout, sample_data,
+                                                           monkeypatch):
+    args = recipe_args("sae", tmp_path, tiny_model_no_dropout, sample_data)
+    at = args.index("--data.cache_dir")
+    del args[at:at + 2]  # the default: $EMBEDLAB_CACHE
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    monkeypatch.setenv("EMBEDLAB_CACHE", str(a_file))
+    assert one_line_error(args).endswith(f"EMBEDLAB_CACHE={a_file} is a file, not a folder; activation caches are "
+                                         "folders (created when missing)")
+    monkeypatch.setenv("EMBEDLAB_CACHE", str(a_file / "caches"))
+    assert f"EMBEDLAB_CACHE={a_file / 'caches'}: {a_file} is a file, not a folder" in one_line_error(args)
+    assert a_file.read_text() == "mine"
+
+
 def test_damaged_cache_files_are_named(tmp_path):
     from datamodules.activation_builder import model_fingerprint
     from datamodules.activation_cache import ActivationCache, save_atomic
