@@ -19,6 +19,7 @@ from datamodules.wic import load_wic
 from lightning_modules.components.errors import DataError
 from lightning_modules.export import load_module, load_sae
 from lightning_modules.interpret.suite import run_suite
+from lightning_modules.loading import is_checkpoint_file
 from lightning_modules.model_card import checkpoint_facts
 from lightning_modules.saelens_format import sae_weights_file
 
@@ -196,10 +197,10 @@ class InterpretSAE(WritesAtFitEnd):
 
 def load_any_sae(path: str | Path):
     """An SAE in eval mode from an exported folder (``cfg.json`` + ``sae.safetensors``) or an ``SAEModule``
-    checkpoint (``.ckpt``)."""
+    checkpoint (``.ckpt``, or a zip archive by any name: :func:`~lightning_modules.loading.is_checkpoint_file`)."""
 
     path = Path(path)
-    if path.is_file() and path.suffix == ".ckpt":
+    if is_checkpoint_file(path):
         module = load_module(path)
         if not hasattr(module, "sae"):
             raise DataError(f"{path} is a {type(module).__name__} checkpoint, not an SAEModule one")
