@@ -76,13 +76,17 @@ def safetensors_damage(path: Path) -> str | None:
 
 
 def check_model_files(folder: str | Path) -> None:
-    """A DataError naming the file when a local model folder was copied in part or is corrupt: its JSON files (config,
-    tokenizer, weight index) must parse and its safetensors weights be as long as their headers say. Cheap (headers
-    only), and before transformers reads them: it would fail with "Error while deserializing header" or
-    "Unrecognized processing class", naming neither the file nor the cause."""
+    """A DataError naming the folder when it is local but not a model folder (no config.json), or naming the file when
+    the folder was copied in part or is corrupt: its JSON files (config, tokenizer, weight index) must parse and its
+    safetensors weights be as long as their headers say. Cheap (headers only), and before transformers reads them: it
+    would fail with "Unrecognized model", "Error while deserializing header" or "Unrecognized processing class",
+    naming neither the file nor the cause."""
     folder = Path(folder)
     if not folder.is_dir():
         return
+    if not (folder / "config.json").is_file():
+        raise DataError(f"{folder} is not a model folder: it has no config.json (it holds "
+                        f"{', '.join(sorted(p.name for p in folder.iterdir())[:8]) or 'nothing'})")
     what, remedy = "a file of the model folder", f"copy the folder {folder} again"
     for path in sorted(folder.glob("*.json")):
         read_json(path, what, remedy)
@@ -122,8 +126,8 @@ def load_pretrained(model_name_or_path: str, **model_kwargs) -> tuple[nn.Module,
     complain about parameters that receive no gradient.
     """
     model_name_or_path = resolve_model(model_name_or_path)
-    check_tokenizer_files(model_name_or_path)
     check_model_files(model_name_or_path)
+    check_tokenizer_files(model_name_or_path)
     try:
         config = AutoConfig.from_pretrained(model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
