@@ -159,17 +159,32 @@ COMMANDS = {"export": export_main, "evaluate": evaluate_main, "interpret": inter
 MOVED = {"SAEModule": {name: f"sae.{name}" for name in BatchTopKConfig.__dataclass_fields__}}
 
 
+def read_config(path: str) -> dict:
+    """The YAML of a ``--config`` file ({} when it cannot be opened or holds no mapping: the parser names that
+    itself), or a DataError naming the file, line and column when it is not YAML (jsonargparse would print its whole
+    usage first and name the file ``<unicode string>``)."""
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except OSError:
+        return {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        tabs = " (YAML indents with spaces, not tabs)" if "\\t" in problem else ""
+        raise DataError(f"{path}{where}: not valid YAML: {problem}{tabs}") from None
+    return config if isinstance(config, dict) else {}
+
+
 def check_moved_options(args: list[str]) -> None:
     """Refuse options a module no longer takes at that place, naming the new key (before jsonargparse reports
-    them as merely "not accepted")."""
+    them as merely "not accepted"); a config file that is not YAML is named by :func:`read_config`."""
     models, flags = set(), []
     for i, arg in enumerate(args):
         if arg in ("--config", "-c") and i + 1 < len(args) or arg.startswith("--config="):
             path = args[i + 1] if arg in ("--config", "-c") else arg.split("=", 1)[1]
-            try:
-                model = (yaml.safe_load(open(path)) or {}).get("model") or {}
-            except (OSError, yaml.YAMLError, AttributeError):
-                continue  # the parser names an unreadable config itself
+            model = read_config(path).get("model") or {}
             if not isinstance(model, dict):
                 continue  # `model: SomeModule` as a plain class name: no init_args here
             name = str(model.get("class_path", "")).rpartition(".")[2]

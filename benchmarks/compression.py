@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import write_json  # noqa: E402
 
+from datamodules.base import readable_as_umask  # noqa: E402
 from datamodules.groups import kmeans_groups  # noqa: E402
 from datamodules.nli import read_rows  # noqa: E402
 from datamodules.sentences import read_sentences  # noqa: E402
@@ -83,6 +84,7 @@ def embed_cached(encoder: Encoder | None, sentences: list[str], cache_dir: Path,
     out = encoder.encode(sentences, batch_size=128)
     cache_dir.mkdir(parents=True, exist_ok=True)
     save_file({"embeddings": out.contiguous()}, path)
+    readable_as_umask(path)  # save_file makes it 0600
     print(f"embedded {len(sentences)} {name} sentences in {time.perf_counter() - start:.0f} s -> {path}", flush=True)
     return out
 

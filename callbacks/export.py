@@ -18,7 +18,8 @@ from callbacks.run_results import (
     wandb_loggers,
     write_evaluation,
 )
-from datamodules.base import read_json, write_atomic
+from datamodules.base import write_atomic
+from lightning_modules.components.errors import read_json
 from lightning_modules.evaluate import parse_tasks
 from lightning_modules.export import best_or_current, export, export_format, how_to_load, is_sae, prepare_output_dir
 from lightning_modules.model_card import DEFAULT_STS_TASKS, checkpoint_facts

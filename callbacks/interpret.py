@@ -18,7 +18,8 @@ from datamodules.activation_cache import ActivationCache
 from datamodules.wic import load_wic
 from lightning_modules.components.errors import DataError
 from lightning_modules.export import load_module, load_sae
-from lightning_modules.interpret.suite import run_suite
+from lightning_modules.interpret.suite import check_sae_reads, run_suite
+from lightning_modules.loading import is_checkpoint_file
 from lightning_modules.model_card import checkpoint_facts
 from lightning_modules.saelens_format import sae_weights_file
 
@@ -196,10 +197,10 @@ class InterpretSAE(WritesAtFitEnd):
 
 def load_any_sae(path: str | Path):
     """An SAE in eval mode from an exported folder (``cfg.json`` + ``sae.safetensors``) or an ``SAEModule``
-    checkpoint (``.ckpt``)."""
+    checkpoint (``.ckpt``, or a zip archive by any name: :func:`~lightning_modules.loading.is_checkpoint_file`)."""
 
     path = Path(path)
-    if path.is_file() and path.suffix == ".ckpt":
+    if is_checkpoint_file(path):
         module = load_module(path)
         if not hasattr(module, "sae"):
             raise DataError(f"{path} is a {type(module).__name__} checkpoint, not an SAEModule one")
@@ -261,6 +262,7 @@ def interpret_main(argv: list[str]) -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     sae = load_any_sae(sae_path).to(device)
     cache = ActivationCache(args.cache)
+    check_sae_reads(sae, cache, str(sae_path))  # naming the file, before loggers and output folders are made
     loggers: list[Logger] = [CSVLogger(str(out), name="csv")]
     if args.wandb_project:
         loggers.append(WandbLogger(project=args.wandb_project, save_dir=str(out), offline=args.wandb_offline,

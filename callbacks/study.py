@@ -38,7 +38,7 @@ from callbacks.study_build import (
     train_sae,
     training_vectors,
 )
-from datamodules.activation_builder import check_layer
+from datamodules.activation_builder import check_layer, model_folder
 from datamodules.activation_cache import META_SENTENCE
 from datamodules.wic import load_wic
 from lightning_modules.components.batch_topk import BatchTopKConfig
@@ -228,6 +228,8 @@ def decomposition(argv: list[str]) -> dict:
                             "its folder name)")
     if not -1 <= args.match_threshold <= 1:
         raise DataError(f"--match_threshold {args.match_threshold}: a correlation, in [-1, 1]")
+    for model in args.models:
+        model_folder(model)  # a folder that is no model is named before hours go into the models before it
     out = Path(args.output_dir)
     pairs = wic_pairs(args, required=False)
     models, dms, saes = {}, {}, {}

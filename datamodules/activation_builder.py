@@ -31,7 +31,7 @@ from datamodules.brown import find_nltk_data, read_brown
 from datamodules.sentences import read_sentences
 from datamodules.sts import STS_TASKS, load_sts
 from lightning_modules.components.errors import DataError
-from lightning_modules.components.hub import check_max_length, load_pretrained, resolve_model
+from lightning_modules.components.hub import check_max_length, check_model_files, load_pretrained, resolve_model
 from lightning_modules.components.pooling import masked_mean
 
 MODEL_FILES = re.compile(r"(config\.json|tokenizer\.json|vocab\.txt|.*\.model|.*\.safetensors|pytorch_model.*\.bin)")
@@ -56,6 +56,7 @@ def model_folder(model_name_or_path: str) -> Path:
 
     resolved = resolve_model(model_name_or_path)
     if Path(resolved).is_dir():
+        check_model_files(resolved)  # before its config or weights are read (identity, fingerprint)
         return Path(resolved)
     try:
 

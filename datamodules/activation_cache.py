@@ -38,9 +38,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
-from datamodules.base import read_json
 from datamodules.brown import UNIVERSAL_TAGS
-from lightning_modules.components.errors import DataError, StorageError, why_write_failed
+from lightning_modules.components.errors import DataError, StorageError, read_json, why_write_failed
 
 FORMAT_VERSION = 1
 #: Tag ids stored per token vector index into this tuple; -1 = no tag (text without POS annotation).

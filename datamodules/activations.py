@@ -34,8 +34,8 @@ from datamodules.activation_cache import (
     default_cache_dir,
     identity_diff,
 )
-from datamodules.base import ResumesMidEpoch, read_json
-from lightning_modules.components.errors import DataError
+from datamodules.base import ResumesMidEpoch
+from lightning_modules.components.errors import DataError, read_json
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
@@ -182,6 +182,13 @@ class ActivationsDataModule(ResumesMidEpoch, pl.LightningDataModule):
         self.max_sentences, self.cache_dtype, self.shard_sentences = max_sentences, cache_dtype, shard_sentences
         self.cache_dir = Path(cache_dir or default_cache_dir())
         self.cache_path = Path(cache_path) if cache_path else None
+        for option, folder in (("data.cache_dir" if cache_dir else "EMBEDLAB_CACHE", self.cache_dir),
+                               ("data.cache_path", self.cache_path)):
+            existing = next((p for p in (folder, *folder.parents) if p.exists()), None) if folder else None
+            if existing is not None and not existing.is_dir():  # the folder, or the nearest part of it that exists
+                where = "" if existing == folder else f": {existing}"
+                raise DataError(f"{option}={folder}{where} is a file, not a folder; activation caches are folders "
+                                "(created when missing)")
         self.encode_batch_size, self.encode_device = encode_batch_size, encode_device
         self.batch_size, self.shuffle, self.val_fraction, self.seed = batch_size, shuffle, val_fraction, seed
         self.num_workers, self.pin_memory = num_workers, pin_memory

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,21 +32,31 @@ def write_atomic(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # NotADirectoryError when the folder is a file
+            tmp.unlink(missing_ok=True)
         raise StorageError(f"could not write {path}: {why_write_failed(err, path)}") from None
 
 
-def read_json(path: Path, what: str, remedy: str):
-    """The JSON in ``path``, or a DataError naming the file, saying it is damaged (``what``) and what to do."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: {what} is damaged or incomplete ({err}); {remedy}") from None
+def readable_as_umask(path: Path) -> None:
+    """Give ``path``, and everything under it when it is a folder, the mode a new file or folder gets from the umask
+    (0644 / 0755 under umask 022): safetensors' ``save_file`` creates its file 0600 whatever the umask, so another
+    account on a shared cluster could not read the weights beside files it can read. Call it after writing and
+    before the atomic rename, so that no reader ever sees the file with the other mode."""
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it
+    os.umask(mask)
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def resolve(source: str, data_root: str | None) -> Path | None:
     """The local file or folder ``source`` names (absolute, or relative to ``data_root`` or the working
-    directory), or None when nothing local exists (the caller may then try the Hugging Face hub)."""
+    directory), or None when nothing local exists (the caller may then try the Hugging Face hub).
+
+    Raises:
+        DataError: nothing exists but a candidate is a symbolic link that leads nowhere (:func:`broken_link`):
+            "not found" would hide why, and the hub would be asked for a file that is on disk.
+    """
     candidates = [Path(source)] if Path(source).is_absolute() else []
     if not candidates:
         if data_root:
@@ -54,6 +65,23 @@ def resolve(source: str, data_root: str | None) -> Path | None:
     for path in candidates:
         if path.exists():
             return path
+    for path in candidates:
+        if why := broken_link(path):
+            raise DataError(why)
+    return None
+
+
+def broken_link(path: Path) -> str | None:
+    """Why ``path`` cannot be opened when a symbolic link is the cause (a loop of links, or a link to a missing
+    file), in words naming it; None otherwise."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return f"{path} is a symbolic link loop (following its links never reaches a file: {err.strerror})"
+        if path.is_symlink():
+            return (f"{path} is a dangling symbolic link: it points to {os.path.realpath(path)}, which does not "
+                    "exist")
     return None
 
 
@@ -388,6 +416,11 @@ class TextDataModule(ResumesMidEpoch, pl.LightningDataModule):
     def texts(self) -> list[tuple[str, ...]]:
         self.setup()
         return self._texts
+
+    @property
+    def views(self) -> int:
+        """V, the sentences per row."""
+        return len(self.texts[0])
 
     def tokenized(self) -> TokenizedRows:
         if self._dataset is None:

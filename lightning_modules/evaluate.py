@@ -42,11 +42,12 @@ from datamodules.sts import SICK_FILES, STS_TASKS, TEXT_FORMS, STSPairs, load_st
 from lightning_modules.components.errors import DataError
 from lightning_modules.components.hub import (
     check_max_length,
+    check_model_files,
     check_tokenizer_files,
     check_vocabulary_fits,
     resolve_model,
 )
-from lightning_modules.loading import load_module
+from lightning_modules.loading import is_checkpoint_file, load_module
 from lightning_modules.saelens_format import sae_weights_file
 
 #: The SimCSE table: task -> column title, in the paper's order.
@@ -103,8 +104,8 @@ class SentenceTransformerEmbedder:
 
 
 def _check_weights(folder: Path) -> None:
-    """Raise when a model folder (or its Transformer module's sub-folder) holds a config but no weights, or no
-    tokenizer files."""
+    """Raise when a model folder (or its Transformer module's sub-folder) holds a config but no weights, no
+    tokenizer files, or files copied in part (:func:`check_model_files`)."""
     transformer_dirs = [folder]
     modules_json = folder / "modules.json"
     if modules_json.is_file():
@@ -119,6 +120,7 @@ def _check_weights(folder: Path) -> None:
                 f"(found {sorted(p.name for p in d.iterdir())})"
             )
         check_tokenizer_files(d)
+        check_model_files(d)
 
 
 def load_embedder(
@@ -127,7 +129,8 @@ def load_embedder(
     """An :class:`Embedder` for a checkpoint, a model folder or a hub name (see the module docstring).
 
     Args:
-        model: ``*.ckpt`` path, folder (sentence-transformers or Hugging Face) or hub name.
+        model: checkpoint (``*.ckpt``, or a zip archive by any name), folder (sentence-transformers or Hugging Face)
+            or hub name.
         batch_size: sentences per forward pass.
         max_length: tokens kept per sentence; None keeps the model's own setting (the checkpoint's
             ``max_length``, the exported folder's ``max_seq_length``: they agree, and so do the numbers).
@@ -138,12 +141,10 @@ def load_embedder(
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be at least 2 (or unset for the model's own), got {max_length}")
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix != ".ckpt":
-        raise ValueError(
-            f"{str(path)!r} is a file but not a Lightning checkpoint (.ckpt); give a checkpoint, "
-            "a model folder or a hub name"
-        )
-    if path.suffix == ".ckpt":
+    if path.is_file() and not is_checkpoint_file(path):
+        raise DataError(f"{str(path)!r} is a file but not a Lightning checkpoint (neither .ckpt nor a zip archive, "
+                        "as torch writes them); give a checkpoint, a model folder or a hub name")
+    if path.suffix == ".ckpt" or is_checkpoint_file(path):
         module = load_module(path).to(device)
         if not hasattr(module, "encoder"):
             raise DataError(f"{path} is a {type(module).__name__} checkpoint: evaluate scores sentence encoders; "

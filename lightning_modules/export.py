@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from datamodules.base import readable_as_umask
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.checkpoints import ArtifactError
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, fold_input_scale
@@ -89,13 +90,15 @@ def prepare_output_dir(output_dir: str | Path, marker: str, overwrite: bool = Fa
 def writing_folder(output_dir: Path):
     """Yield a hidden sibling of ``output_dir`` to write into; on success it replaces ``output_dir`` by renames,
     so the folder is always a whole export, old or new, never half of one (a kill or a full disk mid-export leaves
-    the previous one). On failure the partial folder is removed and the error names ``output_dir``."""
+    the previous one). Every file gets the mode the umask allows (:func:`readable_as_umask`) before the rename. On
+    failure the partial folder is removed and the error names ``output_dir``."""
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     tmp = output_dir.with_name(f".{output_dir.name}.tmp-{tag}")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.mkdir()
         yield tmp
+        readable_as_umask(tmp)
         if output_dir.exists():
             old = output_dir.with_name(f".{output_dir.name}.old-{tag}")
             os.replace(output_dir, old)

@@ -6,6 +6,7 @@ Used by ``export`` and ``evaluate`` alike; it imports neither, so both can impor
 from __future__ import annotations
 
 import inspect
+import zipfile
 from pathlib import Path
 
 import torch
@@ -13,6 +14,13 @@ import torch
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.checkpoints import checkpoint_class, recorded_hparams
 from lightning_modules.components.errors import DataError
+
+
+def is_checkpoint_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file to load as a checkpoint: named ``*.ckpt``, or a zip archive (what ``torch.save``
+    writes) whatever its name, e.g. a checkpoint renamed ``model`` or ``model.pt``."""
+    path = Path(path)
+    return path.is_file() and (path.suffix == ".ckpt" or zipfile.is_zipfile(path))
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict:

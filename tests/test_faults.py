@@ -194,6 +194,70 @@ def test_model_folder_without_tokenizer_files_is_refused(tmp_path, tiny_model, s
         load_embedder(str(bare))
 
 
+@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json"])
+def test_a_model_folder_copied_in_half_names_the_file_and_says_copy_it_again(damaged, tmp_path, tiny_model,
+                                                                             sample_data):
+    from datamodules.activations import ActivationsDataModule
+
+    folder = tmp_path / "half"
+    shutil.copytree(tiny_model, folder)
+    os.truncate(folder / damaged, (folder / damaged).stat().st_size // 2)
+    expected = (rf"{re.escape(str(folder / damaged))}: a file of the model folder is (damaged or )?incomplete.*; "
+                rf"copy the folder {re.escape(str(folder))} again$")
+    for args in (["evaluate", "--model", str(folder), "--tasks", "stsb"], fit_args(tmp_path, str(folder), sample_data)):
+        message = one_line_error(args)
+        assert re.search(expected, message), message
+    builder = ActivationsDataModule(model_name_or_path=str(folder), source=str(sample_data / "sentences.txt"),
+                                    cache_dir=str(tmp_path / "cache"), encode_device="cpu")
+    with pytest.raises(DataError, match=expected):
+        builder.prepare_data()
+
+
+def test_a_data_source_that_is_a_broken_symbolic_link_is_named_so(tmp_path, tiny_model, sample_data):
+    loop, dangling = tmp_path / "loop", tmp_path / "dangling"
+    loop.symlink_to("loop")
+    dangling.symlink_to(tmp_path / "moved" / "sentences.txt")  # a data folder moved away
+    message = one_line_error(fit_args(tmp_path, tiny_model, sample_data, "--data.source", str(loop)))
+    assert message.startswith(f"{loop} is a symbolic link loop"), message
+    message = one_line_error(fit_args(tmp_path, tiny_model, sample_data, "--data.source", str(dangling)))
+    target = tmp_path / "moved" / "sentences.txt"
+    assert message == f"{dangling} is a dangling symbolic link: it points to {target}, which does not exist"
+
+
+@pytest.mark.parametrize("switch, match", [
+    (["--model", "lightning_modules.MCR2Module"],  # the recipe's data: one sentence per row
+     r"^model.grouping 'pairs' needs rows of at least 2 sentences, but SentencesDataModule gives rows of 1: "),
+    (["--model", "lightning_modules.MCR2Module", "--model.grouping", "kmeans"],
+     r"^model grouping 'kmeans' needs every training sentence up front: use datamodules.GroupedTextDataModule "
+     r"\(got SentencesDataModule\)$"),
+    (["--model", "lightning_modules.MCR2Module", "--model.grouping", "labels", "--data",
+      "datamodules.GroupedTextDataModule"],
+     r"^model.grouping 'labels' needs labelled rows, and the rows of GroupedTextDataModule carry no label: set "
+     r"data.label_column"),
+])
+def test_a_model_switched_to_data_it_cannot_group_is_refused_before_training(switch, match, tmp_path, tiny_model,
+                                                                             sample_data):
+    args = fit_args(tmp_path, tiny_model, sample_data, *switch, "--model.out_dim", "8", "--model.max_length", "32")
+    message = one_line_error(args)
+    assert re.search(match, message), message
+    assert not list(tmp_path.rglob("*.ckpt"))  # refused before the first step
+
+
+def test_embedlab_cache_naming_a_file_is_one_line_naming_it(tmp_path, tiny_model_no_dropout, sample_data,
+                                                           monkeypatch):
+    args = recipe_args("sae", tmp_path, tiny_model_no_dropout, sample_data)
+    at = args.index("--data.cache_dir")
+    del args[at:at + 2]  # the default: $EMBEDLAB_CACHE
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    monkeypatch.setenv("EMBEDLAB_CACHE", str(a_file))
+    assert one_line_error(args).endswith(f"EMBEDLAB_CACHE={a_file} is a file, not a folder; activation caches are "
+                                         "folders (created when missing)")
+    monkeypatch.setenv("EMBEDLAB_CACHE", str(a_file / "caches"))
+    assert f"EMBEDLAB_CACHE={a_file / 'caches'}: {a_file} is a file, not a folder" in one_line_error(args)
+    assert a_file.read_text() == "mine"
+
+
 def test_damaged_cache_files_are_named(tmp_path):
     from datamodules.activation_builder import model_fingerprint
     from datamodules.activation_cache import ActivationCache, save_atomic
@@ -334,6 +398,14 @@ def test_export_and_evaluate_mistakes_are_one_line_errors(sae_checkpoint, tmp_pa
         assert "interpret" in one_line_error(["evaluate", "--model", str(target), "--tasks", "stsb"])
     assert "could not load model 'someone/not-a-model'" in one_line_error(
         ["evaluate", "--model", "someone/not-a-model", "--tasks", "stsb"])  # offline: one line, not a traceback
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc (a filesystem with 0 bytes free)")
+def test_an_export_where_no_file_can_be_made_names_that_not_a_full_disk(sae_checkpoint):
+    # /proc has 0 bytes free, like any virtual or read-only filesystem: that is not why the write failed
+    message = one_line_error(["export", "--ckpt_path", str(sae_checkpoint), "--output_dir", "/proc/embedlab_x"])
+    assert message.startswith("could not write the export /proc/embedlab_x: No such file or directory"), message
+    assert "space" not in message
 
 
 def test_a_blank_line_in_an_sae_source_names_the_option_that_exists(tmp_path, tiny_model_no_dropout, sample_data):

@@ -139,6 +139,28 @@ def test_callback_after_fit_and_the_command_match_the_functions(tiny_model_no_dr
                                                    rel=1e-4, abs=1e-6)
 
 
+def test_an_sae_that_cannot_read_the_cache_is_one_line_naming_both(tmp_path):
+    import train
+
+    def error(sae: Path) -> str:
+        with pytest.raises(ValueError) as raised:
+            train.main(["interpret", "--sae", str(sae), "--cache", str(cache.folder)])
+        return train.user_error(raised.value)
+
+    meta, sentences = random_corpus(6, seed=0)
+    cache = write_cache(tmp_path / "c", np.ones((len(meta), 6), np.float32), meta, sentences)
+    narrow = export_sae(random_sae(d=5), tmp_path / "narrow")
+    assert error(narrow) == f"{narrow} takes 5-d inputs but {cache.folder} holds 6-d vectors: an SAE of another model?"
+    of_tokens = random_sae(d=6)
+    of_tokens.activations = {"level": "token"}
+    of_tokens = export_sae(of_tokens, tmp_path / "of_tokens")
+    (cache.folder / "meta.json").write_text(json.dumps(json.loads((cache.folder / "meta.json").read_text())
+                                                       | {"level": "sentence"}))
+    assert error(of_tokens) == (f"{cache.folder} holds sentence-level vectors ({of_tokens} was trained on token-level "
+                                "ones); the interpretability suite needs a token-level cache (data.level=token)")
+    assert not (tmp_path / "of_tokens" / "interpret").exists()
+
+
 def test_bad_inputs_are_named(tiny_model_no_dropout, brown_wic_root, tmp_path):
     import train
 

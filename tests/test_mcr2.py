@@ -418,7 +418,7 @@ def test_fit_trains_only_the_head_and_keeps_the_teacher_frozen(tiny_model, group
         assert module._clusters_N.shape == (len(SENTENCES),) and module._clusters_N.unique().numel() == 4
 
 
-def test_cached_teacher_equals_running_the_teacher(tiny_model, group_files, tmp_path):
+def test_cached_teacher_equals_running_the_teacher(tiny_model, group_files, tmp_path, umask_022):
     cache = tmp_path / "teacher.safetensors"
     cached = MCR2Module(tiny_model, out_dim=5, lr=1e-2, max_length=16, cache_path=str(cache))
     live = MCR2Module(tiny_model, out_dim=5, lr=1e-2, max_length=16, cache_teacher=False)
@@ -429,6 +429,7 @@ def test_cached_teacher_equals_running_the_teacher(tiny_model, group_files, tmp_
     for k, v in cached.head.state_dict().items():
         torch.testing.assert_close(v, live.head.state_dict()[k], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(cached._cache_ND, cached.encoder.encode(SENTENCES))
+    assert cache.stat().st_mode & 0o777 == 0o644  # as the umask allows, though save_file makes it 0600
     # the file is reused for the same sentences; other sentences rewrite it
     stamp = cache.stat().st_mtime_ns
     again = MCR2Module(tiny_model, out_dim=5, max_length=16, cache_path=str(cache))

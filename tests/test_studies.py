@@ -310,6 +310,18 @@ def test_wrong_inputs_name_the_option(two_models, study_root, tmp_path):
     assert "Traceback" not in res.stderr and torch.get_num_threads() >= 1
 
 
+def test_a_folder_that_is_no_model_is_named_before_any_model_is_studied(two_models, study_root, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("read the paper")
+    out = tmp_path / "report"
+    with pytest.raises(DataError) as raised:
+        train.main(["study", "decomposition", "--models", two_models[0], str(notes), "--data_root", str(study_root),
+                    "--output_dir", str(out), *TINY])
+    assert train.user_error(raised.value) == f"{notes} is not a model folder: it has no config.json (it holds todo.txt)"
+    assert not out.exists()  # the first model was not studied for nothing
+
+
 def test_study_configs_parse():
     from jsonargparse import ArgumentParser  # noqa: F401  (the study parsers are jsonargparse's)
 

