@@ -51,6 +51,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise ArtifactError(f"could not write checkpoint {path}: {why_write_failed(err, path)}. The checkpoints "
                                   "written before it are intact (resume with --ckpt_path last once the cause is "
                                   "fixed)") from None
+        remove_dead_temporaries(path.parent)
+
+
+def remove_dead_temporaries(folder: Path) -> None:
+    """Delete the temporary checkpoint files in ``folder`` that writers killed mid-write left behind
+    (``.<name>.ckpt.<pid>.tmp`` whose process is gone): a checkpoint's worth of disk each, never read by anything."""
+    for tmp in folder.glob(".*.ckpt.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # no such process: its write is over for good
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # another user's process, alive
+            pass
 
 
 def damage(path: str | Path) -> str | None:

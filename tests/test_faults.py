@@ -549,3 +549,18 @@ def test_a_checkpoint_chosen_on_a_validation_metric_is_never_one_of_a_diverged_m
     for ckpt in (tmp_path / "ckpt").glob("*.ckpt"):
         state = torch.load(ckpt, weights_only=False)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
+
+
+def test_temporaries_of_killed_checkpoint_writers_are_removed_at_the_next_save(tmp_path):
+    """A writer SIGKILLed mid-write leaves `.<name>.ckpt.<pid>.tmp` (a checkpoint's worth of disk); the next save in
+    that folder removes those whose process is gone, and keeps a live writer's."""
+    from lightning_modules.checkpoints import AtomicCheckpointIO
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f".epoch=0-step=4.ckpt.{gone.pid}.tmp"
+    alive = tmp_path / f".last.ckpt.{os.getppid()}.tmp"
+    for tmp in (dead, alive):
+        tmp.write_bytes(b"half a checkpoint")
+    AtomicCheckpointIO().save_checkpoint({"global_step": 5}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "last.ckpt"])
