@@ -209,21 +209,6 @@ def test_a_read_only_wandb_folder_is_named_not_swapped_for_tmp(tmp_path, tiny_mo
                                                      "(Read-only file system)")
 
 
-def test_a_cache_variable_naming_a_file_is_named(tmp_path, tiny_model_no_dropout, sample_data, monkeypatch):
-    from test_faults import recipe_args
-
-    args = [a for a in recipe_args("sae", tmp_path, tiny_model_no_dropout, sample_data)]
-    at = args.index("--data.cache_dir")
-    del args[at:at + 2]
-    (tmp_path / "cachefile").write_text("not a folder")
-    monkeypatch.setenv("EMBEDLAB_CACHE", str(tmp_path / "cachefile"))
-    with pytest.raises(OSError) as raised:
-        train.main(args)
-    assert train.user_error(raised.value) == (f"EMBEDLAB_CACHE={tmp_path / 'cachefile'}: cannot write in "
-                                              f"{tmp_path / 'cachefile'} (it is a file, not a folder); nothing was "
-                                              "run. Give a writable folder")
-
-
 def test_a_leftover_disabled_wandb_mode_is_said_and_the_summary_lists_no_run_folder(tmp_path, tiny_model,
                                                                                    sample_data):
     """WANDB_MODE=disabled left in the environment: nothing reached W&B and the end-of-fit lines listed a

@@ -251,10 +251,11 @@ def test_embedlab_cache_naming_a_file_is_one_line_naming_it(tmp_path, tiny_model
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
     monkeypatch.setenv("EMBEDLAB_CACHE", str(a_file))
-    assert one_line_error(args).endswith(f"EMBEDLAB_CACHE={a_file} is a file, not a folder; activation caches are "
-                                         "folders (created when missing)")
+    assert one_line_error(args) == (f"EMBEDLAB_CACHE={a_file}: cannot write in {a_file} (it is a file, not a "
+                                    "folder); nothing was run. Give a writable folder")  # before anything is built
     monkeypatch.setenv("EMBEDLAB_CACHE", str(a_file / "caches"))
-    assert f"EMBEDLAB_CACHE={a_file / 'caches'}: {a_file} is a file, not a folder" in one_line_error(args)
+    assert f"EMBEDLAB_CACHE={a_file / 'caches'}: cannot write in {a_file / 'caches'} ({a_file} is a file, not a " \
+           "folder)" in one_line_error(args)
     assert a_file.read_text() == "mine"
 
 

@@ -49,6 +49,9 @@ def unwritable(folder: str | Path) -> str | None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         return "it is a file, not a folder"
+    a_file = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+    if a_file is not None:
+        return f"{a_file} is a file, not a folder"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".embedlab-write-check-"):
