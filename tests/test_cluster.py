@@ -133,7 +133,7 @@ def test_wandb_online_without_a_reachable_server_falls_back_to_offline_and_the_r
                     "--trainer.logger.save_dir", str(tmp_path), "--trainer.logger.project", "embedlab-test",
                     "--trainer.max_steps", "2")
     env = {"WANDB_MODE": "online", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{port}",
-           "WANDB_INIT_TIMEOUT": "5", "WANDB_SILENT": "false"}
+           "WANDB_INIT_TIMEOUT": "2", "WANDB_SILENT": "false"}
     start = time.monotonic()
     proc = run_train(args, tmp_path, env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -210,15 +210,15 @@ def test_a_read_only_wandb_folder_is_named_not_swapped_for_tmp(tmp_path, tiny_mo
 
 
 def test_a_leftover_disabled_wandb_mode_is_said_and_the_summary_lists_no_run_folder(tmp_path, tiny_model,
-                                                                                   sample_data):
+                                                                                   sample_data, monkeypatch, capsys):
     """WANDB_MODE=disabled left in the environment: nothing reached W&B and the end-of-fit lines listed a
     /tmp/wandb/run-... folder that was never written."""
-    args = fit_args(tmp_path, tiny_model, sample_data, "--trainer.logger", "pytorch_lightning.loggers.WandbLogger",
-                    "--trainer.logger.save_dir", str(tmp_path), "--trainer.max_steps", "2",
-                    "--trainer.callbacks+=callbacks.ExportOnFitEnd", "--trainer.callbacks.sts_tasks=[]")
-    proc = run_train(args, tmp_path, {"WANDB_MODE": "disabled"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [line for line in proc.stderr.splitlines() if line.startswith("warning:")] == [
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    train.main(fit_args(tmp_path, tiny_model, sample_data, "--trainer.logger", "pytorch_lightning.loggers.WandbLogger",
+                        "--trainer.logger.save_dir", str(tmp_path), "--trainer.max_steps", "2",
+                        "--trainer.callbacks+=callbacks.ExportOnFitEnd", "--trainer.callbacks.sts_tasks=[]"))
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == [
         "warning: W&B is disabled (WANDB_MODE=disabled): nothing of this run is logged to W&B; unset it to log "
         "(offline without a key)"]
-    assert "W&B run:        none (WANDB_MODE=disabled: nothing was logged to W&B)" in proc.stdout
+    assert "W&B run:        none (WANDB_MODE=disabled: nothing was logged to W&B)" in out
