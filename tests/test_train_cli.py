@@ -213,3 +213,28 @@ def test_a_recipe_with_a_tab_is_one_line_naming_file_line_and_column(tmp_path, t
     assert errors == [f"error: {recipe}, line 3, column 1: not valid YAML: found character '\\t' that cannot start any "
                       "token (YAML indents with spaces, not tabs)"], proc.stderr[-2000:]
     assert proc.returncode == 1 and "usage:" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_config_is_dumped_once_per_fit_not_at_every_checkpoint(tmp_path, tiny_model, sample_data, monkeypatch):
+    """Each save re-dumped the whole config through jsonargparse and yaml (~150 ms, 17 saves per 100 quickstart
+    steps): a run saving at each of 6 steps must dump as often as one saving at each of 2. The data config must
+    still be in every checkpoint."""
+    from jsonargparse import ArgumentParser
+
+    dumps = []
+    dump = ArgumentParser.dump
+    monkeypatch.setattr(ArgumentParser, "dump", lambda self, *a, **k: dumps.append(1) or dump(self, *a, **k))
+    counts = {}
+    for steps in (2, 6):
+        dumps.clear()
+        folder = tmp_path / str(steps)
+        train.main(fit_args(folder, tiny_model, sample_data, "--trainer.max_steps", str(steps),
+                            "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=1",
+                            "--trainer.callbacks.save_top_k=-1", f"--trainer.callbacks.dirpath={folder / 'c'}"))
+        counts[steps] = len(dumps)
+        saved = sorted((folder / "c").glob("*.ckpt"))
+        assert len(saved) >= steps
+        for ckpt in saved:
+            data = torch.load(ckpt, weights_only=False, mmap=True)[train.DATA_CONFIG_KEY]
+            assert data["init_args"]["source"] == str(sample_data / "sentences.txt")
+    assert counts[6] == counts[2]
