@@ -234,13 +234,14 @@ class PadCollator:
         L = max(len(ids) for row in rows for ids in row)
         if self.pad_to_multiple_of:
             L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((B, V, L), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, V, L), dtype=torch.long)
-        for b, row in enumerate(rows):
-            for v, ids in enumerate(row):
-                input_ids[b, v, : len(ids)] = torch.as_tensor(ids)
-                attention_mask[b, v, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        sequences = [ids for row in rows for ids in row]  # (B*V) sequences, row-major
+        lengths = torch.tensor([len(ids) for ids in sequences])
+        mask = torch.arange(L) < lengths[:, None]  # (B*V, L): True where a token stands
+        input_ids = torch.full((B * V, L), self.pad_token_id, dtype=torch.long)
+        # one copy of every token at once (row-major order of the mask's True entries = the sequences' order),
+        # not a slice assignment per sequence: that was ~3 ms of Python a batch of 64
+        input_ids[mask] = torch.tensor([i for ids in sequences for i in ids], dtype=torch.long)
+        return {"input_ids": input_ids.view(B, V, L), "attention_mask": mask.view(B, V, L).long()}
 
 
 class ResumableSampler(DistributedSampler):

@@ -240,3 +240,23 @@ def test_mixed_precision_with_clipping_takes_foreach_and_fits(tiny_model, sample
         sae._trainer = SimpleNamespace(gradient_clip_val=clip, precision_plugin=MixedPrecision("bf16-mixed", "cpu"),
                                        estimated_stepping_batches=10)
         assert sae.configure_optimizers()["optimizer"].defaults["fused"] is fused
+
+
+def test_pad_collator_equals_padding_each_sequence_by_hand():
+    """The vectorised collator against a plain loop written from its definition: each sequence left-aligned in a
+    row of the batch's longest length (rounded up), pad ids after it, mask 1 on its tokens only."""
+    import random
+
+    rng = random.Random(0)
+    for views, multiple in ((1, None), (2, None), (3, 8)):
+        rows = [tuple([rng.randrange(5, 99) for _ in range(rng.randint(1, 17))] for _ in range(views))
+                for _ in range(13)]
+        out = PadCollator(1, multiple)(rows)
+        L = max(len(ids) for row in rows for ids in row)
+        L = -(-L // multiple) * multiple if multiple else L
+        assert out["input_ids"].shape == out["attention_mask"].shape == (13, views, L)
+        for b, row in enumerate(rows):
+            for v, ids in enumerate(row):
+                assert out["input_ids"][b, v].tolist() == ids + [1] * (L - len(ids))
+                assert out["attention_mask"][b, v].tolist() == [1] * len(ids) + [0] * (L - len(ids))
+        assert out["input_ids"].dtype == out["attention_mask"].dtype == torch.long
