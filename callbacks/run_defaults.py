@@ -13,6 +13,8 @@ leave it unset (``null``):
   after the step and the score), else on an SAE's ``val/sae/fvu`` (min); ``last.ckpt`` is kept either way.
 - ``LearningRateMonitor`` (per step) when a logger is on and no callback is one.
 - :class:`~callbacks.wandb_summary.WandbSummaries` for the best value of every monitored metric.
+- a progress bar that reads the metrics it shows every ``log_every_n_steps`` steps, not at every step
+  (:mod:`callbacks.progress`: Rich when installed, else tqdm), unless the recipe has one or turns it off.
 - :class:`~callbacks.preemption.PreemptionCheckpoint` (unless checkpointing is off): SIGTERM saves the step reached
   and the run exits non-zero.
 
@@ -22,6 +24,7 @@ options a recipe wrote, and the config every logger records holds them.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -37,6 +40,7 @@ CHECKPOINT = "pytorch_lightning.callbacks.ModelCheckpoint"
 LR_MONITOR = "pytorch_lightning.callbacks.LearningRateMonitor"
 SUMMARIES = "callbacks.WandbSummaries"
 PREEMPTION = "callbacks.preemption.PreemptionCheckpoint"
+RICH_BAR, TQDM_BAR = "callbacks.progress.RichMetricsBar", "callbacks.progress.TQDMMetricsBar"
 
 
 def recipe_name(argv: list[str]) -> str:
@@ -146,6 +150,9 @@ def apply_run_defaults(cfg: Namespace, recipe: str) -> None:
     if "ModelCheckpoint" not in names and trainer.get("enable_checkpointing") is not False:
         callbacks.append(default_checkpoint(cfg))
     loggers = config_entries(trainer.logger)
+    if not names & {"RichProgressBar", "TQDMProgressBar", "RichMetricsBar", "TQDMMetricsBar"} \
+            and trainer.get("enable_progress_bar") is not False:
+        callbacks.append(entry(RICH_BAR if importlib.util.find_spec("rich") else TQDM_BAR))
     if "PreemptionCheckpoint" not in names and trainer.get("enable_checkpointing") is not False:
         callbacks.append(entry(PREEMPTION))
     if loggers and "LearningRateMonitor" not in names:

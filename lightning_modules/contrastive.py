@@ -101,5 +101,5 @@ class ContrastiveModule(EmbeddingModule):
             loss = grad_cached_loss(self.embed_views, self.views_loss, input_ids, attention_mask,
                                     self.mini_batch_size, params=params)
         self.guard.note_loss(loss, self.global_step)
-        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        self.log("train/loss", loss, batch_size=B)  # no prog_bar: a host sync per step (callbacks/progress.py)
         return loss

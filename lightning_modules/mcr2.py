@@ -390,7 +390,7 @@ class MCR2Module(EmbeddingModule):
             out = mcr2_loss(z_GK, groups, **terms)
         self.note_loss(out, teacher_ND, batch_idx)
         B = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=B)
+        self.log("train/loss", out.loss, batch_size=B)  # no prog_bar: see callbacks/progress.py
         if self.mcr2_weight:
             self.log_dict({"train/rate": out.rate, "train/rate_c": out.rate_c, "train/delta_r": out.delta_r},
                           batch_size=B)

@@ -213,7 +213,7 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
         n_tokens = x_BD.shape[0] * self.trainer.world_size
         sae.update_stats(fired_F, n_tokens, min_act)
         B = x_BD.shape[0]
-        self.log("sae/fvu", out.fvu, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("sae/fvu", out.fvu, on_step=True, on_epoch=False)  # no prog_bar: callbacks/progress.py
         self.log_dict({
             "sae/loss": out.loss.detach(),
             "sae/mse": out.mse.detach(),

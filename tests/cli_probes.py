@@ -71,3 +71,57 @@ class WaitAt(Callback):
             deadline = time.time() + 60
             while not trainer.received_sigterm and time.time() < deadline:
                 time.sleep(0.05)
+
+
+SYNCS: list = []
+
+
+class CountSyncs(Callback):
+    """Counts, from the start of training step ``start`` to the start of step ``stop``, every call that would wait
+    for a GPU (a host sync): ``Tensor.item / tolist / cpu / numpy / __bool__ / __float__ / __int__`` and
+    ``torch.tensor`` (a tensor made from host data, copied to the device). On the CPU none of them waits, but each
+    marks a place that would; SYNCS gets one ``(name, file:line)`` per call, the caller outside torch."""
+
+    NAMES = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+    def __init__(self, start: int = 3, stop: int = 8) -> None:
+        self.start, self.stop = start, stop
+        self._saved: dict = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.start and not self._saved:
+            SYNCS.clear()
+            self._patch()
+        elif trainer.global_step == self.stop and self._saved:
+            self._unpatch()
+
+    def on_train_end(self, trainer, pl_module):
+        self._unpatch()
+
+    def _patch(self) -> None:
+        import traceback
+
+        def counted(name, original):
+            def wrapper(*args, **kwargs):
+                if name == "torch.tensor" and kwargs.get("device") is None:
+                    return original(*args, **kwargs)  # host data staying on the host: no copy to a device
+                frames = [f for f in traceback.extract_stack(limit=40)[:-1]
+                          if "/torch/" not in f.filename and "cli_probes" not in f.filename]
+                callers = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in frames[::-1][:6]]
+                SYNCS.append((name, " < ".join(callers)))
+                return original(*args, **kwargs)
+            return wrapper
+
+        for name in self.NAMES:
+            self._saved[name] = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, counted(name, self._saved[name]))
+        self._saved["tensor"] = torch.tensor
+        torch.tensor = counted("torch.tensor", torch.tensor)
+
+    def _unpatch(self) -> None:
+        for name, original in self._saved.items():
+            if name == "tensor":
+                torch.tensor = original
+            else:
+                setattr(torch.Tensor, name, original)
+        self._saved = {}

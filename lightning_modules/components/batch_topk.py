@@ -475,12 +475,13 @@ class BatchTopKSAE(nn.Module):
                 ``out.acts.min() / input_scale``; NaN or inf when nothing fired, then the threshold is left as is).
         """
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired_F] = 0
+        self.tokens_since_fired.masked_fill_(fired_F, 0)  # not [fired_F] = 0: a boolean index finds its nonzeros
         self.steps += 1
-        if self.steps > self.cfg.threshold_start and torch.isfinite(min_act):
-            beta = self.cfg.threshold_beta
-            new = torch.where(self.threshold < 0, min_act, beta * self.threshold + (1 - beta) * min_act)
-            self.threshold.copy_(new)
+        # on the device throughout: an `if` on these tensors would wait for the GPU at every step
+        update = (self.steps > self.cfg.threshold_start) & torch.isfinite(min_act)
+        beta = self.cfg.threshold_beta
+        new = torch.where(self.threshold < 0, min_act, beta * self.threshold + (1 - beta) * min_act)
+        self.threshold.copy_(torch.where(update, new.to(self.threshold), self.threshold))
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
