@@ -210,15 +210,16 @@ def test_a_read_only_wandb_folder_is_named_not_swapped_for_tmp(tmp_path, tiny_mo
 
 
 def test_a_leftover_disabled_wandb_mode_is_said_and_the_summary_lists_no_run_folder(tmp_path, tiny_model,
-                                                                                   sample_data, monkeypatch, capsys):
+                                                                                   sample_data):
     """WANDB_MODE=disabled left in the environment: nothing reached W&B and the end-of-fit lines listed a
-    /tmp/wandb/run-... folder that was never written."""
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    train.main(fit_args(tmp_path, tiny_model, sample_data, "--trainer.logger", "pytorch_lightning.loggers.WandbLogger",
-                        "--trainer.logger.save_dir", str(tmp_path), "--trainer.max_steps", "2",
-                        "--trainer.callbacks+=callbacks.ExportOnFitEnd", "--trainer.callbacks.sts_tasks=[]"))
-    out, err = capsys.readouterr()
-    assert [line for line in err.splitlines() if line.startswith("warning:")] == [
+    /tmp/wandb/run-... folder that was never written. (In a subprocess: wandb keeps a disabled mode for the rest of
+    the process that set it, which would turn off the W&B runs of later tests.)"""
+    args = fit_args(tmp_path, tiny_model, sample_data, "--trainer.logger", "pytorch_lightning.loggers.WandbLogger",
+                    "--trainer.logger.save_dir", str(tmp_path), "--trainer.max_steps", "2",
+                    "--trainer.callbacks+=callbacks.ExportOnFitEnd", "--trainer.callbacks.sts_tasks=[]")
+    proc = run_train(args, tmp_path, {"WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("warning:")] == [
         "warning: W&B is disabled (WANDB_MODE=disabled): nothing of this run is logged to W&B; unset it to log "
         "(offline without a key)"]
-    assert "W&B run:        none (WANDB_MODE=disabled: nothing was logged to W&B)" in out
+    assert "W&B run:        none (WANDB_MODE=disabled: nothing was logged to W&B)" in proc.stdout

@@ -3,6 +3,7 @@ W&B run's group, tags, job type and best-value summaries (read back from the off
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,9 @@ from jsonargparse import Namespace
 import train
 from callbacks.run_defaults import apply_run_defaults, recipe_name, run_tags, wandb_mode_default
 from tests.wandb_records import read_records
+
+#: The progress bar the run defaults add (Rich where it is installed).
+BAR = "RichMetricsBar" if importlib.util.find_spec("rich") else "TQDMMetricsBar"
 
 
 def parsed(**trainer) -> Namespace:
@@ -47,7 +51,7 @@ def test_unset_options_get_the_recipe_defaults():
     assert wandb.dict_kwargs == {"group": "my_recipe", "job_type": "fit",
                                  "tags": ["simcse", "model:all-MiniLM-L6-v2", "data:sentences", "source:wiki1m.txt"]}
     names = [c.class_path.rpartition(".")[2] for c in t.callbacks]
-    assert names == ["STSEvaluator", "ModelCheckpoint", "PreemptionCheckpoint", "LearningRateMonitor",
+    assert names == ["STSEvaluator", "ModelCheckpoint", BAR, "PreemptionCheckpoint", "LearningRateMonitor",
                      "WandbSummaries"]
     ckpt = t.callbacks[1].init_args
     assert (ckpt.monitor, ckpt.mode, ckpt.every_n_train_steps, ckpt.save_last) == ("val/sts_dev_spearman", "max", 25,
@@ -62,12 +66,13 @@ def test_what_a_recipe_sets_is_kept():
     cfg.trainer.default_root_dir = "elsewhere"
     apply_run_defaults(cfg, "r")
     assert cfg.trainer.logger == [own_logger] and cfg.trainer.default_root_dir == "elsewhere"
-    assert [c.class_path.rpartition(".")[2] for c in cfg.trainer.callbacks] == ["ModelCheckpoint",
+    assert [c.class_path.rpartition(".")[2] for c in cfg.trainer.callbacks] == ["ModelCheckpoint", BAR,
                                                                                  "PreemptionCheckpoint",
                                                                                  "LearningRateMonitor"]
     off = parsed(callbacks=None)
     off.trainer.logger = False
     off.trainer.enable_checkpointing = False
+    off.trainer.enable_progress_bar = False
     apply_run_defaults(off, "r")
     assert off.trainer.logger is False and off.trainer.callbacks == []
 
