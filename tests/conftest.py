@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-import transformers
-
-# Before anything imports huggingface_hub (it reads these once, at import): tests never touch the network.
+# Before anything imports huggingface_hub (it reads these once, at import; transformers imports it): tests never
+# touch the network. Set after `import transformers`, as it was, a hub name was looked up with HTTP retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EMBEDLAB_SHARED_DATA", ROOT.parent / "shared" / "data"))
