@@ -121,9 +121,10 @@ class EmbedLabCLI(LightningCLI):
         except SIGTERMException:  # Lightning stopped on SIGTERM: a SystemExit with no code, i.e. exit 0
             stop = next((cb for cb in self.trainer.callbacks if isinstance(cb, preemption.PreemptionCheckpoint)),
                         None)
-            if stop is None:  # checkpointing is off
-                raise preemption.Preempted(f"stopped by SIGTERM at step {self.trainer.global_step}; no checkpoint "
-                                           "was saved (checkpointing is off)", signal.SIGTERM) from None
+            if stop is None or stop.step is None:  # validate / test, or a recipe without the callback
+                raise preemption.Preempted(f"stopped by SIGTERM during {subcommand} at step "
+                                           f"{self.trainer.global_step}; no checkpoint was saved",
+                                           signal.SIGTERM) from None
             raise preemption.Preempted(stop.message(), stop.signum or signal.SIGTERM) from None
 
 

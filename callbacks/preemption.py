@@ -12,9 +12,10 @@ checkpoint, and the scheduler marks the job COMPLETED. Here:
   requeued job resumes from it by itself. SIGUSR1 is treated as SIGTERM unless Lightning's SLURM requeue owns it.
 - ``train.py`` turns the stop into :class:`Preempted`: one line saying where the checkpoint is, exit code
   ``128 + signal`` (143 for SIGTERM), which schedulers and pipelines read as "killed", not "done".
-- Before training starts (parsing, building the activation cache), :func:`arm` makes the signal raise
-  :class:`Preempted`, so a cache build stops between writes (its shards are whole and a rerun reuses them) and
-  the loggers are closed, instead of dying silently or (with Lightning's handler) running on to the end of setup.
+- Before training starts (parsing, building the activation cache, a module's ``on_fit_start`` such as MCR2's
+  k-means), :func:`arm` makes the signal raise :class:`Preempted`, so a cache build stops between writes (its
+  shards are whole and a rerun reuses them) and the loggers are closed, instead of dying silently or (with
+  Lightning's handler) running on to the end of setup. From the first training step the loop owns it.
 """
 
 from __future__ import annotations
@@ -59,12 +60,10 @@ def arm() -> None:
                 return
 
 
-def disarm() -> None:
-    """Give the signals back to their default before Lightning registers its handlers (it keeps any handler it
-    finds and would call ours during training)."""
-    for signum in STOP_SIGNALS:
-        if signal.getsignal(signum) is _raise_preempted:
-            signal.signal(signum, signal.SIG_DFL)
+def disarm(signum: int) -> None:
+    """Give ``signum`` back to its default (Lightning registers its SLURM requeue handler only where none is set)."""
+    if signal.getsignal(signum) is _raise_preempted:
+        signal.signal(signum, signal.SIG_DFL)
 
 
 class PreemptionCheckpoint(pl.Callback):
@@ -79,10 +78,19 @@ class PreemptionCheckpoint(pl.Callback):
         self.step: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        disarm()  # callbacks' setup runs after the datamodule's (the cache build), before Lightning's handlers
+        slurm = self._slurm(trainer)
+        if slurm is not None:  # before Lightning registers its handlers (after setup and on_fit_start)
+            disarm(slurm.requeue_signal)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning's SIGTERM handler calls the one it found (ours, raising Preempted) after its own: not any more,
+        # the loop stops on its flag from here on
         lightning_term = signal.getsignal(signal.SIGTERM)
+        chained = getattr(lightning_term, "signal_handlers", None)
+        if isinstance(chained, list):
+            chained[:] = [h for h in chained if h is not _raise_preempted]
+        elif lightning_term is _raise_preempted:
+            lightning_term = None
         slurm = self._slurm(trainer)
         usr1 = slurm.requeue_signal if slurm is not None else signal.SIGUSR1
         lightning_usr1 = signal.getsignal(usr1)
@@ -110,6 +118,8 @@ class PreemptionCheckpoint(pl.Callback):
             return
         self.signum = self.signum or signal.SIGTERM
         self.step = trainer.global_step
+        if trainer.checkpoint_callback is None:  # checkpointing is off: nothing saved, nothing requeued
+            return
         slurm = self._slurm(trainer)
         connector = trainer._checkpoint_connector
         if slurm is not None:
@@ -141,7 +151,7 @@ class PreemptionCheckpoint(pl.Callback):
         name = signal.Signals(self.signum or signal.SIGTERM).name
         head = f"stopped by {name} at step {self.step}"
         if self.saved is None:
-            return f"{head}; no checkpoint was saved"
+            return f"{head}; no checkpoint was saved (checkpointing is off)"
         if self.requeued:
             return (f"{head}: checkpoint {shown(self.saved)}; SLURM job {self.requeued} was requeued and resumes "
                     "from it by itself")

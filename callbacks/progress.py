@@ -17,8 +17,8 @@ SHOWN = ("train/loss", "train/sentences_per_sec", "sae/fvu", "sae/l0")
 
 
 class PeriodicMetrics:
-    """Mixin for a Lightning progress bar: :data:`SHOWN` metrics read every ``log_every_n_steps`` steps (and
-    whenever the bar is outside training), not at every refresh."""
+    """Mixin for a Lightning progress bar: :data:`SHOWN` metrics read on the steps the loggers write (every
+    ``log_every_n_steps``) and outside training, once a step at most, not at every refresh."""
 
     show: tuple[str, ...] = SHOWN
     _read_at: int | None = None
@@ -27,7 +27,9 @@ class PeriodicMetrics:
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         items = super().get_metrics(trainer, pl_module)
         step = trainer.global_step
-        if not trainer.training or self._read_at is None or step - self._read_at >= trainer.log_every_n_steps:
+        # the loggers' steps (Lightning's own test), when they convert the values anyway; outside training, always
+        if (not trainer.training or self._read_at is None or trainer._logger_connector.should_update_logs) \
+                and self._read_at != step:
             metrics = trainer.callback_metrics
             self._values = {name.rpartition("/")[2]: float(metrics[name]) for name in self.show if name in metrics}
             self._read_at = step

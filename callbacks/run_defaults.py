@@ -15,8 +15,8 @@ leave it unset (``null``):
 - :class:`~callbacks.wandb_summary.WandbSummaries` for the best value of every monitored metric.
 - a progress bar that reads the metrics it shows every ``log_every_n_steps`` steps, not at every step
   (:mod:`callbacks.progress`: Rich when installed, else tqdm), unless the recipe has one or turns it off.
-- :class:`~callbacks.preemption.PreemptionCheckpoint` (unless checkpointing is off): SIGTERM saves the step reached
-  and the run exits non-zero.
+- :class:`~callbacks.preemption.PreemptionCheckpoint`: SIGTERM saves the step reached (unless checkpointing is
+  off) and the run exits non-zero.
 
 They are filled into the parsed config before anything is built, so resuming (``--ckpt_path``) treats them like
 options a recipe wrote, and the config every logger records holds them.
@@ -24,11 +24,11 @@ options a recipe wrote, and the config every logger records holds them.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 from jsonargparse import Namespace
+from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 from callbacks.sts import metric_name
 from lightning_modules.checkpoints import config_entries
@@ -150,10 +150,10 @@ def apply_run_defaults(cfg: Namespace, recipe: str) -> None:
     if "ModelCheckpoint" not in names and trainer.get("enable_checkpointing") is not False:
         callbacks.append(default_checkpoint(cfg))
     loggers = config_entries(trainer.logger)
-    if not names & {"RichProgressBar", "TQDMProgressBar", "RichMetricsBar", "TQDMMetricsBar"} \
+    if not any(name.endswith(("ProgressBar", "MetricsBar")) for name in names) \
             and trainer.get("enable_progress_bar") is not False:
-        callbacks.append(entry(RICH_BAR if importlib.util.find_spec("rich") else TQDM_BAR))
-    if "PreemptionCheckpoint" not in names and trainer.get("enable_checkpointing") is not False:
+        callbacks.append(entry(RICH_BAR if _RICH_AVAILABLE else TQDM_BAR))
+    if "PreemptionCheckpoint" not in names:  # with checkpointing off too: it owns the signals until training
         callbacks.append(entry(PREEMPTION))
     if loggers and "LearningRateMonitor" not in names:
         callbacks.append(entry(LR_MONITOR, logging_interval="step"))

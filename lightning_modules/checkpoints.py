@@ -13,8 +13,10 @@ every entry's CRC, which finds truncation and corruption without unpickling anyt
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
+import socket
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,7 +40,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # remote file systems (s3://...) have no rename: Lightning's own writer
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
@@ -55,10 +57,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def remove_dead_temporaries(folder: Path) -> None:
-    """Delete the temporary checkpoint files in ``folder`` that writers killed mid-write left behind
-    (``.<name>.ckpt.<pid>.tmp`` whose process is gone): a checkpoint's worth of disk each, never read by anything."""
-    for tmp in folder.glob(".*.ckpt.*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
+    """Delete the temporary checkpoint files in ``folder`` that writers on this machine killed mid-write left behind
+    (``.<name>.ckpt.<host>-<pid>.tmp`` whose process is gone): a checkpoint's worth of disk each, never read. Another
+    machine's are left alone: on a shared file system its process cannot be looked up from here."""
+    host = socket.gethostname()
+    for tmp in folder.glob(f".*.ckpt.{glob.escape(host)}-*.tmp"):
+        pid = tmp.name[:-len(".tmp")].rpartition("-")[2]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:

@@ -79,8 +79,10 @@ SYNCS: list = []
 class CountSyncs(Callback):
     """Counts, from the start of training step ``start`` to the start of step ``stop``, every call that would wait
     for a GPU (a host sync): ``Tensor.item / tolist / cpu / numpy / __bool__ / __float__ / __int__`` and
-    ``torch.tensor`` (a tensor made from host data, copied to the device). On the CPU none of them waits, but each
-    marks a place that would; SYNCS gets one ``(name, file:line)`` per call, the caller outside torch."""
+    ``torch.tensor(device=...)`` (host data copied to the device). On the CPU none of them waits, but each marks a
+    place that would; SYNCS gets one ``(name, "file:function < ...")`` per call, callers outside torch first. Syncs
+    inside torch (a boolean mask index, ``nonzero``) are not seen: on a GPU, ``torch.cuda.set_sync_debug_mode``
+    finds those."""
 
     NAMES = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 
@@ -107,7 +109,7 @@ class CountSyncs(Callback):
                     return original(*args, **kwargs)  # host data staying on the host: no copy to a device
                 frames = [f for f in traceback.extract_stack(limit=40)[:-1]
                           if "/torch/" not in f.filename and "cli_probes" not in f.filename]
-                callers = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in frames[::-1][:6]]
+                callers = [f"{f.filename.rsplit('/', 1)[-1]}:{f.name}" for f in frames[::-1][:6]]  # file:function
                 SYNCS.append((name, " < ".join(callers)))
                 return original(*args, **kwargs)
             return wrapper

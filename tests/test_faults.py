@@ -555,13 +555,17 @@ def test_a_checkpoint_chosen_on_a_validation_metric_is_never_one_of_a_diverged_m
 def test_temporaries_of_killed_checkpoint_writers_are_removed_at_the_next_save(tmp_path):
     """A writer SIGKILLed mid-write leaves `.<name>.ckpt.<pid>.tmp` (a checkpoint's worth of disk); the next save in
     that folder removes those whose process is gone, and keeps a live writer's."""
+    import socket
+
     from lightning_modules.checkpoints import AtomicCheckpointIO
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    dead = tmp_path / f".epoch=0-step=4.ckpt.{gone.pid}.tmp"
-    alive = tmp_path / f".last.ckpt.{os.getppid()}.tmp"
-    for tmp in (dead, alive):
+    host = socket.gethostname()
+    dead = tmp_path / f".epoch=0-step=4.ckpt.{host}-{gone.pid}.tmp"
+    alive = tmp_path / f".last.ckpt.{host}-{os.getppid()}.tmp"
+    elsewhere = tmp_path / f".last.ckpt.another-node-{gone.pid}.tmp"  # a shared file system: not ours to judge
+    for tmp in (dead, alive, elsewhere):
         tmp.write_bytes(b"half a checkpoint")
     AtomicCheckpointIO().save_checkpoint({"global_step": 5}, tmp_path / "last.ckpt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "last.ckpt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, "last.ckpt"])

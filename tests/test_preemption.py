@@ -225,3 +225,16 @@ def test_sigterm_while_the_activation_cache_is_built_keeps_whole_shards_that_the
     assert built["complete"] and built["n_sentences"] == 3000
     kept = sum(len(np.load(meta)) for meta in done)
     assert built["build"]["new_vectors"] == built["n_vectors"] - kept
+
+
+def test_sigterm_with_checkpointing_off_still_exits_143_and_says_nothing_was_saved(tmp_path, tiny_model, sample_data):
+    """With checkpointing off the handler that names a stop before training must still leave when training starts:
+    SIGTERM mid-training stops the loop and says that no checkpoint was saved (it raised mid-step, saying "before
+    training started")."""
+    args = fit_args(tmp_path / "run", tiny_model, sample_data, "--trainer.max_steps", "8",
+                    "--trainer.enable_checkpointing", "false")
+    proc = sigterm_at(args, 2, tmp_path)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert error_lines(proc.stderr) == ["error: stopped by SIGTERM at step 2; no checkpoint was saved (checkpointing "
+                                        "is off)"]
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -3,7 +3,6 @@ W&B run's group, tags, job type and best-value summaries (read back from the off
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -12,13 +11,14 @@ import pytest
 import torch
 import yaml
 from jsonargparse import Namespace
+from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 import train
 from callbacks.run_defaults import apply_run_defaults, recipe_name, run_tags, wandb_mode_default
 from tests.wandb_records import read_records
 
 #: The progress bar the run defaults add (Rich where it is installed).
-BAR = "RichMetricsBar" if importlib.util.find_spec("rich") else "TQDMMetricsBar"
+BAR = "RichMetricsBar" if _RICH_AVAILABLE else "TQDMMetricsBar"
 
 
 def parsed(**trainer) -> Namespace:
@@ -74,7 +74,8 @@ def test_what_a_recipe_sets_is_kept():
     off.trainer.enable_checkpointing = False
     off.trainer.enable_progress_bar = False
     apply_run_defaults(off, "r")
-    assert off.trainer.logger is False and off.trainer.callbacks == []
+    assert off.trainer.logger is False  # the preemption callback stays: it owns SIGTERM until training starts
+    assert [c.class_path.rpartition(".")[2] for c in off.trainer.callbacks] == ["PreemptionCheckpoint"]
 
 
 def test_an_sae_recipe_checkpoints_on_fvu_and_is_tagged_by_level():
