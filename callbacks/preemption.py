@@ -8,8 +8,9 @@ checkpoint, and the scheduler marks the job COMPLETED. Here:
 - :class:`PreemptionCheckpoint` (every ``fit`` gets one, :mod:`callbacks.run_defaults`) saves a complete checkpoint
   of the step reached when the loop stops on the signal: ``last.ckpt`` in the checkpoint folder, which
   ``--ckpt_path last`` resumes. Under SLURM with auto-requeue (Lightning's ``SLURMEnvironment``) it saves
-  Lightning's ``hpc_ckpt_<n>.ckpt`` instead and requeues the job once (Lightning's own requeue code), and the
-  requeued job resumes from it by itself. SIGUSR1 is treated as SIGTERM unless Lightning's SLURM requeue owns it.
+  Lightning's ``hpc_ckpt_<n>.ckpt`` instead and requeues the job once (``scontrol requeue``; a failure is
+  named), and the requeued job resumes from it by itself. SIGUSR1 is treated as SIGTERM unless Lightning's SLURM
+  requeue owns it.
 - ``train.py`` turns the stop into :class:`Preempted`: one line saying where the checkpoint is, exit code
   ``128 + signal`` (143 for SIGTERM), which schedulers and pipelines read as "killed", not "done".
 - Before training starts (parsing, building the activation cache, a module's ``on_fit_start`` such as MCR2's
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -75,6 +77,7 @@ class PreemptionCheckpoint(pl.Callback):
         self.signum: int | None = None
         self.saved: Path | None = None
         self.requeued: str | None = None  # the SLURM job id, once requeued
+        self.requeue_failed: tuple[str, str] | None = None  # (job id, why) when `scontrol requeue` failed
         self.step: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -125,16 +128,27 @@ class PreemptionCheckpoint(pl.Callback):
         if slurm is not None:
             # Lightning's resume under SLURM reads the newest hpc_ckpt_<n>.ckpt in default_root_dir
             self.saved = Path(connector.hpc_save_path(trainer.default_root_dir))
-            if self.requeued is None:  # SIGTERM without SIGUSR1 first: save and requeue with Lightning's code
-                self.requeued = self._job_id()
-                trainer._signal_connector._slurm_sigusr_handler_fn(self.signum, None)
-                return
+            trainer.save_checkpoint(self.saved)
+            if self.requeued is None and trainer.is_global_zero:  # SIGTERM without SIGUSR1 first: requeue once
+                self._requeue(self._job_id())
+            return
         else:
             callback = trainer.checkpoint_callback
             folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(
                 trainer.default_root_dir)
             self.saved = folder / "last.ckpt"
         trainer.save_checkpoint(self.saved)
+
+    def _requeue(self, job: str) -> None:
+        """``scontrol requeue JOB``, as Lightning's SLURM handler runs it, but its failure is kept for the message
+        (Lightning only logs it)."""
+        try:
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+            failure = None if done.returncode == 0 else (done.stderr.strip().splitlines() or [""])[-1] or \
+                f"exit code {done.returncode}"
+        except (OSError, subprocess.TimeoutExpired) as err:
+            failure = str(err)
+        self.requeued, self.requeue_failed = (job, None) if failure is None else (None, (job, failure))
 
     @staticmethod
     def _slurm(trainer: pl.Trainer) -> SLURMEnvironment | None:
@@ -152,6 +166,10 @@ class PreemptionCheckpoint(pl.Callback):
         head = f"stopped by {name} at step {self.step}"
         if self.saved is None:
             return f"{head}; no checkpoint was saved (checkpointing is off)"
+        if self.requeue_failed:
+            job, why = self.requeue_failed
+            return (f"{head}: checkpoint {shown(self.saved)}; requeueing SLURM job {job} failed ({why}): submit it "
+                    "again with the same default_root_dir and it resumes from that checkpoint by itself")
         if self.requeued:
             return (f"{head}: checkpoint {shown(self.saved)}; SLURM job {self.requeued} was requeued and resumes "
                     "from it by itself")

@@ -238,3 +238,20 @@ def test_sigterm_with_checkpointing_off_still_exits_143_and_says_nothing_was_sav
     assert error_lines(proc.stderr) == ["error: stopped by SIGTERM at step 2; no checkpoint was saved (checkpointing "
                                         "is off)"]
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_failed_requeue_is_named_not_reported_as_done(tmp_path, tiny_model, sample_data, fake_slurm):
+    """`scontrol requeue` refused (Lightning only logs a warning): the line says so, and how the job resumes."""
+    (fake_slurm.parent / "bin" / "scontrol").write_text("#!/bin/sh\necho 'Requested operation is presently "
+                                                        "disabled' >&2\nexit 1\n")
+    data = sample_data
+    job = tmp_path / "job"
+    args = fit_args(job, tiny_model, data, "--config", str(SLURM_YAML), *CPU, "--trainer.max_steps", "8",
+                    "--data.batch_size", "8")
+    proc = sigterm_at(args, 2, tmp_path)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert error_lines(proc.stderr) == [
+        "error: stopped by SIGTERM at step 2: checkpoint job/hpc_ckpt_1.ckpt; requeueing SLURM job 4242 failed "
+        "(Requested operation is presently disabled): submit it again with the same default_root_dir and it resumes "
+        "from that checkpoint by itself"]
+    assert torch.load(job / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 2
