@@ -42,11 +42,24 @@ def readable_as_umask(path: Path) -> None:
     (0644 / 0755 under umask 022): safetensors' ``save_file`` creates its file 0600 whatever the umask, so another
     account on a shared cluster could not read the weights beside files it can read. Call it after writing and
     before the atomic rename, so that no reader ever sees the file with the other mode."""
-    mask = os.umask(0o022)  # the only portable way to read the umask is to set it
-    os.umask(mask)
+    mask = current_umask()
     path = Path(path)
     for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+def current_umask() -> int:
+    """The process's umask, read from Linux's /proc without changing it (setting it to read it, the portable way,
+    would give a file another thread creates meanwhile the wrong mode); elsewhere read by setting it back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def resolve(source: str, data_root: str | None) -> Path | None:
