@@ -4,8 +4,10 @@
     python train.py fit --config configs/simcse_unsup_bert_base.yaml --model.temperature 0.1
     python train.py export --ckpt_path CKPT --output_dir DIR         # -> sentence-transformers folder
     python train.py evaluate --model DIR_OR_CKPT --tasks stsb,sickr   # STS scores (default: the 7 STS tasks)
+    python train.py evaluate --model DIR --tasks STSBenchmark,SICK-R  # MTEB tasks (or --benchmark NAME)
     python train.py interpret --sae SAE_DIR --cache CACHE_DIR         # SAE interpretability suite + browser
     python train.py study decomposition --models M1 M2 --data_root D  # a whole study -> report folder
+    python train.py push --model DIR --repo_id USER/NAME [--dry_run true] # upload an export to the HF Hub
 
 Model, datamodule, logger and callbacks are chosen in YAML (``class_path`` / ``init_args``) and overridable on the
 command line; unknown keys are rejected at parse time.
@@ -39,6 +41,7 @@ from lightning_modules.components.guard import DivergenceError
 from lightning_modules.evaluate import evaluate_main, parse_tasks
 from lightning_modules.export import export, export_format, how_to_load, is_sae, load_module
 from lightning_modules.model_card import DEFAULT_STS_TASKS, checkpoint_facts
+from lightning_modules.publish import push_main
 from lightning_modules.sae_card import checkpoint_metrics
 
 
@@ -156,7 +159,8 @@ def export_main(argv: list[str]) -> None:
 
 
 #: The commands beside LightningCLI's fit / validate / test, each ``function(argv)``: the one place they are named.
-COMMANDS = {"export": export_main, "evaluate": evaluate_main, "interpret": interpret_main, "study": study_main}
+COMMANDS = {"export": export_main, "evaluate": evaluate_main, "interpret": interpret_main, "study": study_main,
+            "push": push_main}
 
 
 #: Options that moved, by module: old init_args name -> new one (an old recipe or command line is told the new key).

@@ -2,88 +2,26 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
-from datamodules.sts import SICK_FILES, STSPairs, concat_pairs, load_sts
+from lightning_modules.mteb_eval import LOCAL_STS, encoder, evaluate_tasks, load_tasks
+
+__all__ = ["LOCAL_STS", "MTEBEvaluator", "module_encoder"]
 
 log = logging.getLogger(__name__)
 
-#: MTEB task -> the local STS task whose files hold the same pairs (see datamodules/sts.py for the layouts).
-#: MTEB's SICK-R is the train, trial and test files together (9,927 pairs), hence all three here.
-LOCAL_STS = {
-    "STS12": "sts12",
-    "STS13": "sts13",
-    "STS14": "sts14",
-    "STS15": "sts15",
-    "STS16": "sts16",
-    "STSBenchmark": "stsb",
-    "SICK-R": "sickr",
-}
-#: MTEB split names -> ours.
-SPLIT_NAMES = {"validation": "dev"}
 
-
-def _local_pairs(source: str, split: str, data_root: str | None) -> STSPairs:
-    """One MTEB split's pairs from local files (a local task name or a TSV path), in MTEB's text form."""
-    if source == "sickr" and split == "test":
-        parts = [load_sts("sickr", s, data_root, hub=False, text="mteb") for s in SICK_FILES]
-        return concat_pairs("sickr", parts)
-    return load_sts(source, SPLIT_NAMES.get(split, split), data_root, hub=False, text="mteb")
-
-
-def _get_task(name: str, eval_splits: Sequence[str] | None):
-    # imported when used: mteb takes ~4 s to import; only MTEB evaluation needs it
-    import mteb
-
-    try:
-        return mteb.get_task(name, eval_splits=list(eval_splits) if eval_splits else None)
-    except KeyError:
-        known = sorted(t.metadata.name for t in mteb.get_tasks())
-        close = difflib.get_close_matches(name, known, n=5)
-        raise ValueError(
-            f"unknown MTEB task {name!r}"
-            f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} Tasks with local data "
-            f"offline (data_root): {', '.join(LOCAL_STS)}. All {len(known)} MTEB names: "
-            "[t.metadata.name for t in mteb.get_tasks()]"
-        ) from None
-
-
-def module_encoder(module: pl.LightningModule, batch_size: int, name: str, revision: str):
-    """MTEB's encoder interface over ``module.encode(list[str]) -> (N, D)`` (docs/pitfalls.md #6).
-
-    A subclass of ``mteb.models.abs_encoder.AbsEncoder`` (which supplies the similarity functions from
-    ``mteb_model_meta``: cosine here), built here so that importing this file does not import mteb.
-    """
-    # imported when used: mteb takes ~4 s to import; only MTEB evaluation needs it
-    from mteb.models import ModelMeta
-    from mteb.models.abs_encoder import AbsEncoder
-    from mteb.models.model_meta import ScoringFunction
-
-    class ModuleEncoder(AbsEncoder):
-        def __init__(self) -> None:
-            self.model = module
-            self.mteb_model_meta = ModelMeta.create_empty(
-                overwrites={
-                    "name": name,
-                    "revision": revision,
-                    "similarity_fn_name": ScoringFunction.COSINE,
-                    "framework": ["PyTorch"],
-                }
-            )
-
-        def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
-            texts = [text for batch in inputs for text in batch["text"]]
-            return module.encode(texts, batch_size=batch_size).float().numpy()
-
-    return ModuleEncoder()
+def module_encoder(module: pl.LightningModule, batch_size: int, name: str, revision: str,
+                   prompts: dict[str, str] | None = None):
+    """MTEB's encoder interface over ``module.encode(list[str]) -> (N, D)`` (:func:`lightning_modules.mteb_eval.
+    encoder`; ``prompts`` as there)."""
+    return encoder(lambda texts: module.encode(texts, batch_size=batch_size), name, revision, prompts)
 
 
 class MTEBEvaluator(pl.Callback):
@@ -91,9 +29,12 @@ class MTEBEvaluator(pl.Callback):
 
     Only global rank 0 evaluates; the scores are broadcast to every rank (``trainer.strategy.broadcast``), so
     every rank holds the same value in ``trainer.callback_metrics`` and ``ModelCheckpoint(monitor=
-    "mteb/STSBenchmark")`` or ``EarlyStopping`` work under DDP. MTEB's result cache is never used
-    (``cache=None``): a cached result for the same model name would be returned instead of the current
-    weights' score (docs/pitfalls.md #6). Each evaluation also goes to W&B as a table ``mteb/results`` (step, task,
+    "mteb/STSBenchmark")`` or ``EarlyStopping`` work under DDP. MTEB's result cache is never read
+    (``overwrite_strategy="always"``): a cached result for the same model name would be returned instead of the
+    current weights' score (docs/pitfalls.md #6). Each task's ``TaskResult`` is written, as ``mteb.evaluate`` writes it,
+    under ``results_dir`` (a ``ResultCache`` folder: ``<run folder>/mteb`` by default, model name
+    ``embedlab/<module class>``, revision ``step<N>``); ``ExportOnFitEnd`` builds the card's model-index from those
+    of the exported step. Each evaluation also goes to W&B as a table ``mteb/results`` (step, task,
     split, subset, main score, every score as JSON) when a WandbLogger is attached.
 
     Offline, the STS tasks of :data:`LOCAL_STS` take their pairs from ``data_root`` and keep their official
@@ -110,6 +51,11 @@ class MTEBEvaluator(pl.Callback):
         eval_splits: splits to score instead of each task's official ones (e.g. ``["validation"]`` to select
             checkpoints on STS-B dev); None keeps MTEB's.
         batch_size: sentences per encoding batch.
+        prompts: text put before the inputs, keyed as MTEB keys prompts (``query`` / ``document``, a task name or
+            type; see :func:`lightning_modules.mteb_eval.encoder`), e.g. ``{"query": "query: ", "document":
+            "passage: "}`` for a model trained with e5's prefixes.
+        results_dir: the ``ResultCache`` folder the TaskResults go to; default ``<run folder>/mteb`` during
+            ``fit``; '' keeps none.
     """
 
     def __init__(
@@ -121,6 +67,8 @@ class MTEBEvaluator(pl.Callback):
         local_data: dict[str, str] | None = None,
         eval_splits: list[str] | None = None,
         batch_size: int = 128,
+        prompts: dict[str, str] | None = None,
+        results_dir: str | None = None,
     ) -> None:
         if not tasks:
             raise ValueError(f"MTEBEvaluator needs at least one task, e.g. {list(LOCAL_STS)}")
@@ -130,61 +78,25 @@ class MTEBEvaluator(pl.Callback):
         self.every_n_steps, self.at_end, self.batch_size = every_n_steps, at_end, batch_size
         self.data_root, self.eval_splits = data_root, eval_splits
         self.local_data = dict(local_data or {})
+        self.prompts = dict(prompts or {})
+        self.results_dir = results_dir
         self._tasks: list | None = None
         self.history: list[tuple[int, dict[str, float]]] = []
 
     # ------------------------------------------------------------------------------------------- tasks
     def load_tasks(self) -> list:
-        """MTEB task objects, data loaded once (local pairs when available, else MTEB's own loader)."""
-        if self._tasks is not None:
-            return self._tasks
-        # imported when used: datasets (~1 s to import): only MTEB tasks given local data need it
-        from datasets import Dataset, DatasetDict
-
-        tasks = []
-        for name in self.task_names:
-            task = _get_task(name, self.eval_splits)
-            source = self.local_data.get(name) or (LOCAL_STS.get(name) if self.data_root else None)
-            if source is not None:
-                if task.metadata.type != "STS":
-                    raise ValueError(
-                        f"local_data[{name!r}]: only STS tasks take local pairs, {name} is "
-                        f"{task.metadata.type}"
-                    )
-                splits = {}
-                for split in task.eval_splits:
-                    p = _local_pairs(source, split, self.data_root)
-                    splits[split] = Dataset.from_dict(
-                        {"sentence1": p.sentences1, "sentence2": p.sentences2, "score": p.scores}
-                    )
-                task.dataset = DatasetDict(splits)
-                task.data_loaded = True
-            else:
-                task.load_data()  # once: evaluate() does not unload data it did not load itself
-            tasks.append(task)
-        self._tasks = tasks
-        return tasks
+        """MTEB task objects, data loaded once (:func:`lightning_modules.mteb_eval.load_tasks`)."""
+        if self._tasks is None:
+            self._tasks = load_tasks(self.task_names, self.data_root, self.local_data, self.eval_splits)
+        return self._tasks
 
     # ---------------------------------------------------------------------------------------- evaluation
     def run(self, pl_module: pl.LightningModule, step: int = 0) -> tuple[dict[str, float], list[list[Any]]]:
         """Evaluate ``pl_module`` now: (``{"mteb/<task>": main score x 100}``, W&B table rows)."""
-        # imported when used: mteb takes ~4 s to import; only MTEB evaluation needs it
-        import mteb
-
-        model = module_encoder(
-            pl_module, self.batch_size, f"embedlab/{type(pl_module).__name__}", f"step{step}"
-        )
-        result = mteb.evaluate(
-            model,
-            self.load_tasks(),
-            cache=None,
-            overwrite_strategy="always",
-            encode_kwargs={"batch_size": self.batch_size},
-            show_progress_bar=False,
-            co2_tracker=False,
-        )
+        model = module_encoder(pl_module, self.batch_size, self.model_name(pl_module), f"step{step}", self.prompts)
+        task_results = evaluate_tasks(model, self.load_tasks(), self.results_dir or None, self.batch_size)
         scores, rows = {}, []
-        for task_result in result.task_results:
+        for task_result in task_results:
             scores[f"mteb/{task_result.task_name}"] = float(task_result.get_score()) * 100
             for split, per_subset in task_result.scores.items():
                 for s in per_subset:
@@ -235,6 +147,19 @@ class MTEBEvaluator(pl.Callback):
     def _done(self, trainer: pl.Trainer) -> bool:
         return bool(self.history) and self.history[-1][0] == trainer.global_step
 
+    @staticmethod
+    def model_name(pl_module: pl.LightningModule) -> str:
+        """The model name the results are stored under (with revision ``step<N>``)."""
+        return f"embedlab/{type(pl_module).__name__}"
+
+    def step_results(self, pl_module: pl.LightningModule, step: int) -> list:
+        """The TaskResults stored for ``step`` ([] when that step was not evaluated or none are kept)."""
+        from lightning_modules.mteb_eval import load_results
+
+        if not self.results_dir:
+            return []
+        return load_results(self.results_dir, self.model_name(pl_module), f"step{step}")
+
     # ---------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # fail on a bad task name or missing data before training starts, on every rank (none left waiting)
@@ -253,6 +178,13 @@ class MTEBEvaluator(pl.Callback):
             raise failure
         if message is not None:
             raise RuntimeError(f"MTEBEvaluator could not load its tasks on rank 0: {message}")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # every rank, once the checkpoint folder is known (trainer.log_dir is a broadcast under DDP)
+        if self.results_dir is None:
+            from callbacks.export import run_folder  # callbacks.export asks this callback for its results
+
+            self.results_dir = str(run_folder(trainer) / "mteb")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

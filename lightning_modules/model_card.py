@@ -14,6 +14,10 @@ facts read from the run itself (the checkpoint: :func:`checkpoint_facts`; the li
 - ``sts_data_root``: the folder of the STS test sets (the run's STSEvaluator's or datamodule's ``data_root``):
   when set, the exported folder is scored at export on the ``sts_tasks`` found there (default
   :data:`DEFAULT_STS_TASKS`; ``[]`` measures nothing) and the scores land in ``sts``.
+- ``mteb_results_dir``: the ``ResultCache`` folder of the run's ``MTEBEvaluator`` (default ``<run_dir>/mteb``):
+  the TaskResults stored there for the exported step become the card's MTEB table and model-index.
+
+The front matter (:mod:`lightning_modules.card_metadata`) carries the model-index, licence, language and datasets.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from datamodules.base import looks_like_hub_name
+from lightning_modules.card_metadata import front_matter, sts_eval_results
 from lightning_modules.checkpoints import DATA_CONFIG_KEY, LOGGERS_KEY
 from lightning_modules.components.errors import DataError
 from lightning_modules.evaluate import SentenceTransformerEmbedder, load_tasks, score_tasks
@@ -130,9 +134,36 @@ def write_model_card(folder: Path, module, facts: dict | None, load_path: str | 
         facts["sts"] = measure_sts(folder, root, tasks)
         if given is not None:
             given["sts"] = facts["sts"]
+    if "mteb" not in facts:
+        facts["mteb"] = run_mteb_results(module, facts)
     path = Path(folder) / "README.md"
     path.write_text(model_card(module, facts, load_path, dim))
     return path
+
+
+def run_mteb_results(module, facts: dict) -> list:
+    """The MTEB TaskResults the run's ``MTEBEvaluator`` stored for the exported step (model ``embedlab/<module
+    class>``, revision ``step<N>``); [] when none (a result of another step would describe other weights)."""
+    folder = facts.get("mteb_results_dir") or (Path(facts["run_dir"]) / "mteb" if facts.get("run_dir") else None)
+    if folder is None or facts.get("step") is None or not Path(folder).is_dir():
+        return []
+    from lightning_modules.mteb_eval import load_results
+
+    return load_results(folder, f"embedlab/{type(module).__name__}", f"step{facts['step']}")
+
+
+def mteb_lines(task_results: Sequence) -> list[str]:
+    """The MTEB table: each task's main score x 100 per split and subset."""
+    if not task_results:
+        return []
+    lines = ["MTEB (`mteb.evaluate`, main score x 100), stored as MTEB TaskResults:", "",
+             "| task | split | subset | main score | x 100 |", "|---|---|---|---|---|"]
+    for result in task_results:
+        metric = _code(result.main_score)
+        for split, scores in result.scores.items():
+            lines += [f"| {result.task_name} | {split} | {s.get('hf_subset', 'default')} | {metric} | "
+                      f"{float(s['main_score']) * 100:.2f} |" for s in scores]
+    return [*lines, ""]
 
 
 # ---------------------------------------------------------------------------------------------------- the card
@@ -255,20 +286,39 @@ def model_card(module, facts: dict | None, load_path: str | Path, dim: int) -> s
     method, settings = method_rows(module, facts.get("data"))
     tag = method.split(" ")[-1 if "SimCSE" in method or "HNCSE" in method else 0].split("-")[0].lower()
     short = Path(base).name if Path(base).exists() else base
-    front = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity", "tags:",
-             "- sentence-transformers", "- sentence-similarity", "- embedlab", f"- {tag}"]
-    if looks_like_hub_name(base) and not Path(base).exists():
-        front.append(f"base_model: {base}")
+    dims = list(getattr(module, "matryoshka_dims", None) or [])
+    tags = ["sentence-transformers", "sentence-similarity", "embedlab", tag] + (["matryoshka"] if dims else [])
+    from lightning_modules.mteb_eval import eval_results  # mteb itself is imported only when there are results
+
+    mteb_results = facts.get("mteb") or []
+    results = eval_results(mteb_results) + sts_eval_results(facts.get("sts"))
+    front = front_matter(base=base, tags=tags, model_name=f"{short} {method}", eval_results=results,
+                         data=facts.get("data"))
     module_class = f"{type(module).__module__}.{type(module).__name__}"
     rows = [("base model", _code(base)), ("method", f"{method} ({_code(module_class)})"), *settings,
             ("training data", data_text(facts.get("data"))), ("steps", steps_text(facts))]
-    lines = [*front, "---", "", f"# {short}, {method}", "",
+    if dims:
+        rows.append(("Matryoshka dims", ", ".join(map(str, dims)) + " (each prefix of the embedding is an embedding "
+                                                                      "on its own: load with `truncate_dim`)"))
+    lines = [front, "", f"# {short}, {method}", "",
              f"A sentence-transformers model: {dim}-d sentence embeddings, L2-normalised (a dot product is a cosine), "
              "trained with embedlab. This card was written at export from the run's own records.", "",
              "## Training", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
-             "## Evaluation", "", *evaluation_lines(facts), "## Run", "", *run_lines(facts), "## Usage", "",
+             "## Evaluation", "", *evaluation_lines(facts), *mteb_lines(mteb_results),
+             "## Run", "", *run_lines(facts), "## Usage", "",
              "```python", "from sentence_transformers import SentenceTransformer", "",
              f"model = SentenceTransformer({str(load_path)!r})",
              "embeddings = model.encode([\"A man is playing a guitar.\", \"Someone plays an instrument.\"])",
-             "similarity = model.similarity(embeddings, embeddings)", "```", ""]
+             "similarity = model.similarity(embeddings, embeddings)", *truncate_lines(load_path, dims), "```", ""]
     return "\n".join(lines)
+
+
+def truncate_lines(load_path: str | Path, dims: Sequence[int]) -> list[str]:
+    """Usage lines for a Matryoshka head: the smallest prefix, loaded with sentence-transformers' ``truncate_dim``
+    (the prefix is not unit-length: ``model.similarity`` is a cosine, a plain dot product is not)."""
+    if not dims:
+        return []
+    return ["", f"# a Matryoshka head: the first {dims[0]} of {dims[-1]} dims are an embedding too "
+                f"(trained prefixes: {', '.join(map(str, dims))})",
+            f"small = SentenceTransformer({str(load_path)!r}, truncate_dim={dims[0]})",
+            "small_embeddings = small.encode([\"A man is playing a guitar.\"])  # cosine via small.similarity"]

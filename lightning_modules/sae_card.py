@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from datamodules.base import looks_like_hub_name
 from lightning_modules.components.batch_topk import BatchTopKSAE
 
 #: The figures of the card: (label, metric name under ``val/sae/`` and ``sae/``).
@@ -111,6 +112,25 @@ def open_lines(format: str, folder: str) -> list[str]:
             "", "**embedlab**:", "", *ours]
 
 
+def sae_front_matter(sae: BatchTopKSAE, format: str) -> str:
+    """The card's YAML front matter (``huggingface_hub.ModelCardData``): ``library_name: saelens`` for the SAELens
+    layout (as SAELens writes it; the sparsify layout names no library, the Hub has none for it, and is tagged
+    ``sparsify``), tags, the base model when it is a hub name, and what the SAE reads: ``layer`` (the
+    ``output_hidden_states`` index), ``hook_point`` (``hidden_states.<layer>``, SAELens' ``hook_name``), ``level``."""
+    from huggingface_hub import ModelCardData
+
+    acts = sae.activations or {}
+    model, layer = acts.get("model"), acts.get("layer")
+    card = ModelCardData(
+        library_name="saelens" if format == "saelens" else None,
+        tags=["sparse-autoencoder", "sae", "batch-topk", "embedlab", "saelens" if format == "saelens" else "sparsify"],
+        base_model=model if isinstance(model, str) and looks_like_hub_name(model) and not Path(model).exists()
+        else None,
+        layer=layer, hook_point=None if layer is None else f"hidden_states.{layer}", level=acts.get("level"),
+        d_in=sae.cfg.d_in, d_sae=sae.num_latents)
+    return "---\n" + card.to_yaml() + "\n---"
+
+
 def sae_card(sae: BatchTopKSAE, format: str, folder: str | Path, metrics: dict | None = None) -> str:
     """The README.md text of the export of ``sae`` (its original, unfolded state) in ``format`` (sparsify or
     saelens) at ``folder``, with the run's ``metrics`` (``sae_metrics.json``'s names; None: "not measured")."""
@@ -129,7 +149,7 @@ def sae_card(sae: BatchTopKSAE, format: str, folder: str | Path, metrics: dict |
     if cfg.matryoshka_widths:
         size.append(("Matryoshka prefixes", ", ".join(str(w) for w in cfg.widths)))
     step, ckpt = (metrics or {}).get("global_step"), (metrics or {}).get("checkpoint")
-    lines = [f"# BatchTopK sparse autoencoder: {what}", "",
+    lines = [sae_front_matter(sae, format), "", f"# BatchTopK sparse autoencoder: {what}", "",
              f"Exported by embedlab in the {format} format: {files}. Inputs are raw activations (the input scale is "
              "folded into the biases and the threshold); codes and reconstructions are in the same units.", "",
              "## What it reads", "", "| | |", "|---|---|", *[f"| {a} | {b} |" for a, b in reads_rows(sae.activations)],
