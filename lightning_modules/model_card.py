@@ -159,7 +159,7 @@ def mteb_lines(task_results: Sequence) -> list[str]:
     lines = ["MTEB (`mteb.evaluate`, main score x 100), stored as MTEB TaskResults:", "",
              "| task | split | subset | main score | x 100 |", "|---|---|---|---|---|"]
     for result in task_results:
-        metric = _code(result.main_score)
+        metric = _code(result.task.metadata.main_score)
         for split, scores in result.scores.items():
             lines += [f"| {result.task_name} | {split} | {s.get('hf_subset', 'default')} | {metric} | "
                       f"{float(s['main_score']) * 100:.2f} |" for s in scores]
