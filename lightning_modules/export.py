@@ -26,6 +26,7 @@ from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSA
 from lightning_modules.components.errors import DataError, why_write_failed
 from lightning_modules.components.guard import DivergenceError
 from lightning_modules.components.hub import pooler_report_filtered
+from lightning_modules.components.st_modules import st_modules, transformer
 from lightning_modules.loading import load_module
 from lightning_modules.model_card import write_model_card
 from lightning_modules.sae_card import sae_card
@@ -39,26 +40,18 @@ def sentence_transformer_modules(module: EmbeddingModule, transformer_dir: str |
     ``transformer_dir`` must already hold the Hugging Face model and tokenizer (``save_pretrained``).
     Modules that add a head after pooling extend this list (see ``extra_st_modules``).
     """
-    # imported when used: sentence-transformers takes ~3 s to import; only exporting needs it
-    from sentence_transformers.sentence_transformer.modules import (
-        Dense,
-        Normalize,
-        Pooling,
-        Transformer,
-        WeightedLayerPooling,
-    )
-
+    modules_ = st_modules()  # imported when used: ~3 s; only exporting needs it
+    Dense, Normalize, Pooling = modules_.Dense, modules_.Normalize, modules_.Pooling
     enc = module.encoder
     first_last = enc.pooler == "first_last_avg"
     config_kwargs = {"output_hidden_states": True} if first_last else None
-    modules: list[nn.Module] = [Transformer(str(transformer_dir), max_seq_length=enc.max_length,
-                                            config_kwargs=config_kwargs)]
+    modules: list[nn.Module] = [transformer(str(transformer_dir), enc.max_length, config_kwargs)]
     if first_last:  # (hidden_states[1] + hidden_states[-1]) / 2 as a layer weighting from layer 1
         n_layers = enc.model.config.num_hidden_layers
         weights = torch.zeros(n_layers)
         weights[0] = weights[-1] = 1.0
-        modules.append(WeightedLayerPooling(enc.dim, num_hidden_layers=n_layers, layer_start=1,
-                                            layer_weights=nn.Parameter(weights)))
+        modules.append(modules_.WeightedLayerPooling(enc.dim, num_hidden_layers=n_layers, layer_start=1,
+                                                    layer_weights=nn.Parameter(weights)))
     modules.append(Pooling(enc.dim, "cls" if enc.pooler.startswith("cls") else "mean"))
     if enc.mlp is not None and enc.mlp_mode == "always":
         modules.append(Dense(enc.dim, enc.dim, activation_function=nn.Tanh(),

@@ -229,8 +229,9 @@ class MCR2Module(EmbeddingModule):
     def extra_st_modules(self) -> list[nn.Module]:
         """The head as sentence-transformers modules: [Normalize] + one Dense per Linear (linear: Identity
         activation, docs/pitfalls.md #7; MLP: the hidden Dense carries the activation)."""
-        # imported when used: sentence-transformers takes ~3 s to import; only exporting needs it
-        from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+        from lightning_modules.components.st_modules import st_modules  # ~3 s to import: only exporting needs it
+
+        Dense, Normalize = st_modules().Dense, st_modules().Normalize
 
         modules: list[nn.Module] = [Normalize()] if self.head.normalize_input else []
         for linear, activation in self.head.dense_layers():
