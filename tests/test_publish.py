@@ -44,7 +44,7 @@ def printed_front_matter(text: str) -> dict:
 
 @pytest.mark.parametrize("kind,files,meta", [
     ("encoder", {"README.md", "modules.json", "model.safetensors", "config.json", "tokenizer.json",
-                 "1_Pooling/config.json", "2_Normalize/config.json"},
+                 "1_Pooling/config.json"},  # sentence-transformers 6 also writes 2_Normalize/config.json
      {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity"}),
     ("sparsify", {"README.md", "cfg.json", "sae.safetensors"},
      {"base_model": BASE, "layer": 3, "hook_point": "hidden_states.3", "d_sae": 8}),
