@@ -103,6 +103,23 @@ def test_fit_export_card_carries_the_mteb_results_of_the_exported_step(module, s
     (entry,) = card.data.eval_results
     assert entry.dataset_type == "mteb/stsbenchmark-sts" and entry.metric_value == pytest.approx(
         scores[kept] / 100, abs=1e-6)
+    # evaluate on that checkpoint stores beside the callback's, under the same name and step: the same score
+    ckpt = next((tmp_path / "run" / "checkpoints").glob(f"*step={kept}.ckpt"))
+    stored = tmp_path / "run" / "mteb" / "results" / "embedlab__ContrastiveModule" / f"step{kept}" / "STSBenchmark.json"
+    stored.unlink()  # so that what is read back below is what evaluate wrote
+    train.main(["evaluate", "--model", str(ckpt), "--tasks", "STSBenchmark", "--data_root", str(data_root)])
+    again = cache_results(tmp_path / "run" / "mteb")[("embedlab/ContrastiveModule", f"step{kept}", "STSBenchmark")]
+    assert again == pytest.approx(scores[kept], abs=1e-4)
+
+
+def test_benchmark_names_are_checked():
+    from lightning_modules.mteb_eval import benchmark_tasks
+
+    assert {"STSBenchmark", "SICK-R"} <= set(benchmark_tasks("MTEB(eng, v1)"))
+    with pytest.raises(DataError, match=r"--benchmark 'MTEB\(eng, v9\)' is not an MTEB benchmark; did you mean"):
+        benchmark_tasks("MTEB(eng, v9)")
+    with pytest.raises(DataError, match="give --benchmark or --tasks, not both"):
+        train.main(["evaluate", "--model", "x", "--tasks", "STSBenchmark", "--benchmark", "MTEB(eng, v1)"])
 
 
 def test_matryoshka_card_names_its_dims_and_truncate_dim_loads_the_prefix(tiny_model, tmp_path):
