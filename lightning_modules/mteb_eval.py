@@ -15,13 +15,13 @@ export, a checkpoint or a hub model). mteb is imported when used (~4 s).
 from __future__ import annotations
 
 import difflib
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from datamodules.sts import SICK_FILES, STSPairs, concat_pairs, load_sts
 from lightning_modules.components.errors import DataError
+from lightning_modules.components.hub import hub_offline
 
 #: MTEB task -> the local STS task whose files hold the same pairs (see datamodules/sts.py for the layouts).
 #: MTEB's SICK-R is the train, trial and test files together (9,927 pairs), hence all three here.
@@ -76,11 +76,6 @@ def benchmark_tasks(name: str) -> list[str]:
                         f"{'; did you mean ' + ', '.join(close) + '?' if close else ''}") from None
 
 
-def is_offline() -> bool:
-    """Whether the Hugging Face hub is switched off (``HF_HUB_OFFLINE``), as huggingface_hub reads it."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def load_tasks(names: Sequence[str], data_root: str | None = None, local_data: dict[str, str] | None = None,
                eval_splits: Sequence[str] | None = None) -> list:
     """MTEB task objects with their data loaded: local pairs for the STS tasks of :data:`LOCAL_STS` when
@@ -111,7 +106,7 @@ def load_tasks(names: Sequence[str], data_root: str | None = None, local_data: d
         else:
             local = f"; offline, only {', '.join(LOCAL_STS)} run, from --data_root" if name not in LOCAL_STS else \
                 "; give --data_root (the local STS copies) to run it offline"
-            if is_offline():
+            if hub_offline():
                 raise DataError(f"MTEB task {name} needs its data from the Hugging Face hub "
                                 f"({task.metadata.dataset.get('path')}) and HF_HUB_OFFLINE is set{local}")
             try:

@@ -17,13 +17,13 @@ switched on (``HF_HUB_OFFLINE`` unset): both are checked first, in one line, bef
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
 from lightning_modules.components.errors import DataError
+from lightning_modules.components.hub import hub_offline
 from lightning_modules.saelens_format import WEIGHTS_FILE as SAELENS_WEIGHTS
 
 #: What each kind of export holds: (kind, the files that identify it).
@@ -48,9 +48,9 @@ class PushPlan:
 
 def check_can_upload() -> None:
     """Raise a one-line DataError when an upload cannot start: the hub switched off or no token."""
-    from huggingface_hub import constants, get_token
+    from huggingface_hub import get_token
 
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+    if hub_offline():
         raise DataError(f"HF_HUB_OFFLINE is set: pushing needs the Hugging Face hub (unset it, and {LOGIN_HINT}); "
                         "--dry_run true shows what would be pushed without the network")
     if get_token() is None:

