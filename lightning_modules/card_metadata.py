@@ -4,7 +4,8 @@ Built with ``huggingface_hub.ModelCardData`` (its ``to_yaml`` writes the ``model
 results from), so what is written is what ``huggingface_hub.ModelCard`` / ``metadata_load`` parse back.
 
 - licence and language: the base model's own card when it can be read without the network (a local folder's
-  README.md, or the hub name's README.md in the local Hugging Face cache); absent otherwise, never guessed.
+  README.md, the folder of a hub name installed offline (``components.hub.OFFLINE_PACKAGES``), or the hub name's
+  README.md in the local Hugging Face cache); absent otherwise, never guessed.
 - datasets: the hub datasets the run's datamodule names (local files have no hub id and are not listed).
 - model-index: MTEB's TaskResults (:func:`lightning_modules.mteb_eval.eval_results`, main score 0-1 as MTEB stores
   it) and the STS table measured at export (:func:`sts_eval_results`, Spearman of cosine as 0-1, SentEval text).
@@ -15,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datamodules.base import looks_like_hub_name
+from lightning_modules.components.hub import resolve_model
 
 #: Local STS task -> the hub dataset MTEB scores the same pairs from (``mteb.get_task(name).metadata.dataset``).
 #: ``sickr`` (the SICK test split only) is absent: MTEB's SICK-R is all three files (``sickr_all``).
@@ -38,7 +40,7 @@ def base_card(base: str) -> dict:
     else the README.md of the hub name in the local Hugging Face cache; {} when neither is there."""
     from huggingface_hub import metadata_load, try_to_load_from_cache
 
-    path = Path(base) / "README.md"
+    path = Path(resolve_model(base)) / "README.md"  # a hub name installed offline: its package's folder
     if not path.is_file() and looks_like_hub_name(base) and not Path(base).exists():
         try:
             cached = try_to_load_from_cache(base, "README.md")

@@ -155,6 +155,7 @@ def test_licence_and_language_come_from_the_base_models_card(tmp_path):
 
 def test_sts_hub_datasets_are_mtebs_own():
     import mteb
+
     from lightning_modules.card_metadata import STS_HUB_DATASETS
 
     for name, dataset in STS_HUB_DATASETS.values():
@@ -170,3 +171,12 @@ def test_minilm_stsbenchmark_through_mteb_matches_the_published_score(minilm, sh
     ((key, score),) = cache_results(tmp_path / "r").items()
     assert key == ("embedlab/model", "export", "STSBenchmark") and score == pytest.approx(82.03, abs=0.01)
     assert (Path(minilm) / "README.md").read_text() == before  # not an embedlab card: left alone
+
+
+def test_a_hub_base_installed_offline_gives_its_licence(minilm):
+    from lightning_modules.card_metadata import front_matter
+
+    meta = ModelCard(front_matter(base="sentence-transformers/all-MiniLM-L6-v2", tags=["x"], model_name="m",
+                                  eval_results=[]) + "\n").data
+    assert (meta.license, meta.language) == ("apache-2.0", "en")  # from the installed package's own card
+    assert meta.base_model == "sentence-transformers/all-MiniLM-L6-v2"
