@@ -76,7 +76,8 @@ def update_card(folder: Path, task_results: list, results_dir: Path) -> Path | N
     kept = [r for r in (card.data.eval_results or [])
             if not (r.source_name == "MTEB" and r.dataset_name.rsplit(" (", 1)[0] in names)]
     card.data.eval_results = kept + eval_results(task_results)
-    card.data.model_name = card.data.model_name or folder.resolve().name
+    title = next((line[2:].strip() for line in card.text.splitlines() if line.startswith("# ")), None)
+    card.data.model_name = card.data.model_name or title or folder.resolve().name  # the card's own title
     shown = results_dir.relative_to(folder) if results_dir.is_relative_to(folder) else results_dir
     section = "\n".join([BEGIN, "## MTEB", "", *mteb_lines(task_results),
                          f"TaskResults in `{shown}` (`mteb.ResultCache(...).load_results()` reads them).", END])

@@ -292,7 +292,7 @@ def model_card(module, facts: dict | None, load_path: str | Path, dim: int) -> s
 
     mteb_results = facts.get("mteb") or []
     results = eval_results(mteb_results) + sts_eval_results(facts.get("sts"))
-    front = front_matter(base=base, tags=tags, model_name=f"{short} {method}", eval_results=results,
+    front = front_matter(base=base, tags=tags, model_name=f"{short}, {method}", eval_results=results,
                          data=facts.get("data"))
     module_class = f"{type(module).__module__}.{type(module).__name__}"
     rows = [("base model", _code(base)), ("method", f"{method} ({_code(module_class)})"), *settings,

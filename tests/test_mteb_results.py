@@ -48,6 +48,8 @@ def test_evaluate_runs_mteb_tasks_on_an_export_and_updates_its_card(module, data
     assert entries == pytest.approx({("mteb/stsbenchmark-sts", "MTEB"): want / 100,
                                      ("mteb/sickr-sts", "MTEB"): got[("embedlab/st", "export", "SICK-R")] / 100,
                                      ("mteb/stsbenchmark-sts", None): 0.5}, abs=5e-4)
+    title = next(line[2:] for line in card.text.splitlines() if line.startswith("# "))
+    assert card.data.model_name == title and title.endswith(", SimCSE")  # the model-index is named as the card
     assert card.text.count("## MTEB") == 1 and "| STSBenchmark | test | default | `cosine_spearman` |" in card.text
 
 
