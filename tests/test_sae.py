@@ -61,25 +61,30 @@ def test_batch_topk_keeps_k_times_B_over_the_whole_batch_not_k_per_row():
     assert out.fired.tolist() == [True, True, False, False, False, False, True, True]
 
 
+@pytest.mark.parametrize("shortcut", [True, False])
 @pytest.mark.parametrize("dominant_row", [False, True])
-def test_candidate_selection_equals_the_full_flat_topk(dominant_row):
+def test_candidate_selection_equals_the_full_flat_topk(dominant_row, shortcut):
     g = torch.Generator().manual_seed(0)
     pre = torch.relu(torch.randn(64, 40, generator=g))
     if dominant_row:  # row 3 holds more than its 4k candidates of the global top: the exact fallback must run
         pre[3] += 10
     want = pre.reshape(-1).topk(3 * 64).indices
     want = want[pre.reshape(-1)[want] > 0].sort().values
-    got = batch_topk(pre, k=3, candidates_per_row=4)
+    got = batch_topk(pre, k=3, candidates_per_row=4, shortcut=shortcut)
     assert torch.equal(got, want)
     assert torch.equal(batch_topk(pre, k=3, candidates_per_row=0), want)
     if dominant_row:
         assert ((got // 40) == 3).sum() == 40
 
 
-def test_fewer_positive_entries_than_k_times_B_keeps_only_positives():
+def test_fewer_positive_entries_than_k_times_B_still_gives_k_times_B_entries():
+    """A size known in advance (no host sync): the positives, and zeros that code nothing."""
     pre = torch.zeros(3, 8)
     pre[0, 2], pre[2, 5] = 1.0, 2.0
-    assert batch_topk(pre, k=4).tolist() == [2, 21]
+    for shortcut in (True, False):
+        got = batch_topk(pre, k=4, shortcut=shortcut)
+        assert got.numel() == 12 and got.unique().numel() == 12 and torch.equal(got, got.sort().values)
+        assert got[pre.reshape(-1)[got] > 0].tolist() == [2, 21]
 
 
 # ---------------------------------------------------------------------------------------- threshold
@@ -216,6 +221,20 @@ def test_sparse_gradients_equal_dense_autograd(aux_detach, aux_normalize, scale)
     sae = perturbed(cfg, dead=[1, 5, 6], scale=scale)
     x = torch.randn(7, 6, dtype=torch.float64) * scale
     assert_matches_dense(sae, x)
+
+
+def test_sparse_gradients_equal_dense_autograd_when_most_chosen_codes_are_zero():
+    """Fewer positive pre-activations than k * B (and than k_aux per row among the dead): the fixed-size selections
+    carry zeros, which must code nothing and pass no gradient (relu)."""
+    torch.manual_seed(1)
+    cfg = BatchTopKConfig(d_in=6, num_latents=8, k=3, k_aux=4, dead_after=5, aux_coef=0.5, normalize_input=False)
+    sae = perturbed(cfg, dead=[1, 5, 6])
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.5)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    out = assert_matches_dense(sae, x)
+    positive = int((sae.pre_acts(x) > 0).sum())
+    assert 0 < positive < 3 * 7 == out.acts.numel() and int((out.acts > 0).sum()) == positive
 
 
 def perturbed(cfg: BatchTopKConfig, dead: list[int], scale: float = 1.0) -> BatchTopKSAE:
