@@ -78,8 +78,9 @@ def _needs(path: str) -> Callable[[], str | None]:
 
 
 def _contrastive(r: dict) -> str:
-    return (f"embedlab {_fmt(max(r['embedlab_sentences_per_s']), 1)} vs sentence-transformers "
-            f"{_fmt(max(r['sentence_transformers_sentences_per_s']), 1)} sentences/s (ratio {_fmt(r['ratio_median'])})")
+    ms = r["ms_per_step"]
+    return ", ".join(f"{side} {_fmt(v['median'], 1)} ms/step" for side, v in ms.items()) + " (" + ", ".join(
+        f"x{_fmt(v['median'])} vs {side}" for side, v in r["speedup"].items()) + ")"
 
 
 def _eval(r: dict) -> str:
