@@ -44,9 +44,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     background thread while training goes on: the disk's time (most of a save on a tiny model, and on shared
     cluster file systems) leaves the training loop. One write at a time, in order: every save, removal and load
     waits for the one before, and so does the end of the run (``teardown``, before ``on_fit_end`` reads the best
-    checkpoint); a failed write raises there, naming its file. Lightning's ``AsyncCheckpointIO`` writes the live
-    tensors from its thread instead, which training may have changed by then. A job about to be requeued or
-    stopped must call :meth:`wait` (``callbacks/preemption.py`` does) or save with :meth:`in_foreground`.
+    checkpoint); a failed write raises there, naming its file. Not Lightning's ``AsyncCheckpointIO`` (experimental):
+    it clones the tensors on their device (the model and optimiser state twice in GPU memory during a write), lets
+    removals and loads run ahead of the pending write, and has no wait short of shutting its thread down. A job
+    about to be requeued or stopped must call :meth:`wait` (``callbacks/preemption.py`` does) or save with
+    :meth:`in_foreground`.
     """
 
     def __init__(self, background: bool = False) -> None:
