@@ -49,18 +49,23 @@ MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 SIDES = ("embedlab", "lightning", "sentence-transformers")
 
 
-def long_sentences(n: int, max_length: int) -> tuple[list[str], str]:
-    """``n`` texts of at least ``max_length`` words (so at least that many tokens: every batch is cut to the same
-    length), each made of consecutive sentences of the wiki sample in ../shared/data or the synthetic sample."""
+def load_sentences(n: int) -> tuple[list[str], str]:
+    """Up to ``n`` non-empty lines of the wiki sample in ../shared/data, else of the project's synthetic sample."""
     wiki = ROOT.parent / "shared" / "data" / "wiki" / "wiki1m_for_simcse.head.txt"
     if wiki.exists():
-        lines, source = wiki.read_text(encoding="utf-8").splitlines(), str(wiki)
-    else:
-        from datamodules.sample import write_sample
+        with wiki.open(encoding="utf-8") as f:
+            lines = [line for _, line in zip(range(n), (x.rstrip("\n") for x in f if x.strip()))]
+        return lines, str(wiki)
+    from datamodules.sample import write_sample
 
-        folder = write_sample(ROOT / "benchmarks" / "results" / "sample", n_sentences=2000)
-        lines, source = (folder / "sentences.txt").read_text().splitlines(), "synthetic sample"
-    lines = [line for line in lines if line.strip()]
+    folder = write_sample(ROOT / "benchmarks" / "results" / "sample", n_sentences=max(n, 2000))
+    return [x for x in (folder / "sentences.txt").read_text().splitlines() if x.strip()][:n], "synthetic sample"
+
+
+def long_sentences(n: int, max_length: int) -> tuple[list[str], str]:
+    """``n`` texts of at least ``max_length`` words (so at least that many tokens: every batch is cut to the same
+    length), each made of consecutive sentences of :func:`load_sentences`."""
+    lines, source = load_sentences(n * 8)
     texts, words, i = [], [], 0
     while len(texts) < n:
         words += lines[i % len(lines)].split()

@@ -24,11 +24,11 @@ def test_steady_training_steps_make_no_host_sync(kind, tmp_path, tiny_model_no_d
     # MCR2's groups as an accelerator lays them out (masked blocks, no sync): on the CPU the sorted layout is cheaper
     # and its one read of the group sizes waits for nothing
     monkeypatch.setattr(mcr2, "group_layout", functools.partial(mcr2.group_layout, on_host=False))
-    # and the batch top-k as on an accelerator: without the CPU's candidate shortcut, whose exactness check reads
-    # a value on the host
+    # and the SAE as on an accelerator: without the CPU's shortcuts (the candidate top-k's exactness check, AuxK's
+    # count of dead latents), which read a value on the host
     from lightning_modules.components import batch_topk
 
-    monkeypatch.setattr(batch_topk, "batch_topk", functools.partial(batch_topk.batch_topk, shortcut=False))
+    monkeypatch.setattr(batch_topk, "host_reads_are_free", lambda t: False)
     args = recipe_args(kind, tmp_path, tiny_model_no_dropout, sample_data)
     at = args.index("--trainer.logger")
     del args[at:at + 4]  # the run defaults' loggers: W&B (offline) and CSV, with the LR monitor
