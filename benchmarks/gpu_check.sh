@@ -107,16 +107,16 @@ step pytest 150 $PY -m pytest -m gpu -q -p no:cacheprovider -rs -o addopts="--st
     --junitxml "$PARTS/pytest.xml" ${PYTEST_K:+-k "$PYTEST_K"} tests/test_gpu.py
 COMMON="--model $BERT --steps $STEPS --warmup $WARMUP --rounds $ROUNDS"
 # batch 64 first (the unsupervised recipe's batch, where framework overhead shows), with the minimal Lightning loop
-step contrastive-small 120 $PY benchmarks/contrastive_throughput.py $COMMON --batch_size $B_SMALL \
+step contrastive-small 150 $PY benchmarks/contrastive_throughput.py $COMMON --batch_size $B_SMALL \
     --out "$PARTS/contrastive-small.json"
-step contrastive-small-fast 120 $PY benchmarks/contrastive_throughput.py $COMMON --batch_size $B_SMALL --gpu_fast \
+step contrastive-small-fast 180 $PY benchmarks/contrastive_throughput.py $COMMON --batch_size $B_SMALL --gpu_fast \
     --sides embedlab sentence-transformers --out "$PARTS/contrastive-small-fast.json"
-step contrastive-large-fast 150 $PY benchmarks/contrastive_throughput.py $COMMON --batch_size $B_LARGE --gpu_fast \
+step contrastive-large-fast 200 $PY benchmarks/contrastive_throughput.py $COMMON --batch_size $B_LARGE --gpu_fast \
     --sides embedlab sentence-transformers --out "$PARTS/contrastive-large-fast.json"
 step encode 50 $PY benchmarks/eval_throughput.py --model $BERT --rounds $EXTRA_ROUNDS --batch_size 256 \
     --out "$PARTS/encode.json"
 step sae 90 $PY benchmarks/sae_throughput.py $SAE_ARGS --model $BERT --out "$PARTS/sae.json"
-step mfu 60 $PY benchmarks/mfu.py --batch_sizes $B_SMALL $B_LARGE --steps 30 --warmup 10 \
+step mfu 60 $PY benchmarks/mfu.py --batch_sizes $B_SMALL $B_LARGE --steps 30 --warmup 10 --profile \
     $([ "$SMOKE" = 1 ] && echo "--layers 2 --hidden 64") --out "$PARTS/mfu.json"
 step contrastive-large 120 $PY benchmarks/contrastive_throughput.py $COMMON --batch_size $B_LARGE \
     --sides embedlab sentence-transformers --out "$PARTS/contrastive-large.json"

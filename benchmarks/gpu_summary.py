@@ -83,6 +83,11 @@ def figures(parts: Path) -> list[dict]:
             rows.append({"what": f"MFU, batch {x['batch_size']}", "embedlab": x["achieved_tflops"],
                          "reference": r.get("peak_bf16_dense_tflops"), "unit": "TFLOP/s (vs bf16 peak)",
                          "ratio": x["mfu"]})
+            for part, ms in x.get("profile_ms_per_step", {}).items():
+                if part not in ("busy", "wall"):  # where the step's time goes: each part's share of the wall time
+                    rows.append({"what": f"batch {x['batch_size']} step: {part.replace('_', ' ')}", "embedlab": ms,
+                                 "reference": x["profile_ms_per_step"]["wall"], "unit": "ms of the step's wall ms",
+                                 "ratio": ms / x["profile_ms_per_step"]["wall"]})
     if r := load(parts, "switches"):
         for k, v in r["ratio_to_baseline"].items():
             if k != "baseline":
