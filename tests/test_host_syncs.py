@@ -12,10 +12,16 @@ import train
 
 #: Syncs the model's own library makes: transformers' SDPA mask (``masking_utils``) tests a tensor once a forward.
 #: Any other call fails the test.
-ALLOWED = {"masking_utils.py": "contrastive mcr2 sae"}
+ALLOWED = {"masking_utils.py": "contrastive hncse_pm hncse_hnm mcr2 sae"}
 
 
-@pytest.mark.parametrize("kind", ["contrastive", "mcr2", "sae"])
+#: The hard-negative builders of the HNCSE recipes, as extra arguments of the contrastive fit
+BUILDERS = {"hncse_pm": ["--model.candidates", "lightning_modules.losses.PositiveMixing"],
+            "hncse_hnm": ["--model.candidates", "lightning_modules.losses.HardNegativeMixing",
+                          "--model.candidates.k", "4", "--model.candidates.s", "8"]}
+
+
+@pytest.mark.parametrize("kind", ["contrastive", "hncse_pm", "hncse_hnm", "mcr2", "sae"])
 def test_steady_training_steps_make_no_host_sync(kind, tmp_path, tiny_model_no_dropout, sample_data, monkeypatch):
     import functools
 
@@ -29,7 +35,8 @@ def test_steady_training_steps_make_no_host_sync(kind, tmp_path, tiny_model_no_d
     from lightning_modules.components import batch_topk
 
     monkeypatch.setattr(batch_topk, "host_reads_are_free", lambda t: False)
-    args = recipe_args(kind, tmp_path, tiny_model_no_dropout, sample_data)
+    args = recipe_args("contrastive" if kind in BUILDERS else kind, tmp_path, tiny_model_no_dropout, sample_data)
+    args += BUILDERS.get(kind, [])
     at = args.index("--trainer.logger")
     del args[at:at + 4]  # the run defaults' loggers: W&B (offline) and CSV, with the LR monitor
     at = args.index("--trainer.enable_progress_bar")
@@ -50,7 +57,7 @@ def test_steady_training_steps_make_no_host_sync(kind, tmp_path, tiny_model_no_d
     found = collections.Counter(where for _, where in cli_probes.SYNCS if not allowed(where))
     assert not found, f"host syncs in {steps} steady steps: {found}"
     assert len(cli_probes.SYNCS) <= steps  # the allowed ones, at most once a step
-    if kind == "contrastive":  # the others read cached teacher embeddings / activations: no transformers forward
+    if kind not in ("mcr2", "sae"):  # those read cached teacher embeddings / activations: no transformers forward
         assert cli_probes.SYNCS  # the counting works inside a fit
 
 
