@@ -110,7 +110,7 @@ class EmbedLabCLI(LightningCLI):
         except (MisconfigurationException, ValueError) as err:  # e.g. max_steps -5, or devices against SLURM's tasks
             raise DataError(f"trainer: {err}") from None
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the config chose
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO(background=True)
         check_trainer_environment(trainer)
         subcommand = self.config.get("subcommand")
         bound_startup(trainer.strategy, self.config[subcommand].startup_timeout)

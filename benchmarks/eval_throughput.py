@@ -4,8 +4,8 @@ The evaluation of a checkpoint encodes with ``EmbeddingModule.encode`` (tokenise
 length, pad per batch). This compares it with ``SentenceTransformer.encode`` on the same model
 (all-MiniLM-L6-v2 with mean pooling, the same max length), the same batch size and the same sentences (the
 distinct sentences of STS-B test), in one process: rounds alternate which side goes first so machine noise
-hits both alike; the ratio is the median of per-round ratios (target >= 1.0). The outputs are checked to agree
-first.
+hits both alike; the ratio is the median of per-round ratios (target >= 1.3). The outputs are checked to agree
+first, in an untimed pass of both sides over every sentence.
 
     python benchmarks/eval_throughput.py [--batch_size 128] [--rounds 5] [--threads 2] [--suite]
 
@@ -88,8 +88,10 @@ def main() -> None:
     def theirs(s: list[str]) -> torch.Tensor:
         return st.encode(s, batch_size=args.batch_size, convert_to_tensor=True, show_progress_bar=False)
 
-    # both normalised: all-MiniLM-L6-v2 ends in a Normalize module, a plain model folder (random BERT) does not
-    a, b = (F.normalize(x.cpu(), dim=-1) for x in (ours(sentences[:256]), theirs(sentences[:256])))
+    # both normalised: all-MiniLM-L6-v2 ends in a Normalize module, a plain model folder (random BERT) does not.
+    # On every sentence: an untimed pass of each side over every batch shape first (the steady state: the first
+    # call of a shape pays for kernel selection and allocation, and it fell on whichever side went first)
+    a, b = (F.normalize(x.cpu(), dim=-1) for x in (ours(sentences), theirs(sentences)))
     diff = (a - b).abs().max().item()
     if diff > 1e-4:
         raise SystemExit(

@@ -2,6 +2,7 @@
 
     python benchmarks/mfu.py [--batch_sizes 64 512] [--max_length 32] [--steps 5] [--warmup 2] [--compile]
     python benchmarks/mfu.py --layers 2 --batch_sizes 8 --steps 1   # a quick check of the script itself
+    python benchmarks/mfu.py --profile    # also where a step's time goes (torch.profiler, 3 steps a batch size)
 
 The encoder is ``BertConfig()`` (12 layers, hidden 768, FFN 3072, 12 heads; ``--layers`` / ``--hidden`` shrink it)
 with random weights, written to a temporary folder with a synthetic 30,522-token vocabulary: nothing is
@@ -26,7 +27,10 @@ Not counted (not matmuls, well under 1% together): biases, LayerNorm, softmax, G
 sums, the optimiser. The count equals ``torch.utils.flop_counter.FlopCounterMode``'s for the same step
 (tests/test_benchmarks.py). MFU = FLOPs / step time / peak, with the peak dense bf16 throughput of the device
 (table below; ``--peak_tflops`` overrides). On CPU (no such peak here) the achieved FLOP/s is reported alone.
-Writes JSON (default benchmarks/results/mfu-<device>.json) and prints a table.
+With ``--profile`` each batch size also gets 3 steps under ``torch.profiler``: the device's time per step split into
+matmuls, attention, the optimiser and the rest (elementwise, reductions, copies), by the aten op each kernel ran
+under, and the host gap (wall time per step minus the device's busy time: where the GPU waited for the host). On a
+CPU the split is of the CPU's own time. Writes JSON (default benchmarks/results/mfu-<device>.json) and prints tables.
 """
 
 from __future__ import annotations
@@ -76,6 +80,36 @@ def step_flops(module, B: int, L: int, views: int = 2) -> dict[str, float]:
     return {**parts, "total": sum(parts.values()), "params_layers": p_layers, "tokens": T}
 
 
+#: aten op name fragments of each category of :func:`profile_step` (first match wins; the rest is "other")
+CATEGORIES = [("attention", ("attention", "sdpa", "_flash", "_efficient")),
+              ("optimizer", ("adam", "_foreach", "_fused")),
+              ("matmul", ("mm", "matmul", "linear", "baddbmm", "addmm"))]
+
+
+def profile_step(step, steps: int, cuda: bool) -> dict[str, float]:
+    """Milliseconds per step by category (see :data:`CATEGORIES`), the device's busy time and the host gap."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    ms = {name: 0.0 for name, _ in CATEGORIES} | {"other": 0.0}
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        name = event.key.lower()
+        if not name.startswith("aten::") and not cuda:
+            continue  # on the CPU: the ops' own time, not the Python frames around them
+        category = next((c for c, parts in CATEGORIES if any(part in name for part in parts)), "other")
+        ms[category] += us / 1000 / steps
+    busy = sum(ms.values())
+    return {**ms, "busy": busy, "wall": wall * 1000 / steps, "host_gap": max(wall * 1000 / steps - busy, 0.0)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch_sizes", type=int, nargs="+", default=[64, 512])
@@ -86,6 +120,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=None, help="another hidden size (smoke runs)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, if not in the table")
+    ap.add_argument("--profile", action="store_true", help="also split a step's time with torch.profiler")
     ap.add_argument("--out", default=None)
     add_threads(ap)
     args = parse(ap)
@@ -110,15 +145,19 @@ def main() -> None:
         ids[..., 0], ids[..., -1] = 2, 3  # [CLS] ... [SEP]
         batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
         times = []
-        for i in range(args.warmup + args.steps):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+
+        def step() -> None:
             with autocast:
                 loss = module.training_step(batch, 0)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+        for i in range(args.warmup + args.steps):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
             if cuda:
                 torch.cuda.synchronize()
             if i >= args.warmup:
@@ -129,6 +168,8 @@ def main() -> None:
         rows.append({"batch_size": B, "median_step_s": step_s, "step_s": times, "flops_per_step": flops,
                      "achieved_tflops": achieved / 1e12, "mfu": achieved / peak if peak else None,
                      "sentences_per_s": B / step_s})
+        if args.profile:
+            rows[-1]["profile_ms_per_step"] = profile_step(step, 3, cuda)
         print(f"batch {B}: {step_s * 1000:.1f} ms/step, {achieved / 1e12:.2f} TFLOP/s"
               + (f", MFU {achieved / peak:.1%}" if peak else ""), flush=True)
     result = {"benchmark": "mfu", "device": name, "peak_bf16_dense_tflops": peak / 1e12 if peak else None,
@@ -145,6 +186,12 @@ def main() -> None:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "- (no peak on CPU)"
         print(f"| {r['batch_size']} | {r['median_step_s'] * 1000:.1f} | {r['sentences_per_s']:.1f} | "
               f"{r['flops_per_step']['total'] / 1e9:.1f} | {r['achieved_tflops']:.3f} | {mfu} |")
+    if args.profile:
+        names = [c for c, _ in CATEGORIES] + ["other", "host_gap"]
+        print(f"\n| batch | {' | '.join(names)} | wall |\n|{'---|' * (len(names) + 2)}")
+        for r in rows:
+            p = r["profile_ms_per_step"]
+            print(f"| {r['batch_size']} | " + " | ".join(f"{p[n]:.1f} ms" for n in names) + f" | {p['wall']:.1f} ms |")
     print(f"\nwrote {out}")
 
 

@@ -78,8 +78,9 @@ def _needs(path: str) -> Callable[[], str | None]:
 
 
 def _contrastive(r: dict) -> str:
-    return (f"embedlab {_fmt(max(r['embedlab_sentences_per_s']), 1)} vs sentence-transformers "
-            f"{_fmt(max(r['sentence_transformers_sentences_per_s']), 1)} sentences/s (ratio {_fmt(r['ratio_median'])})")
+    ms = r["ms_per_step"]
+    return ", ".join(f"{side} {_fmt(v['median'], 1)} ms/step" for side, v in ms.items()) + " (" + ", ".join(
+        f"x{_fmt(v['median'])} vs {side}" for side, v in r["speedup"].items()) + ")"
 
 
 def _eval(r: dict) -> str:
@@ -101,6 +102,13 @@ def _sae(r: dict) -> str:
     if "cache" in r:
         parts.append(f"caching x{_fmt(r['cache']['ratio'])} bare forward")
     return "; ".join(parts)
+
+
+def _periodic(r: dict) -> str:
+    o = r["overhead_vs_bare"]["recipe"]["median"]
+    return (f"quickstart's periodic work +{o:.0%} over bare steps; one STS evaluation "
+            f"{_fmt(r['sts_evaluation_in_bare_steps'])} steps, one checkpoint {_fmt(r['ms_per_checkpoint'], 0)} ms "
+            f"({_fmt(r['ms_per_foreground_checkpoint'], 0)} ms written in the foreground)")
 
 
 def _mcr2(r: dict) -> str:
@@ -139,6 +147,8 @@ BENCHMARKS: dict[str, Bench] = {
         ["--skip_training"], needs=_needs("wiki/wiki1m_for_simcse.head.txt"), headline=_hncse),
     "sae_throughput": Bench("sae_throughput.py", ["--quick"], needs=_needs_minilm, headline=_sae),
     "mcr2_step": Bench("mcr2_step.py", ["--steps", "3", "--dims", "32", "128"], headline=_mcr2),
+    "periodic_work": Bench("periodic_work.py", ["--steps", "20", "--warmup", "5", "--rounds", "1"],
+                           headline=_periodic),
     "grad_cache": Bench("grad_cache.py", ["--batch_size", "16", "--mini", "0", "8", "4", "--steps", "1"],
                         needs=_needs_minilm, headline=_grad_cache),
     "mfu": Bench("mfu.py", ["--batch_sizes", "8", "--steps", "1", "--warmup", "1"], headline=_mfu),

@@ -68,8 +68,9 @@ def evaluate(module: SAEModule, dm: ActivationsDataModule) -> dict:
         fvu.update(x, out.x_hat)
         if out.prefix_mse is not None:  # Matryoshka: each prefix's error, back in input units
             prefix.update(x, out.prefix_mse * x.shape[0] * sae.input_scale**2)
-        counts += torch.bincount(out.latents, minlength=sae.num_latents)
-        n_active += out.acts.numel()
+        fired = out.acts > 0  # the eval-mode threshold codes only positives; kept general
+        counts += torch.bincount(out.latents[fired], minlength=sae.num_latents)
+        n_active += int(fired.sum())
         n_rows += x.shape[0]
         sq_norm += float((x - out.x_hat).pow(2).sum())
     value = float(fvu.compute())

@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import add_threads, parse, write_json  # noqa: E402
 
-from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE  # noqa: E402
+from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, positive_min  # noqa: E402
 
 
 class PlainSAE(nn.Module):
@@ -110,7 +110,7 @@ def our_step(sae: BatchTopKSAE, x: Tensor, opt: torch.optim.Optimizer) -> Tensor
     sae.project_decoder_grad()
     opt.step()
     sae.normalize_decoder()
-    sae.update_stats(out.fired, x.shape[0], out.acts.min() / sae.input_scale)
+    sae.update_stats(out.fired, x.shape[0], positive_min(out.acts) / sae.input_scale)
     return out.loss.detach()
 
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import write_json  # noqa: E402
-from contrastive_throughput import StepClock, load_sentences, rate  # noqa: E402
+from contrastive_throughput import StepClock, load_sentences, ms_per_step  # noqa: E402
 
 SWITCHES = {
     "sdpa": ({"attn_implementation": "sdpa"}, {}, {}),
@@ -66,7 +66,7 @@ def run(sentences_file: Path, names: list[str], args, accelerator: str) -> float
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[clock], **trainer_kw)
     trainer.fit(model, data)
-    return rate(clock.ends, args.warmup, args.batch_size)
+    return args.batch_size * 1000 / ms_per_step(clock.ends, args.warmup)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ checkpoint, and the scheduler marks the job COMPLETED. Here:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from callbacks.export import shown
+from lightning_modules.checkpoints import AtomicCheckpointIO, finish_checkpoint_writes
 
 #: The signals a scheduler stops a job with.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -66,6 +68,16 @@ def disarm(signum: int) -> None:
     """Give ``signum`` back to its default (Lightning registers its SLURM requeue handler only where none is set)."""
     if signal.getsignal(signum) is _raise_preempted:
         signal.signal(signum, signal.SIG_DFL)
+
+
+def foreground(trainer: pl.Trainer):
+    """A context in which the trainer's checkpoint saves are on disk when they return (see
+    :class:`~lightning_modules.checkpoints.AtomicCheckpointIO`); a no-op for other checkpoint writers."""
+    checkpoint_io = trainer.strategy.checkpoint_io
+    if isinstance(checkpoint_io, AtomicCheckpointIO):
+        checkpoint_io.wait()
+        return checkpoint_io.in_foreground()
+    return contextlib.nullcontext()
 
 
 class PreemptionCheckpoint(pl.Callback):
@@ -106,7 +118,8 @@ class PreemptionCheckpoint(pl.Callback):
         def on_usr1(signum, frame):
             if slurm is not None and callable(lightning_usr1):  # Lightning's: hpc checkpoint + requeue, goes on
                 self.requeued = self._job_id()
-                lightning_usr1(signum, frame)
+                with foreground(trainer):  # the checkpoint on disk before Lightning's handler requeues the job
+                    lightning_usr1(signum, frame)
             else:  # nobody owns it: a stop like SIGTERM
                 on_term(signum, frame)
 
@@ -129,6 +142,7 @@ class PreemptionCheckpoint(pl.Callback):
             # Lightning's resume under SLURM reads the newest hpc_ckpt_<n>.ckpt in default_root_dir
             self.saved = Path(connector.hpc_save_path(trainer.default_root_dir))
             trainer.save_checkpoint(self.saved)
+            finish_checkpoint_writes(trainer)  # on disk before the requeue ends this job
             if self.requeued is None and trainer.is_global_zero:  # SIGTERM without SIGUSR1 first: requeue once
                 self._requeue(self._job_id())
             return
@@ -138,6 +152,7 @@ class PreemptionCheckpoint(pl.Callback):
                 trainer.default_root_dir)
             self.saved = folder / "last.ckpt"
         trainer.save_checkpoint(self.saved)
+        finish_checkpoint_writes(trainer)
 
     def _requeue(self, job: str) -> None:
         """``scontrol requeue JOB``, as Lightning's SLURM handler runs it, but its failure is kept for the message

@@ -13,8 +13,11 @@ every entry's CRC, which finds truncation and corruption without unpickling anyt
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import glob
 import importlib
+import io
 import os
 import socket
 import zipfile
@@ -34,26 +37,99 @@ class ArtifactError(StorageError):
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose writes are atomic (temporary file + fsync + rename) and whose failures (a full
-    disk, a read-only folder) name the file and say that the earlier checkpoints are intact."""
+    disk, a read-only folder) name the file and say that the earlier checkpoints are intact.
+
+    With ``background=True`` (what ``train.py`` installs) the checkpoint is serialised in memory when it is saved
+    (a snapshot: training may change its tensors and lists right after) and written, flushed and renamed in a
+    background thread while training goes on: the disk's time (most of a save on a tiny model, and on shared
+    cluster file systems) leaves the training loop. One write at a time, in order: every save, removal and load
+    waits for the one before, and so does the end of the run (``teardown``, before ``on_fit_end`` reads the best
+    checkpoint); a failed write raises there, naming its file. Not Lightning's ``AsyncCheckpointIO`` (experimental):
+    it clones the tensors on their device (the model and optimiser state twice in GPU memory during a write), lets
+    removals and loads run ahead of the pending write, and has no wait short of shutting its thread down. A job
+    about to be requeued or stopped must call :meth:`wait` (``callbacks/preemption.py`` does) or save with
+    :meth:`in_foreground`.
+    """
+
+    def __init__(self, background: bool = False) -> None:
+        super().__init__()
+        self.background = background
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: concurrent.futures.Future | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        self.wait()
         if "://" in str(path):  # remote file systems (s3://...) have no rename: Lightning's own writer
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+        if not self.background:
+            return write_atomically(checkpoint, Path(path))
+        snapshot = io.BytesIO()
+        torch.save(checkpoint, snapshot)
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self._pending = self._writer.submit(write_atomically, snapshot, Path(path))
+
+    def wait(self) -> None:
+        """Return once the checkpoint being written (if any) is on disk under its name; raise its failure."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    @contextlib.contextmanager
+    def in_foreground(self):
+        """Saves inside the block are written before they return (a signal handler that requeues right after)."""
+        background, self.background = self.background, False
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            yield
+        finally:
+            self.background = background
+
+    def load_checkpoint(self, *args, **kwargs) -> dict[str, Any]:
+        self.wait()
+        return super().load_checkpoint(*args, **kwargs)
+
+    def remove_checkpoint(self, path) -> None:
+        self.wait()
+        super().remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown()
+                self._writer = None
+
+
+def write_atomically(checkpoint: dict[str, Any] | io.BytesIO, path: Path) -> None:
+    """Write a checkpoint (or its bytes, already serialised) to ``path`` through a temporary file, fsync and rename;
+    a failure removes the temporary and raises :class:`ArtifactError` naming ``path``."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            if isinstance(checkpoint, io.BytesIO):
+                f.write(checkpoint.getbuffer())
+            else:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as err:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):  # e.g. the folder is a file: no temporary was made
             tmp.unlink(missing_ok=True)
-            raise ArtifactError(f"could not write checkpoint {path}: {why_write_failed(err, path)}. The checkpoints "
-                                  "written before it are intact (resume with --ckpt_path last once the cause is "
-                                  "fixed)") from None
-        remove_dead_temporaries(path.parent)
+        raise ArtifactError(f"could not write checkpoint {path}: {why_write_failed(err, path)}. The checkpoints "
+                            "written before it are intact (resume with --ckpt_path last once the cause is "
+                            "fixed)") from None
+    remove_dead_temporaries(path.parent)
+
+
+def finish_checkpoint_writes(trainer) -> None:
+    """Wait until the trainer's checkpoint written in the background (if any) is on disk; see
+    :class:`AtomicCheckpointIO`."""
+    checkpoint_io = getattr(getattr(trainer, "strategy", None), "checkpoint_io", None)
+    if isinstance(checkpoint_io, AtomicCheckpointIO):
+        checkpoint_io.wait()
 
 
 def remove_dead_temporaries(folder: Path) -> None:

@@ -21,7 +21,7 @@ from lightning_modules.base import EmbeddingModule
 from lightning_modules.components.encoder import Encoder
 from lightning_modules.components.errors import DataError
 from lightning_modules.components.heads import ProjectionHead
-from lightning_modules.losses.mcr2 import MCR2Output, matryoshka_mcr2_loss, mcr2_loss
+from lightning_modules.losses.mcr2 import GroupLayout, MCR2Output, group_layout, matryoshka_mcr2_loss, mcr2_loss
 
 Grouping = Literal["pairs", "kmeans", "labels"]
 GROUPINGS = ("pairs", "kmeans", "labels")
@@ -354,8 +354,8 @@ class MCR2Module(EmbeddingModule):
         with torch.no_grad():
             return self.encoder(batch["input_ids"].reshape(B * V, L), batch["attention_mask"].reshape(B * V, L))
 
-    def batch_groups(self, batch: dict[str, Tensor]) -> Tensor | int:
-        """Group ids of the gathered rows, or the group size V when each row is one group."""
+    def batch_groups(self, batch: dict[str, Tensor]) -> GroupLayout | int:
+        """How the gathered rows fall into groups, or the group size V when each row is one group."""
         B, V, _ = batch["input_ids"].shape
         if self.grouping == "pairs":
             if V < 2:
@@ -371,9 +371,17 @@ class MCR2Module(EmbeddingModule):
                 raise ValueError("model.grouping 'kmeans' needs datamodules.GroupedTextDataModule (row indices)")
             groups_B = self._clusters_N[batch["index"][:, None] * V + torch.arange(V, device=self.device)]
         groups_N = groups_B.reshape(B, -1).expand(B, V).reshape(-1)
-        if self.trainer.world_size == 1:
-            return groups_N
-        return self.all_gather(groups_N).reshape(-1)
+        if self.trainer.world_size > 1:
+            groups_N = self.all_gather(groups_N).reshape(-1)
+        return group_layout(groups_N, self.num_groups())
+
+    def num_groups(self) -> int | None:
+        """K, how many groups the rows can fall into (k-means clusters, or the datamodule's labels), so that the
+        loss can lay them out without a host sync; None when unknown."""
+        if self.grouping == "kmeans":
+            return self.num_clusters
+        labels = getattr(getattr(self.trainer, "datamodule", None), "label_names", None)
+        return len(labels) if labels else None
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         teacher_ND = self.teacher_embeddings(batch)

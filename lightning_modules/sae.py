@@ -15,7 +15,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_modules.base import GuardsDivergence, can_fuse
-from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
+from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, positive_min
 from lightning_modules.components.errors import DataError
 from lightning_modules.losses.sae import dead_fraction, mean_cosine, total_variance
 
@@ -69,8 +69,10 @@ class LatentCounts(Metric):
         self.add_state("counts", torch.zeros(num_latents, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("rows", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, latents: Tensor, n_rows: int) -> None:
-        self.counts += torch.bincount(latents, minlength=self.counts.numel())
+    def update(self, latents: Tensor, n_rows: int, acts: Tensor | None = None) -> None:
+        """Counts ``latents`` (the entries with a positive ``acts`` when given) over ``n_rows`` rows."""
+        fired = torch.ones_like(latents) if acts is None else (acts > 0).to(latents.dtype)
+        self.counts.index_add_(0, latents, fired)
         self.rows += n_rows
 
     def compute(self) -> dict[str, Tensor]:
@@ -208,8 +210,7 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
         out = sae(x_BD)
         self.guard.note_loss(out.loss, self.global_step)
         fired_F = self._reduce(out.fired.to(torch.int32), "max").bool()
-        min_act = out.acts.min() / sae.input_scale if out.acts.numel() else x_BD.new_tensor(math.inf)
-        min_act = self._reduce(min_act.float(), "min")
+        min_act = self._reduce((positive_min(out.acts) / sae.input_scale).float(), "min")
         n_tokens = x_BD.shape[0] * self.trainer.world_size
         sae.update_stats(fired_F, n_tokens, min_act)
         B = x_BD.shape[0]
@@ -218,7 +219,7 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
             "sae/loss": out.loss.detach(),
             "sae/mse": out.mse.detach(),
             "sae/explained_variance": 1 - out.fvu,
-            "sae/l0": torch.full((), out.acts.numel() / B, device=self.device),  # a fill, no host-to-device copy
+            "sae/l0": (out.acts > 0).sum() / B,
             "sae/dead_fraction": dead_fraction(sae.tokens_since_fired, sae.cfg.dead_after),
             "sae/aux_loss": out.aux_loss.detach(),
             "sae/threshold": torch.where(sae.threshold >= 0, sae.threshold * sae.input_scale, sae.threshold),
@@ -256,7 +257,7 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
     def validation_step(self, x_BD: Tensor, batch_idx: int) -> None:
         out = self.sae(x_BD)  # eval mode: the threshold
         self.val_fvu.update(x_BD, out.x_hat)
-        self.val_counts.update(out.latents, x_BD.shape[0])
+        self.val_counts.update(out.latents, x_BD.shape[0], out.acts)
         if out.prefix_mse is not None:  # back to input units, summed over rows
             self.val_prefix_fvu.update(x_BD, out.prefix_mse.detach() * x_BD.shape[0] * self.sae.input_scale**2)
         self.log("val/sae/cosine", mean_cosine(x_BD.float(), out.x_hat.float()), on_epoch=True, sync_dist=True,

@@ -1,5 +1,7 @@
 """Callbacks that tests name by class path in CLI arguments, to look inside a run."""
 
+from __future__ import annotations
+
 import torch
 from pytorch_lightning import Callback
 
@@ -76,54 +78,84 @@ class WaitAt(Callback):
 SYNCS: list = []
 
 
-class CountSyncs(Callback):
-    """Counts, from the start of training step ``start`` to the start of step ``stop``, every call that would wait
-    for a GPU (a host sync): ``Tensor.item / tolist / cpu / numpy / __bool__ / __float__ / __int__`` and
-    ``torch.tensor(device=...)`` (host data copied to the device). On the CPU none of them waits, but each marks a
-    place that would; SYNCS gets one ``(name, "file:function < ...")`` per call, callers outside torch first. Syncs
-    inside torch (a boolean mask index, ``nonzero``) are not seen: on a GPU, ``torch.cuda.set_sync_debug_mode``
-    finds those."""
+class SyncCounter:
+    """While entered, appends to ``found`` one ``(name, "file:function < ...")`` per call that would wait for a GPU
+    (a host sync), callers outside torch first:
 
-    NAMES = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+    - values read on the host: ``Tensor.item / tolist / cpu / numpy / __bool__ / __float__ / __int__``;
+    - host data copied to the device: ``torch.tensor(device=...)``;
+    - outputs whose size depends on the data, which the host must learn before it can go on: ``nonzero``,
+      ``masked_select``, a boolean-mask index, ``unique`` / ``unique_consecutive``, and ``bincount`` (its CUDA kernel
+      reads the largest value to size the output, whatever ``minlength`` says).
 
-    def __init__(self, start: int = 3, stop: int = 8) -> None:
-        self.start, self.stop = start, stop
-        self._saved: dict = {}
+    On the CPU none of them waits, but each marks a place that would. Calls made inside torch's own Python code are
+    not seen; on a GPU, ``torch.cuda.set_sync_debug_mode`` finds those."""
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.start and not self._saved:
-            SYNCS.clear()
-            self._patch()
-        elif trainer.global_step == self.stop and self._saved:
-            self._unpatch()
+    METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "nonzero", "masked_select",
+               "unique", "unique_consecutive", "bincount", "__getitem__")
+    FUNCTIONS = ("tensor", "nonzero", "masked_select", "unique", "unique_consecutive", "bincount")
 
-    def on_train_end(self, trainer, pl_module):
-        self._unpatch()
+    def __init__(self, found: list) -> None:
+        self.found, self._saved = found, {}
 
-    def _patch(self) -> None:
+    def __enter__(self) -> SyncCounter:
         import traceback
+
+        def syncs(name: str, args: tuple, kwargs: dict) -> bool:
+            if name == "torch.tensor":
+                return kwargs.get("device") is not None  # host data staying on the host: no copy to a device
+            if name == "Tensor.__getitem__":
+                index = args[1] if len(args) > 1 else None
+                parts = index if isinstance(index, tuple) else (index,)
+                return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts)
+            return True
 
         def counted(name, original):
             def wrapper(*args, **kwargs):
-                if name == "torch.tensor" and kwargs.get("device") is None:
-                    return original(*args, **kwargs)  # host data staying on the host: no copy to a device
-                frames = [f for f in traceback.extract_stack(limit=40)[:-1]
-                          if "/torch/" not in f.filename and "cli_probes" not in f.filename]
-                callers = [f"{f.filename.rsplit('/', 1)[-1]}:{f.name}" for f in frames[::-1][:6]]  # file:function
-                SYNCS.append((name, " < ".join(callers)))
+                if syncs(name, args, kwargs):
+                    frames = [f for f in traceback.extract_stack(limit=40)[:-1]
+                              if "/torch/" not in f.filename and "cli_probes" not in f.filename]
+                    callers = [f"{f.filename.rsplit('/', 1)[-1]}:{f.name}" for f in frames[::-1][:6]]
+                    self.found.append((name, " < ".join(callers)))
                 return original(*args, **kwargs)
             return wrapper
 
-        for name in self.NAMES:
-            self._saved[name] = getattr(torch.Tensor, name)
-            setattr(torch.Tensor, name, counted(name, self._saved[name]))
-        self._saved["tensor"] = torch.tensor
-        torch.tensor = counted("torch.tensor", torch.tensor)
+        for name in self.METHODS:
+            self._saved[(torch.Tensor, name)] = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, counted(f"Tensor.{name}", self._saved[(torch.Tensor, name)]))
+        for name in self.FUNCTIONS:
+            self._saved[(torch, name)] = getattr(torch, name)
+            setattr(torch, name, counted(f"torch.{name}", self._saved[(torch, name)]))
+        return self
 
-    def _unpatch(self) -> None:
-        for name, original in self._saved.items():
-            if name == "tensor":
-                torch.tensor = original
-            else:
-                setattr(torch.Tensor, name, original)
+    def __exit__(self, *exc) -> None:
+        for (owner, name), original in self._saved.items():
+            setattr(owner, name, original)
         self._saved = {}
+
+
+class CountSyncs(Callback):
+    """Counts the host syncs (:class:`SyncCounter`) from the start of training step ``start`` to the start of step
+    ``stop`` into SYNCS; the counting stops at the window's end, at the end of training, or when the fit fails."""
+
+    def __init__(self, start: int = 3, stop: int = 8) -> None:
+        self.start, self.stop = start, stop
+        self._counter: SyncCounter | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.start and self._counter is None:
+            SYNCS.clear()
+            self._counter = SyncCounter(SYNCS).__enter__()
+        elif trainer.global_step == self.stop:
+            self._stop()
+
+    def on_train_end(self, trainer, pl_module):
+        self._stop()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._counter = None

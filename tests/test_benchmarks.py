@@ -117,8 +117,9 @@ def test_gpu_summary_reads_each_target_from_its_step_and_marks_what_was_not_meas
     parts.mkdir()
     (parts / "device.txt").write_text("NVIDIA H200\n")
     (parts / "contrastive-large-fast.json").write_text(json.dumps({
-        "batch_size": 512, "ratio_median": 1.62, "embedlab_sentences_per_s": [9000.0],
-        "sentence_transformers_sentences_per_s": [5555.0]}))
+        "batch_size": 512, "sentences_per_s": {"embedlab": 9000.0, "sentence-transformers": 5555.0},
+        "speedup": {"sentence-transformers": {"min": 1.5, "median": 1.62, "max": 1.7}}}))
+    (parts / "sae.json").write_text(json.dumps({"saelens": [{"num_latents": 16384, "aux": {"ratio": 1.8}}]}))
     (parts / "mfu.json").write_text(json.dumps({"peak_bf16_dense_tflops": 989.4, "results": [
         {"batch_size": 64, "achieved_tflops": 200.0, "mfu": 0.2}, {"batch_size": 512, "achieved_tflops": 400.0,
                                                                     "mfu": 0.404}]}))
@@ -129,12 +130,15 @@ def test_gpu_summary_reads_each_target_from_its_step_and_marks_what_was_not_meas
     gpu_summary.main([str(parts), str(tmp_path / "dest")])
     summary = json.loads((tmp_path / "dest" / "gpu-nvidia-h200.json").read_text())
     met = {t["target"].split(",")[0]: (t["value"], t["met"]) for t in summary["targets"]}
-    assert met["SimCSE step / sentence-transformers trainer"] == (1.62, True)
+    assert met["SimCSE step / sentence-transformers trainer"] == (None, None)  # batch 64 first: not run
+    batch512 = [t for t in summary["targets"] if "batch 512, gpu_fast" in t["target"]][0]
+    assert (batch512["value"], batch512["met"]) == (1.62, True)
+    assert met["SAE step / SAELens step"] == (1.8, False)
     assert met["MFU of the SimCSE step"] == (0.404, False)
     assert met["activation caching / bare forward"] == (None, None)  # the sae step timed out
     assert summary["pytest"]["failed"] == ["tests.test_gpu::test_a"]
     table = (tmp_path / "dest" / "gpu-nvidia-h200.md").read_text()
-    assert "| MFU of the SimCSE step, batch 512, BERT-base shapes | 0.40 | >= 0.45 | NO |" in table
+    assert "| MFU of the SimCSE step, batch 512, bf16 | 0.40 | >= 0.45 | NO |" in table
     assert "| sae | timed out (120 s) | 120 |" in table and "not measured" in table
 
 

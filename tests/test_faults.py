@@ -569,3 +569,23 @@ def test_temporaries_of_killed_checkpoint_writers_are_removed_at_the_next_save(t
         tmp.write_bytes(b"half a checkpoint")
     AtomicCheckpointIO().save_checkpoint({"global_step": 5}, tmp_path / "last.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, "last.ckpt"])
+
+
+def test_background_checkpoint_writes_keep_the_state_of_their_save_and_raise_their_failure(tmp_path):
+    """A background write holds the checkpoint as it was when saved (training changes tensors and lists in place
+    right after), and a write that fails raises at the next wait, naming its file."""
+    from lightning_modules.checkpoints import ArtifactError, AtomicCheckpointIO
+
+    io = AtomicCheckpointIO(background=True)
+    weights, history = torch.zeros(4), [(10, 80.0)]
+    io.save_checkpoint({"state_dict": {"w": weights}, "history": history}, tmp_path / "last.ckpt")
+    weights.add_(1.0)  # the optimiser's next step
+    history.append((20, 81.0))  # the evaluator's next point
+    io.wait()
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert torch.equal(saved["state_dict"]["w"], torch.zeros(4)) and saved["history"] == [(10, 80.0)]
+    (tmp_path / "a_file").write_text("not a folder")
+    io.save_checkpoint({"global_step": 1}, tmp_path / "a_file" / "last.ckpt")  # returns: the thread fails later
+    with pytest.raises(ArtifactError, match=r"could not write checkpoint .*a_file/last\.ckpt"):
+        io.teardown()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "last.ckpt"]  # no temporary left behind

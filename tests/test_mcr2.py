@@ -282,7 +282,7 @@ def test_matryoshka_loss_with_group_ids_sorts_them_once(monkeypatch):
     parts = [mcr2_loss(z[:, :k], groups, eps2=0.5) for k in (2, 4, 8)]
     calls = []
     real = losses.group_layout
-    monkeypatch.setattr(losses, "group_layout", lambda g: calls.append(1) or real(g))
+    monkeypatch.setattr(losses, "group_layout", lambda g, *a: calls.append(1) or real(g, *a))
     out = matryoshka_mcr2_loss(z, groups, [2, 4, 8], eps2=0.5)
     assert len(calls) == 1
     assert out.rate_c.item() == pytest.approx(sum(p.rate_c.item() for p in parts), rel=1e-6)
@@ -855,3 +855,33 @@ def test_minilm_head_on_real_nli_pairs_exports_faithfully(minilm, shared_data, t
 
 if __name__ == "__main__" and "--ddp_step" in sys.argv:  # strategy="ddp" re-launches this script, same argv
     ddp_step_main([a for a in sys.argv[1:] if a != "--ddp_step"])
+
+
+def test_masked_group_layout_equals_the_sorted_one_without_a_host_sync():
+    """The accelerator's layout (each group's rows masked in blocks of all m rows) gives the sorted layout's loss and
+    gradient, with groups absent from the batch (K = 6, ids 0, 2, 5 present), and reads nothing on the host."""
+    from cli_probes import SyncCounter
+
+    from lightning_modules.losses.mcr2 import group_layout
+
+    groups = torch.tensor([5, 0, 5, 2, 0, 0, 2, 5, 2, 2, 0, 2])
+    z = torch.randn(12, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = []
+    for on_host in (True, False):
+        z_ = z.clone().requires_grad_()
+        found: list = []
+        with SyncCounter(found):
+            layout = group_layout(groups, num_groups=6, on_host=on_host)
+            out = matryoshka_mcr2_loss(z_, layout, [4, 8], eps2=0.5)
+        assert bool(found) == on_host, found  # the sorted layout reads the sizes once; the masked one never
+        out.loss.backward()
+        grads.append((out.loss.detach(), out.rate_c.detach(), out.smallest_group, z_.grad))
+    (loss_s, rate_s, small_s, grad_s), (loss_m, rate_m, small_m, grad_m) = grads
+    torch.testing.assert_close(loss_m, loss_s)
+    torch.testing.assert_close(rate_m, rate_s)
+    torch.testing.assert_close(grad_m, grad_s)
+    assert small_m.item() == small_s.item() == 3  # the smallest group present, not an absent one's 0
+    direct = sum(direct_rate_c(z[:, :k] / z[:, :k].norm(dim=-1, keepdim=True), groups, 0.5) for k in (4, 8))
+    assert rate_m.item() == pytest.approx(float(direct), rel=1e-6)  # the log-determinants run in float32
+    with pytest.raises(ValueError, match="num_groups"):
+        group_layout(groups, on_host=False)

@@ -61,25 +61,30 @@ def test_batch_topk_keeps_k_times_B_over_the_whole_batch_not_k_per_row():
     assert out.fired.tolist() == [True, True, False, False, False, False, True, True]
 
 
+@pytest.mark.parametrize("shortcut", [True, False])
 @pytest.mark.parametrize("dominant_row", [False, True])
-def test_candidate_selection_equals_the_full_flat_topk(dominant_row):
+def test_candidate_selection_equals_the_full_flat_topk(dominant_row, shortcut):
     g = torch.Generator().manual_seed(0)
     pre = torch.relu(torch.randn(64, 40, generator=g))
     if dominant_row:  # row 3 holds more than its 4k candidates of the global top: the exact fallback must run
         pre[3] += 10
     want = pre.reshape(-1).topk(3 * 64).indices
     want = want[pre.reshape(-1)[want] > 0].sort().values
-    got = batch_topk(pre, k=3, candidates_per_row=4)
+    got = batch_topk(pre, k=3, candidates_per_row=4, shortcut=shortcut)
     assert torch.equal(got, want)
     assert torch.equal(batch_topk(pre, k=3, candidates_per_row=0), want)
     if dominant_row:
         assert ((got // 40) == 3).sum() == 40
 
 
-def test_fewer_positive_entries_than_k_times_B_keeps_only_positives():
+def test_fewer_positive_entries_than_k_times_B_still_gives_k_times_B_entries():
+    """A size known in advance (no host sync): the positives, and zeros that code nothing."""
     pre = torch.zeros(3, 8)
     pre[0, 2], pre[2, 5] = 1.0, 2.0
-    assert batch_topk(pre, k=4).tolist() == [2, 21]
+    for shortcut in (True, False):
+        got = batch_topk(pre, k=4, shortcut=shortcut)
+        assert got.numel() == 12 and got.unique().numel() == 12 and torch.equal(got, got.sort().values)
+        assert got[pre.reshape(-1)[got] > 0].tolist() == [2, 21]
 
 
 # ---------------------------------------------------------------------------------------- threshold
@@ -139,9 +144,20 @@ def test_renormalisation_restores_unit_rows_and_keeps_directions():
     torch.testing.assert_close(sae.W_dec.detach(), hand_sae().W_dec.detach())
 
 
+@pytest.fixture(params=["cpu shortcuts", "fixed sizes"])
+def sae_path(request, monkeypatch):
+    """Both ways the SAE computes a step: with the CPU's shortcuts that read values on the host, and with every size
+    fixed in advance as on an accelerator (no host sync), forced here on the CPU."""
+    if request.param == "fixed sizes":
+        from lightning_modules.components import batch_topk as module
+
+        monkeypatch.setattr(module, "host_reads_are_free", lambda t: False)
+    return request.param
+
+
 # ---------------------------------------------------------------------------------------------- AuxK
 @pytest.mark.parametrize("normalize", [True, False])
-def test_aux_loss_on_a_constructed_dead_latent(normalize):
+def test_aux_loss_on_a_constructed_dead_latent(normalize, sae_path):
     # k = 1: the batch keeps 2 codes: latent 6 of row 0 (4.95) and latent 0 of row 0 (4.0); row 1 gets nothing.
     sae = hand_sae(k=1, k_aux=1, dead_after=100, aux_coef=0.5, aux_normalize=normalize).train()
     sae.tokens_since_fired[7] = 100  # latent 7 = (e2 + e3)/sqrt2 is dead; its pre-activations: 3/sqrt2 and 0
@@ -169,7 +185,7 @@ def test_aux_residual_not_detached_reaches_the_live_latents():
     assert sae.W_dec.grad[[0, 6]].abs().sum() > 0
 
 
-def test_no_dead_latent_means_no_aux_loss_and_counters_follow_firing():
+def test_no_dead_latent_means_no_aux_loss_and_counters_follow_firing(sae_path):
     sae = hand_sae(k=2, dead_after=100).train()
     out = sae(X)
     assert out.aux_loss.item() == 0.0
@@ -209,13 +225,27 @@ def dense_reference(sae: BatchTopKSAE, x: torch.Tensor):
 
 @pytest.mark.parametrize("aux_detach,aux_normalize,scale", [(True, True, 1.0), (False, False, 3.0),
                                                             (True, False, 0.5)])
-def test_sparse_gradients_equal_dense_autograd(aux_detach, aux_normalize, scale):
+def test_sparse_gradients_equal_dense_autograd(aux_detach, aux_normalize, scale, sae_path):
     torch.manual_seed(0)
     cfg = BatchTopKConfig(d_in=6, num_latents=8, k=2, k_aux=3, dead_after=5, aux_coef=0.25,
                           aux_detach=aux_detach, aux_normalize=aux_normalize, normalize_input=False)
     sae = perturbed(cfg, dead=[1, 5, 6], scale=scale)
     x = torch.randn(7, 6, dtype=torch.float64) * scale
     assert_matches_dense(sae, x)
+
+
+def test_sparse_gradients_equal_dense_autograd_when_most_chosen_codes_are_zero(sae_path):
+    """Fewer positive pre-activations than k * B (and than k_aux per row among the dead): the fixed-size selections
+    carry zeros, which must code nothing and pass no gradient (relu)."""
+    torch.manual_seed(1)
+    cfg = BatchTopKConfig(d_in=6, num_latents=8, k=3, k_aux=4, dead_after=5, aux_coef=0.5, normalize_input=False)
+    sae = perturbed(cfg, dead=[1, 5, 6])
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.5)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    out = assert_matches_dense(sae, x)
+    positive = int((sae.pre_acts(x) > 0).sum())
+    assert 0 < positive < 3 * 7 == out.acts.numel() and int((out.acts > 0).sum()) == positive
 
 
 def perturbed(cfg: BatchTopKConfig, dead: list[int], scale: float = 1.0) -> BatchTopKSAE:
@@ -251,7 +281,7 @@ def hand_matryoshka(widths, weights=(), aux: bool = True, seed: int = 0) -> tupl
 
 
 @pytest.mark.parametrize("widths, weights", [([2, 5, 12], [0.5, 0.3, 0.2]), ([4, 12], []), ([1, 11, 12], [0, 1, 2])])
-def test_matryoshka_loss_and_gradients_equal_the_nested_formula(widths, weights):
+def test_matryoshka_loss_and_gradients_equal_the_nested_formula(widths, weights, sae_path):
     """Against dense autograd of sum_j w_j ||x - (codes * [latent < width_j]) W_dec - b_dec||^2, AuxK on."""
     sae, x = hand_matryoshka(widths, weights)
     out = assert_matches_dense(sae, x)

@@ -32,6 +32,18 @@ def is_checkpointing(model: nn.Module) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
+def pad_ids(sequences: Sequence[Sequence[int]], pad_token_id: int, length: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(input_ids, mask)``, both (N, L): the sequences right-padded to ``length`` (default: the longest one), and
+    True where a token stands. Every token is copied at once (the mask's True entries in row-major order are the
+    sequences' tokens in order), not a slice per sequence: that was ~3 ms of Python a batch of 64 pairs."""
+    lengths = torch.tensor([len(ids) for ids in sequences])
+    L = int(lengths.max()) if length is None else length
+    mask = torch.arange(L) < lengths[:, None]
+    input_ids = torch.full((len(sequences), L), pad_token_id, dtype=torch.long)
+    input_ids[mask] = torch.tensor([i for ids in sequences for i in ids], dtype=torch.long)
+    return input_ids, mask
+
+
 class Encoder(nn.Module):
     """Sentence encoder: transformer -> pooler -> (MLP head).
 
@@ -106,12 +118,14 @@ class Encoder(nn.Module):
     # ----------------------------------------------------------------------------------------------- inference
     def tokenize(self, sentences: Sequence[str]) -> list[list[int]]:
         """Token ids per sentence, truncated to ``max_length``, unpadded (pad later, per batch)."""
-        return self.tokenizer(list(sentences), truncation=True, max_length=self.max_length)["input_ids"]
+        # ids only: building each sentence's attention mask and token types in Python took a third of encode's time
+        return self.tokenizer(list(sentences), truncation=True, max_length=self.max_length,
+                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
     def collate(self, ids: Sequence[Sequence[int]]) -> dict[str, Tensor]:
         """Pad a list of token id lists to the longest one: ``input_ids`` and ``attention_mask`` (B, L)."""
-        batch = self.tokenizer.pad({"input_ids": list(ids)}, return_tensors="pt")
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        input_ids, mask = pad_ids(ids, self.tokenizer.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": mask.long()}
 
     @torch.inference_mode()
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 128) -> Tensor:

@@ -42,7 +42,7 @@ def score_sae(sae: BatchTopKSAE, x_ND: np.ndarray | torch.Tensor, chunk_rows: in
             x = torch.as_tensor(np.asarray(x_ND[lo : lo + chunk_rows], dtype=np.float32)).to(dev)
             out = sae(x)
             fvu.update(x, out.x_hat)
-            counts.update(out.latents, len(x))
+            counts.update(out.latents, len(x), out.acts)
     finally:
         sae.train(was_training)
     value, latents = float(fvu.compute()), counts.compute()

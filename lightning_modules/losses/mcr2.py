@@ -75,19 +75,46 @@ class GroupBlocks(NamedTuple):
 
 class GroupLayout(NamedTuple):
     """How rows fall into groups, found once per batch (:func:`group_layout`) and reused by every prefix of a
-    Matryoshka loss: the rows in group order, each group's size (on the host: block shapes) and as a tensor."""
+    Matryoshka loss, in one of two forms:
 
-    order_M: Tensor
-    sizes: list[int]
+    - sorted: the rows in group order (``order_M``) and each group's size on the host (``sizes``), so each block
+      is as tall as the largest group; reading the sizes waits for the device once.
+    - masked: each group's membership (``member_KM``, K known in advance), so each block holds all m rows with the
+      other groups' rows zeroed: K times the arithmetic of the sorted form, but no host sync.
+
+    ``counts_K`` holds the group sizes on the device in both (0 for a group absent from the batch).
+    """
+
+    order_M: Tensor | None
+    sizes: list[int] | None
     counts_K: Tensor
+    member_KM: Tensor | None = None
 
 
-def group_layout(groups_M: Tensor) -> GroupLayout:
-    """The :class:`GroupLayout` of a group id per row (any values): one stable sort, one host sync."""
-    order_M = torch.argsort(groups_M, stable=True)
-    _, counts_K = torch.unique_consecutive(groups_M[order_M], return_counts=True)
-    # The one host sync: block shapes depend on how many rows each group has in this batch.
-    return GroupLayout(order_M, counts_K.tolist(), counts_K)
+def group_layout(groups_M: Tensor, num_groups: int | None = None, on_host: bool | None = None) -> GroupLayout:
+    """The :class:`GroupLayout` of a group id per row.
+
+    Args:
+        groups_M: group id per row: any values for the sorted form, ``[0, num_groups)`` for the masked one.
+        num_groups: K, the number of possible groups (k-means clusters, labels); needed for the masked form.
+        on_host: take the sorted form (one host sync). None: sorted where the host is the device (CPU tensors: the
+            sync costs nothing there and the blocks are K times smaller) or K is unknown; masked on an accelerator,
+            where a sync would stop the host from queueing the rest of the step (measured on 2 CPU cores at m = 1000,
+            K = 32, D = 128: 11 ms sorted vs 113 ms masked, forward and backward).
+    """
+    if on_host is None:
+        on_host = num_groups is None or groups_M.device.type == "cpu"
+    if on_host:
+        order_M = torch.argsort(groups_M, stable=True)
+        _, counts_K = torch.unique_consecutive(groups_M[order_M], return_counts=True)
+        # The one host sync: block shapes depend on how many rows each group has in this batch.
+        return GroupLayout(order_M, counts_K.tolist(), counts_K)
+    if num_groups is None or num_groups < 1:
+        raise ValueError(f"the masked group layout needs num_groups >= 1, got {num_groups}")
+    # scatter, not one_hot: one_hot checks the ids' range on the host
+    member_KM = torch.zeros(num_groups, groups_M.shape[0], dtype=torch.bool, device=groups_M.device)
+    member_KM.scatter_(0, groups_M[None], True)
+    return GroupLayout(None, None, member_KM.sum(1), member_KM)
 
 
 def group_blocks(z_MD: Tensor, groups_M: Tensor | int | GroupLayout) -> GroupBlocks:
@@ -108,8 +135,11 @@ def group_blocks(z_MD: Tensor, groups_M: Tensor | int | GroupLayout) -> GroupBlo
         if groups_M.shape != (m,):
             raise ValueError(f"groups_M must hold one group id per row: shape {tuple(groups_M.shape)} for {m} rows")
         groups_M = group_layout(groups_M)
-    if len(groups_M.order_M) != m:
-        raise ValueError(f"a group layout of {len(groups_M.order_M)} rows for {m} rows")
+    rows = groups_M.member_KM.shape[1] if groups_M.order_M is None else len(groups_M.order_M)
+    if rows != m:
+        raise ValueError(f"a group layout of {rows} rows for {m} rows")
+    if groups_M.order_M is None:  # masked: every block holds all rows, the other groups' zeroed
+        return GroupBlocks(groups_M.member_KM[:, :, None] * z_MD[None], groups_M.counts_K)
     slices = torch.split(z_MD[groups_M.order_M], groups_M.sizes)
     return GroupBlocks(pad_sequence(slices, batch_first=True), groups_M.counts_K)
 
@@ -122,7 +152,8 @@ def grouped_coding_rate(z_MD: Tensor, groups_M: Tensor | int | GroupLayout, eps2
 def _blocks_rate(groups: GroupBlocks, m: int, eps2: float) -> Tensor:
     d = groups.blocks_KSD.shape[-1]
     counts_K = groups.counts_K.float()
-    logdet_K = logdet_identity_plus_gram(groups.blocks_KSD, d / (counts_K * eps2))
+    # an absent group (masked layout) has zero rows and weight 0: any finite scale gives it logdet 0
+    logdet_K = logdet_identity_plus_gram(groups.blocks_KSD, d / (counts_K.clamp(min=1) * eps2))
     return (counts_K / (2 * m) * logdet_K).sum()
 
 
@@ -227,7 +258,7 @@ def mcr2_loss(
             rate = coding_rate(z_MK, eps2)
             groups = group_blocks(z_MK, groups_M)
             rate_c = _blocks_rate(groups, z_MK.shape[0], eps2)
-            smallest = groups.counts_K.min()
+            smallest = torch.where(groups.counts_K > 0, groups.counts_K, z_MK.shape[0]).min()  # of those present
             loss = mcr2_weight * (-gamma * rate + rate_c)
         if (distill_weight or listwise_weight) and teacher_MD is None:
             raise ValueError("distill_weight or listwise_weight > 0 needs teacher_MD")
