@@ -245,11 +245,14 @@ def sae_metrics(trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | Non
 def sae_sts(trainer: pl.Trainer, module: pl.LightningModule, tasks: list[str]) -> dict:
     """The SAE's STS recovered on ``tasks`` as ``sae_metrics.json`` figures (``sts_recovered/<task>``,
     ``sts/<task>/{clean,spliced,ablated}``), when the datamodule names a data root and the SAE knows what it reads;
-    nothing otherwise. STS files missing there: a warning, and ``sts_recovered_error`` says why."""
+    nothing otherwise. STS files missing there: a warning, and ``sts_recovered_error`` says why (as it does for a
+    smoke run, which is not made to wait minutes for it)."""
     dm = getattr(trainer, "datamodule", None)
     root = getattr(dm, "data_root", None)
     if not tasks or not root or not getattr(module.sae, "activations", None):
         return {}
+    if trainer.fast_dev_run or (getattr(getattr(dm, "cache", None), "meta", None) or {}).get("partial"):
+        return {"sts_recovered_error": "a smoke run (fast_dev_run or a partial activation cache): not measured"}
     try:
         result = sts_recovered(module.sae, tasks, root, max_length=getattr(dm, "max_length", 128),
                                batch_size=getattr(dm, "encode_batch_size", 64))

@@ -73,6 +73,13 @@ def model_folder(model_name_or_path: str) -> Path:
         ) from None
 
 
+def load_pretrained_tokenizer(model_name_or_path: str):
+    """The model's tokenizer alone (no weights loaded), from :func:`model_folder`."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_folder(model_name_or_path))
+
+
 def model_fingerprint(folder: Path, memo_file: Path | None = None) -> str:
     """sha256 over the config, tokenizer and weight files of a model folder (file hashes memoised by size+mtime)."""
     memo = {}
@@ -115,6 +122,13 @@ class Corpus:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def head(self, n: int) -> Corpus:
+        """The first ``n`` sentences (their ids, and so their validation membership, unchanged)."""
+        def cut(seq):
+            return None if seq is None else seq[:n]
+
+        return Corpus(self.texts[:n], cut(self.words), cut(self.tags), cut(self.extra), self.fingerprint)
 
     def record(self, i: int) -> dict:
         rec = {"id": i, "text": self.texts[i]}
@@ -185,6 +199,15 @@ class CacheBuilder:
             self.model.eval().to(self.device)
             if not self.tokenizer.is_fast:
                 raise DataError(f"{self.model_name_or_path}: a fast tokenizer is needed (word_ids / offsets)")
+
+    def vectors_per_sentence(self, corpus: Corpus, idx: Sequence[int]) -> np.ndarray:
+        """(len(idx),) how many vectors each sentence gives: 1 at sentence level; its kept tokens at token level."""
+        if self.level == "sentence":
+            return np.ones(len(idx), dtype=np.int64)
+        tk = self.tokenize(corpus, idx)
+        drop = self.special_tokens == "drop"
+        return np.asarray([len(ids) - (sum(sp) if drop else 0) for ids, sp in zip(tk["input_ids"], tk["special"])],
+                          dtype=np.int64)
 
     def tokenize(self, corpus: Corpus, idx: Sequence[int]) -> dict:
         """Token ids plus, per token, word index (-1 = special or prefix) and a special-or-prefix flag."""
@@ -304,7 +327,8 @@ class CacheBuilder:
         write_atomic(folder / "texts.jsonl", "".join(json.dumps(corpus.record(i)) + "\n" for i in range(len(corpus))))
         total = sum(s["n_vectors"] for s in shards)
         dim = int(np.load(folder / f"{shards[0]['name']}.vectors.npy", mmap_mode="r").shape[1])
-        meta = {**identity, "complete": True, "dim": dim, "n_vectors": total, "n_sentences": len(corpus),
+        meta = {**identity, "complete": True, "partial": "partial_sentences" in identity, "dim": dim,
+                "n_vectors": total, "n_sentences": len(corpus),
                 "shards": shards, "columns": list(META_COLUMNS), "pos_tags": list(POS_TAGS),
                 "truncated_sentences": truncated,
                 "build": {"seconds": time.perf_counter() - t0, "encode_seconds": encode_s, "new_vectors": n_new}}
