@@ -35,6 +35,8 @@ from callbacks.study_build import (
     sentence_view,
     slug,
     token_cache,
+    token_caches,
+    token_datamodule,
     train_sae,
     training_vectors,
 )
@@ -248,8 +250,9 @@ def decomposition(argv: list[str]) -> dict:
         n_layers = int(dm.cache.meta["num_hidden_layers"])
         probe_layers = sorted({check_layer(v, n_layers, model) for v in (
             args.probe_layers if args.probe_layers is not None else range(n_layers + 1))})
-        caches = {f"layer{L}": dm.cache if L == layer else token_cache(
-            model, L, cache_spec, args.probe_sentences, prefix).cache for L in probe_layers}
+        others = token_caches(model, [L for L in probe_layers if L != layer], cache_spec, args.probe_sentences,
+                              prefix)  # one encoder pass for all of them
+        caches = {f"layer{L}": dm.cache if L == layer else others[L].cache for L in probe_layers}
         if f"layer{layer}" not in caches:
             caches[f"layer{layer}"] = dm.cache
         probes = probe_caches(caches, sae=sae, sae_input=f"layer{layer}", kinds=args.probe_kinds,
@@ -549,15 +552,15 @@ def pseval(argv: list[str]) -> dict:
     pairs = wic_pairs(args, required=True)
     layers = args.layers
     results = {}
-    first = token_cache(args.model, -1 if not layers else layers[0], cache_spec, args.max_sentences, args.text_prefix)
-    n_layers = int(first.cache.meta["num_hidden_layers"])
+    n_layers = int(token_datamodule(args.model, -1, cache_spec).identity()["num_hidden_layers"])
     layers = sorted({check_layer(v, n_layers, args.model) for v in (layers if layers is not None
                                                                      else range(1, n_layers + 1))})
+    print(f"caches of layers {layers} (one encoder pass for those missing)", flush=True)
+    dms = token_caches(args.model, layers, cache_spec, args.max_sentences, args.text_prefix)
     encoder = model_and_tokenizer(args.model)  # once: PS-Eval of every layer reads the same model
     for L in layers:
-        print(f"[layer {L}] cache, SAE, suite with PS-Eval", flush=True)
-        dm = first if int(first.cache.meta["layer"]) == L else token_cache(args.model, L, cache_spec,
-                                                                             args.max_sentences, args.text_prefix)
+        print(f"[layer {L}] SAE, suite with PS-Eval", flush=True)
+        dm = dms[L]
         sae, record = train_sae(dm, args.sae, train_spec, out / f"L{L}" / "sae")
         summary = suite(sae, dm, out / f"L{L}" / "interpret", args, pairs, encoder=encoder).summary
         fit = fit_scores(sae, dm, f"the layer-{L} SAE", args.seed)

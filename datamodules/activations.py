@@ -3,9 +3,11 @@ whole rows, with held-out sentences for validation."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +39,44 @@ from datamodules.activation_cache import (
 )
 from datamodules.base import ResumesMidEpoch
 from lightning_modules.components.errors import DataError, read_json
+
+
+# ------------------------------------------------------------------------------------------------- several layers
+def prepare_layers(dms: Sequence[ActivationsDataModule]) -> list[ActivationsDataModule]:
+    """Build the missing caches of datamodules that differ only in their layer from ONE forward pass over the corpus
+    (sparsify's several ``hookpoints``): the encoder runs once per batch for all of them instead of once per layer.
+    Each cache is the one its datamodule alone would build (same folder, identity and vectors), reusable alone.
+    Returns the datamodules, set up."""
+    dms = list(dms)
+    if not dms:
+        return dms
+    base = {k: v for k, v in dms[0].identity().items() if k != "layer"}
+    for dm in dms[1:]:
+        other = {k: v for k, v in dm.identity().items() if k != "layer"}
+        if other != base:
+            raise DataError("prepare_layers: the datamodules differ in more than their layer: "
+                            + "; ".join(identity_diff(other, base)))
+    todo: dict[Path, ActivationsDataModule] = {}
+    for dm in dms:
+        folder = dm.cache_folder()
+        dm._check_identity(folder)
+        if not (folder / "meta.json").is_file():
+            todo.setdefault(folder, dm)
+    if todo:
+        with contextlib.ExitStack() as locks:
+            for folder in todo:
+                locks.enter_context(build_lock(folder))
+            todo = {f: dm for f, dm in todo.items() if not (f / "meta.json").is_file()}  # another process built it
+            if todo:
+                first = next(iter(todo.values()))
+                builder = first._builder(first._device(), [dm.identity()["layer"] for dm in todo.values()])
+                builder.build_many(first.corpus() if first._partial is None else first.corpus().head(first._partial),
+                                   list(todo), [dm.cache_identity() for dm in todo.values()], first.shard_sentences)
+                for dm in todo.values():
+                    dm.built_here = True
+    for dm in dms:
+        dm.setup()
+    return dms
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
@@ -309,11 +349,16 @@ class ActivationsDataModule(ResumesMidEpoch, pl.LightningDataModule):
                 return
             have = got[-1]
 
-    def _builder(self, device: str) -> CacheBuilder:
+    def _builder(self, device: str, layers: Sequence[int] | None = None) -> CacheBuilder:
         ident = self.identity()
         return CacheBuilder(self.model_name_or_path, self.level, ident["layer"], self.pooling, self.normalize,
                             self.special_tokens, self.max_length, self.text_prefix, self.encode_batch_size, device,
-                            self.cache_dtype)
+                            self.cache_dtype, layers=layers)
+
+    def _device(self) -> str:
+        if self.encode_device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.encode_device
 
     def _check_identity(self, folder: Path) -> None:
         found_file = folder / "identity.json"
@@ -334,9 +379,7 @@ class ActivationsDataModule(ResumesMidEpoch, pl.LightningDataModule):
         self._check_identity(folder)
         if (folder / "meta.json").is_file():
             return
-        device = self.encode_device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = self._device()
         with build_lock(folder):
             if (folder / "meta.json").is_file():  # built by another process while this one waited
                 rank_zero_info(f"activation cache {folder}: built by another process, reusing it")
