@@ -42,6 +42,7 @@ from lightning_modules.components.errors import DataError
 from lightning_modules.components.hub import load_pretrained, resolve_model
 from lightning_modules.components.pooling import masked_mean
 from lightning_modules.evaluate import load_tasks, score_tasks
+from lightning_modules.sae import activations_of
 
 #: Relative spread of the ablated embeddings under which they count as one vector (rounding of a mean of equal rows).
 CONSTANT_RTOL = 1e-5
@@ -180,7 +181,8 @@ def is_constant(z_ND: Tensor) -> bool:
 
 def sts_recovered(sae, tasks: Sequence[str], data_root: str | None, *, model: str | None = None,
                   batch_size: int = 64, max_length: int = 128, text: str = "senteval",
-                  loaded: tuple | None = None, reads: dict | None = None) -> dict[str, dict]:
+                  loaded: tuple | None = None, reads: dict | None = None, memo: dict | None = None
+                  ) -> dict[str, dict]:
     """Clean, spliced and ablated STS of ``sae`` on each task (test split, as ``train.py evaluate`` reads them).
 
     Args:
@@ -192,6 +194,8 @@ def sts_recovered(sae, tasks: Sequence[str], data_root: str | None, *, model: st
         text: the STS text form (:data:`datamodules.sts.TEXT_FORMS`).
         loaded: ``(model, tokenizer)`` already loaded (tests).
         reads: what the SAE reads when ``sae.activations`` does not say (an activation cache's identity).
+        memo: a dict that keeps the clean and ablated embeddings between calls (a sweep of SAEs of one layer
+            encodes them once; only the spliced run is per SAE).
 
     Returns:
         ``{task: {"clean", "spliced", "ablated", "recovered", "ablated_constant", "spliced_constant",
@@ -212,17 +216,22 @@ def sts_recovered(sae, tasks: Sequence[str], data_root: str | None, *, model: st
     builder.model, builder.tokenizer = hf_model.eval().to(device), tokenizer
     data = load_tasks(list(tasks), data_root, text)
     texts = sorted({s for subsets in data.values() for p in subsets for s in (*p.sentences1, *p.sentences2)})
+    key = (model, layer, level, builder.special_tokens, builder.text_prefix, builder.pooling, builder.normalize,
+           max_length, text, tuple(tasks), data_root)
+    memo = {} if memo is None else memo
     was = sae.training
     sae.eval()
     try:
         if level == "sentence":
-            vectors, _, _ = builder.encode_chunk(Corpus(texts), range(len(texts)))
-            clean = torch.as_tensor(vectors)
+            if key not in memo:
+                memo[key] = {"clean": torch.as_tensor(builder.encode_chunk(Corpus(texts), range(len(texts)))[0])}
+            clean = memo[key]["clean"]
             runs = {"clean": clean.double(), "spliced": reconstruct(sae)(clean.to(device)).double().cpu()}
         else:
             splicer = Splicer(builder, model_pooling(model))
-            runs = {"clean": splicer.embed(texts), "spliced": splicer.embed(texts, reconstruct(sae)),
-                    "ablated": splicer.embed(texts, torch.zeros_like)}
+            if key not in memo:
+                memo[key] = {"clean": splicer.embed(texts), "ablated": splicer.embed(texts, torch.zeros_like)}
+            runs = {**memo[key], "spliced": splicer.embed(texts, reconstruct(sae))}
     finally:
         sae.train(was)
     constant = {name: is_constant(z) for name, z in runs.items()}  # no ranking: scored 0, never a rounding draw
@@ -248,5 +257,41 @@ def recovered_metrics(result: dict[str, dict], prefix: str = "") -> dict[str, fl
     return flat
 
 
-__all__ = ["Splicer", "layer_module", "model_pooling", "reconstruct", "recovered_metrics", "spliced",
+class SweepSTS:
+    """STS recovered (on the first of ``tasks``) of each SAE of a sweep over one activation cache (``meta``: its
+    ``meta.json``): the encoder is loaded once, and the clean and ablated runs are encoded once for all of them.
+    Called with an SAE: ``{"sts_recovered", "sts_spliced"}`` (nothing when ``tasks`` is empty)."""
+
+    def __init__(self, tasks: Sequence[str], data_root: str | None, meta: dict, max_length: int = 128) -> None:
+        self.tasks, self.root, self.max_length = list(tasks), data_root, max_length
+        self.reads, self.memo, self.last = activations_of(meta), {}, None
+        self.loaded = load_pretrained(meta["model"]) if self.tasks else None
+
+    def __call__(self, sae) -> dict:
+        if not self.tasks:
+            return {}
+        self.last = sts_recovered(sae, self.tasks[:1], self.root, loaded=self.loaded, reads=self.reads,
+                                  memo=self.memo, max_length=self.max_length)[self.tasks[0]]
+        return {"sts_recovered": self.last["recovered"], "sts_spliced": self.last["spliced"]}
+
+    def baseline(self) -> dict | None:
+        """The task and its clean and ablated scores (None before the first SAE)."""
+        return None if self.last is None else {"task": self.tasks[0], "clean": self.last["clean"],
+                                               "ablated": self.last["ablated"]}
+
+    @property
+    def name(self) -> str:
+        """The task as a chart names it (a TSV file by its stem)."""
+        task = self.tasks[0] if self.tasks else ""
+        return Path(task).stem if task.endswith((".tsv", ".csv", ".txt")) else task
+
+    def lines(self) -> list[str]:
+        """The report's sentence on how it was measured."""
+        b = self.baseline()
+        return [] if b is None else [
+            f"STS recovered: {b['task']} test Spearman x 100 with each SAE's reconstruction spliced into the layer, "
+            f"against the clean encoder ({b['clean']:.2f}) and the layer zero-ablated ({b['ablated']:.2f})."]
+
+
+__all__ = ["SweepSTS", "Splicer", "layer_module", "model_pooling", "reconstruct", "recovered_metrics", "spliced",
            "sts_recovered"]

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer
 
 from datamodules.activation_cache import ActivationCache
@@ -29,7 +30,7 @@ from lightning_modules.interpret.browser import write_feature_browser
 from lightning_modules.interpret.pseval import PSEvalResult, model_and_tokenizer, ps_eval
 from lightning_modules.interpret.report import Clock, interpret_sae
 from lightning_modules.interpret.sts_recovered import recovered_metrics, sts_recovered
-from lightning_modules.sae import activations_of
+from lightning_modules.sae import DENSITY_BINS, activations_of, density_histogram, log10_density
 
 
 @dataclass
@@ -158,7 +159,11 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
         clock("sts_recovered")
     files = {"summary": output_dir / "summary.json", "features": output_dir / "features.json",
              "browser": output_dir / "features.html"}
-    write_feature_browser(report.features, files["browser"], title=title, summary=headline(summary))
+    fires = torch.tensor([f["fires"] for f in report.features], dtype=torch.float64)
+    hist = density_histogram(log10_density(fires / max(float(summary["interpret/n_tokens"]), 1.0)))
+    summary.update({f"interpret/log10_density_hist/{b}": int(n) for b, n in hist.items()})
+    density = {"edges": [*DENSITY_BINS, 0], "counts": [int(n) for n in hist.values()]}
+    write_feature_browser(report.features, files["browser"], title=title, summary=headline(summary), density=density)
     files["features"].write_text(json.dumps(report.features))
     if results:
         files["pseval"] = output_dir / "pseval.json"
