@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from pathlib import Path
@@ -254,7 +255,8 @@ def sae_sts(trainer: pl.Trainer, module: pl.LightningModule, tasks: list[str]) -
     if trainer.fast_dev_run or (getattr(getattr(dm, "cache", None), "meta", None) or {}).get("partial"):
         return {"sts_recovered_error": "a smoke run (fast_dev_run or a partial activation cache): not measured"}
     try:
-        result = sts_recovered(module.sae, tasks, root, max_length=getattr(dm, "max_length", 128),
+        sae = copy.deepcopy(module.sae).to(trainer.strategy.root_device)  # the training device, not the export's
+        result = sts_recovered(sae, tasks, root, max_length=getattr(dm, "max_length", 128),
                                batch_size=getattr(dm, "encode_batch_size", 64))
     except (DataError, OSError) as err:
         rank_zero_warn(f"STS recovered not measured: {err}")
