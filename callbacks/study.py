@@ -165,13 +165,14 @@ def wic_pairs(args: Namespace, required: bool) -> list | None:
         return None
 
 
-def suite(sae, dm, folder: Path, args: Namespace, pairs, sae_b=None, encoder=None):
+def suite(sae, dm, folder: Path, args: Namespace, pairs, sae_b=None, encoder=None, sts: bool = True):
     """The interpretability suite on ``sae`` (its browser and files under ``folder``; stability against ``sae_b``,
     the same SAE trained with another seed, when given; PS-Eval on ``pairs``, with ``encoder`` when the caller
-    loaded it once for several SAEs); its :class:`SuiteResult`."""
+    loaded it once for several SAEs; STS recovered on ``--sts_tasks`` unless ``sts`` is False); its
+    :class:`SuiteResult`."""
     return run_suite(sae, dm.cache, folder, sae_b=sae_b, wic_pairs=pairs, encoder=encoder,
                      max_tokens=args.suite_tokens, sample_seed=args.seed, top_k=args.top_k, n_unique=args.n_unique,
-                     n_contexts=args.n_contexts, sts_tasks=args.sts_tasks, data_root=args.data_root,
+                     n_contexts=args.n_contexts, sts_tasks=args.sts_tasks if sts else (), data_root=args.data_root,
                      title=f"{Path(dm.model_name_or_path).name} layer {dm.cache.meta['layer']}: BatchTopK "
                            f"{sae.num_latents} x k{sae.cfg.k}")
 
@@ -500,7 +501,8 @@ def frontier(argv: list[str]) -> dict:
     if args.stability_seed is not None:
         other, _ = train_sae(dm, cfgs[browse], dataclasses.replace(train_spec, seed=args.stability_seed),
                              out / "saes" / f"{browse}_seed{args.stability_seed}")
-    browsed = suite(saes[browse], dm, out / "saes" / browse / "interpret", args, None, other)
+    browsed = suite(saes[browse], dm, out / "saes" / browse / "interpret", args, None, other,
+                    sts=False)  # measured with the sweep
     summary = browsed.summary
     energy = np.array([f["energy"] for f in browsed.features])
     bins = energy_deciles(energy)

@@ -220,7 +220,8 @@ def test_frontier_and_pseval_studies(two_models, study_root, tmp_path, monkeypat
     again = sts_recovered(load_sae(out / "saes" / "1x4"), [tsv], str(study_root), max_length=32,
                           reads=ActivationCache(data["cache"]).meta)[tsv]
     assert points["1x4"]["sts_recovered"] == pytest.approx(again["recovered"], abs=1e-9)
-    assert data["sts"] == {"task": tsv, "clean": again["clean"], "ablated": again["ablated"]}
+    assert data["sts"] == {"task": tsv, "clean": again["clean"], "ablated": again["ablated"],
+                           "ablated_constant": again["ablated_constant"]}
     assert png_size(out / "frontier_sts.png") == (520, 900) and "STS recovered" in (out / "report.md").read_text()
     assert sum(data["browsed_density"].values()) == points["2x4"]["num_latents"]
     assert set(points) == {"1x2", "1x4", "2x2", "2x4"} and points["2x4"]["num_latents"] == 64

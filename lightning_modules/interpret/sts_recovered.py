@@ -277,7 +277,8 @@ class SweepSTS:
     def baseline(self) -> dict | None:
         """The task and its clean and ablated scores (None before the first SAE)."""
         return None if self.last is None else {"task": self.tasks[0], "clean": self.last["clean"],
-                                               "ablated": self.last["ablated"]}
+                                               "ablated": self.last["ablated"],
+                                               "ablated_constant": self.last["ablated_constant"]}
 
     @property
     def name(self) -> str:
@@ -290,7 +291,9 @@ class SweepSTS:
         b = self.baseline()
         return [] if b is None else [
             f"STS recovered: {b['task']} test Spearman x 100 with each SAE's reconstruction spliced into the layer, "
-            f"against the clean encoder ({b['clean']:.2f}) and the layer zero-ablated ({b['ablated']:.2f})."]
+            f"against the clean encoder ({b['clean']:.2f}) and the layer zero-ablated ({b['ablated']:.2f}"
+            + ("; every position zeroed gives every sentence one embedding, which ranks nothing" if
+               b["ablated_constant"] else "") + ")."]
 
 
 __all__ = ["SweepSTS", "Splicer", "layer_module", "model_pooling", "reconstruct", "recovered_metrics", "spliced",
