@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from callbacks.run_results import (
     checkpoint_metadata,
@@ -19,9 +20,10 @@ from callbacks.run_results import (
     write_evaluation,
 )
 from datamodules.base import write_atomic
-from lightning_modules.components.errors import read_json
+from lightning_modules.components.errors import DataError, read_json
 from lightning_modules.evaluate import parse_tasks
 from lightning_modules.export import best_or_current, export, export_format, how_to_load, is_sae, prepare_output_dir
+from lightning_modules.interpret.sts_recovered import recovered_metrics, sts_recovered
 from lightning_modules.model_card import DEFAULT_STS_TASKS, checkpoint_facts
 from lightning_modules.sae_card import checkpoint_metrics, state_metrics
 
@@ -90,6 +92,10 @@ class ExportOnFitEnd(WritesAtFitEnd):
     Prints the checkpoint, the exported folder and the logger locations (W&B run folder and ``wandb sync`` hint
     when offline).
 
+    An SAE's figures include STS recovered (:mod:`lightning_modules.interpret.sts_recovered`: the STS test sets of
+    ``sts_tasks`` scored with the SAE spliced in, against the clean and the zero-ablated encoder) when the datamodule
+    names a data root.
+
     A sentence-transformers export carries a model card (README.md, :mod:`lightning_modules.model_card`) written
     from this run (:func:`fit_facts`): with the STS test sets of ``sts_tasks`` scored on the exported folder when
     the run names a data root (its STSEvaluator's or datamodule's ``data_root``), else the dev metric it logged.
@@ -102,8 +108,8 @@ class ExportOnFitEnd(WritesAtFitEnd):
 
     Args:
         output_dir: target folder; default ``<run folder>/export`` (``<run folder>/sae`` for an SAE).
-        sts_tasks: STS test sets the card scores when a data root is known (``[]``: none; all seven take about a
-            minute on MiniLM); default STS-B and SICK-R.
+        sts_tasks: STS test sets the card scores (an SAE: its STS recovered) when a data root is known (``[]``:
+            none; all seven take about a minute on MiniLM); default STS-B and SICK-R.
         format: SAEs only: ``sparsify`` (default) or ``saelens`` (a JumpReLU folder that
             ``sae_lens.SAE.load_from_disk`` opens, with the global threshold); see ``export_sae``. The SAE folder's
             README.md is generated from the SAE and ``sae_metrics.json``'s figures.
@@ -132,6 +138,8 @@ class ExportOnFitEnd(WritesAtFitEnd):
     def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
         facts = None if is_sae(module) else fit_facts(trainer, ckpt, self._run, self.sts_tasks)
         metrics = sae_metrics(trainer, module, ckpt) if is_sae(module) else None
+        if metrics is not None:
+            metrics.update(sae_sts(trainer, module, self.sts_tasks))
         self.exported = export(module, out, overwrite=True, run_facts=facts, format=self.format, sae_metrics=metrics)
         if metrics is not None:
             (out / "sae_metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -233,3 +241,24 @@ def sae_metrics(trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | Non
     if ckpt and checkpoint_step(ckpt, trainer.global_step) != trainer.global_step:
         return {**checkpoint_metrics(ckpt, module.sae), "last_logged": {"global_step": trainer.global_step, **logged}}
     return {**logged, "checkpoint": ckpt or None, "global_step": trainer.global_step, **state_metrics(module.sae)}
+
+
+def sae_sts(trainer: pl.Trainer, module: pl.LightningModule, tasks: list[str]) -> dict:
+    """The SAE's STS recovered on ``tasks`` as ``sae_metrics.json`` figures (``sts_recovered/<task>``,
+    ``sts/<task>/{clean,spliced,ablated}``), when the datamodule names a data root and the SAE knows what it reads;
+    nothing otherwise. STS files missing there: a warning, and ``sts_recovered_error`` says why (as it does for a
+    smoke run, which is not made to wait minutes for it)."""
+    dm = getattr(trainer, "datamodule", None)
+    root = getattr(dm, "data_root", None)
+    if not tasks or not root or not getattr(module.sae, "activations", None):
+        return {}
+    if trainer.fast_dev_run or (getattr(getattr(dm, "cache", None), "meta", None) or {}).get("partial"):
+        return {"sts_recovered_error": "a smoke run (fast_dev_run or a partial activation cache): not measured"}
+    try:
+        sae = copy.deepcopy(module.sae).to(trainer.strategy.root_device)  # the training device, not the export's
+        result = sts_recovered(sae, tasks, root, max_length=getattr(dm, "max_length", 128),
+                               batch_size=getattr(dm, "encode_batch_size", 64))
+    except (DataError, OSError) as err:
+        rank_zero_warn(f"STS recovered not measured: {err}")
+        return {"sts_recovered_error": str(err)}
+    return recovered_metrics(result)

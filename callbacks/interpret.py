@@ -17,10 +17,11 @@ from callbacks.export import RUN_FILE, WritesAtFitEnd
 from datamodules.activation_cache import ActivationCache
 from datamodules.wic import load_wic
 from lightning_modules.components.errors import DataError
+from lightning_modules.evaluate import task_subsets
 from lightning_modules.export import load_module, load_sae
 from lightning_modules.interpret.suite import check_sae_reads, run_suite
 from lightning_modules.loading import is_checkpoint_file
-from lightning_modules.model_card import checkpoint_facts
+from lightning_modules.model_card import DEFAULT_STS_TASKS, checkpoint_facts
 from lightning_modules.saelens_format import sae_weights_file
 
 #: Columns of the W&B feature table (one row per feature).
@@ -95,6 +96,9 @@ class InterpretSAE(WritesAtFitEnd):
             ``data_root``.
         max_tokens: analyse only whole sentences drawn at random up to this many tokens; sample_seed: their draw.
         output_dir: default ``<run folder>/interpret``, beside the run's checkpoints.
+        sts_tasks: STS test sets on which STS recovered is measured (their files under ``wic_data_root`` or the
+            datamodule's ``data_root``; none without one): ``[stsb, sickr]`` for example; None: those two when their
+            files are there (a warning names each one that is not).
         log_browser: also log the browser page to W&B (it can be tens of MB for large dictionaries).
         top_k, n_unique, n_contexts: see :func:`lightning_modules.interpret.pos.label_features`.
     """
@@ -105,7 +109,7 @@ class InterpretSAE(WritesAtFitEnd):
     def __init__(self, cache: str | None = None, compare_sae: str | None = None, pseval: bool | None = None,
                  pseval_saes: Mapping[int, str] | None = None, wic_split: str = "dev",
                  wic_data_root: str | None = None, max_tokens: int | None = None, sample_seed: int = 0,
-                 output_dir: str | None = None,
+                 output_dir: str | None = None, sts_tasks: Sequence[str] | None = (),
                  log_browser: bool = True, top_k: int = 500, n_unique: int = 100, n_contexts: int = 10) -> None:
         super().__init__(output_dir)
         if max_tokens is not None and max_tokens < 1:
@@ -116,6 +120,7 @@ class InterpretSAE(WritesAtFitEnd):
         self.wic_split, self.wic_data_root = wic_split, wic_data_root
         self.max_tokens, self.sample_seed = max_tokens, sample_seed
         self.log_browser = log_browser
+        self.sts_tasks = None if sts_tasks is None else list(sts_tasks)
         self.label_kwargs = {"top_k": top_k, "n_unique": n_unique, "n_contexts": n_contexts}
         self.result = None
 
@@ -174,6 +179,20 @@ class InterpretSAE(WritesAtFitEnd):
                            "this, or wic_data_root to a folder holding wic/")
             return None
 
+    def _sts_tasks(self, root: str | None) -> list[str]:
+        if not root:
+            return []
+        if self.sts_tasks is not None:
+            return self.sts_tasks
+        found = []
+        for task in DEFAULT_STS_TASKS:
+            try:
+                task_subsets(task, root)
+                found.append(task)
+            except DataError as err:
+                rank_zero_warn(f"InterpretSAE: STS recovered on {task} skipped ({err})")
+        return found
+
     def run(self, sae, cache, loggers: Sequence[Logger] = (), output_dir: str | Path = "interpret",
             step: int | None = None, data_root: str | None = None, title: str | None = None):
         """Run the suite on ``sae`` over ``cache``, write the files to ``output_dir`` and log to ``loggers``
@@ -183,6 +202,8 @@ class InterpretSAE(WritesAtFitEnd):
         others = {int(layer): load_any_sae(path) for layer, path in self.pseval_saes.items()}
         self.result = run_suite(sae, cache, output_dir, sae_b=sae_b, wic_pairs=self._wic(data_root),
                                 pseval_saes=others, max_tokens=self.max_tokens, sample_seed=self.sample_seed,
+                                sts_tasks=self._sts_tasks(self.wic_data_root or data_root),
+                                data_root=self.wic_data_root or data_root,
                                 **self.label_kwargs, title=title or describe(sae, cache, self.max_tokens))
         log_suite(list(loggers), self.result, step=step, browser=self.log_browser)
         print(f"interpretability suite: {self.result.files['browser']} (open in a browser), "
@@ -246,6 +267,9 @@ def interpret_main(argv: list[str]) -> None:
     parser.add_argument("--data_root", type=str, default=None, help="folder holding wic/ (e.g. ../shared/data)")
     parser.add_argument("--max_tokens", type=int | None, default=None, help="random whole sentences up to N tokens")
     parser.add_argument("--sample_seed", type=int, default=0, help="the draw of those sentences")
+    parser.add_argument("--sts_tasks", type=list[str] | None, default=None,
+                        help="STS recovered on these test sets under --data_root ([] to skip; null: stsb and sickr "
+                        "when their files are there)")
     parser.add_argument("--top_k", type=int, default=500)
     parser.add_argument("--n_unique", type=int, default=100)
     parser.add_argument("--n_contexts", type=int, default=10)
@@ -271,7 +295,7 @@ def interpret_main(argv: list[str]) -> None:
         loggers[-1].log_hyperparams({k: v for k, v in vars(args).items() if k != "__path__"})
     callback = InterpretSAE(compare_sae=args.compare_sae, pseval=args.pseval, pseval_saes=args.pseval_saes,
                             wic_split=args.wic_split, max_tokens=args.max_tokens, sample_seed=args.sample_seed,
-                            log_browser=args.log_browser,
+                            log_browser=args.log_browser, sts_tasks=args.sts_tasks,
                             top_k=args.top_k, n_unique=args.n_unique, n_contexts=args.n_contexts)
     result = callback.run(sae, cache, loggers, out, data_root=args.data_root)
     for logger in loggers:

@@ -17,7 +17,6 @@ Options are documented by ``python train.py study NAME --help``; a YAML file of 
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import time
 from collections.abc import Callable
@@ -35,6 +34,8 @@ from callbacks.study_build import (
     sentence_view,
     slug,
     token_cache,
+    token_caches,
+    token_datamodule,
     train_sae,
     training_vectors,
 )
@@ -46,19 +47,20 @@ from lightning_modules.components.errors import DataError
 from lightning_modules.export import load_sae
 from lightning_modules.interpret.codes import encode_sparse
 from lightning_modules.interpret.cross_model import compare_models, word_codes
+from lightning_modules.interpret.figures import Series, bar_chart, density_chart, line_chart, require_matplotlib
 from lightning_modules.interpret.frontier import frontier_plot, pareto_front, score_sae, sentence_variance_share
-from lightning_modules.interpret.plot import Series, bar_chart, line_chart
 from lightning_modules.interpret.pos import TAGS, label_features
 from lightning_modules.interpret.probes import PROBE_KINDS, probe_caches
 from lightning_modules.interpret.pseval import model_and_tokenizer
 from lightning_modules.interpret.stability import energy_deciles
+from lightning_modules.interpret.sts_recovered import SweepSTS
 from lightning_modules.interpret.study_report import Section, Table, write_report
 from lightning_modules.interpret.suite import run_suite
 
 #: The SAE a study trains unless told otherwise: configs/sae_minilm_brown_tokens.yaml's.
 RECIPE_SAE = BatchTopKConfig(expansion_factor=8, k=32, aux_coef=1 / 32, dead_after=500_000, threshold_start=100)
 SUITE_KEYS = ("l0", "alive_share", "pos_purity_mean", "pos_purity_ge_0.8", "pooling_survival_mean",
-              "pooling_feature_share", "pooling_error_share")
+              "pooling_feature_share", "pooling_error_share", "sts_recovered/stsb", "sts/stsb/spliced")
 PSEVAL_KEYS = ("specificity", "f1", "accuracy", "precision", "recall")
 #: Training-minus-held-out explained variance above which a study says the SAE memorised its training sentences.
 MEMORISED_GAP = 0.05
@@ -89,6 +91,9 @@ def common_parser(name: str, doc: str) -> ArgumentParser:
     p.add_argument("--n_contexts", type=int, default=10, help="browser: contexts per feature")
     p.add_argument("--device", type=str, default="auto", help="auto (cuda when there is one), cpu, cuda, ...")
     p.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (null: torch's default)")
+    p.add_argument("--sts_tasks", type=list[str] | None, default=None,
+                   help="STS recovered of every SAE on these test sets under --data_root ([]: none; null: stsb when "
+                        "its files are there)")
     p.add_argument("--wandb_project", type=str | None, default=None,
                    help="also log the report to this W&B project (offline without credentials; `wandb sync` later)")
     return p
@@ -103,7 +108,24 @@ def parse(parser: ArgumentParser, argv: list[str]) -> Namespace:
     except (ValueError, TypeError) as err:
         raise DataError(f"--sae: {err}") from None
     args.sae = sae
+    require_matplotlib()  # the figures come last: say it before hours of work
+    args.sts_tasks = sts_tasks(args)
     return args
+
+
+def sts_tasks(args: Namespace) -> list[str]:
+    """The STS test sets STS recovered is measured on: ``--sts_tasks``, else STS-B when its files are under
+    ``--data_root`` (a printed note when they are not)."""
+    if args.sts_tasks is not None:
+        return list(args.sts_tasks) if args.data_root or not args.sts_tasks else _no_root(args.sts_tasks)
+    if args.data_root and (Path(args.data_root) / "stsb" / "sts-test.csv").is_file():
+        return ["stsb"]
+    print(f"  STS recovered skipped: no stsb/sts-test.csv under --data_root {args.data_root}", flush=True)
+    return []
+
+
+def _no_root(tasks: list[str]) -> list[str]:
+    raise DataError(f"--sts_tasks {tasks}: needs --data_root (the STS files are read from there, never the hub)")
 
 
 def settings_of(args: Namespace) -> dict:
@@ -143,13 +165,14 @@ def wic_pairs(args: Namespace, required: bool) -> list | None:
         return None
 
 
-def suite(sae, dm, folder: Path, args: Namespace, pairs, sae_b=None, encoder=None):
+def suite(sae, dm, folder: Path, args: Namespace, pairs, sae_b=None, encoder=None, sts: bool = True):
     """The interpretability suite on ``sae`` (its browser and files under ``folder``; stability against ``sae_b``,
     the same SAE trained with another seed, when given; PS-Eval on ``pairs``, with ``encoder`` when the caller
-    loaded it once for several SAEs); its :class:`SuiteResult`."""
+    loaded it once for several SAEs; STS recovered on ``--sts_tasks`` unless ``sts`` is False); its
+    :class:`SuiteResult`."""
     return run_suite(sae, dm.cache, folder, sae_b=sae_b, wic_pairs=pairs, encoder=encoder,
                      max_tokens=args.suite_tokens, sample_seed=args.seed, top_k=args.top_k, n_unique=args.n_unique,
-                     n_contexts=args.n_contexts,
+                     n_contexts=args.n_contexts, sts_tasks=args.sts_tasks if sts else (), data_root=args.data_root,
                      title=f"{Path(dm.model_name_or_path).name} layer {dm.cache.meta['layer']}: BatchTopK "
                            f"{sae.num_latents} x k{sae.cfg.k}")
 
@@ -248,8 +271,9 @@ def decomposition(argv: list[str]) -> dict:
         n_layers = int(dm.cache.meta["num_hidden_layers"])
         probe_layers = sorted({check_layer(v, n_layers, model) for v in (
             args.probe_layers if args.probe_layers is not None else range(n_layers + 1))})
-        caches = {f"layer{L}": dm.cache if L == layer else token_cache(
-            model, L, cache_spec, args.probe_sentences, prefix).cache for L in probe_layers}
+        others = token_caches(model, [L for L in probe_layers if L != layer], cache_spec, args.probe_sentences,
+                              prefix)  # one encoder pass for all of them
+        caches = {f"layer{L}": dm.cache if L == layer else others[L].cache for L in probe_layers}
         if f"layer{layer}" not in caches:
             caches[f"layer{layer}"] = dm.cache
         probes = probe_caches(caches, sae=sae, sae_input=f"layer{layer}", kinds=args.probe_kinds,
@@ -293,14 +317,14 @@ def report_decomposition(out: Path, data: dict) -> dict:
     models, cross = data["models"], data["cross_model"]
     head = Table(["model", "layer", "SAE", "held-out EV", "training EV", "never active (held out)", "L0",
                   "POS purity", "purity >= 0.8", "pooling survival", "feature share", "PS-Eval specificity",
-                  "PS-Eval F1", "PS-Eval accuracy"],
+                  "PS-Eval F1", "PS-Eval accuracy", "STS-B recovered"],
                  [[n, m["layer"], f"{m['num_latents']} x k{m['k']}, lr {m['lr'] or 'default'}",
                    m["held_out"]["explained_variance"],
                    m["train_fit"]["explained_variance"], m["held_out"]["never_active"], m["held_out"]["l0"],
                    m["suite"]["pos_purity_mean"],
                    m["suite"]["pos_purity_ge_0.8"], m["suite"]["pooling_survival_mean"],
                    m["suite"]["pooling_feature_share"], m["pseval"].get("specificity"), m["pseval"].get("f1"),
-                   m["pseval"].get("accuracy")] for n, m in models.items()])
+                   m["pseval"].get("accuracy"), m["suite"].get("sts_recovered/stsb")] for n, m in models.items()])
     rows, series = [], []
     for n, m in models.items():
         res = m["probes"]["results"]
@@ -387,7 +411,8 @@ def numbers(data, prefix: str = "") -> dict[str, float]:
 
 def log_wandb(project: str, out: Path, sections: list, data: dict, page: Path) -> None:
     """One W&B run per study (job type ``study``, grouped by study): its options as the config, every table of the
-    report as a W&B table, every figure and the page as HTML panels, every number in the run summary. Offline when
+    report as a W&B table, every figure as a ``wandb.Image``, the page as an HTML panel, every number in the run
+    summary. Offline when
     nothing says how to reach W&B (``wandb sync`` uploads it later)."""
     import wandb  # ~1 s to import: only when asked
 
@@ -403,9 +428,8 @@ def log_wandb(project: str, out: Path, sections: list, data: dict, page: Path) -
             key = slug(section.title).lower()
             for i, table in enumerate(section.tables):
                 logged[f"{key}/table{i}"] = wandb.Table(columns=table.headers, data=table.rows, allow_mixed_types=True)
-            for figure in section.figures:  # as HTML: wandb.Image would need Pillow, which nothing else here does
-                png = base64.b64encode((out / figure).read_bytes()).decode()
-                logged[f"{key}/{Path(figure).stem}"] = wandb.Html(f"<img src='data:image/png;base64,{png}'>")
+            for figure in section.figures:  # the PNG matplotlib wrote (Pillow comes with matplotlib)
+                logged[f"{key}/{Path(figure).stem}"] = wandb.Image(str(out / figure))
         run.log(logged)
         skip = ("settings", "argv")
         run.summary.update(numbers({k: v for k, v in data.items() if k not in skip}))
@@ -442,6 +466,7 @@ def frontier(argv: list[str]) -> dict:
     layer = int(dm.cache.meta["layer"])
     x_eval = held_out_vectors(dm, args.eval_tokens, args.seed)
     x_fit = training_vectors(dm, len(x_eval), args.seed)
+    sts = SweepSTS(args.sts_tasks, args.data_root, dm.cache.meta, args.max_length)
     points, saes, cfgs = [], {}, {}
     for e in args.expansions:
         for k in args.ks:
@@ -452,8 +477,9 @@ def frontier(argv: list[str]) -> dict:
             saes[name] = sae
             points.append({"name": name, "num_latents": sae.num_latents, "k": k, **score_sae(sae, x_eval),
                            "train_explained_variance": score_sae(sae, x_fit)["explained_variance"],
-                           "train_seconds": record.get("train_seconds")})
-            print(f"  {name}: EV {points[-1]['explained_variance']:.4f} at L0 {points[-1]['l0']:.1f}", flush=True)
+                           "train_seconds": record.get("train_seconds"), **sts(sae)})
+            print(f"  {name}: EV {points[-1]['explained_variance']:.4f} at L0 {points[-1]['l0']:.1f}"
+                  + (f", STS recovered {points[-1]['sts_recovered']:.3f}" if sts.tasks else ""), flush=True)
             if note := memorised(name, points[-1]["train_explained_variance"], points[-1]["explained_variance"]):
                 print(f"  note: {note}", flush=True)
     front = pareto_front([q["l0"] for q in points], [q["explained_variance"] for q in points])
@@ -466,7 +492,7 @@ def frontier(argv: list[str]) -> dict:
             raise DataError(f"--recipe_sae {args.recipe_sae}: takes {sae.cfg.d_in}-d inputs, the cache holds "
                             f"{dm.dim}-d vectors")
         extra.append({"name": "recipe", "group": "recipe SAE", "num_latents": sae.num_latents, "k": sae.cfg.k,
-                      **score_sae(sae, x_eval), "path": args.recipe_sae})
+                      **score_sae(sae, x_eval), "path": args.recipe_sae, **sts(sae)})
     default = f"{args.sae.expansion_factor}x{args.sae.k}"
     browse = args.browse or (default if default in saes else next(iter(saes)))
     if browse not in saes:
@@ -475,7 +501,8 @@ def frontier(argv: list[str]) -> dict:
     if args.stability_seed is not None:
         other, _ = train_sae(dm, cfgs[browse], dataclasses.replace(train_spec, seed=args.stability_seed),
                              out / "saes" / f"{browse}_seed{args.stability_seed}")
-    browsed = suite(saes[browse], dm, out / "saes" / browse / "interpret", args, None, other)
+    browsed = suite(saes[browse], dm, out / "saes" / browse / "interpret", args, None, other,
+                    sts=False)  # measured with the sweep
     summary = browsed.summary
     energy = np.array([f["energy"] for f in browsed.features])
     bins = energy_deciles(energy)
@@ -485,6 +512,15 @@ def frontier(argv: list[str]) -> dict:
               if k.startswith("interpret/group_share_")}
     frontier_plot(points + extra, out / "frontier.png",
                   f"{Path(args.model).name} layer {layer}: explained variance vs L0")
+    figures = ["frontier.png"]
+    if sts.tasks:
+        frontier_plot(points + extra, out / "frontier_sts.png",
+                      f"{Path(args.model).name} layer {layer}: STS recovered ({sts.name}) vs L0", "sts_recovered",
+                      f"STS recovered on {sts.name} (1: nothing lost)")
+        figures.append("frontier_sts.png")
+    density = score_sae(saes[browse], x_eval, density=True)["log10_density_hist"]
+    density_chart(out / "density.png", {int(b): n for b, n in density.items()},
+                  f"{browse}: feature density on {len(x_eval):,} held-out vectors", saes[browse].num_latents)
     data = {"study": "frontier", "argv": argv, "output_dir": str(out), "model": args.model, "layer": layer,
             "cache": str(dm.cache.folder),
             "eval_vectors": len(x_eval), "points": points, "extra": extra, "browsed": browse,
@@ -492,19 +528,26 @@ def frontier(argv: list[str]) -> dict:
             "stability": None if other is None else {
                 "seeds": [args.seed, args.stability_seed], "mean_cos": summary["interpret/stability_mean_cos"],
                 "method": summary["interpret/stability_method"]},
-            "energy_deciles": by_decile, "group_share": groups or None, "settings": settings_of(args)}
+            "energy_deciles": by_decile, "group_share": groups or None, "settings": settings_of(args),
+            "sts": sts.baseline(), "browsed_density": density}
     text = [f"{Path(args.model).name} hidden_states[{layer}] Brown tokens; every SAE trained {args.steps} steps of "
-            f"{args.batch_size} vectors; scored with the inference threshold on {len(x_eval):,} held-out vectors."]
-    sections = [Section("Explained variance against L0", text, figures=["frontier.png"]),
+            f"{args.batch_size} vectors; scored with the inference threshold on {len(x_eval):,} held-out vectors.",
+            *sts.lines()]
+    sections = [Section("Explained variance against L0", text, figures=figures),
                 Section("Table", ["Training EV: the same scores on as many training vectors (much above the "
                                   "held-out one: the SAE memorised its training sentences).",
                                   *filter(None, (memorised(q["name"], q.get("train_explained_variance"),
                                                            q["explained_variance"]) for q in points + extra))],
                         [Table(["SAE", "latents", "k", "L0", "explained variance", "training EV", "FVU",
-                                "never active", "frontier"],
+                                "never active", "STS recovered", "frontier"],
                                [[q["name"], q["num_latents"], q["k"], q["l0"], q["explained_variance"],
                                  q.get("train_explained_variance"), q["fvu"], q["never_active"],
-                                 "yes" if q.get("on_front") else ""] for q in points + extra])]),
+                                 q.get("sts_recovered"), "yes" if q.get("on_front") else ""]
+                                for q in points + extra])]),
+                Section("Feature density", [f"The {browse} SAE's latents by the log10 share of the held-out vectors "
+                                            "they fire on (SAELens' feature density; 'never': silent on all)."],
+                        [Table(["log10 firing frequency", "latents"], [[b, n] for b, n in density.items()])],
+                        ["density.png"]),
                 energy_section(data, browse)]
     return report(out, "Sparsity frontier", sections, data)
 
@@ -549,15 +592,15 @@ def pseval(argv: list[str]) -> dict:
     pairs = wic_pairs(args, required=True)
     layers = args.layers
     results = {}
-    first = token_cache(args.model, -1 if not layers else layers[0], cache_spec, args.max_sentences, args.text_prefix)
-    n_layers = int(first.cache.meta["num_hidden_layers"])
+    n_layers = int(token_datamodule(args.model, -1, cache_spec).identity()["num_hidden_layers"])
     layers = sorted({check_layer(v, n_layers, args.model) for v in (layers if layers is not None
                                                                      else range(1, n_layers + 1))})
+    print(f"caches of layers {layers} (one encoder pass for those missing)", flush=True)
+    dms = token_caches(args.model, layers, cache_spec, args.max_sentences, args.text_prefix)
     encoder = model_and_tokenizer(args.model)  # once: PS-Eval of every layer reads the same model
     for L in layers:
-        print(f"[layer {L}] cache, SAE, suite with PS-Eval", flush=True)
-        dm = first if int(first.cache.meta["layer"]) == L else token_cache(args.model, L, cache_spec,
-                                                                             args.max_sentences, args.text_prefix)
+        print(f"[layer {L}] SAE, suite with PS-Eval", flush=True)
+        dm = dms[L]
         sae, record = train_sae(dm, args.sae, train_spec, out / f"L{L}" / "sae")
         summary = suite(sae, dm, out / f"L{L}" / "interpret", args, pairs, encoder=encoder).summary
         fit = fit_scores(sae, dm, f"the layer-{L} SAE", args.seed)
@@ -570,10 +613,11 @@ def pseval(argv: list[str]) -> dict:
                f"PS-Eval by layer: {Path(args.model).name}", "layer (hidden_states index)", "score", y_range=(0, 1))
     data = {"study": "pseval", "argv": argv, "model": args.model, "layers": results,
             "settings": settings_of(args)}
-    table = Table(["layer", "balanced pairs", *PSEVAL_KEYS, "held-out EV", "training EV", "L0", "POS purity"],
+    table = Table(["layer", "balanced pairs", *PSEVAL_KEYS, "held-out EV", "training EV", "L0", "POS purity",
+                   "STS-B recovered"],
                   [[L, r["pairs"], *(r["pseval"].get(k) for k in PSEVAL_KEYS), r["held_out"]["explained_variance"],
-                    r["train_fit"]["explained_variance"], r["held_out"]["l0"], r["suite"]["pos_purity_mean"]]
-                   for L, r in results.items()])
+                    r["train_fit"]["explained_variance"], r["held_out"]["l0"], r["suite"]["pos_purity_mean"],
+                    r["suite"].get("sts_recovered/stsb")] for L, r in results.items()])
     notes = [memorised(f"the layer-{L} SAE", r["train_fit"]["explained_variance"], r["held_out"]["explained_variance"])
              for L, r in results.items()]
     sections = [Section("PS-Eval by layer", ["WiC dev pairs whose target is one token in both contexts, T/F balanced; "

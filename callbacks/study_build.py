@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from datamodules.activation_cache import META_SENTENCE, ActivationCache
-from datamodules.activations import ActivationsDataModule
+from datamodules.activations import ActivationsDataModule, prepare_layers
 from lightning_modules.components.batch_topk import BatchTopKConfig
 from lightning_modules.components.errors import DataError
 from lightning_modules.export import export_sae, load_sae
@@ -45,20 +45,33 @@ class CacheSpec:
     val_fraction: float = 0.02
 
 
+def token_datamodule(model: str, layer: int, spec: CacheSpec, max_sentences: int | None = None,
+                     text_prefix: str = "") -> ActivationsDataModule:
+    """The datamodule of a Brown token cache of ``model``'s ``layer`` (nothing built yet)."""
+    return ActivationsDataModule(model_name_or_path=model, source="brown", data_root=spec.data_root, level="token",
+                                 layer=layer, special_tokens=spec.special_tokens, max_length=spec.max_length,
+                                 text_prefix=text_prefix, max_sentences=max_sentences, cache_dir=spec.cache_dir,
+                                 encode_batch_size=spec.encode_batch_size, encode_device=spec.device,
+                                 batch_size=spec.batch_size, val_fraction=spec.val_fraction)
+
+
 def token_cache(model: str, layer: int, spec: CacheSpec, max_sentences: int | None = None,
                 text_prefix: str = "") -> ActivationsDataModule:
     """The datamodule of a Brown token cache of ``model``'s ``layer`` (built now when missing), set up."""
-    dm = ActivationsDataModule(model_name_or_path=model, source="brown", data_root=spec.data_root, level="token",
-                               layer=layer, special_tokens=spec.special_tokens, max_length=spec.max_length,
-                               text_prefix=text_prefix, max_sentences=max_sentences, cache_dir=spec.cache_dir,
-                               encode_batch_size=spec.encode_batch_size, encode_device=spec.device,
-                               batch_size=spec.batch_size, val_fraction=spec.val_fraction)
+    return token_caches(model, [layer], spec, max_sentences, text_prefix)[layer]
+
+
+def token_caches(model: str, layers: list[int], spec: CacheSpec, max_sentences: int | None = None,
+                 text_prefix: str = "") -> dict[int, ActivationsDataModule]:
+    """``{layer: datamodule}`` of the Brown token caches of ``layers``, set up; those missing are built together,
+    from one pass of the encoder over the corpus (:func:`datamodules.activations.prepare_layers`)."""
     t = time.perf_counter()
-    dm.prepare_data()
-    dm.setup()
-    if dm.built_here:
-        print(f"  built {dm.cache.folder} ({len(dm.cache):,} vectors, {time.perf_counter() - t:.0f} s)", flush=True)
-    return dm
+    dms = prepare_layers([token_datamodule(model, layer, spec, max_sentences, text_prefix) for layer in layers])
+    built = [dm for dm in dms if dm.built_here]
+    if built:
+        print(f"  built {', '.join(str(dm.cache.folder) for dm in built)} ({len(built[0].cache):,} vectors each, "
+              f"{time.perf_counter() - t:.0f} s)", flush=True)
+    return dict(zip(layers, dms))
 
 
 def sentence_view(cache: ActivationCache, sentence_ids: np.ndarray) -> ActivationCache:

@@ -73,6 +73,13 @@ def model_folder(model_name_or_path: str) -> Path:
         ) from None
 
 
+def load_pretrained_tokenizer(model_name_or_path: str):
+    """The model's tokenizer alone (no weights loaded), from :func:`model_folder`."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_folder(model_name_or_path))
+
+
 def model_fingerprint(folder: Path, memo_file: Path | None = None) -> str:
     """sha256 over the config, tokenizer and weight files of a model folder (file hashes memoised by size+mtime)."""
     memo = {}
@@ -115,6 +122,13 @@ class Corpus:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def head(self, n: int) -> Corpus:
+        """The first ``n`` sentences (their ids, and so their validation membership, unchanged)."""
+        def cut(seq):
+            return None if seq is None else seq[:n]
+
+        return Corpus(self.texts[:n], cut(self.words), cut(self.tags), cut(self.extra), self.fingerprint)
 
     def record(self, i: int) -> dict:
         rec = {"id": i, "text": self.texts[i]}
@@ -166,16 +180,24 @@ def load_corpus(source: str, data_root: str | None, column: str, split: str, sub
 
 # ---------------------------------------------------------------------------------------------------- building
 class CacheBuilder:
-    """Runs the encoder over a corpus and writes shards; see the module docstring for the layout."""
+    """Runs the encoder over a corpus and writes shards; see the module docstring for the layout.
+
+    ``layers`` (several ``hidden_states`` indices) makes one forward pass per batch give the vectors of every one of
+    them, written to one cache per layer (:meth:`build_many`); ``layer`` alone: one cache.
+    """
 
     def __init__(self, model_name_or_path: str, level: Level, layer: int, pooling: str, normalize: bool,
                  special_tokens: str, max_length: int, text_prefix: str, encode_batch_size: int, device: str,
-                 dtype: str) -> None:
+                 dtype: str, layers: Sequence[int] | None = None) -> None:
         self.model_name_or_path, self.level, self.layer = model_name_or_path, level, layer
+        self.layers = tuple(layers) if layers else None
         self.pooling, self.normalize, self.special_tokens = pooling, normalize, special_tokens
         self.max_length, self.text_prefix, self.encode_batch_size = max_length, text_prefix, encode_batch_size
         self.device, self.dtype = device, np.dtype(dtype)
         self.model = self.tokenizer = None
+
+    def all_layers(self) -> tuple[int, ...]:
+        return self.layers or (self.layer,)
 
     def load(self) -> None:
 
@@ -185,6 +207,15 @@ class CacheBuilder:
             self.model.eval().to(self.device)
             if not self.tokenizer.is_fast:
                 raise DataError(f"{self.model_name_or_path}: a fast tokenizer is needed (word_ids / offsets)")
+
+    def vectors_per_sentence(self, corpus: Corpus, idx: Sequence[int]) -> np.ndarray:
+        """(len(idx),) how many vectors each sentence gives: 1 at sentence level; its kept tokens at token level."""
+        if self.level == "sentence":
+            return np.ones(len(idx), dtype=np.int64)
+        tk = self.tokenize(corpus, idx)
+        drop = self.special_tokens == "drop"
+        return np.asarray([len(ids) - (sum(sp) if drop else 0) for ids, sp in zip(tk["input_ids"], tk["special"])],
+                          dtype=np.int64)
 
     def tokenize(self, corpus: Corpus, idx: Sequence[int]) -> dict:
         """Token ids plus, per token, word index (-1 = special or prefix) and a special-or-prefix flag."""
@@ -221,18 +252,31 @@ class CacheBuilder:
                 mask_BL[b, : lengths[r]] = 1
             yield rows, ids_BL, mask_BL
 
-    @torch.inference_mode()
     def encode_chunk(self, corpus: Corpus, idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray, int]:
-        """Vectors and metadata of sentences ``idx`` in text order, and how many sentences were truncated."""
+        """Vectors (of ``layer``, the first of ``layers``) and metadata of sentences ``idx`` in text order, and how
+        many sentences were truncated."""
+        vectors, meta, truncated = self.encode_layers(corpus, idx)
+        return vectors[0], meta, truncated
+
+    @torch.inference_mode()
+    def encode_layers(self, corpus: Corpus, idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray, int]:
+        """(n_layers, N, D) vectors of every layer of :meth:`all_layers` from one forward pass per batch, the (N, 6)
+        metadata they share, in text order, and how many sentences were truncated.
+
+        Per batch the device is asked for one copy back (the kept rows of every layer, already in the cache dtype);
+        the positions kept are chosen on the host, so selecting them waits on nothing.
+        """
         tk = self.tokenize(corpus, idx)
         lengths = [len(ids) for ids in tk["input_ids"]]
+        layers, to = self.all_layers(), getattr(torch, self.dtype.name)
         vec_parts, meta_parts = [], []
         for rows, ids_BL, mask_BL in self.padded_batches(tk["input_ids"]):
-            out = self.model(input_ids=ids_BL.to(self.device), attention_mask=mask_BL.to(self.device),
+            dev_mask_BL = mask_BL.to(self.device, non_blocking=True)
+            out = self.model(input_ids=ids_BL.to(self.device, non_blocking=True), attention_mask=dev_mask_BL,
                              output_hidden_states=True)
-            h_BLD = out.hidden_states[self.layer].float()
             if self.level == "sentence":
-                vec_parts.append(self._pool(h_BLD, mask_BL.to(h_BLD.device)).cpu().numpy().astype(self.dtype))
+                z_nBD = torch.stack([self._pool(out.hidden_states[layer].float(), dev_mask_BL) for layer in layers])
+                vec_parts.append(z_nBD.to(to).cpu().numpy())
                 meta = np.full((len(rows), len(META_COLUMNS)), -1, dtype=np.int32)
                 meta[:, META_SENTENCE], meta[:, META_FIRST_PIECE] = [idx[r] for r in rows], 0
                 meta_parts.append(meta)
@@ -241,12 +285,14 @@ class CacheBuilder:
             if self.special_tokens == "drop":
                 for b, r in enumerate(rows):
                     keep_BL[b, : lengths[r]] &= ~torch.as_tensor(tk["special"][r], dtype=torch.bool)
-            vec_parts.append(h_BLD[keep_BL.to(h_BLD.device)].cpu().numpy().astype(self.dtype))
+            flat = keep_BL.flatten().nonzero().squeeze(1).to(self.device, non_blocking=True)  # host-side choice
+            h_nND = torch.stack([out.hidden_states[layer].flatten(0, 1).index_select(0, flat) for layer in layers])
+            vec_parts.append(h_nND.float().to(to).cpu().numpy())
             meta_parts.append(self._token_meta(corpus, idx, tk, rows, keep_BL))
-        vectors, meta = np.concatenate(vec_parts), np.concatenate(meta_parts)
+        vectors, meta = np.concatenate(vec_parts, axis=1), np.concatenate(meta_parts)
         text_order = np.argsort(meta[:, META_SENTENCE], kind="stable")  # back to text order; positions stay increasing
         truncated = sum(1 for i, r in enumerate(idx) if self._truncated(corpus, r, tk["word_ids"][i]))
-        return vectors[text_order], meta[text_order], truncated
+        return vectors[:, text_order], meta[text_order], truncated
 
     def _pool(self, h_BLD: Tensor, mask_BL: Tensor) -> Tensor:
 
@@ -278,34 +324,53 @@ class CacheBuilder:
         return False  # plain text: not tracked per word
 
     def build(self, corpus: Corpus, folder: Path, identity: dict, shard_sentences: int) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / "identity.json", json.dumps(identity, indent=1, sort_keys=True))
+        """Write the cache of ``layer`` to ``folder``."""
+        self.build_many(corpus, [folder], [identity], shard_sentences)
+
+    def build_many(self, corpus: Corpus, folders: Sequence[Path], identities: Sequence[dict],
+                   shard_sentences: int) -> None:
+        """Write one cache per layer of :meth:`all_layers` (``folders[i]``, ``identities[i]``: layer i's) from one
+        pass over ``corpus``; each is the cache a build of its layer alone writes (its build statistics aside). A shard
+        every folder already holds (an interrupted build) is not encoded again."""
+        if len(folders) != len(self.all_layers()) or len(identities) != len(folders):
+            raise ValueError(f"{len(folders)} folders and {len(identities)} identities for layers "
+                             f"{self.all_layers()}")
+        for folder, identity in zip(folders, identities):
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / "identity.json", json.dumps(identity, indent=1, sort_keys=True))
         t0 = time.perf_counter()
         shards, truncated, encode_s, n_new = [], 0, 0.0, 0
         for s, start in enumerate(range(0, len(corpus), shard_sentences)):
             name = f"shard_{s:05d}"
-            meta_file = folder / f"{name}.meta.npy"
-            if meta_file.is_file() and (folder / f"{name}.vectors.npy").is_file():  # done before an interruption
-                n = len(np.load(meta_file, mmap_mode="r"))
+            todo = [f for f in folders if not ((f / f"{name}.meta.npy").is_file()
+                                               and (f / f"{name}.vectors.npy").is_file())]
+            if not todo:  # done before an interruption
+                n = len(np.load(folders[0] / f"{name}.meta.npy", mmap_mode="r"))
             else:
                 self.load()
                 t = time.perf_counter()
-                vectors, meta, trunc = self.encode_chunk(corpus, range(start, min(start + shard_sentences,
-                                                                                  len(corpus))))
+                stop = min(start + shard_sentences, len(corpus))
+                vectors, meta, trunc = self.encode_layers(corpus, range(start, stop))
                 encode_s += time.perf_counter() - t
                 truncated += trunc
-                for suffix, array in (("vectors", vectors), ("meta", meta)):  # meta last: marks the shard done
-                    save_atomic(folder / f"{name}.{suffix}.npy", array)
-                n = len(vectors)
+                for folder, layer_vectors in zip(folders, vectors):
+                    if folder in todo:
+                        for suffix, array in (("vectors", layer_vectors), ("meta", meta)):  # meta last: marks it done
+                            save_atomic(folder / f"{name}.{suffix}.npy", array)
+                n = len(meta)
                 n_new += n
-                rank_zero_info(f"activation cache {folder.name}: shard {s} ({n} vectors, "
-                               f"{min(start + shard_sentences, len(corpus))}/{len(corpus)} sentences)")
+                rank_zero_info(f"activation cache {', '.join(f.name for f in folders)}: shard {s} ({n} vectors, "
+                               f"{stop}/{len(corpus)} sentences)")
             shards.append({"name": name, "n_vectors": n})
-        write_atomic(folder / "texts.jsonl", "".join(json.dumps(corpus.record(i)) + "\n" for i in range(len(corpus))))
+        texts = "".join(json.dumps(corpus.record(i)) + "\n" for i in range(len(corpus)))
         total = sum(s["n_vectors"] for s in shards)
-        dim = int(np.load(folder / f"{shards[0]['name']}.vectors.npy", mmap_mode="r").shape[1])
-        meta = {**identity, "complete": True, "dim": dim, "n_vectors": total, "n_sentences": len(corpus),
-                "shards": shards, "columns": list(META_COLUMNS), "pos_tags": list(POS_TAGS),
-                "truncated_sentences": truncated,
-                "build": {"seconds": time.perf_counter() - t0, "encode_seconds": encode_s, "new_vectors": n_new}}
-        write_atomic(folder / "meta.json", json.dumps(meta, indent=1))
+        for folder, identity in zip(folders, identities):
+            write_atomic(folder / "texts.jsonl", texts)
+            dim = int(np.load(folder / f"{shards[0]['name']}.vectors.npy", mmap_mode="r").shape[1])
+            meta = {**identity, "complete": True, "partial": "partial_sentences" in identity, "dim": dim,
+                    "n_vectors": total, "n_sentences": len(corpus),
+                    "shards": shards, "columns": list(META_COLUMNS), "pos_tags": list(POS_TAGS),
+                    "truncated_sentences": truncated,
+                    "build": {"seconds": time.perf_counter() - t0, "encode_seconds": encode_s, "new_vectors": n_new,
+                              "layers_in_pass": list(self.all_layers())}}
+            write_atomic(folder / "meta.json", json.dumps(meta, indent=1))

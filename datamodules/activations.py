@@ -3,9 +3,11 @@ whole rows, with held-out sentences for validation."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +24,7 @@ from datamodules.activation_builder import (
     Corpus,
     check_layer,
     load_corpus,
+    load_pretrained_tokenizer,
     model_fingerprint,
     model_folder,
 )
@@ -36,6 +39,44 @@ from datamodules.activation_cache import (
 )
 from datamodules.base import ResumesMidEpoch
 from lightning_modules.components.errors import DataError, read_json
+
+
+# ------------------------------------------------------------------------------------------------- several layers
+def prepare_layers(dms: Sequence[ActivationsDataModule]) -> list[ActivationsDataModule]:
+    """Build the missing caches of datamodules that differ only in their layer from ONE forward pass over the corpus
+    (sparsify's several ``hookpoints``): the encoder runs once per batch for all of them instead of once per layer.
+    Each cache is the one its datamodule alone would build (same folder, identity and vectors), reusable alone.
+    Returns the datamodules, set up."""
+    dms = list(dms)
+    if not dms:
+        return dms
+    base = {k: v for k, v in dms[0].identity().items() if k != "layer"}
+    for dm in dms[1:]:
+        other = {k: v for k, v in dm.identity().items() if k != "layer"}
+        if other != base:
+            raise DataError("prepare_layers: the datamodules differ in more than their layer: "
+                            + "; ".join(identity_diff(other, base)))
+    todo: dict[Path, ActivationsDataModule] = {}
+    for dm in dms:
+        folder = dm.cache_folder()
+        dm._check_identity(folder)
+        if not (folder / "meta.json").is_file():
+            todo.setdefault(folder, dm)
+    if todo:
+        with contextlib.ExitStack() as locks:
+            for folder in todo:
+                locks.enter_context(build_lock(folder))
+            todo = {f: dm for f, dm in todo.items() if not (f / "meta.json").is_file()}  # another process built it
+            if todo:
+                first = next(iter(todo.values()))
+                builder = first._builder(first._device(), [dm.identity()["layer"] for dm in todo.values()])
+                builder.build_many(first.corpus() if first._partial is None else first.corpus().head(first._partial),
+                                   list(todo), [dm.cache_identity() for dm in todo.values()], first.shard_sentences)
+                for dm in todo.values():
+                    dm.built_here = True
+    for dm in dms:
+        dm.setup()
+    return dms
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
@@ -93,6 +134,11 @@ class ActivationsDataModule(ResumesMidEpoch, pl.LightningDataModule):
     ``prepare_data`` (rank 0) builds or resumes the cache; ``setup`` opens it and checks its identity; batches are
     float32 (batch_size, D) tensors of vectors drawn without replacement in a fresh random order each epoch.
     Validation holds out whole sentences, a fixed pseudo-random ``val_fraction`` of them (:func:`held_out`).
+
+    A smoke run (``fast_dev_run``, or an int ``limit_train_batches``) whose cache is not built yet does not encode
+    the whole corpus: it builds a partial cache of the first sentences that give it the training and held-out
+    vectors it reads (:meth:`plan`), in a folder of its own whose identity names the sentence count, so that no full
+    run reuses it. A full cache already built is used as it is.
 
     Args:
         model_name_or_path: encoder, hub name or local folder (``sentence-transformers/all-MiniLM-L6-v2`` loads
@@ -196,6 +242,8 @@ class ActivationsDataModule(ResumesMidEpoch, pl.LightningDataModule):
         self.built_here = False  #: whether this process encoded the cache (False: it existed, or another built it)
         self._identity: dict | None = None
         self._corpus: Corpus | None = None
+        self._partial: int | None = None  #: sentences of a smoke run's partial cache (None: the whole corpus)
+        self._planned = False
 
     # ------------------------------------------------------------------------------------------- identity
     def identity(self) -> dict:
@@ -236,13 +284,81 @@ class ActivationsDataModule(ResumesMidEpoch, pl.LightningDataModule):
                 raise DataError(f"{self.source}: no sentences")
         return self._corpus
 
-    def cache_folder(self) -> Path:
+    def full_cache_folder(self) -> Path:
+        """The folder of the cache of the whole corpus (``cache_path``, else named after the identity's hash)."""
         if self.cache_path is not None:
             return self.cache_path
         ident = self.identity()
         key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
         slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.model_name_or_path).name).strip("-")
         return self.cache_dir / f"{slug}_{self.level}_L{ident['layer']}_{key}"
+
+    def cache_folder(self) -> Path:
+        """The cache this run reads: the full one, or a smoke run's partial one beside it (:meth:`plan`)."""
+        self.plan()
+        full = self.full_cache_folder()
+        return full if self._partial is None else full.with_name(f"{full.name}_partial{self._partial}")
+
+    def cache_identity(self) -> dict:
+        """The identity of :meth:`cache_folder`: a partial cache's names its sentence count, so that neither a
+        full run nor a smoke run of another size ever takes it for its own."""
+        ident = self.identity()
+        return ident if self._partial is None else {**ident, "partial_sentences": self._partial}
+
+    # ------------------------------------------------------------------------------------------ smoke runs
+    def smoke_needs(self) -> tuple[int, int] | None:
+        """(training, held-out) vectors a run reading a fixed number of batches needs, None for a full run: with
+        ``fast_dev_run`` or an int ``limit_train_batches``, one epoch's worth of training vectors (later epochs
+        reshuffle them) and held-out vectors in the ``val_fraction`` proportion, at least one (a whole batch per
+        process under DDP, whose validation batches are whole)."""
+        trainer = self.trainer
+        limit = getattr(trainer, "limit_train_batches", None)
+        if trainer is None or isinstance(limit, bool) or not isinstance(limit, int):
+            return None
+        world = trainer.world_size
+        train = limit * self.batch_size * world
+        if self.val_fraction == 0:
+            return train, 0
+        val = max(1, int(train * self.val_fraction / (1 - self.val_fraction)))
+        return train, max(val, self.batch_size * world) if world > 1 else val
+
+    def plan(self) -> None:
+        """Decide once whether this run reads a partial cache: a smoke run (:meth:`smoke_needs`) whose full cache
+        is not built yet encodes only the first sentences that give it enough training and held-out vectors."""
+        if self._planned or self.trainer is None:
+            return
+        self._planned = True
+        needs = self.smoke_needs()
+        if needs is None or (self.full_cache_folder() / "meta.json").is_file():
+            return
+        corpus, builder = self.corpus(), self._builder("cpu")
+        builder.tokenizer = load_pretrained_tokenizer(self.model_name_or_path)
+        have, chunk = np.zeros(2, dtype=np.int64), 1024
+        for start in range(0, len(corpus), chunk):
+            idx = np.arange(start, min(start + chunk, len(corpus)))
+            is_val = held_out(idx, self.val_fraction)
+            n = builder.vectors_per_sentence(corpus, idx)
+            got = have + np.stack([np.cumsum(np.where(is_val, 0, n)), np.cumsum(np.where(is_val, n, 0))], 1)
+            enough = np.flatnonzero((got[:, 0] >= needs[0]) & (got[:, 1] >= needs[1]))
+            if len(enough):
+                if start + enough[0] + 1 < len(corpus):
+                    self._partial = int(start + enough[0] + 1)
+                    rank_zero_info(f"smoke run ({needs[0]:,} training vectors): the activation cache is built "
+                                   f"from the first {self._partial:,} of {len(corpus):,} sentences, in a partial "
+                                   "cache that full runs never use")
+                return
+            have = got[-1]
+
+    def _builder(self, device: str, layers: Sequence[int] | None = None) -> CacheBuilder:
+        ident = self.identity()
+        return CacheBuilder(self.model_name_or_path, self.level, ident["layer"], self.pooling, self.normalize,
+                            self.special_tokens, self.max_length, self.text_prefix, self.encode_batch_size, device,
+                            self.cache_dtype, layers=layers)
+
+    def _device(self) -> str:
+        if self.encode_device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.encode_device
 
     def _check_identity(self, folder: Path) -> None:
         found_file = folder / "identity.json"
@@ -251,7 +367,7 @@ class ActivationsDataModule(ResumesMidEpoch, pl.LightningDataModule):
                 raise DataError(f"{folder} exists, is not empty and is not an activation cache (no identity.json)")
             return
         found = read_json(found_file, "the cache's identity.json", f"delete {folder} to rebuild the cache")
-        diffs = identity_diff(found, self.identity())
+        diffs = identity_diff(found, self.cache_identity())
         if diffs:
             raise DataError(f"activation cache {folder} was built from different settings, refusing to reuse it: "
                             + "; ".join(diffs) + ". Choose another cache_path, or leave it unset to get one "
@@ -263,18 +379,13 @@ class ActivationsDataModule(ResumesMidEpoch, pl.LightningDataModule):
         self._check_identity(folder)
         if (folder / "meta.json").is_file():
             return
-        device = self.encode_device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        ident = self.identity()
+        device = self._device()
         with build_lock(folder):
             if (folder / "meta.json").is_file():  # built by another process while this one waited
                 rank_zero_info(f"activation cache {folder}: built by another process, reusing it")
                 return
-            builder = CacheBuilder(self.model_name_or_path, self.level, ident["layer"], self.pooling,
-                                   self.normalize, self.special_tokens, self.max_length, self.text_prefix,
-                                   self.encode_batch_size, device, self.cache_dtype)
-            builder.build(self.corpus(), folder, ident, self.shard_sentences)
+            corpus = self.corpus() if self._partial is None else self.corpus().head(self._partial)
+            self._builder(device).build(corpus, folder, self.cache_identity(), self.shard_sentences)
             self.built_here = True
 
     def setup(self, stage: str | None = None) -> None:

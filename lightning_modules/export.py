@@ -205,6 +205,7 @@ def best_or_current(trainer, pl_module):
 # ------------------------------------------------------------------------------------------ sparse autoencoders
 #: cfg.json fields EleutherAI sparsify's ``SparseCoderConfig`` reads (its loader drops the others): sparsify loads
 #: the export as a per-row TopK SAE with the same weights; ``load_sae`` restores the BatchTopK threshold too.
+SPARSITY_FILE = "sparsity.safetensors"
 SPARSIFY_FIELDS = ("activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
                    "skip_connection", "transcode")
 
@@ -223,7 +224,9 @@ def export_sae(module_or_sae, output_dir: str | Path, overwrite: bool = False, f
     The input scale is folded into the biases and the threshold (see ``fold_input_scale``), so the exported SAE
     takes raw activations. The inference threshold (input units), the full BatchTopK config, the folded scale and
     what the SAE reads are in ``cfg.json`` (SAELens: under ``metadata``); the training-only dead-latent counters stay
-    in the Lightning checkpoint.
+    in the Lightning checkpoint. Both layouts carry ``sparsity.safetensors`` (SAELens' file: ``sparsity``, the (F,)
+    ``log10`` firing frequency of the last validation, read by SAELens' and Neuronpedia's loaders) when the SAE's
+    density was measured (``sae.log10_density``).
     """
 
     sae = getattr(module_or_sae, "sae", module_or_sae)
@@ -257,8 +260,11 @@ def export_sae(module_or_sae, output_dir: str | Path, overwrite: bool = False, f
             "transcode": False, "d_in": cfg.d_in, **ours,
         }
         weights_file = "sae.safetensors"
+    density = sae.log10_density
     with writing_folder(output_dir) as tmp:
         save_file(tensors, str(tmp / weights_file))
+        if density is not None:  # SAELens' name and layout: {"sparsity": (F,) log10 firing frequency}
+            save_file({"sparsity": density.detach().float().cpu().contiguous()}, str(tmp / SPARSITY_FILE))
         (tmp / "cfg.json").write_text(json.dumps(meta, indent=1))
         (tmp / "README.md").write_text(sae_card(sae, format, output_dir, metrics))
     return output_dir
@@ -302,4 +308,9 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu"):
         sae.steps.fill_(meta.get("training_steps", 0))
         sae.initialized.fill_(True)
     sae.activations = meta.get("activations")
+    if (path / SPARSITY_FILE).is_file():
+        density = load_file(str(path / SPARSITY_FILE)).get("sparsity")
+        if density is None or density.shape != (sae.num_latents,):
+            raise ValueError(f"{path / SPARSITY_FILE}: expected a tensor 'sparsity' of shape ({sae.num_latents},)")
+        sae.log10_density = density
     return sae.to(device).eval()

@@ -76,15 +76,37 @@ class LatentCounts(Metric):
         self.rows += n_rows
 
     def compute(self) -> dict[str, Tensor]:
-        return {"l0": self.counts.sum() / self.rows.clamp_min(1), "dead_fraction": (self.counts == 0).float().mean()}
+        rows = self.rows.clamp_min(1)
+        return {"l0": self.counts.sum() / rows, "dead_fraction": (self.counts == 0).float().mean(),
+                "frequency": self.counts.double() / rows}
+
+
+def log10_density(frequency_F: Tensor) -> Tensor:
+    """SAELens' feature density: ``log10(firing frequency + 1e-10)`` per latent (float32; a dead latent is -10)."""
+    return torch.log10(frequency_F.double() + 1e-10).float()
+
+
+#: Lower edges of the density histogram's bins, one per decade: [-10, -9) ... [-1, 0] (the last one closed).
+DENSITY_BINS = tuple(range(-10, 0))
+
+
+def density_histogram(log10_F: Tensor) -> dict[int, Tensor]:
+    """``{lower edge: latents whose log10 density falls in that decade}`` (:data:`DENSITY_BINS`)."""
+    decade = log10_F.floor().clamp(DENSITY_BINS[0], DENSITY_BINS[-1]).long() - DENSITY_BINS[0]
+    counts = torch.bincount(decade, minlength=len(DENSITY_BINS))
+    return dict(zip(DENSITY_BINS, counts))
 
 
 ACTIVATIONS_KEY = "embedlab_activations"
+DENSITY_KEY = "embedlab_log10_density"
 
 
 def activations_of(meta: dict) -> dict:
-    """The identity of the vectors an SAE reads, from an activation cache's ``meta.json``."""
-    return {k: meta.get(k) for k in ("model", "model_fingerprint", "layer", "level", "special_tokens", "text_prefix")}
+    """The identity of the vectors an SAE reads, from an activation cache's ``meta.json`` (a sentence-level one's
+    pooling and normalisation too: STS recovered recomputes those vectors)."""
+    keys = ("model", "model_fingerprint", "layer", "level", "special_tokens", "text_prefix")
+    keys += ("pooling", "normalize") if meta.get("level") == "sentence" else ()
+    return {k: meta.get(k) for k in keys}
 
 
 class SAEModule(GuardsDivergence, pl.LightningModule):
@@ -95,7 +117,11 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
     ``dead_after`` tokens), ``sae/aux_loss`` and ``sae/threshold`` (input units; -1 until estimated). Validation
     uses the inference threshold and logs ``val/sae/fvu``, ``val/sae/explained_variance`` (torchmetrics states,
     exact over the whole split and all ranks), ``val/sae/l0``, ``val/sae/dead_fraction`` (latents that never fire
-    on the split), ``val/sae/cosine``.
+    on the split), ``val/sae/cosine``, and the feature density: each latent's ``log10`` firing frequency on the
+    split (:func:`log10_density`, SAELens' measure), as a ``wandb.Histogram`` ``val/sae/log10_density`` on W&B
+    loggers and, for every logger (CSV included), the number of latents per decade
+    ``val/sae/log10_density_hist/<lower edge>`` (-10: never fires). The last measured density travels with the SAE
+    (``sae.log10_density``: checkpoints, and ``sparsity.safetensors`` in exports).
 
     Under DDP each rank selects its own batch's top k * B_local; firing statistics, the threshold's batch minimum
     and token counts are reduced over ranks, so every rank keeps identical buffers.
@@ -187,10 +213,13 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
         super().on_save_checkpoint(checkpoint)
         if self.sae is not None and self.sae.activations:
             checkpoint[ACTIVATIONS_KEY] = self.sae.activations
+        if self.sae is not None and self.sae.log10_density is not None:
+            checkpoint[DENSITY_KEY] = self.sae.log10_density
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.sae is not None:
             self.sae.activations = checkpoint.get(ACTIVATIONS_KEY)
+            self.sae.log10_density = checkpoint.get(DENSITY_KEY)
 
     def on_fit_start(self) -> None:
         if bool(self.sae.initialized):
@@ -268,12 +297,26 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
         counts = self.val_counts.compute()
         self.log_dict({"val/sae/fvu": value, "val/sae/explained_variance": 1 - value,
                        "val/sae/l0": counts["l0"].float(), "val/sae/dead_fraction": counts["dead_fraction"]})
+        if not self.trainer.sanity_checking:
+            self._log_density(log10_density(counts["frequency"]))
         if self.sae.cfg.matryoshka_widths:
             prefix = self.val_prefix_fvu.compute()
             self.log_dict({f"val/sae/prefix_fvu/{w}": v.float() for (w, _), v in zip(self.sae.cfg.levels, prefix)})
         self.val_fvu.reset()
         self.val_counts.reset()
         self.val_prefix_fvu.reset()
+
+    def _log_density(self, log10_F: Tensor) -> None:
+        self.sae.log10_density = log10_F.cpu()  # once per validation: one copy to the host
+        self.log_dict({f"val/sae/log10_density_hist/{b}": n.float() for b, n in density_histogram(log10_F).items()})
+        wandb_loggers = [lg for lg in self.loggers if type(lg).__name__ == "WandbLogger"]
+        if wandb_loggers and self.global_rank == 0:
+            # imported when used: wandb (~1 s to import) only when a W&B logger is given
+            import wandb
+
+            for logger in wandb_loggers:
+                logger.log_metrics({"val/sae/log10_density": wandb.Histogram(self.sae.log10_density.numpy())},
+                                   step=self.global_step)
 
     # --------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self):

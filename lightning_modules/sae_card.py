@@ -131,6 +131,27 @@ def sae_front_matter(sae: BatchTopKSAE, format: str) -> str:
     return "---\n" + card.to_yaml() + "\n---"
 
 
+def sts_lines(metrics: dict | None, level: str | None = "token") -> list[str]:
+    """The card's STS-recovered section from ``sts_recovered/<task>`` and ``sts/<task>/*`` figures (none: a line
+    saying it was not measured, and why when the run said); ``level``: what the SAE reads."""
+    metrics = metrics or {}
+    tasks = [k.removeprefix("sts_recovered/") for k in metrics if k.startswith("sts_recovered/")]
+    head = ["## STS recovered", ""]
+    if not tasks:
+        why = metrics.get("sts_recovered_error")
+        return [*head, f"{NOT_MEASURED.capitalize()}" + (f": {why}" if why else " (the run named no data root).")
+                + " `train.py interpret --data_root ...` measures it.", ""]
+    rows = [f"| {t} | {_figure(metrics[f'sts/{t}/clean'])} | {_figure(metrics[f'sts/{t}/spliced'])} | "
+            f"{_figure(metrics[f'sts/{t}/ablated'])} | {_figure(metrics[f'sts_recovered/{t}'])} |" for t in tasks]
+    how = ("the sentence vectors the SAE reads (clean) and their reconstructions (spliced); a zero vector ranks "
+           "nothing (ablated: 0)" if level == "sentence" else
+           "the encoder as is (clean), with the SAE's reconstruction in place of the layer's states (spliced) and "
+           "with those states zeroed (ablated)")
+    return [*head, f"Spearman x 100 of cosine on the test set of {how}; recovered = (spliced - ablated) / "
+            "(clean - ablated).", "",
+            "| task | clean | spliced | ablated | recovered |", "|---|---|---|---|---|", *rows, ""]
+
+
 def sae_card(sae: BatchTopKSAE, format: str, folder: str | Path, metrics: dict | None = None) -> str:
     """The README.md text of the export of ``sae`` (its original, unfolded state) in ``format`` (sparsify or
     saelens) at ``folder``, with the run's ``metrics`` (``sae_metrics.json``'s names; None: "not measured")."""
@@ -159,5 +180,6 @@ def sae_card(sae: BatchTopKSAE, format: str, folder: str | Path, metrics: dict |
              + (f"; the weights are those of `{ckpt}`." if ckpt else "."), "",
              "| figure | value | measured on |", "|---|---|---|",
              *[f"| {a} | {b} | {c} |" for a, b, c in quality_rows(metrics, sae)], "",
+             *sts_lines(metrics, (sae.activations or {}).get("level")),
              "## Opening it", "", *open_lines(format, str(folder)), ""]
     return "\n".join(lines)

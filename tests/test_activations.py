@@ -205,13 +205,13 @@ def test_interrupted_build_resumes_at_the_missing_shard(tiny_model_no_dropout, s
     (folder / "meta.json").unlink()
     (folder / "shard_00002.meta.npy").unlink()  # the last shard was being written
     calls = []
-    original = CacheBuilder.encode_chunk
+    original = CacheBuilder.encode_layers
 
     def counting(self, corpus, idx):
         calls.append(list(idx))
         return original(self, corpus, idx)
 
-    monkeypatch.setattr(CacheBuilder, "encode_chunk", counting)
+    monkeypatch.setattr(CacheBuilder, "encode_layers", counting)
     again = make_dm(tiny_model_no_dropout, tmp_path, **kw)
     again.prepare_data()
     assert calls == [list(range(20, 30))]
@@ -297,3 +297,50 @@ def test_sts_task_source_gives_each_distinct_sentence_once(tiny_model_no_dropout
     pairs = load_sts("stsb", "dev", str(shared_data))
     want = list(dict.fromkeys(pairs.sentences1 + pairs.sentences2))[:40]
     assert [r["text"] for r in dm.cache.sentences()] == want and len(dm.cache) == 40
+
+
+@pytest.mark.parametrize("level, special", [("token", "drop"), ("token", "keep"), ("sentence", "drop")])
+def test_several_layers_from_one_pass_equal_per_layer_builds(tiny_model_no_dropout, sample_data, tmp_path, level,
+                                                               special, monkeypatch):
+    """prepare_layers: one forward per batch for layers 0, 1, 2 (and -1, the same as 2) writes the very caches the
+    per-layer builds write, vector for vector, each reusable alone."""
+    from datamodules.activations import prepare_layers
+
+    kw = dict(source=str(sample_data / "sentences.txt"), max_sentences=30, shard_sentences=12, level=level,
+              special_tokens=special, cache_dtype="float32")
+    passes = []
+    original = CacheBuilder.encode_layers
+
+    def counting(self, corpus, idx):
+        passes.append(self.all_layers())
+        return original(self, corpus, idx)
+
+    monkeypatch.setattr(CacheBuilder, "encode_layers", counting)
+    together = prepare_layers([make_dm(tiny_model_no_dropout, tmp_path / "one", layer=L, **kw) for L in (0, 1, 2, -1)])
+    assert passes == [(0, 1, 2)] * 3  # three shards, one pass each for all layers
+    for L, dm in zip((0, 1, 2), together):
+        alone = make_dm(tiny_model_no_dropout, tmp_path / "per_layer", layer=L, **kw)
+        alone.prepare_data()
+        a, b = dm.cache_folder(), alone.cache_folder()
+        assert a.name == b.name and dm.built_here
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        for shard in sorted(a.glob("shard_*.npy")):
+            np.testing.assert_array_equal(np.load(shard), np.load(b / shard.name))
+        assert (a / "texts.jsonl").read_text() == (b / "texts.jsonl").read_text()
+        meta_a, meta_b = (json.loads((f / "meta.json").read_text()) for f in (a, b))
+        assert {k: v for k, v in meta_a.items() if k != "build"} == {k: v for k, v in meta_b.items() if k != "build"}
+        assert meta_a["layer"] == L and meta_a["build"]["layers_in_pass"] == [0, 1, 2]
+    assert together[3].cache.folder == together[2].cache.folder
+    # a second call finds them all built: no forward pass
+    passes.clear()
+    prepare_layers([make_dm(tiny_model_no_dropout, tmp_path / "one", layer=L, **kw) for L in (0, 2)])
+    assert passes == []
+
+
+def test_prepare_layers_refuses_other_settings(tiny_model_no_dropout, sample_data, tmp_path):
+    from datamodules.activations import prepare_layers
+
+    kw = dict(source=str(sample_data / "sentences.txt"), max_sentences=10)
+    with pytest.raises(DataError, match="differ in more than their layer: max_length"):
+        prepare_layers([make_dm(tiny_model_no_dropout, tmp_path, layer=1, **kw),
+                        make_dm(tiny_model_no_dropout, tmp_path, layer=2, max_length=16, **kw)])

@@ -122,13 +122,18 @@ def test_browser_search_sort_and_screenshot(driver, tmp_path):
 
     features = synthetic_features(50)
     features[1]["contexts"][0] = {"tokens": ["a whole sentence, no token known"], "index": -1, "value": 1.0}
+    density = {"edges": list(range(-10, 1)), "counts": [3, 0, 0, 0, 0, 1, 4, 20, 15, 7]}
     path = write_feature_browser(features, tmp_path / "features.html", title="Layer 3 SAE <test>",
-                                 summary={"model": "tiny", "features": 50, "fvu": 0.123456, "l0": 32})
+                                 summary={"model": "tiny", "features": 50, "fvu": 0.123456, "l0": 32}, density=density)
     driver.get(path.as_uri())
     assert driver.title == "Layer 3 SAE <test>"
     assert len(rows(driver)) == 50
     assert severe(driver) == []
     assert "fvu" in driver.find_element(By.ID, "summary").text
+    # the feature density beside the summary: one bar per decade, the tallest full height
+    bars = driver.find_elements(By.CSS_SELECTOR, "#summary svg#density rect")
+    assert len(bars) == 10 and max(float(b.get_attribute("height")) for b in bars) == 40
+    assert [b.get_attribute("height") for b in bars][1:5] == ["0"] * 4
     # escaping: the token is shown as text, no element was created from it
     marks = driver.find_elements(By.CSS_SELECTOR, "#rows tr[data-id='2'] mark")
     assert marks[0].text == "</script><b>bold</b>"

@@ -74,6 +74,23 @@ def test_saelens_export_opens_in_sae_lens_with_the_projects_codes_and_reconstruc
     assert meta.embedlab["input_scale_folded"] == pytest.approx(sae.input_scale.item())
 
 
+def test_saelens_reads_the_exported_sparsity_file(tmp_path, monkeypatch):
+    """sparsity.safetensors beside the weights: SAE.load_from_disk opens the folder with it, and SAELens' own
+    hub loader (its files served from the folder) returns it as the SAE's log feature sparsity."""
+    pytest.importorskip("sae_lens", reason=NO_SAELENS)
+    from sae_lens import SAE
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+
+    module, _ = tiny_module()
+    density = torch.linspace(-10, 0, F)
+    module.sae.log10_density = density
+    out = export(module, tmp_path / "repo" / "layer_6", format="saelens")
+    assert SAE.load_from_disk(str(out)).cfg.d_sae == F
+    monkeypatch.setattr(loaders, "hf_hub_download", lambda repo_id, filename, **kw: str(tmp_path / "repo" / filename))
+    _, _, sparsity = loaders.sae_lens_huggingface_loader("local/repo", "layer_6")
+    assert torch.equal(sparsity, density)
+
+
 def test_sparsify_export_opens_in_sparsify_with_the_projects_per_row_topk(tmp_path):
     sparsify = pytest.importorskip("sparsify", reason=NO_SPARSIFY)
     module, x = tiny_module()

@@ -107,6 +107,9 @@ def test_callback_after_fit_and_the_command_match_the_functions(tiny_model_no_dr
     summary = json.loads((out / "summary.json").read_text())
     assert summary.pop("layer") == 2 and summary.pop("cache") == str(dm.cache.folder) and summary.pop("sample") is None
     expected = without_seconds({**want.summary, **want_ps.to_dict("interpret/pseval")})
+    fires = np.array([f["fires"] for f in want.features], dtype=np.float64)  # the density of the suite's tokens
+    decade = np.clip(np.floor(np.log10(fires / want.summary["interpret/n_tokens"] + 1e-10)), -10, -1)
+    expected.update({f"interpret/log10_density_hist/{b}": int((decade == b).sum()) for b in range(-10, 0)})
     assert without_seconds(summary) == pytest.approx(expected)
     assert json.loads((out / "features.json").read_text()) == want.features
     assert json.loads((out / "pseval.json").read_text())["2"]["confusion"] == want_ps.confusion.__dict__

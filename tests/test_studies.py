@@ -27,11 +27,18 @@ from lightning_modules.export import load_sae
 from lightning_modules.interpret.codes import encode_sparse
 from lightning_modules.interpret.cross_model import compare_models, word_codes
 from lightning_modules.interpret.frontier import score_sae, sentence_variance_share
-from lightning_modules.interpret.plot import read_png
 from lightning_modules.interpret.pos import label_features
 from lightning_modules.interpret.probes import probe_caches
 from lightning_modules.interpret.pseval import ps_eval
 from lightning_modules.interpret.stability import energy_deciles, match_decoders, stability_by_decile
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(height, width) of a PNG, read by matplotlib."""
+    from matplotlib.image import imread
+
+    return imread(path).shape[:2]
+
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = [("the", "at"), ("a", "at"), ("man", "nn"), ("dog", "nn"), ("guitar", "nn"), ("pasta", "nn"),
@@ -132,9 +139,9 @@ def test_decomposition_study_report_equals_the_functions(two_models, study_root,
     assert set(data["models"]) == {"bert-a", "bert-b"}
     for f in ("report.md", "report.html", "probes.png", "cross_model_pos.png"):
         assert (out / f).is_file(), f
-    assert read_png(out / "probes.png").shape[0] == 520 and read_png(out / "probes.png").shape[1] >= 900
+    assert png_size(out / "probes.png") == (520, 900) and (out / "probes.svg").is_file()
     page = (out / "report.html").read_text()
-    assert "data:image/png;base64," in page and "bert-a/L2/interpret/features.html" in page
+    assert "data:image/svg+xml;base64," in page and "bert-a/L2/interpret/features.html" in page
     saes, caches = {}, {}
     for name, m in data["models"].items():
         folder = out / name / "L2"
@@ -199,12 +206,24 @@ def test_decomposition_study_report_equals_the_functions(two_models, study_root,
         assert again["models"][name]["probes"] == data["models"][name]["probes"]
 
 
-def test_frontier_and_pseval_studies(two_models, study_root, tmp_path, monkeypatch):
+def test_frontier_and_pseval_studies(two_models, study_root, tmp_path, monkeypatch, sample_data):
     out = tmp_path / "frontier"
+    tsv = str(sample_data / "sts_dev.tsv")
     train.main(["study", "frontier", "--model", two_models[0], "--data_root", str(study_root), "--output_dir",
-                str(out), "--ks", "[2, 4]", "--expansions", "[1, 2]", "--eval_tokens", "1000", *TINY])
+                str(out), "--ks", "[2, 4]", "--expansions", "[1, 2]", "--eval_tokens", "1000", "--sts_tasks",
+                f"[{tsv}]", *TINY])
     data = json.loads((out / "study.json").read_text())
     points = {p["name"]: p for p in data["points"]}
+    # STS recovered of each SAE of the sweep: one more column and a plot against L0
+    from lightning_modules.interpret.sts_recovered import sts_recovered
+
+    again = sts_recovered(load_sae(out / "saes" / "1x4"), [tsv], str(study_root), max_length=32,
+                          reads=ActivationCache(data["cache"]).meta)[tsv]
+    assert points["1x4"]["sts_recovered"] == pytest.approx(again["recovered"], abs=1e-9)
+    assert data["sts"] == {"task": tsv, "clean": again["clean"], "ablated": again["ablated"],
+                           "ablated_constant": again["ablated_constant"]}
+    assert png_size(out / "frontier_sts.png") == (520, 900) and "STS recovered" in (out / "report.md").read_text()
+    assert sum(data["browsed_density"].values()) == points["2x4"]["num_latents"]
     assert set(points) == {"1x2", "1x4", "2x2", "2x4"} and points["2x4"]["num_latents"] == 64
     for p in points.values():  # the frontier flag: nothing else has L0 <= and more explained variance
         beaten = any(q["l0"] <= p["l0"] and q["explained_variance"] > p["explained_variance"]
@@ -231,9 +250,9 @@ def test_frontier_and_pseval_studies(two_models, study_root, tmp_path, monkeypat
         assert d["energy_mean"] == pytest.approx(float(energy[energy_deciles(energy) == d["decile"]].mean()), rel=1e-5)
         assert d["stability_cos"] == pytest.approx(want[d["decile"]], rel=1e-6, nan_ok=True)
     assert sum(data["group_share"][f"hist/{b}"] for b in range(10)) > 0  # news and fiction sentences
-    assert read_png(out / "stability.png").shape[0] == 520 and read_png(out / "stability.png").shape[1] >= 900
+    assert png_size(out / "stability.png") == (520, 900)
     assert "matched cosine" in (out / "report.md").read_text()
-    assert read_png(out / "frontier.png").shape == (520, 900, 3)
+    assert png_size(out / "frontier.png") == png_size(out / "density.png") == (520, 900)
     assert "| 2x4 | 64 | 4 |" in (out / "report.md").read_text()
     # the recipe's SAE is scored on the same held-out vectors: an SAE of the sweep gets its own numbers back
     train.main(["study", "frontier", "--model", two_models[0], "--data_root", str(study_root), "--output_dir",
@@ -256,7 +275,7 @@ def test_frontier_and_pseval_studies(two_models, study_root, tmp_path, monkeypat
     run_file = next((out / "wandb").glob("offline-run-*/run-*.wandb"))
     history = logged_history(run_file)[0]
     assert history["ps-eval-by-layer/table0/_type"] == "table-file"
-    assert history["ps-eval-by-layer/pseval/_type"] == "html-file" and history["report/_type"] == "html-file"
+    assert history["ps-eval-by-layer/pseval/_type"] == "image-file" and history["report/_type"] == "html-file"
     table = json.loads((run_file.parent / "files" / history["ps-eval-by-layer/table0/path"]).read_text())
     assert table["columns"][:3] == ["layer", "balanced pairs", "specificity"]
     assert [row[0] for row in table["data"]] == [1, 2]
@@ -278,7 +297,7 @@ def test_frontier_and_pseval_studies(two_models, study_root, tmp_path, monkeypat
         assert data["layers"][L]["pseval"]["specificity"] == pytest.approx(want[L].specificity)
         assert data["layers"][L]["pairs"] == 12
         assert (out / f"L{L}" / "interpret" / "features.html").is_file()
-    assert read_png(out / "pseval.png").shape == (520, 900, 3)
+    assert png_size(out / "pseval.png") == (520, 900)
     assert "layer 2: feature browser" in (out / "report.html").read_text()
 
 

@@ -162,7 +162,13 @@ def test_an_sae_fit_logs_its_figures_and_interpret_joins_its_group(tmp_path, tin
     export = next(a for a in logged_artifacts(run_file) if a["name"] == f"export-{run_id}")
     assert export["type"] == "sae" and export["metadata"]["format"] == "sparsify"
     assert export["metadata"]["monitor"] == "val/sae/fvu" and export["metadata"]["step"] == step
-    assert {"cfg.json", "sae.safetensors", "sae_metrics.json", "README.md"} <= set(export["files"])
+    assert {"cfg.json", "sae.safetensors", "sparsity.safetensors", "sae_metrics.json", "README.md"} <= set(
+        export["files"])
+    # the held-out feature density as a W&B histogram (its bins' counts are also scalars, in the CSV and above)
+    (hist,) = [r for r in logged_history(run_file) if "val/sae/log10_density/_type" in r]
+    assert hist["val/sae/log10_density/_type"] == "histogram"
+    assert sum(hist["val/sae/log10_density/values"]) == metrics["num_latents"]
+    assert sum(metrics[f"val/sae/log10_density_hist/{b}"] for b in range(-10, 0)) == metrics["num_latents"]
 
     # train.py interpret on the export or the checkpoint: grouped with the fit, job type interpret
     from callbacks import interpret

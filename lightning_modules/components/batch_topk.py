@@ -354,6 +354,7 @@ class BatchTopKSAE(nn.Module):
     def __init__(self, cfg: BatchTopKConfig) -> None:
         super().__init__()
         self.activations: dict | None = None  # what it reads (model, layer, level): set by SAEModule / load_sae
+        self.log10_density: Tensor | None = None  # (F,) log10 firing frequency of its last validation, if measured
         self.cfg = cfg
         d, n = cfg.d_in, cfg.latents
         W_dec = torch.randn(n, d)

@@ -83,9 +83,10 @@ def _script_json(payload: object) -> str:
 
 
 def render_feature_browser(features: Sequence[Mapping], title: str = "SAE features",
-                           summary: Mapping | None = None) -> str:
+                           summary: Mapping | None = None, density: Mapping | None = None) -> str:
     """The browser page as one HTML string (see :func:`write_feature_browser`)."""
-    payload = {"title": str(title), "summary": _clean(dict(summary or {})), "features": validate_features(features)}
+    payload = {"title": str(title), "summary": _clean(dict(summary or {})), "features": validate_features(features),
+               "density": _clean(dict(density)) if density else None}
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
@@ -102,7 +103,7 @@ def render_feature_browser(features: Sequence[Mapping], title: str = "SAE featur
 
 
 def write_feature_browser(features: Sequence[Mapping], path: str | Path, title: str = "SAE features",
-                          summary: Mapping | None = None) -> Path:
+                          summary: Mapping | None = None, density: Mapping | None = None) -> Path:
     """Write the feature browser to ``path`` (parents created) and return the path.
 
     Args:
@@ -115,8 +116,10 @@ def write_feature_browser(features: Sequence[Mapping], path: str | Path, title: 
         path: the ``.html`` file to write.
         title: page title and heading.
         summary: key/value pairs shown at the top (numbers, strings; other values are shown as JSON).
+        density: ``{"edges": [...], "counts": [...]}``, the latents per decade of log10 firing frequency, drawn at
+            the top beside the summary.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_feature_browser(features, title, summary), encoding="utf-8")
+    path.write_text(render_feature_browser(features, title, summary, density), encoding="utf-8")
     return path

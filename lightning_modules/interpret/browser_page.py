@@ -150,6 +150,15 @@ JS = r"""
     td.appendChild(svg);
     return td;
   }
+  if (DATA.density) {  // the dictionary's feature density, beside the summary
+    var dens = el("div");
+    dens.appendChild(el("dt", null, "latents by log10 firing frequency"));
+    var dd = el("dd"), svgDens = histCell(DATA.density).firstChild;
+    svgDens.setAttribute("id", "density");
+    dd.appendChild(svgDens);
+    dens.appendChild(dd);
+    summary.appendChild(dens);
+  }
   function contextLine(ctx) {
     var centre = Math.max(ctx.index, WINDOW), div = el("div", "ctx"), lo = Math.max(0, centre - WINDOW);
     var hi = Math.min(ctx.tokens.length, centre + WINDOW + 1);

@@ -22,15 +22,17 @@ import numpy as np
 import torch
 
 from lightning_modules.components.batch_topk import BatchTopKSAE
-from lightning_modules.interpret.plot import Series, line_chart
-from lightning_modules.sae import FVU, LatentCounts
+from lightning_modules.interpret.figures import Series, line_chart
+from lightning_modules.sae import FVU, LatentCounts, density_histogram, log10_density
 
 
 @torch.no_grad()
-def score_sae(sae: BatchTopKSAE, x_ND: np.ndarray | torch.Tensor, chunk_rows: int = 4096) -> dict[str, float]:
+def score_sae(sae: BatchTopKSAE, x_ND: np.ndarray | torch.Tensor, chunk_rows: int = 4096,
+              density: bool = False) -> dict:
     """``fvu``, ``explained_variance``, ``l0``, ``never_active`` (share of features silent on every row) and ``n``
     of ``sae`` in eval mode on the rows of ``x_ND``: the validation step's own metrics (:class:`FVU`,
-    :class:`LatentCounts`), read once at the end."""
+    :class:`LatentCounts`), read once at the end. ``density``: also ``log10_density_hist``, the latents per decade
+    of log10 firing frequency on those rows (:func:`~lightning_modules.sae.density_histogram`)."""
     if len(x_ND) == 0:
         raise ValueError("no vectors to score the SAE on")
     was_training = sae.training
@@ -46,8 +48,12 @@ def score_sae(sae: BatchTopKSAE, x_ND: np.ndarray | torch.Tensor, chunk_rows: in
     finally:
         sae.train(was_training)
     value, latents = float(fvu.compute()), counts.compute()
-    return {"fvu": value, "explained_variance": 1 - value, "l0": float(latents["l0"]),
-            "never_active": float(latents["dead_fraction"]), "n": len(x_ND)}
+    out = {"fvu": value, "explained_variance": 1 - value, "l0": float(latents["l0"]),
+           "never_active": float(latents["dead_fraction"]), "n": len(x_ND)}
+    if density:
+        hist = density_histogram(log10_density(latents["frequency"]))
+        out["log10_density_hist"] = {str(b): int(n) for b, n in hist.items()}
+    return out
 
 
 @torch.no_grad()
@@ -86,17 +92,20 @@ def pareto_front(l0: Sequence[float], explained: Sequence[float]) -> np.ndarray:
     return out
 
 
-def frontier_plot(points: Sequence[dict], path: str | Path, title: str = "Explained variance vs L0") -> Path:
+def frontier_plot(points: Sequence[dict], path: str | Path, title: str = "Explained variance vs L0",
+                  metric: str = "explained_variance", ylabel: str = "Explained variance (held out)") -> Path:
     """One line per dictionary size through its points by L0 (log axis), and each extra point (``group`` set, e.g.
-    the recipe's SAE) as its own series."""
+    the recipe's SAE) as its own series; ``metric``: the points' key on the y axis (points without it are left
+    out)."""
     groups: dict[str, list[dict]] = {}
     for p in points:
+        if p.get(metric) is None:
+            continue
         groups.setdefault(p.get("group") or f"F = {p['num_latents']}", []).append(p)
     series = [Series(name, [p["l0"] for p in sorted(ps, key=lambda p: p["l0"])],
-                     [p["explained_variance"] for p in sorted(ps, key=lambda p: p["l0"])])
+                     [p[metric] for p in sorted(ps, key=lambda p: p["l0"])])
               for name, ps in groups.items()]
-    return line_chart(path, series, title, "L0: active features per token (held out)", "explained variance",
-                      log_x=True)
+    return line_chart(path, series, title, "L0: active features per token (held out)", ylabel, log_x=True)
 
 
 __all__ = ["frontier_plot", "pareto_front", "score_sae", "sentence_variance_share"]

@@ -1,5 +1,6 @@
 """A study's report folder: every number in ``study.json``, the same tables in ``report.md`` and in ``report.html``
-(one static page that opens from disk: figures embedded as base64 PNG, links to each feature browser).
+(one static page that opens from disk: figures embedded as SVG, links to each feature browser). Figures are drawn
+by :mod:`lightning_modules.interpret.figures` (a PNG, which the markdown links, and an SVG beside it).
 
 A report is a list of :class:`Section`; both files are written from it, so the markdown and the page never differ.
 """
@@ -29,7 +30,7 @@ class Section:
     text: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     figures: list[str] = field(default_factory=list)
-    """PNG files of the report folder (relative names)."""
+    """PNG files of the report folder (relative names), each with its SVG beside it."""
     links: list[tuple[str, str]] = field(default_factory=list)
     """``(label, relative path)``, e.g. a feature browser."""
 
@@ -76,8 +77,9 @@ def page(title: str, sections: Sequence[Section], folder: Path) -> str:
             out += ["<tr>" + "".join(f"<td>{e(cell(v))}</td>" for v in row) + "</tr>" for row in t.rows]
             out.append("</table>")
         for f in s.figures:
-            data = base64.b64encode((folder / f).read_bytes()).decode()
-            out.append(f"<p><img alt='{e(f)}' src='data:image/png;base64,{data}'></p>")
+            svg = (folder / f).with_suffix(".svg")
+            kind, raw = ("svg+xml", svg.read_bytes()) if svg.is_file() else ("png", (folder / f).read_bytes())
+            out.append(f"<p><img alt='{e(f)}' src='data:image/{kind};base64,{base64.b64encode(raw).decode()}'></p>")
         if s.links:
             out.append("<ul>" + "".join(f"<li><a href='{e(p)}'>{e(label)}</a></li>" for label, p in s.links)
                        + "</ul>")

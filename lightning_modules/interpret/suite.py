@@ -4,7 +4,8 @@ and ``python train.py interpret`` (on demand) both call.
 Files written to ``output_dir``:
 
 - ``summary.json``: the cache, its layer, the sample (``max_tokens``), every scalar (``interpret/...``,
-  ``interpret/pseval/layer<L>/...``) and the seconds each part took;
+  ``interpret/pseval/layer<L>/...``, ``interpret/sts_recovered/<task>`` and ``interpret/sts/<task>/...`` with
+  ``sts_tasks``) and the seconds each part took;
 - ``features.json``: one record per feature (schema in :mod:`lightning_modules.interpret.report`);
 - ``pseval.json``: per layer, the confusion matrix, the metrics and the pair counts (when PS-Eval ran);
 - ``features.html``: the feature browser, one static file that opens from disk.
@@ -19,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer
 
 from datamodules.activation_cache import ActivationCache
@@ -27,6 +29,8 @@ from lightning_modules.components.hub import resolve_model
 from lightning_modules.interpret.browser import write_feature_browser
 from lightning_modules.interpret.pseval import PSEvalResult, model_and_tokenizer, ps_eval
 from lightning_modules.interpret.report import Clock, interpret_sae
+from lightning_modules.interpret.sts_recovered import recovered_metrics, sts_recovered
+from lightning_modules.sae import DENSITY_BINS, activations_of, density_histogram, log10_density
 
 
 @dataclass
@@ -66,7 +70,7 @@ def check_sae_reads(sae, cache: ActivationCache, name: str, same_vectors: bool =
 #: The scalars shown at the top of the browser page (all of them are in summary.json and the loggers).
 HEADLINE = ("n_tokens", "n_features", "alive_share", "l0", "pos_purity_ge_0.8", "pos_purity_mean", "pooling_tokens",
             "pooling_survival_mean", "pooling_feature_share", "pooling_error_share", "stability_mean_cos",
-            "stability_method", "group_share_mean")
+            "stability_method", "group_share_mean", "sts_recovered/stsb", "sts_recovered/sickr")
 PSEVAL_HEADLINE = ("precision", "recall", "f1", "accuracy", "specificity")
 
 
@@ -97,7 +101,7 @@ def cache_tokenizer(cache):
 def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None,
               wic_pairs: Sequence | None = None, pseval_saes: Mapping[int, object] | None = None,
               encoder=None, max_tokens: int | None = None, sample_seed: int = 0, title: str = "SAE features",
-              **interpret_kwargs) -> SuiteResult:
+              sts_tasks: Sequence[str] = (), data_root: str | None = None, **interpret_kwargs) -> SuiteResult:
     """Run codes, POS labels, pooling decomposition, stability (with ``sae_b``), group share and PS-Eval (with
     ``wic_pairs``), and write the files listed in the module docstring.
 
@@ -112,6 +116,8 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
             (whose layer is the cache's).
         encoder: model name / folder, ``(model, tokenizer)`` or ``Encoder`` for PS-Eval and for naming special
             tokens; default: the cache's model (loads offline when installed).
+        sts_tasks, data_root: STS test sets (their files under ``data_root``) on which STS recovered is measured
+            (:mod:`~lightning_modules.interpret.sts_recovered`); none by default.
         interpret_kwargs: passed to :func:`~lightning_modules.interpret.report.interpret_sae`.
     """
     for name, other, same_vectors in [("sae", sae, True), ("sae_b", sae_b, True),
@@ -145,9 +151,19 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
         for res in results.values():
             summary.update(res.to_dict("interpret/pseval"))
         clock("pseval")
+    if sts_tasks:
+        loaded = encoder if isinstance(encoder, tuple) else None
+        result = sts_recovered(sae, sts_tasks, data_root, loaded=loaded, reads=activations_of(cache.meta),
+                               max_length=int(cache.meta.get("max_length") or 128))
+        summary.update(recovered_metrics(result, "interpret/"))
+        clock("sts_recovered")
     files = {"summary": output_dir / "summary.json", "features": output_dir / "features.json",
              "browser": output_dir / "features.html"}
-    write_feature_browser(report.features, files["browser"], title=title, summary=headline(summary))
+    fires = torch.tensor([f["fires"] for f in report.features], dtype=torch.float64)
+    hist = density_histogram(log10_density(fires / max(float(summary["interpret/n_tokens"]), 1.0)))
+    summary.update({f"interpret/log10_density_hist/{b}": int(n) for b, n in hist.items()})
+    density = {"edges": [*DENSITY_BINS, 0], "counts": [int(n) for n in hist.values()]}
+    write_feature_browser(report.features, files["browser"], title=title, summary=headline(summary), density=density)
     files["features"].write_text(json.dumps(report.features))
     if results:
         files["pseval"] = output_dir / "pseval.json"
