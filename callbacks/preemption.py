@@ -74,10 +74,7 @@ def foreground(trainer: pl.Trainer):
     """A context in which the trainer's checkpoint saves are on disk when they return (see
     :class:`~lightning_modules.checkpoints.AtomicCheckpointIO`); a no-op for other checkpoint writers."""
     checkpoint_io = trainer.strategy.checkpoint_io
-    if isinstance(checkpoint_io, AtomicCheckpointIO):
-        checkpoint_io.wait()
-        return checkpoint_io.in_foreground()
-    return contextlib.nullcontext()
+    return checkpoint_io.in_foreground() if isinstance(checkpoint_io, AtomicCheckpointIO) else contextlib.nullcontext()
 
 
 class PreemptionCheckpoint(pl.Callback):

@@ -77,7 +77,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     @contextlib.contextmanager
     def in_foreground(self):
-        """Saves inside the block are written before they return (a signal handler that requeues right after)."""
+        """Saves inside the block are written before they return (a signal handler that requeues right after); the
+        pending background write is finished first."""
+        self.wait()
         background, self.background = self.background, False
         try:
             yield

@@ -11,6 +11,7 @@ import math
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -309,7 +310,7 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
     def _log_density(self, log10_F: Tensor) -> None:
         self.sae.log10_density = log10_F.cpu()  # once per validation: one copy to the host
         self.log_dict({f"val/sae/log10_density_hist/{b}": n.float() for b, n in density_histogram(log10_F).items()})
-        wandb_loggers = [lg for lg in self.loggers if type(lg).__name__ == "WandbLogger"]
+        wandb_loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
         if wandb_loggers and self.global_rank == 0:
             # imported when used: wandb (~1 s to import) only when a W&B logger is given
             import wandb
