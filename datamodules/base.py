@@ -7,8 +7,10 @@ import csv
 import errno
 import io
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import pytorch_lightning as pl
 import torch
@@ -19,23 +21,25 @@ from lightning_modules.components.encoder import pad_ids
 from lightning_modules.components.errors import DataError, StorageError, why_write_failed
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file of this process and a rename: readers (another run,
-    or this one after a crash or a full disk) see the old content or the new one, never a part. A failure names
-    the file and leaves the old content in place."""
+def write_atomic(path: Path, data: str | bytes | memoryview | Callable[[BinaryIO], None], what: str = "") -> None:
+    """Write ``data`` (text, bytes, or a function writing to the open binary file) to ``path`` through a temporary
+    file of this process (``.<name>.<host>-<pid>.tmp``), fsync and a rename: readers (another run, or this one after
+    a crash or a full disk) see the old content or the new one, never a part. A failure removes the temporary and
+    raises :class:`StorageError` naming the file (``what`` says what it is, e.g. "checkpoint ")."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "w" if isinstance(data, str) else "wb", **({"encoding": "utf-8"} if isinstance(data, str)
+                                                                   else {})) as f:
+            data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
         with contextlib.suppress(OSError):  # NotADirectoryError when the folder is a file
             tmp.unlink(missing_ok=True)
-        raise StorageError(f"could not write {path}: {why_write_failed(err, path)}") from None
+        raise StorageError(f"could not write {what}{path}: {why_write_failed(err, path)}") from None
 
 
 def readable_as_umask(path: Path) -> None:

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lightning_modules.components.errors import DataError, StorageError, unwritable, why_write_failed
+from datamodules.base import write_atomic
+from lightning_modules.components.errors import DataError, StorageError, unwritable
 
 
 class ArtifactError(StorageError):
@@ -104,25 +105,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def write_atomically(checkpoint: dict[str, Any] | io.BytesIO, path: Path) -> None:
-    """Write a checkpoint (or its bytes, already serialised) to ``path`` through a temporary file, fsync and rename;
-    a failure removes the temporary and raises :class:`ArtifactError` naming ``path``."""
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    """Write a checkpoint (or its bytes, already serialised) to ``path`` atomically (:func:`write_atomic`); a failure
+    raises :class:`ArtifactError` naming ``path``. Then removes dead writers' temporaries beside it."""
+    data = checkpoint.getbuffer() if isinstance(checkpoint, io.BytesIO) else lambda f: torch.save(checkpoint, f)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            if isinstance(checkpoint, io.BytesIO):
-                f.write(checkpoint.getbuffer())
-            else:
-                torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):  # e.g. the folder is a file: no temporary was made
-            tmp.unlink(missing_ok=True)
-        raise ArtifactError(f"could not write checkpoint {path}: {why_write_failed(err, path)}. The checkpoints "
-                            "written before it are intact (resume with --ckpt_path last once the cause is "
-                            "fixed)") from None
+        write_atomic(path, data, what="checkpoint ")
+    except StorageError as err:
+        raise ArtifactError(f"{err}. The checkpoints written before it are intact (resume with --ckpt_path last "
+                            "once the cause is fixed)") from None
     remove_dead_temporaries(path.parent)
 
 
