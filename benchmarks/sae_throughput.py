@@ -275,7 +275,7 @@ def bench_cache(model: str, texts: list[str], words, tags, rounds: int, device: 
     corpus = Corpus(texts, words, tags)
     builder = CacheBuilder(model, "token", -1, "mean", False, "drop", 256, "", 64, device, "float16")
     builder.load()
-    builder.layer = builder.model.config.num_hidden_layers  # the last layer, as in benchmarks/sae_brown.py
+    builder.layers = (builder.model.config.num_hidden_layers,)  # the last layer, as in benchmarks/sae_brown.py
     model_ = builder.model
     idx = range(len(texts))
     tk = builder.tokenize(corpus, idx)

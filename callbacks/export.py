@@ -229,6 +229,11 @@ def fit_facts(trainer: pl.Trainer, ckpt: str | None, run_dir: Path | None, sts_t
         root = next((r for r in roots if r), None)
         if root:
             facts["sts_data_root"] = str(root)
+    from callbacks.mteb import MTEBEvaluator  # its own results_dir, which the card reads (not only <run>/mteb)
+
+    folders = [cb.results_dir for cb in trainer.callbacks if isinstance(cb, MTEBEvaluator) and cb.results_dir]
+    if folders:
+        facts["mteb_results_dir"] = folders[0]
     return facts
 
 

@@ -152,14 +152,6 @@ class MTEBEvaluator(pl.Callback):
         """The model name the results are stored under (with revision ``step<N>``)."""
         return f"embedlab/{type(pl_module).__name__}"
 
-    def step_results(self, pl_module: pl.LightningModule, step: int) -> list:
-        """The TaskResults stored for ``step`` ([] when that step was not evaluated or none are kept)."""
-        from lightning_modules.mteb_eval import load_results
-
-        if not self.results_dir:
-            return []
-        return load_results(self.results_dir, self.model_name(pl_module), f"step{step}")
-
     # ---------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # fail on a bad task name or missing data before training starts, on every rank (none left waiting)
@@ -182,7 +174,7 @@ class MTEBEvaluator(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # every rank, once the checkpoint folder is known (trainer.log_dir is a broadcast under DDP)
         if self.results_dir is None:
-            from callbacks.export import run_folder  # callbacks.export asks this callback for its results
+            from callbacks.export import run_folder  # imported when used: callbacks.export reads results_dir
 
             self.results_dir = str(run_folder(trainer) / "mteb")
 

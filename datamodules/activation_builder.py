@@ -189,15 +189,12 @@ class CacheBuilder:
     def __init__(self, model_name_or_path: str, level: Level, layer: int, pooling: str, normalize: bool,
                  special_tokens: str, max_length: int, text_prefix: str, encode_batch_size: int, device: str,
                  dtype: str, layers: Sequence[int] | None = None) -> None:
-        self.model_name_or_path, self.level, self.layer = model_name_or_path, level, layer
-        self.layers = tuple(layers) if layers else None
+        self.model_name_or_path, self.level = model_name_or_path, level
+        self.layers: tuple[int, ...] = tuple(layers) if layers else (layer,)  # the one place the layers are kept
         self.pooling, self.normalize, self.special_tokens = pooling, normalize, special_tokens
         self.max_length, self.text_prefix, self.encode_batch_size = max_length, text_prefix, encode_batch_size
         self.device, self.dtype = device, np.dtype(dtype)
         self.model = self.tokenizer = None
-
-    def all_layers(self) -> tuple[int, ...]:
-        return self.layers or (self.layer,)
 
     def load(self) -> None:
 
@@ -268,7 +265,7 @@ class CacheBuilder:
         """
         tk = self.tokenize(corpus, idx)
         lengths = [len(ids) for ids in tk["input_ids"]]
-        layers, to = self.all_layers(), getattr(torch, self.dtype.name)
+        layers, to = self.layers, getattr(torch, self.dtype.name)
         vec_parts, meta_parts = [], []
         for rows, ids_BL, mask_BL in self.padded_batches(tk["input_ids"]):
             dev_mask_BL = mask_BL.to(self.device, non_blocking=True)
@@ -332,9 +329,9 @@ class CacheBuilder:
         """Write one cache per layer of :meth:`all_layers` (``folders[i]``, ``identities[i]``: layer i's) from one
         pass over ``corpus``; each is the cache a build of its layer alone writes (its build statistics aside). A shard
         every folder already holds (an interrupted build) is not encoded again."""
-        if len(folders) != len(self.all_layers()) or len(identities) != len(folders):
+        if len(folders) != len(self.layers) or len(identities) != len(folders):
             raise ValueError(f"{len(folders)} folders and {len(identities)} identities for layers "
-                             f"{self.all_layers()}")
+                             f"{self.layers}")
         for folder, identity in zip(folders, identities):
             folder.mkdir(parents=True, exist_ok=True)
             write_atomic(folder / "identity.json", json.dumps(identity, indent=1, sort_keys=True))
@@ -372,5 +369,5 @@ class CacheBuilder:
                     "shards": shards, "columns": list(META_COLUMNS), "pos_tags": list(POS_TAGS),
                     "truncated_sentences": truncated,
                     "build": {"seconds": time.perf_counter() - t0, "encode_seconds": encode_s, "new_vectors": n_new,
-                              "layers_in_pass": list(self.all_layers())}}
+                              "layers_in_pass": list(self.layers)}}
             write_atomic(folder / "meta.json", json.dumps(meta, indent=1))

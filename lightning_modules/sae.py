@@ -70,10 +70,10 @@ class LatentCounts(Metric):
         self.add_state("counts", torch.zeros(num_latents, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("rows", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, latents: Tensor, n_rows: int, acts: Tensor | None = None) -> None:
-        """Counts ``latents`` (the entries with a positive ``acts`` when given) over ``n_rows`` rows."""
-        fired = torch.ones_like(latents) if acts is None else (acts > 0).to(latents.dtype)
-        self.counts.index_add_(0, latents, fired)
+    def update(self, latents: Tensor, n_rows: int, acts: Tensor) -> None:
+        """Counts the entries of ``latents`` whose code ``acts`` is positive (a batch top-k may choose zeros) over
+        ``n_rows`` rows."""
+        self.counts.index_add_(0, latents, (acts > 0).to(latents.dtype))
         self.rows += n_rows
 
     def compute(self) -> dict[str, Tensor]:

@@ -312,7 +312,7 @@ def test_several_layers_from_one_pass_equal_per_layer_builds(tiny_model_no_dropo
     original = CacheBuilder.encode_layers
 
     def counting(self, corpus, idx):
-        passes.append(self.all_layers())
+        passes.append(self.layers)
         return original(self, corpus, idx)
 
     monkeypatch.setattr(CacheBuilder, "encode_layers", counting)

@@ -45,6 +45,7 @@ def test_evaluate_runs_mteb_tasks_on_an_export_and_updates_its_card(module, data
     train.main(args)  # a second run replaces its entries on the card, the STS table's stay
     card = ModelCard.load(folder / "README.md", ignore_metadata_errors=False)
     entries = {(r.dataset_type, r.source_name): r.metric_value for r in card.data.eval_results}
+    assert len(card.data.eval_results) == len(entries) == 3  # replaced, not appended
     assert entries == pytest.approx({("mteb/stsbenchmark-sts", "MTEB"): want / 100,
                                      ("mteb/sickr-sts", "MTEB"): got[("embedlab/st", "export", "SICK-R")] / 100,
                                      ("mteb/stsbenchmark-sts", None): 0.5}, abs=5e-4)
@@ -77,7 +78,7 @@ def test_prompts_reach_the_encoder_by_mteb_key(pairs_tsv):  # noqa: F811
     assert seen and all(t.startswith("sts: ") for t in seen)  # STS asks for no prompt type: the task type's key
     seen.clear()
     evaluate_tasks(encoder(encode, "t/m", "r", {"STSBenchmark": "q: ", "STS": "sts: "}), tasks)
-    assert all(t.startswith("q: ") and not t.startswith("q: sts: ") for t in seen)  # the task's own key first
+    assert seen and all(t.startswith("q: ") and not t.startswith("q: sts: ") for t in seen)  # the task's own key first
 
 
 def test_fit_export_card_carries_the_mteb_results_of_the_exported_step(module, sample_data, data_root, tmp_path):  # noqa: F811
@@ -112,6 +113,25 @@ def test_fit_export_card_carries_the_mteb_results_of_the_exported_step(module, s
     train.main(["evaluate", "--model", str(ckpt), "--tasks", "STSBenchmark", "--data_root", str(data_root)])
     again = cache_results(tmp_path / "run" / "mteb")[("embedlab/ContrastiveModule", f"step{kept}", "STSBenchmark")]
     assert again == pytest.approx(scores[kept], abs=1e-4)
+
+
+def test_a_results_dir_of_its_own_reaches_the_card(module, sample_data, data_root, tmp_path):  # noqa: F811
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from callbacks import ExportOnFitEnd
+    from callbacks.mteb import MTEBEvaluator
+    from datamodules import SentencesDataModule
+
+    cb = MTEBEvaluator(["STSBenchmark"], every_n_steps=2, data_root=str(data_root), results_dir=str(tmp_path / "r"))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, default_root_dir=tmp_path,
+                         callbacks=[cb, ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints"),
+                                    ExportOnFitEnd(sts_tasks=[], log_artifacts=False)],
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=SentencesDataModule(str(sample_data / "sentences.txt"), batch_size=16))
+    assert not (tmp_path / "run" / "mteb").exists()
+    (entry,) = ModelCard.load(tmp_path / "run" / "export" / "README.md").data.eval_results
+    assert entry.metric_value == pytest.approx(dict(cb.history)[2]["mteb/STSBenchmark"] / 100, abs=1e-6)
 
 
 def test_benchmark_names_are_checked():

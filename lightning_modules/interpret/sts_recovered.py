@@ -108,7 +108,7 @@ class Splicer:
 
     def __init__(self, builder: CacheBuilder, pooling: str) -> None:
         self.builder, self.pooling = builder, pooling
-        self.module = layer_module(builder.model, builder.layer)
+        self.module = layer_module(builder.model, builder.layers[0])
         self._where_BL: Tensor | None = None
         self._checked = False
 
@@ -144,9 +144,9 @@ class Splicer:
         seen = []
         with spliced(self.module, lambda h: seen.append(h.clone()) or h, lambda: self._where_BL):
             out = self.builder.model(input_ids=ids_BL, attention_mask=mask_BL, output_hidden_states=True)
-        if not seen or not torch.equal(seen[0], out.hidden_states[self.builder.layer]):
+        if not seen or not torch.equal(seen[0], out.hidden_states[self.builder.layers[0]]):
             raise DataError(f"{type(self.builder.model).__name__}: the output of {type(self.module).__name__} is not "
-                            f"hidden_states[{self.builder.layer}]; STS recovered cannot splice this architecture")
+                            f"hidden_states[{self.builder.layers[0]}]; STS recovered cannot splice this architecture")
         self._checked = True
 
 
