@@ -7,7 +7,7 @@ from torch import Tensor
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.components.encoder import Encoder, MLPMode
 from lightning_modules.components.errors import DataError
-from lightning_modules.losses.contrastive import CandidateBuilder, InBatchNegatives, Views, info_nce
+from lightning_modules.losses.contrastive import CandidateBuilder, InBatchNegatives, Views, matryoshka_info_nce
 from lightning_modules.losses.grad_cache import grad_cached_loss
 
 
@@ -34,6 +34,14 @@ class ContrastiveModule(EmbeddingModule):
             still sees the whole (gathered) batch. Costs one extra forward pass per chunk. None: one pass.
         gradient_checkpointing: recompute each transformer layer in the backward pass (see :class:`Encoder`).
         compile: ``torch.compile`` the transformer (see :class:`Encoder`); for GPUs.
+        matryoshka_dims: nested embedding sizes, strictly increasing, each at most the embedding size D (e.g.
+            ``[32, 64, 128, 256, 384]`` for MiniLM): the loss is then the weighted sum of InfoNCE over each prefix
+            of the same candidates (:func:`~lightning_modules.losses.contrastive.matryoshka_info_nce`), checkpoints
+            are selected on the mean STS over the prefixes, and the export loads at any of them with
+            ``SentenceTransformer(DIR, truncate_dim=k)``. The embedding trained must be the one exported, so
+            ``mlp: train_only`` is refused. None: the whole embedding only.
+        matryoshka_weights: one weight per ``matryoshka_dims`` entry; None weighs each 1 (as sentence-transformers'
+            ``MatryoshkaLoss``).
     """
 
     def __init__(
@@ -48,6 +56,8 @@ class ContrastiveModule(EmbeddingModule):
         mini_batch_size: int | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -61,6 +71,13 @@ class ContrastiveModule(EmbeddingModule):
         self.temperature = temperature
         self.candidates = candidates if candidates is not None else InBatchNegatives()
         self.mini_batch_size = mini_batch_size
+        self.matryoshka_dims, self.matryoshka_weights = matryoshka_options(
+            matryoshka_dims, matryoshka_weights, self.encoder.dim, self.encoder.mlp_mode)
+
+    @property
+    def selection_dims(self) -> list[int] | None:
+        """The ``matryoshka_dims``: :class:`~callbacks.STSEvaluator` scores the mean over these prefixes."""
+        return self.matryoshka_dims
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -87,7 +104,9 @@ class ContrastiveModule(EmbeddingModule):
         z3_GD = self.gather(z_BVD[:, 2])[0] if z_BVD.shape[1] > 2 else None
         self.guard.note_embeddings(z1_GD, self.global_step)
         views = Views(z1_GD, z2_GD, z3_GD, offset, B)
-        return info_nce(self.candidates(views, self.temperature), self.temperature)
+        dims = self.matryoshka_dims or [z1_GD.shape[-1]]
+        return matryoshka_info_nce(self.candidates(views, self.temperature), self.temperature, dims,
+                                   self.matryoshka_weights)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -103,3 +122,26 @@ class ContrastiveModule(EmbeddingModule):
         self.guard.note_loss(loss, self.global_step)
         self.log("train/loss", loss, batch_size=B)  # no prog_bar: a host sync per step (callbacks/progress.py)
         return loss
+
+
+def matryoshka_options(dims: list[int] | None, weights: list[float] | None, D: int,
+                       mlp_mode: str) -> tuple[list[int] | None, list[float] | None]:
+    """Checks ``model.matryoshka_dims`` / ``model.matryoshka_weights`` against an embedding of size ``D``."""
+    if dims is None:
+        if weights is not None:
+            raise ValueError("model.matryoshka_weights needs model.matryoshka_dims")
+        return None, None
+    dims = list(dims)
+    if not dims or dims[0] < 1 or dims[-1] > D or any(b <= a for a, b in zip(dims, dims[1:])):
+        raise ValueError(f"model.matryoshka_dims must be strictly increasing sizes in [1, {D}] (the embedding "
+                         f"size), e.g. [32, 64, 128, {D}]; got {dims}")
+    if mlp_mode == "train_only":
+        raise ValueError("model.matryoshka_dims trains prefixes of the embedding the loss sees, but mlp: train_only "
+                         "drops the MLP at inference, so the exported embedding would not be the trained one: set "
+                         "model.mlp to none (or always)")
+    if weights is not None:
+        weights = list(weights)
+        if len(weights) != len(dims) or any(w < 0 for w in weights) or not any(weights):
+            raise ValueError(f"model.matryoshka_weights must be one non-negative weight per dim ({len(dims)}), not "
+                             f"all 0; got {weights}")
+    return dims, weights

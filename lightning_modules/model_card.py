@@ -314,11 +314,12 @@ def model_card(module, facts: dict | None, load_path: str | Path, dim: int) -> s
 
 
 def truncate_lines(load_path: str | Path, dims: Sequence[int]) -> list[str]:
-    """Usage lines for a Matryoshka head: the smallest prefix, loaded with sentence-transformers' ``truncate_dim``
-    (the prefix is not unit-length: ``model.similarity`` is a cosine, a plain dot product is not)."""
+    """Usage lines for a Matryoshka model (an MCR2 head or a contrastive encoder): the smallest prefix, loaded with
+    sentence-transformers' ``truncate_dim`` (the prefix is not unit-length: ``model.similarity`` is a cosine, a plain
+    dot product is not)."""
     if not dims:
         return []
-    return ["", f"# a Matryoshka head: the first {dims[0]} of {dims[-1]} dims are an embedding too "
+    return ["", f"# Matryoshka: the first {dims[0]} of {dims[-1]} dims are an embedding too "
                 f"(trained prefixes: {', '.join(map(str, dims))})",
             f"small = SentenceTransformer({str(load_path)!r}, truncate_dim={dims[0]})",
             "small_embeddings = small.encode([\"A man is playing a guitar.\"])  # cosine via small.similarity"]

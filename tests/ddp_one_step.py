@@ -2,7 +2,7 @@
 
     python tests/ddp_one_step.py --model_dir D --data FILE --devices 2 --batch_size 4 --out step.pt \
         [--builder '{"class_path": "lightning_modules.losses.InBatchNegatives", "init_args": {}}'] \
-        [--mini_batch_size 2]
+        [--mini_batch_size 2] [--mlp none --matryoshka_dims 4,8,32]
 
 Rank 0 writes {"params": state_dict after the step, "grads": gradients before it} to --out. The data is read in
 order (no shuffling), so 2 processes x batch B see the same SET of 2B rows as 1 process x batch 2B; the
@@ -52,12 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--no_sync_grads", action="store_true", help="gather without gradients (the known-wrong way)")
     ap.add_argument("--mini_batch_size", type=int, default=None, help="GradCache chunk size (rows)")
+    ap.add_argument("--mlp", default="train_only")
+    ap.add_argument("--matryoshka_dims", default=None, help="comma-separated prefix sizes, e.g. 4,8,32")
     args = ap.parse_args(argv)
 
     pl.seed_everything(0)
     model = ContrastiveModule(
-        args.model_dir, pooler=args.pooler, mlp="train_only", lr=args.lr, candidates=build(args.builder),
+        args.model_dir, pooler=args.pooler, mlp=args.mlp, lr=args.lr, candidates=build(args.builder),
         mini_batch_size=args.mini_batch_size,
+        matryoshka_dims=[int(k) for k in args.matryoshka_dims.split(",")] if args.matryoshka_dims else None,
     )
     if args.no_sync_grads:
         def gather_no_grad(x):

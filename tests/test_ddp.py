@@ -61,3 +61,16 @@ def test_grad_cache_under_ddp_equals_one_process_without_it(tmp_path, tiny_model
     assert max(g.abs().max().item() for g in single["grads"].values()) > 1e-2  # a real gradient
     assert max_diff(single["grads"], cached["grads"]) < 1e-5  # per-chunk backward under DDP: off by 8
     assert max_diff(single["params"], cached["params"]) < 1e-5
+
+
+def test_matryoshka_with_grad_cache_under_ddp_equals_one_process(tmp_path, tiny_model_no_dropout):
+    """Prefix losses over gathered candidates: 2 processes x batch 4 with GradCache chunks of 2 == 1 process x 8."""
+    data = write_data(tmp_path)["sup"]
+    mat = ("--mlp", "none", "--matryoshka_dims", "4,8,32")
+    single = one_step(tiny_model_no_dropout, data, 1, 8, tmp_path / "one.pt", *mat)
+    plain = one_step(tiny_model_no_dropout, data, 1, 8, tmp_path / "plain.pt", "--mlp", "none")
+    assert max_diff(single["grads"], plain["grads"]) > 1e-3  # the prefixes change the gradient
+    cached = one_step(tiny_model_no_dropout, data, 2, 4, tmp_path / "two.pt", *mat, "--mini_batch_size", "2")
+    scale = max(g.abs().max().item() for g in single["grads"].values())  # ~2: three prefix losses summed
+    assert max_diff(single["grads"], cached["grads"]) < 1e-5 * scale  # float32 rounding of the sums
+    assert max_diff(single["params"], cached["params"]) < 1e-5

@@ -40,7 +40,7 @@ def make_batch(module: ContrastiveModule, setting: str) -> dict[str, torch.Tenso
 
 def make_module(model_dir: str, builder: str, **kw) -> ContrastiveModule:
     torch.manual_seed(0)  # the MLP head
-    return ContrastiveModule(model_dir, pooler="cls", mlp="train_only", candidates=BUILDERS[builder](), **kw)
+    return ContrastiveModule(model_dir, **{"pooler": "cls", "mlp": "train_only", **kw}, candidates=BUILDERS[builder]())
 
 
 def step_grads(module: ContrastiveModule, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -121,6 +121,20 @@ def test_chunked_step_equals_the_one_pass_step_without_dropout(tiny_model_no_dro
     module.mini_batch_size = 3
     cached = step_grads(module, lambda: module.training_step(batch, 0))
     assert_same(cached, plain, tol=1e-10)
+
+
+@pytest.mark.parametrize("builder", list(BUILDERS))
+def test_matryoshka_chunked_step_equals_autograd_and_the_one_pass_step(tiny_model, tiny_model_no_dropout, builder):
+    """Prefix losses through GradCache: the cached embedding gradient carries every prefix's term."""
+    mat = dict(mlp="always", matryoshka_dims=[4, 16, 32], matryoshka_weights=[1.0, 0.5, 2.0])
+    module = make_module(tiny_model, builder, mini_batch_size=3, **mat)
+    batch = make_batch(module, "sup")
+    assert_same(step_grads(module, lambda: module.training_step(batch, 0)),
+                step_grads(module, lambda: chunked_autograd(module, batch, 3)))
+    module = make_module(tiny_model_no_dropout, builder, **mat).double()
+    plain = step_grads(module, lambda: module.training_step(batch, 0))
+    module.mini_batch_size = 3
+    assert_same(step_grads(module, lambda: module.training_step(batch, 0)), plain, tol=1e-10)
 
 
 def test_single_backward_mode_for_ddp_gives_the_same_gradients(tiny_model):

@@ -7,6 +7,7 @@ from lightning_modules.losses.contrastive import (
     Views,
     contrastive_logits,
     info_nce,
+    matryoshka_info_nce,
 )
 from lightning_modules.losses.grad_cache import grad_cached_loss
 from lightning_modules.losses.hard_negatives import HardNegativeMixing, PositiveMixing
@@ -43,6 +44,7 @@ __all__ = [
     "grouped_coding_rate",
     "info_nce",
     "listwise_distillation",
+    "matryoshka_info_nce",
     "matryoshka_mcr2_loss",
     "mcr2_loss",
     "aux_loss",

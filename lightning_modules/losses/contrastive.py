@@ -10,6 +10,7 @@ in per-logit biases. A :class:`CandidateBuilder` turns the (globally gathered) v
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -77,6 +78,37 @@ def contrastive_logits(c: Candidates, temperature: float) -> Tensor:
 def info_nce(c: Candidates, temperature: float) -> Tensor:
     """Mean cross-entropy of each anchor's positive against all its candidates (computed in float32)."""
     return F.cross_entropy(contrastive_logits(c, temperature).float(), c.labels_B)
+
+
+def prefix(c: Candidates, k: int) -> Candidates:
+    """The same candidates seen through the first ``k`` dimensions of every embedding."""
+    extra = None if c.extra_BSD is None else c.extra_BSD[..., :k]
+    return c._replace(anchors_BD=c.anchors_BD[:, :k], shared_MD=c.shared_MD[:, :k], extra_BSD=extra)
+
+
+def matryoshka_info_nce(c: Candidates, temperature: float, dims: Sequence[int],
+                        weights: Sequence[float] | None = None) -> Tensor:
+    """``sum_k w_k * info_nce(prefix(c, k))``: Matryoshka representation learning (Kusupati et al., NeurIPS 2022)
+    over one set of candidates, so the first ``k`` dimensions of the embedding are an embedding on their own.
+
+    The candidates are built once, from the whole embeddings; each prefix only recomputes the cosines from its
+    own normalised slice (one (B, C) matmul per prefix, no second forward pass). Builders that mix embeddings
+    (HNCSE) mix linearly, so a prefix of a mixed vector is the mix of the prefixes. sentence-transformers'
+    ``MatryoshkaLoss`` is the same sum (weights default to 1 each) around any inner loss.
+
+    Args:
+        c: the candidates of the whole embeddings.
+        temperature: tau.
+        dims: prefix sizes, each in ``[1, D]``.
+        weights: one per prefix; None weighs each 1.
+    """
+    weights = [1.0] * len(dims) if weights is None else list(weights)
+    if len(weights) != len(dims):
+        raise ValueError(f"{len(weights)} Matryoshka weights for {len(dims)} dims")
+    D = c.anchors_BD.shape[-1]
+    if not dims or any(not 1 <= k <= D for k in dims):
+        raise ValueError(f"Matryoshka dims must lie in [1, {D}] (the embedding size), got {list(dims)}")
+    return sum(w * info_nce(prefix(c, k), temperature) for k, w in zip(dims, weights, strict=True))
 
 
 class CandidateBuilder:
