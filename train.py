@@ -32,7 +32,13 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from callbacks import preemption
 from callbacks.interpret import interpret_main
 from callbacks.run_defaults import PROJECT, apply_run_defaults, recipe_name
-from callbacks.run_environment import bound_startup, check_run_folders, check_trainer_environment, start_wandb
+from callbacks.run_environment import (
+    bound_startup,
+    check_run_folders,
+    check_trainer_environment,
+    remember_wandb_runs,
+    start_wandb,
+)
 from callbacks.study import study_main
 from lightning_modules.checkpoints import DATA_CONFIG_KEY, AtomicCheckpointIO, resume_config
 from lightning_modules.components.batch_topk import BatchTopKConfig
@@ -129,6 +135,9 @@ class EmbedLabCLI(LightningCLI):
                                            f"{self.trainer.global_step}; no checkpoint was saved",
                                            signal.SIGTERM) from None
             raise preemption.Preempted(stop.message(), stop.signum or signal.SIGTERM) from None
+        finally:
+            if subcommand == "fit":
+                remember_wandb_runs(self.trainer.loggers)
 
 
 def export_main(argv: list[str]) -> None:

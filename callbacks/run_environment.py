@@ -185,9 +185,29 @@ def check_run_folders(cfg) -> None:
 WANDB_INIT_TIMEOUT_S = 60.0
 
 
+#: ids of the W&B runs that fits in this process logged to (see :func:`start_wandb`)
+FIT_RUNS: set[str] = set()
+
+
+def remember_wandb_runs(loggers: list) -> None:
+    """Note the W&B runs a finished fit logged to, so that the next fit in this process starts its own."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            FIT_RUNS.add(logger._experiment.id)
+
+
 def start_wandb(loggers: list) -> None:
     """Start each W&B logger's run now, before training; one that cannot reach its server within wandb's
-    ``init_timeout`` (``WANDB_INIT_TIMEOUT``, else 60 s) starts offline instead, with one warning line."""
+    ``init_timeout`` (``WANDB_INIT_TIMEOUT``, else 60 s) starts offline instead, with one warning line.
+
+    ``WandbLogger`` logs into ``wandb.run`` when one is open: a run that an earlier fit in this process left open (a
+    notebook, a sweep loop) is finished first, so each fit gets its own run and checkpoint folder. A run the user
+    opened with ``wandb.init`` is still reused, as Lightning intends."""
+    if any(type(logger).__name__ == "WandbLogger" for logger in loggers) and FIT_RUNS:
+        import wandb
+
+        if wandb.run is not None and wandb.run.id in FIT_RUNS:
+            wandb.finish()
     for logger in loggers:
         if type(logger).__name__ != "WandbLogger" or getattr(logger, "_experiment", None) is not None:
             continue

@@ -182,3 +182,23 @@ def test_an_sae_fit_logs_its_figures_and_interpret_joins_its_group(tmp_path, tin
     (interpret_file,) = (exported / "interpret" / "wandb").glob("offline-run-*/run-*.wandb")
     (header,) = [r.run for r in read_records(interpret_file) if r.WhichOneof("record_type") == "run"]
     assert (header.run_group, header.job_type) == ("sae_minilm_sentences", "interpret")
+
+
+def test_a_second_fit_in_one_process_starts_its_own_run(tmp_path, tiny_model, sample_data):
+    """WandbLogger logs into an open ``wandb.run``: the run a first fit left open is finished when the next fit
+    starts (a notebook or sweep loop), so each fit has its own run, complete on disk; a run the user opened with
+    ``wandb.init`` is still the one a fit logs to."""
+    import wandb
+
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    first = fit(tmp_path / "a", tiny_model, sample_data).trainer.loggers[0].experiment
+    first_id, first_dir = first.id, Path(first.dir).parent
+    second = fit(tmp_path / "b", tiny_model, sample_data).trainer.loggers[0].experiment
+    assert second.id != first_id
+    assert wandb.run is not None and wandb.run.id == second.id
+    assert any(r.get("_step") is not None for r in logged_history(next(first_dir.glob("run-*.wandb"))))
+    second.finish()
+
+    mine = wandb.init(project="embedlab-test", dir=str(tmp_path), mode="offline")
+    assert fit(tmp_path / "c", tiny_model, sample_data).trainer.loggers[0].experiment.id == mine.id
