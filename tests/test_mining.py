@@ -295,6 +295,15 @@ def test_a_checkpoint_mines_like_its_export(tiny_model, sample_data, tmp_path):
     assert len(read_csv(tmp_path / "from_ckpt.csv")) == 25
 
 
+def test_written_triplets_with_commas_quotes_and_line_breaks_read_back_unchanged(tmp_path):
+    rows = [("A man , a plan .", 'He said "hi" .', "two\nlines"), ("plain", "text", "here, too")]
+    out = write_triplets(tmp_path / "t.csv", rows)
+    assert NLIDataModule(str(out)).texts == rows
+    with pytest.raises(FileExistsError):
+        write_triplets(out, rows[:1])
+    assert NLIDataModule(str(write_triplets(out, rows[:1], overwrite=True))).texts == rows[:1]
+
+
 def test_read_pairs_reads_tsv_too(tmp_path):
     (tmp_path / "pairs.tsv").write_text("sent0\tsent1\nA man , a plan .\tA \"plan\" .\n")
     assert read_pairs(str(tmp_path / "pairs.tsv")) == [("A man , a plan .", 'A "plan" .')]
