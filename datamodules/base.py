@@ -167,7 +167,8 @@ def read_lines(path: Path) -> list[str]:
 def read_table(path: Path, columns: Sequence[str], kind: str | None = None, option: str | None = None
                ) -> tuple[list[tuple[str, ...]], list[int]]:
     """The ``columns`` of every row of a local CSV/TSV file with a header, and each row's (first) line number
-    (``kind`` ``"csv"``/``"tsv"`` overrides the suffix; ``option``: the config option naming the columns).
+    (``kind`` ``"csv"``/``"tsv"`` overrides the suffix; ``option``: the config option naming the columns, e.g.
+    ``columns`` for ``data.columns``; a command-line flag such as ``--anchor_column`` is named as it is).
 
     TSV fields are split on tabs only and read as raw text: quote characters are text (as in the SentEval, SimCSE,
     STS and WiC files); a field that looks CSV-quoted (``"..."`` with doubled ``""`` inside, as pandas writes) is an
@@ -198,7 +199,7 @@ def read_table(path: Path, columns: Sequence[str], kind: str | None = None, opti
     missing = [c for c in columns if c not in header]
     if missing:
         raise DataError(f"{path}: the header {header} lacks column(s) {missing}"
-                        + (f" (set data.{option})" if option else ""))
+                        + (f" (set {option if option.startswith('-') else 'data.' + option})" if option else ""))
     idx = [header.index(c) for c in columns]
     rows, line_numbers = [], []
     for n, last, fields in records[1:]:

@@ -11,9 +11,11 @@ HUB_COLUMNS = {"sentence-transformers/all-nli": ["anchor", "positive", "negative
 
 
 def read_rows(source: str, columns: list[str], data_root: str | None = None, split: str = "train",
-              subset: str | None = None, data_files: str | None = None) -> list[tuple[str, ...]]:
+              subset: str | None = None, data_files: str | None = None, option: str = "columns"
+              ) -> list[tuple[str, ...]]:
     """Rows of the given ``columns`` from a CSV/TSV file with a header, or a hub dataset. Every cell must be a
-    non-empty sentence; a row with the wrong number of fields is an error naming its line."""
+    non-empty sentence; a row with the wrong number of fields is an error naming its line. ``option`` is what a
+    missing column tells the user to set (``columns``: ``data.columns``; a flag such as ``--anchor_column``)."""
     path = resolve(source, data_root)
     if path is None:
         if not looks_like_hub_name(source):
@@ -22,10 +24,11 @@ def read_rows(source: str, columns: list[str], data_root: str | None = None, spl
         ds = load_hub_dataset(source, split, hint, subset, data_files)
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
-            raise DataError(f"{source}: no column(s) {missing}; columns are {ds.column_names} (set data.columns)")
+            where = option if option.startswith("-") else f"data.{option}"
+            raise DataError(f"{source}: no column(s) {missing}; columns are {ds.column_names} (set {where})")
         rows, where, lines = list(zip(*(ds[c] for c in columns))), source, None
     else:
-        where, (rows, lines) = str(path), read_table(path, columns, option="columns")
+        where, (rows, lines) = str(path), read_table(path, columns, option=option)
     for i, row in enumerate(rows):
         for c, text in zip(columns, row):
             if not isinstance(text, str) or not text.strip():
