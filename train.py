@@ -45,7 +45,6 @@ from datamodules.mining import (
     SAMPLING_STRATEGIES,
     MiningReport,
     check_output,
-    load_model,
     mine_triplets,
     read_corpus,
     read_pairs,
@@ -55,7 +54,7 @@ from lightning_modules.checkpoints import DATA_CONFIG_KEY, AtomicCheckpointIO, r
 from lightning_modules.components.batch_topk import BatchTopKConfig
 from lightning_modules.components.errors import DataError, StorageError
 from lightning_modules.components.guard import DivergenceError
-from lightning_modules.evaluate import evaluate_main, parse_tasks
+from lightning_modules.evaluate import evaluate_main, load_sentence_transformer, parse_tasks
 from lightning_modules.export import export, export_format, how_to_load, is_sae, load_module
 from lightning_modules.model_card import DEFAULT_STS_TASKS, checkpoint_facts
 from lightning_modules.publish import push_main
@@ -220,7 +219,7 @@ def mine_main(argv: list[str]) -> MiningReport:
     check_output(args.output, args.overwrite)  # before the minutes of mining, not after
     pairs = read_pairs(args.pairs, args.anchor_column, args.positive_column)
     corpus = read_corpus(args.corpus, args.corpus_column) if args.corpus is not None else None
-    model = load_model(args.model, args.device, args.batch_size)
+    model = load_sentence_transformer(args.model, args.device, args.batch_size)
     rows, report = mine_triplets(
         pairs, model, corpus, num_negatives=args.num_negatives, range_min=args.range_min, range_max=args.range_max,
         absolute_margin=args.absolute_margin, relative_margin=args.relative_margin, max_score=args.max_score,

@@ -5,9 +5,10 @@
 
 The mining itself is ``sentence_transformers.util.mine_hard_negatives`` (its options pass through unchanged); this
 module reads the pairs with the project's readers (:func:`datamodules.nli.read_rows`: one-line errors naming the file,
-line and column), loads the model (a checkpoint goes through ``train.py export`` into a temporary folder first),
-counts the pairs that got no negative (sentence-transformers drops them, saying only how many negative slots stayed
-empty) and writes ``sent0,sent1,hard_neg`` rows, the CSV :class:`~datamodules.nli.NLIDataModule` reads, atomically.
+line and column), counts the pairs that got no negative (sentence-transformers drops them, saying only how many
+negative slots stayed empty) and writes ``sent0,sent1,hard_neg`` rows, the CSV
+:class:`~datamodules.nli.NLIDataModule` reads, atomically. The model is loaded by the command
+(``lightning_modules.evaluate.load_sentence_transformer``): this module stands below the models.
 
 What sentence-transformers does, which shapes the output:
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 import csv
 import io
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -88,30 +88,6 @@ def read_corpus(source: str, column: str = "text") -> list[str]:
     if not sentences:
         raise DataError(f"corpus {source}: no sentences")
     return sentences
-
-
-def load_model(model: str, device: str = "auto", batch_size: int = 32):
-    """A ``SentenceTransformer`` for a folder (sentence-transformers or Hugging Face), a hub name (the offline
-    MiniLM package stands in for ``sentence-transformers/all-MiniLM-L6-v2``), or a ``train.py fit`` checkpoint, which
-    is exported into a temporary folder first (``train.py export``'s folder: pooling and head as trained, normalised),
-    so the mining sees the embeddings the exported model would give. An SAE is refused."""
-    # imported when used: the checkpoint / export / sentence-transformers path is only needed here (~3 s)
-    from lightning_modules.evaluate import load_embedder
-    from lightning_modules.export import export_sentence_transformer, is_sae
-    from lightning_modules.loading import is_checkpoint_file, load_module
-    from lightning_modules.saelens_format import sae_weights_file
-
-    path = Path(model).expanduser()
-    if path.suffix == ".ckpt" or is_checkpoint_file(path):
-        module = load_module(path)
-        if is_sae(module) or not hasattr(module, "encoder"):
-            raise DataError(f"{path} is a {type(module).__name__} checkpoint: mining needs a sentence encoder")
-        with tempfile.TemporaryDirectory(prefix="embedlab-mine-") as tmp:
-            folder = export_sentence_transformer(module, Path(tmp) / "export")
-            return load_embedder(str(folder), batch_size, device=device).model
-    if path.is_dir() and sae_weights_file(path) is not None:
-        raise DataError(f"{path} is an exported SAE: mining needs a sentence encoder")
-    return load_embedder(model, batch_size, device=device).model
 
 
 def mine_triplets(

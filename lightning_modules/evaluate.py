@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -184,6 +185,26 @@ def load_embedder(
             check_max_length(max_length, st[0].auto_model, model)
         st.max_seq_length = max_length
     return SentenceTransformerEmbedder(st, model, batch_size)
+
+
+def load_sentence_transformer(model: str, device: str = "auto", batch_size: int = 32):
+    """A ``SentenceTransformer`` for a folder (sentence-transformers or Hugging Face), a hub name (the offline
+    MiniLM package stands in for ``sentence-transformers/all-MiniLM-L6-v2``), or a ``train.py fit`` checkpoint, which
+    is exported into a temporary folder first (``train.py export``'s folder: pooling and head as trained, normalised),
+    so a caller (``train.py mine``) sees the embeddings the exported model would give. An SAE is refused."""
+    from lightning_modules.export import export_sentence_transformer, is_sae  # export -> model_card imports this module
+
+    path = Path(model).expanduser()
+    if path.suffix == ".ckpt" or is_checkpoint_file(path):
+        module = load_module(path)
+        if is_sae(module) or not hasattr(module, "encoder"):
+            raise DataError(f"{path} is a {type(module).__name__} checkpoint: mining needs a sentence encoder")
+        with tempfile.TemporaryDirectory(prefix="embedlab-mine-") as tmp:
+            folder = export_sentence_transformer(module, Path(tmp) / "export")
+            return load_embedder(str(folder), batch_size, device=device).model
+    if path.is_dir() and sae_weights_file(path) is not None:
+        raise DataError(f"{path} is an exported SAE: mining needs a sentence encoder")
+    return load_embedder(model, batch_size, device=device).model
 
 
 # ------------------------------------------------------------------------------------------------- scoring
