@@ -1,0 +1,226 @@
+"""data.no_duplicates: batches in which no text appears twice, checked on the DataLoader's own batches (decoded back
+to rows through their token ids), per rank and across ranks, with resume, drop_last and length grouping."""
+
+import logging
+import random
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+from conftest import WORDS
+from transformers import AutoTokenizer
+
+from datamodules import DataError, NLIDataModule, SentencesDataModule
+from datamodules.base import LengthGroupedSampler, ResumableSampler
+from datamodules.no_duplicates import NoDuplicatesSampler, duplicate_rate, pack, text_keys
+
+VOCAB = sorted(set(WORDS) - {".", ","})
+
+
+def text(n: int) -> str:
+    """A distinct text for each n < len(VOCAB)**2, made of words the tiny tokenizer knows (so ids decode back)."""
+    return f"{VOCAB[n // len(VOCAB)]} {VOCAB[n % len(VOCAB)]}"
+
+
+def nli_rows(premises: int = 40, seed: int = 0) -> list[tuple[str, str, str]]:
+    """Triplets whose premises repeat 3-5 times, whose hard negatives come from a small shared pool, and some of
+    whose hard negatives are another row's premise: texts collide within and across columns."""
+    rng = random.Random(seed)
+    rows, n = [], premises
+    for p in range(premises):
+        for _ in range(rng.randint(3, 5)):
+            negative = text(rng.randrange(premises)) if rng.random() < 0.2 else text(5000 + rng.randrange(25))
+            rows.append((text(p), text(n), negative))
+            n += 1
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture
+def nli_csv(tmp_path):
+    f = tmp_path / "nli.csv"
+    f.write_text("sent0,sent1,hard_neg\n" + "".join(",".join(row) + "\n" for row in nli_rows()))
+    return f
+
+
+def datamodule(path, tokenizer, cls=NLIDataModule, **kw):
+    kw.setdefault("batch_size", 8)
+    dm = cls(str(path), **kw)
+    dm.connect(tokenizer, 16)
+    return dm
+
+
+def decoded(dm, loader) -> list[list[int]]:
+    """The loader's batches as lists of row indices, read back from their token ids."""
+    row_of = {tuple(map(tuple, ids)): i for i, ids in enumerate(dm.tokenized().rows)}
+    assert len(row_of) == len(dm.tokenized().rows)  # every row decodes to one index
+    out = []
+    for batch in loader:
+        rows = []
+        for ids_VL, mask_VL in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+            rows.append(row_of[tuple(tuple(t for t, m in zip(ids, mask) if m) for ids, mask in zip(ids_VL, mask_VL))])
+        out.append(rows)
+    return out
+
+
+def repeated_texts(dm, batch: list[int]) -> list[str]:
+    counts = Counter(t for i in batch for t in set(dm.texts[i]))
+    return [t for t, c in counts.items() if c > 1]
+
+
+def as_rank(dm, world: int, rank: int):
+    dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+    return dm
+
+
+def test_no_batch_holds_a_text_twice_where_a_plain_shuffle_would(nli_csv, tokenizer):
+    dm = datamodule(nli_csv, tokenizer, drop_last=False)
+    before = duplicate_rate(dm.texts, 8)
+    assert before["with_duplicate"] > 0.3  # the data collide: the check below can fail
+    for seed in (0, 1):
+        dm.seed = seed
+        loader = dm.train_dataloader()
+        assert isinstance(loader.sampler, NoDuplicatesSampler)
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            batches = decoded(dm, loader)
+            assert [b for b in batches if repeated_texts(dm, b)] == []
+            assert sorted(i for b in batches for i in b) == list(range(len(dm.texts)))  # each row once
+            assert [len(b) for b in batches[:-1]] == [8] * (len(batches) - 1)
+
+
+def test_drop_last_loses_at_most_the_incomplete_tail(nli_csv, tokenizer):
+    dm = datamodule(nli_csv, tokenizer, drop_last=True)
+    n = len(dm.texts)
+    loader = dm.train_dataloader()
+    seen = [i for b in decoded(dm, loader) for i in b]
+    assert len(seen) == len(set(seen)) == n - n % 8
+    assert loader.sampler.tail == n % 8  # the rows the DataLoader dropped, as counted
+
+
+def test_same_seed_and_epoch_same_batches_else_different(nli_csv, tokenizer):
+    def order(seed, epoch):
+        loader = datamodule(nli_csv, tokenizer, seed=seed).train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return list(loader.sampler)
+
+    assert order(3, 1) == order(3, 1)
+    assert order(3, 1) != order(4, 1)
+    assert order(3, 1) != order(3, 2)
+
+
+def test_resumed_mid_epoch_gives_the_remaining_batches_of_the_uninterrupted_epoch(nli_csv, tokenizer):
+    straight = datamodule(nli_csv, tokenizer, seed=5)
+    loader = straight.train_dataloader()
+    loader.sampler.set_epoch(2)
+    full = decoded(straight, loader)
+    resumed = datamodule(nli_csv, tokenizer, seed=0)
+    resumed.load_state_dict({"epoch": 2, "batches": 7, "seed": 5})
+    again = resumed.train_dataloader()
+    assert decoded(resumed, again) == full[7:]
+    assert len(again) == len(loader)  # Lightning sizes epochs from the full length
+    assert decoded(resumed, again) == full  # the skip applies once
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_two_ranks_each_step_is_duplicate_free_across_ranks(nli_csv, tokenizer, drop_last):
+    ranks = [as_rank(datamodule(nli_csv, tokenizer, batch_size=4, drop_last=drop_last, seed=2), 2, r)
+             for r in (0, 1)]
+    batches = [decoded(dm, dm.train_dataloader()) for dm in ranks]
+    assert len(batches[0]) == len(batches[1])  # every rank takes the same number of steps
+    texts = ranks[0].texts
+    for mine, theirs in zip(*batches):
+        assert repeated_texts(ranks[0], mine + theirs) == [], [texts[i] for i in mine + theirs]
+    rows = Counter(i for b in batches for batch in b for i in batch)
+    n = len(texts)
+    if drop_last:
+        assert max(rows.values()) == 1 and n - len(rows) < 2 * 4
+    else:  # DistributedSampler's padding: n odd repeats one row so that both ranks get ceil(n / 2)
+        assert set(rows) == set(range(n)) and sum(rows.values()) == 2 * -(-n // 2)
+
+
+def test_default_is_on_for_nli_off_for_sentences_and_the_deferred_rows_are_logged(nli_csv, tokenizer, tmp_path,
+                                                                                    caplog):
+    (tmp_path / "s.txt").write_text("".join(text(i % 7) + "\n" for i in range(40)))  # 7 sentences, repeated
+    plain = datamodule(tmp_path / "s.txt", tokenizer, cls=SentencesDataModule)
+    assert not plain.avoids_duplicates and type(plain.train_dataloader().sampler) is ResumableSampler
+    forced = datamodule(tmp_path / "s.txt", tokenizer, cls=SentencesDataModule, no_duplicates=True, batch_size=7)
+    batches = [[tuple(ids[0]) for ids in b["input_ids"].tolist()] for b in forced.train_dataloader()]
+    assert len(batches) == 5 and all(len(set(b)) == 7 for b in batches)  # 7 distinct sentences in each batch
+    off = datamodule(nli_csv, tokenizer, no_duplicates=False)
+    assert type(off.train_dataloader().sampler) is ResumableSampler
+    dm = datamodule(nli_csv, tokenizer)
+    assert dm.avoids_duplicates
+    loader = dm.train_dataloader()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        list(loader)
+    s = loader.sampler
+    assert s.deferred > 0
+    [line] = [r.getMessage() for r in caplog.records if "no_duplicates" in r.getMessage()]
+    assert line.startswith(f"no_duplicates: epoch 0 deferred {s.deferred} of {len(dm.texts)} rows; "
+                           f"{len(dm.texts) % 8} left for the final incomplete batch (dropped)")
+
+
+def test_length_grouping_composes(nli_csv, tokenizer):
+    dm = datamodule(nli_csv, tokenizer, group_by_length=True, length_group_batches=2, drop_last=False)
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, NoDuplicatesSampler) and not isinstance(loader.sampler, LengthGroupedSampler)
+    batches = decoded(dm, loader)
+    assert [b for b in batches if repeated_texts(dm, b)] == []
+    assert sorted(i for b in batches for i in b) == list(range(len(dm.texts)))
+    grouped_order = [i for b in batches for i in b]
+    assert grouped_order != list(datamodule(nli_csv, tokenizer, drop_last=False).train_dataloader().sampler)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1])
+def test_a_bad_option_is_one_line_naming_it(nli_csv, bad):
+    with pytest.raises(DataError, match=r"^no_duplicates must be true, false or null .*got") as err:
+        NLIDataModule(str(nli_csv), no_duplicates=bad)
+    assert "\n" not in str(err.value)
+
+
+def test_rows_that_never_fit_are_placed_not_lost():
+    keys = text_keys([("same", f"other {i}") for i in range(10)] + [(f"free {i}",) for i in range(6)])
+    batches, counts = pack(list(range(16)), keys, [4, 4, 4, 4])
+    assert sorted(i for b in batches for i in b) == list(range(16))
+    # 10 rows share "same": 4 batches hold one each without a repeat, the other 6 cannot avoid one
+    assert counts["forced"] == 6 and counts["unused"] == 0
+    assert all(len(b) == 4 for b in batches)
+    assert sum(sum(i < 10 for i in b) - 1 for b in batches) == 6  # exactly the forced rows sit beside a copy
+    assert all(len({k for i in b for k in keys[i]}) == 4 * 2 - sum(i >= 10 for i in b) - (sum(i < 10 for i in b) - 1)
+               for b in batches)  # and nothing else repeats
+
+
+def test_a_late_collision_trades_places_with_an_earlier_batch():
+    # rows 0-3 fill batch 0; rows 4 and 5 share "x" and are the only rows left for batch 1, so row 5 swaps with a
+    # row of batch 0 instead of sitting beside row 4
+    keys = text_keys([("a",), ("b",), ("c",), ("d",), ("x", "e"), ("x", "f")])
+    batches, counts = pack(list(range(6)), keys, [4, 2])
+    assert counts["forced"] == 0
+    for b in batches:
+        assert len([k for i in b for k in keys[i]]) == len({k for i in b for k in keys[i]})
+    assert sorted(i for b in batches for i in b) == list(range(6))
+
+
+def test_duplicate_rate_matches_a_plain_count():
+    rows = [(text(i % 5), text(100 + i)) for i in range(23)] + [(text(7), text(7))]  # last: its own repeat only
+    got = duplicate_rate(rows, 4, seed=9)
+    order = ResumableSampler(rows, num_replicas=1, rank=0, seed=9)  # the plain shuffled order, epoch 0
+    order = list(order)
+    per_batch = []
+    for start in range(0, len(order), 4):
+        seen, dup = set(), 0
+        for i in order[start : start + 4]:
+            for t in set(rows[i]):
+                dup += t in seen
+                seen.add(t)
+        per_batch.append(dup)
+    assert got["batches"] == 6
+    assert got["with_duplicate"] == sum(d > 0 for d in per_batch) / 6 > 0
+    assert got["mean_duplicates"] == pytest.approx(sum(per_batch) / 6)
