@@ -2,10 +2,11 @@
 in-batch negative (a false negative the loss pushes away from its own copy).
 
 The sampler builds each epoch's order from (seed, epoch) alone, so every process computes the same thing and a
-resumed run skips to the same sample, exactly as :class:`~datamodules.base.ResumableSampler` does. What it orders
-is the *global* batch: ``world * batch_size`` rows, rank ``r`` taking the ``r``-th slice of each. The DataLoader
-then cuts each rank's order into plain ``batch_size`` chunks, and the chunks of one step together are one global
-batch, duplicate-free, which is what matters when negatives are gathered across ranks.
+resumed run skips to the same sample, exactly as :class:`~datamodules.base.ResumableSampler` does. What it
+orders is the *global* batch: ``world * batch_size`` rows, rank ``r`` taking rows ``r, r + world, ...`` of each.
+The DataLoader then cuts each rank's order into plain ``batch_size`` chunks, and the chunks of one step together
+are one global batch, duplicate-free, which is what matters when negatives are gathered across ranks. Where no
+text collides, the order is exactly the plain sampler's.
 
 :func:`duplicate_rate` measures how often a plain shuffled order puts a text twice in a batch (the "before").
 """
@@ -122,7 +123,9 @@ class NoDuplicatesSampler(ResumableSampler):
     :func:`~datamodules.base.group_lengths`), padded by repeating its first rows (without ``drop_last``) so that
     every rank gets ``len(self)`` rows, as the parent does. :func:`pack` cuts it into global batches of
     ``num_replicas * batch_size`` rows, then one final global batch of ``num_replicas * (len(self) % batch_size)``
-    rows when the share does not divide; rank ``r`` takes the ``r``-th slice of each. Duplicates are avoided in the
+    rows when the share does not divide; rank ``r`` takes rows ``r, r + num_replicas, ...`` of each, the way
+    DistributedSampler deals, so that when no text collides the order is exactly
+    :class:`~datamodules.base.ResumableSampler`'s (on any number of ranks). Duplicates are avoided in the
     global batch, hence across ranks as well as within each rank's batch.
 
     After each epoch's order is built, ``deferred`` (rows pushed to a later batch), ``forced`` (rows placed beside a
@@ -192,8 +195,7 @@ class NoDuplicatesSampler(ResumableSampler):
         world, rank = self.num_replicas, self.rank
         indices = []
         for batch in self.global_batches():
-            share = len(batch) // world
-            indices += batch[rank * share : (rank + 1) * share]
+            indices += batch[rank::world]
         skip, self.skip = self.skip, 0
         return iter(indices[skip:])
 

@@ -94,6 +94,21 @@ def test_no_batch_holds_a_text_twice_where_a_plain_shuffle_would(nli_csv, tokeni
             assert [len(b) for b in batches[:-1]] == [8] * (len(batches) - 1)
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_without_collisions_the_order_is_the_plain_samplers(world, drop_last):
+    """No text repeats: nothing is deferred, and every rank sees exactly what ResumableSampler gives it (the DDP
+    equivalence tests rely on DistributedSampler's dealing of rows)."""
+    keys = text_keys([(text(i), text(1000 + i)) for i in range(53)])
+    for shuffle in (True, False):
+        kw = dict(num_replicas=world, shuffle=shuffle, seed=4, drop_last=drop_last)
+        for rank in range(world):
+            plain, nodup = ResumableSampler(keys, rank=rank, **kw), NoDuplicatesSampler(keys, keys, 4, rank=rank, **kw)
+            plain.set_epoch(1), nodup.set_epoch(1)
+            assert list(nodup) == list(plain) and len(nodup) == len(plain)
+            assert nodup.deferred == 0
+
+
 def test_drop_last_loses_at_most_the_incomplete_tail(nli_csv, tokenizer):
     dm = datamodule(nli_csv, tokenizer, drop_last=True)
     n = len(dm.texts)
