@@ -431,6 +431,7 @@ class TextDataModule(ResumesMidEpoch, pl.LightningDataModule):
         self._texts: list[tuple[str, ...]] | None = None
         self._dataset: TokenizedRows | None = None
         self._keys: list[tuple[int, ...]] | None = None
+        self._recorded_no_duplicates: bool | None = None  # what the resumed checkpoint's run used
 
     def load_rows(self) -> list[tuple[str, ...]]:
         raise NotImplementedError
@@ -461,8 +462,25 @@ class TextDataModule(ResumesMidEpoch, pl.LightningDataModule):
 
     @property
     def avoids_duplicates(self) -> bool:
-        """Whether training batches are built by the no-duplicates sampler (``no_duplicates``, resolved)."""
-        return self.views >= 2 if self.no_duplicates is None else self.no_duplicates
+        """Whether training batches are built by the no-duplicates sampler: ``no_duplicates`` when set, else what
+        the resumed checkpoint's run used (a checkpoint older than the option: off), else on for rows of 2+ texts.
+        A resumed run must rebuild its epoch's order to skip to the same sample."""
+        if self.no_duplicates is not None:
+            return self.no_duplicates
+        if self._recorded_no_duplicates is not None:
+            return self._recorded_no_duplicates
+        return self.views >= 2
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if state:
+            state["no_duplicates"] = self.avoids_duplicates
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if state_dict:
+            self._recorded_no_duplicates = bool(state_dict.get("no_duplicates", False))
 
     def text_keys(self) -> list[tuple[int, ...]]:
         """Each row's ``views`` texts as integers (equal texts, equal integers), computed once."""
@@ -501,6 +519,13 @@ class TextDataModule(ResumesMidEpoch, pl.LightningDataModule):
         # Our own sampler, also on one process: Lightning's would always shuffle the training set, and this one
         # draws each epoch's order from (seed, epoch) and can skip what a resumed run already saw.
         rank = self.trainer.global_rank if self.trainer is not None else 0
+        recorded = self._recorded_no_duplicates
+        if recorded is not None and self.avoids_duplicates != recorded:
+            raise DataError(
+                f"data.no_duplicates is {self.no_duplicates} but the checkpoint's run had it "
+                f"{'on' if recorded else 'off'}: the batch order differs, so the resumed epoch would not continue "
+                f"where it stopped; resume with data.no_duplicates={str(recorded).lower()} (or null)"
+            )
         kwargs = dict(num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last)
         lengths = [max(len(ids) for ids in row) for row in dataset.rows] if self.group_by_length else None
         if self.avoids_duplicates:

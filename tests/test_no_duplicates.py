@@ -135,11 +135,32 @@ def test_resumed_mid_epoch_gives_the_remaining_batches_of_the_uninterrupted_epoc
     loader.sampler.set_epoch(2)
     full = decoded(straight, loader)
     resumed = datamodule(nli_csv, tokenizer, seed=0)
-    resumed.load_state_dict({"epoch": 2, "batches": 7, "seed": 5})
+    resumed.load_state_dict({"epoch": 2, "batches": 7, "seed": 5, "no_duplicates": True})
     again = resumed.train_dataloader()
     assert decoded(resumed, again) == full[7:]
     assert len(again) == len(loader)  # Lightning sizes epochs from the full length
     assert decoded(resumed, again) == full  # the skip applies once
+
+
+def test_a_checkpoint_records_the_setting_and_an_older_one_resumes_without_it(nli_csv, tokenizer):
+    """The resumed epoch must be rebuilt as it was: a checkpoint from before the option (no "no_duplicates" in the
+    datamodule's state) trained on the plain order, so the default resumes with the plain order."""
+    dm = datamodule(nli_csv, tokenizer)
+    progress = SimpleNamespace(current=SimpleNamespace(processed=3))
+    dm.trainer = SimpleNamespace(current_epoch=1, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+        batch_progress=progress)), world_size=1, global_rank=0)
+    assert dm.state_dict() == {"epoch": 1, "batches": 3, "seed": 0, "no_duplicates": True}
+    old = datamodule(nli_csv, tokenizer)
+    old.load_state_dict({"epoch": 1, "batches": 3, "seed": 0})
+    sampler = old.train_dataloader().sampler
+    plain = ResumableSampler(old.tokenized(), num_replicas=1, rank=0, seed=0, drop_last=True)
+    plain.set_epoch(1)
+    assert type(sampler) is ResumableSampler and list(sampler) == list(plain)[3 * 8 :]
+    forced = datamodule(nli_csv, tokenizer, no_duplicates=True)
+    forced.load_state_dict({"epoch": 1, "batches": 3, "seed": 0})
+    with pytest.raises(DataError, match=r"^data.no_duplicates is True but the checkpoint's run had it off: .*"
+                                        r"resume with data.no_duplicates=false \(or null\)$"):
+        forced.train_dataloader()
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
