@@ -522,7 +522,7 @@ class TextDataModule(ResumesMidEpoch, pl.LightningDataModule):
         recorded = self._recorded_no_duplicates
         if recorded is not None and self.avoids_duplicates != recorded:
             raise DataError(
-                f"data.no_duplicates is {self.no_duplicates} but the checkpoint's run had it "
+                f"data.no_duplicates is {str(self.no_duplicates).lower()} but the checkpoint's run had it "
                 f"{'on' if recorded else 'off'}: the batch order differs, so the resumed epoch would not continue "
                 f"where it stopped; resume with data.no_duplicates={str(recorded).lower()} (or null)"
             )

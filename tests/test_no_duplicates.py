@@ -147,8 +147,12 @@ def test_a_checkpoint_records_the_setting_and_an_older_one_resumes_without_it(nl
     datamodule's state) trained on the plain order, so the default resumes with the plain order."""
     dm = datamodule(nli_csv, tokenizer)
     progress = SimpleNamespace(current=SimpleNamespace(processed=3))
-    dm.trainer = SimpleNamespace(current_epoch=1, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
-        batch_progress=progress)), world_size=1, global_rank=0)
+    dm.trainer = SimpleNamespace(
+        current_epoch=1,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+        world_size=1,
+        global_rank=0,
+    )
     assert dm.state_dict() == {"epoch": 1, "batches": 3, "seed": 0, "no_duplicates": True}
     old = datamodule(nli_csv, tokenizer)
     old.load_state_dict({"epoch": 1, "batches": 3, "seed": 0})
@@ -158,15 +162,17 @@ def test_a_checkpoint_records_the_setting_and_an_older_one_resumes_without_it(nl
     assert type(sampler) is ResumableSampler and list(sampler) == list(plain)[3 * 8 :]
     forced = datamodule(nli_csv, tokenizer, no_duplicates=True)
     forced.load_state_dict({"epoch": 1, "batches": 3, "seed": 0})
-    with pytest.raises(DataError, match=r"^data.no_duplicates is True but the checkpoint's run had it off: .*"
-                                        r"resume with data.no_duplicates=false \(or null\)$"):
+    with pytest.raises(
+        DataError,
+        match=r"^data.no_duplicates is true but the checkpoint's run had it off: .*"
+        r"resume with data.no_duplicates=false \(or null\)$",
+    ):
         forced.train_dataloader()
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_two_ranks_each_step_is_duplicate_free_across_ranks(nli_csv, tokenizer, drop_last):
-    ranks = [as_rank(datamodule(nli_csv, tokenizer, batch_size=4, drop_last=drop_last, seed=2), 2, r)
-             for r in (0, 1)]
+    ranks = [as_rank(datamodule(nli_csv, tokenizer, batch_size=4, drop_last=drop_last, seed=2), 2, r) for r in (0, 1)]
     batches = [decoded(dm, dm.train_dataloader()) for dm in ranks]
     assert len(batches[0]) == len(batches[1])  # every rank takes the same number of steps
     texts = ranks[0].texts
@@ -180,8 +186,7 @@ def test_two_ranks_each_step_is_duplicate_free_across_ranks(nli_csv, tokenizer, 
         assert set(rows) == set(range(n)) and sum(rows.values()) == 2 * -(-n // 2)
 
 
-def test_default_is_on_for_nli_off_for_sentences_and_the_deferred_rows_are_logged(nli_csv, tokenizer, tmp_path,
-                                                                                    caplog):
+def test_default_is_on_for_nli_off_for_sentences_and_the_deferred_rows_are_logged(nli_csv, tokenizer, tmp_path, caplog):
     (tmp_path / "s.txt").write_text("".join(text(i % 7) + "\n" for i in range(40)))  # 7 sentences, repeated
     plain = datamodule(tmp_path / "s.txt", tokenizer, cls=SentencesDataModule)
     assert not plain.avoids_duplicates and type(plain.train_dataloader().sampler) is ResumableSampler
@@ -199,8 +204,10 @@ def test_default_is_on_for_nli_off_for_sentences_and_the_deferred_rows_are_logge
     s = loader.sampler
     assert s.deferred > 0
     [line] = [r.getMessage() for r in caplog.records if "no_duplicates" in r.getMessage()]
-    assert line.startswith(f"no_duplicates: epoch 0 deferred {s.deferred} of {len(dm.texts)} rows; "
-                           f"{len(dm.texts) % 8} left for the final incomplete batch (dropped)")
+    assert line.startswith(
+        f"no_duplicates: epoch 0 deferred {s.deferred} of {len(dm.texts)} rows; "
+        f"{len(dm.texts) % 8} left for the final incomplete batch (dropped)"
+    )
 
 
 def test_length_grouping_composes(nli_csv, tokenizer):
@@ -229,8 +236,10 @@ def test_rows_that_never_fit_are_placed_not_lost():
     assert counts["forced"] == 6 and counts["unused"] == 0
     assert all(len(b) == 4 for b in batches)
     assert sum(sum(i < 10 for i in b) - 1 for b in batches) == 6  # exactly the forced rows sit beside a copy
-    assert all(len({k for i in b for k in keys[i]}) == 4 * 2 - sum(i >= 10 for i in b) - (sum(i < 10 for i in b) - 1)
-               for b in batches)  # and nothing else repeats
+    assert all(
+        len({k for i in b for k in keys[i]}) == 4 * 2 - sum(i >= 10 for i in b) - (sum(i < 10 for i in b) - 1)
+        for b in batches
+    )  # and nothing else repeats
 
 
 def test_a_late_collision_trades_places_with_an_earlier_batch():
