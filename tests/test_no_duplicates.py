@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import WORDS
+from pytorch_lightning import Callback
 from transformers import AutoTokenizer
 
 from datamodules import DataError, NLIDataModule, SentencesDataModule
@@ -269,3 +270,42 @@ def test_duplicate_rate_matches_a_plain_count():
     assert got["batches"] == 6
     assert got["with_duplicate"] == sum(d > 0 for d in per_batch) / 6 > 0
     assert got["mean_duplicates"] == pytest.approx(sum(per_batch) / 6)
+
+
+class StopAfter(Callback):
+    """Raises at the end of training step ``step``: the run dies there, its checkpoints of earlier steps remain."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt  # Lightning's own interrupt handling saves nothing more
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch")
+def test_a_fit_resumed_mid_epoch_trains_on_the_batches_of_an_uninterrupted_one(nli_csv, tiny_model, tmp_path):
+    """Through train.py: the datamodule's state in the checkpoint brings the resumed run to the same sample of the
+    same duplicate-free order (8-row batches of the colliding triplets, checkpoints every 2 steps)."""
+    import cli_probes
+
+    import train
+
+    def run(root, *extra):
+        cli_probes.BATCHES.clear()
+        train.main(["fit", "--seed_everything", "0", "--trainer.accelerator", "cpu", "--trainer.max_steps", "7",
+                    "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+                    "--trainer.enable_model_summary", "false", "--trainer.logger", "false",
+                    "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=true",
+                    "--trainer.callbacks.every_n_train_steps=2", f"--trainer.callbacks.dirpath={root / 'ckpt'}",
+                    "--trainer.callbacks+=cli_probes.RecordBatches", "--model", "lightning_modules.ContrastiveModule",
+                    "--model.model_name_or_path", tiny_model, "--model.pooler", "cls", "--data",
+                    "datamodules.NLIDataModule", "--data.source", str(nli_csv), "--data.batch_size", "8", *extra])
+        return list(cli_probes.BATCHES)
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        run(tmp_path / "stopped", "--trainer.callbacks+=test_no_duplicates.StopAfter", "--trainer.callbacks.step=5")
+    resumed = run(tmp_path / "stopped", "--ckpt_path", "last")
+    assert resumed[0][:3] == (4, 0, 4)
+    assert resumed == straight[4:]
