@@ -365,6 +365,15 @@ class TextDataModule(ResumesMidEpoch, pl.LightningDataModule):
         group_by_length: batch rows of similar length together within shuffled windows
             (:class:`LengthGroupedSampler`): less padding; still deterministic per seed and resumable.
         length_group_batches: batches per sorting window of ``group_by_length``.
+        no_duplicates: build batches in which no text appears twice, across all texts of all rows (anchor,
+            positive, hard negative), so that a sentence repeated in the data (an NLI premise in several triplets)
+            never meets itself as an in-batch negative (:class:`~datamodules.no_duplicates.NoDuplicatesSampler`).
+            A row colliding with the batch waits for a later one; rows that have no duplicate-free place left go
+            into the last batches anyway, so none is lost. The batches of all processes of one step together are
+            duplicate-free too (negatives are gathered across processes). Still deterministic per seed and
+            resumable mid-epoch; with ``group_by_length`` the length windows count global batches. Rank zero logs
+            each epoch's count of deferred rows. A row's own texts are not compared with each other. None (the
+            default): on for rows of 2+ texts (pairs, triplets), off for single sentences.
     """
 
     source_name: str = "data"
@@ -382,6 +391,7 @@ class TextDataModule(ResumesMidEpoch, pl.LightningDataModule):
         pad_to_multiple_of: int | None = None,
         group_by_length: bool = False,
         length_group_batches: int = 50,
+        no_duplicates: bool | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -390,11 +400,15 @@ class TextDataModule(ResumesMidEpoch, pl.LightningDataModule):
             raise DataError(f"pad_to_multiple_of must be >= 1 or null, got {pad_to_multiple_of}")
         if length_group_batches < 1:
             raise DataError(f"length_group_batches must be >= 1, got {length_group_batches}")
+        if no_duplicates is not None and not isinstance(no_duplicates, bool):
+            raise DataError(f"no_duplicates must be true, false or null (on for rows of 2+ texts), got "
+                            f"{no_duplicates!r}")
         if max_rows is not None and max_rows < 1:
             raise DataError(f"max_rows must be >= 1 or null (all rows), got {max_rows}")
         self.pad_to_multiple_of = pad_to_multiple_of
         self.group_by_length = group_by_length
         self.length_group_batches = length_group_batches
+        self.no_duplicates = no_duplicates
         self.data_root = data_root
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -408,6 +422,8 @@ class TextDataModule(ResumesMidEpoch, pl.LightningDataModule):
         self.max_length: int | None = None
         self._texts: list[tuple[str, ...]] | None = None
         self._dataset: TokenizedRows | None = None
+        self._keys: list[tuple[int, ...]] | None = None
+        self._recorded_no_duplicates: bool | None = None  # what the resumed checkpoint's run used
 
     def load_rows(self) -> list[tuple[str, ...]]:
         raise NotImplementedError
@@ -435,6 +451,36 @@ class TextDataModule(ResumesMidEpoch, pl.LightningDataModule):
     def views(self) -> int:
         """V, the sentences per row."""
         return len(self.texts[0])
+
+    @property
+    def avoids_duplicates(self) -> bool:
+        """Whether training batches are built by the no-duplicates sampler: ``no_duplicates`` when set, else what
+        the resumed checkpoint's run used (a checkpoint older than the option: off), else on for rows of 2+ texts.
+        A resumed run must rebuild its epoch's order to skip to the same sample."""
+        if self.no_duplicates is not None:
+            return self.no_duplicates
+        if self._recorded_no_duplicates is not None:
+            return self._recorded_no_duplicates
+        return self.views >= 2
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if state:
+            state["no_duplicates"] = self.avoids_duplicates
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if state_dict:
+            self._recorded_no_duplicates = bool(state_dict.get("no_duplicates", False))
+
+    def text_keys(self) -> list[tuple[int, ...]]:
+        """Each row's ``views`` texts as integers (equal texts, equal integers), computed once."""
+        if self._keys is None:
+            from datamodules.no_duplicates import text_keys  # imports this module
+
+            self._keys = text_keys([row[: self.views] for row in self.texts])
+        return self._keys
 
     def tokenized(self) -> TokenizedRows:
         if self._dataset is None:
@@ -465,9 +511,21 @@ class TextDataModule(ResumesMidEpoch, pl.LightningDataModule):
         # Our own sampler, also on one process: Lightning's would always shuffle the training set, and this one
         # draws each epoch's order from (seed, epoch) and can skip what a resumed run already saw.
         rank = self.trainer.global_rank if self.trainer is not None else 0
+        recorded = self._recorded_no_duplicates
+        if recorded is not None and self.avoids_duplicates != recorded:
+            raise DataError(
+                f"data.no_duplicates is {str(self.no_duplicates).lower()} but the checkpoint's run had it "
+                f"{'on' if recorded else 'off'}: the batch order differs, so the resumed epoch would not continue "
+                f"where it stopped; resume with data.no_duplicates={str(recorded).lower()} (or null)"
+            )
         kwargs = dict(num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last)
-        if self.group_by_length:
-            lengths = [max(len(ids) for ids in row) for row in dataset.rows]
+        lengths = [max(len(ids) for ids in row) for row in dataset.rows] if self.group_by_length else None
+        if self.avoids_duplicates:
+            from datamodules.no_duplicates import NoDuplicatesSampler  # imports this module
+
+            sampler = NoDuplicatesSampler(dataset, self.text_keys(), self.batch_size, lengths,
+                                          self.length_group_batches, **kwargs)
+        elif self.group_by_length:
             sampler = LengthGroupedSampler(dataset, lengths, self.batch_size, self.length_group_batches, **kwargs)
         else:
             sampler = ResumableSampler(dataset, **kwargs)
