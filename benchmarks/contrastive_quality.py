@@ -100,7 +100,8 @@ def new_data(experiment: str, variant: str, args, seed: int):
 
 
 def duplicates_in_batches(data, module: ContrastiveModule) -> dict:
-    """Over the epoch's batches as the sampler cuts them: batches holding a text twice, and the repeated texts."""
+    """Over the epoch's batches as the sampler cuts them: batches holding a text in two rows, and such repeats (3
+    SNLI rows whose anchor equals their own positive are not false negatives and are not counted)."""
     data.connect(module.encoder.tokenizer, module.encoder.max_length)
     loader = data.train_dataloader()
     order = list(loader.sampler)
@@ -108,7 +109,7 @@ def duplicates_in_batches(data, module: ContrastiveModule) -> dict:
     batches = [order[i : i + B] for i in range(0, len(order) - B + 1, B)]  # drop_last, as training
     repeats = []
     for batch in batches:
-        counts = Counter(t for i in batch for t in data.texts[i])
+        counts = Counter(t for i in batch for t in set(data.texts[i]))  # a row's anchor = its positive: no
         repeats.append(sum(c - 1 for c in counts.values() if c > 1))
     return {"batches": len(batches), "batches_with_a_repeat": sum(r > 0 for r in repeats),
             "repeated_texts_per_batch_mean": statistics.fmean(repeats), "repeated_texts_per_batch_max": max(repeats),
