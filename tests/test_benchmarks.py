@@ -187,3 +187,28 @@ def test_sae_throughput_times_sae_lens_from_the_same_weights_and_inputs():
     assert int(held.sum()) == start.num_latents // 10  # the 10% dead latents the benchmark starts with
     # after the step exactly the held-dead latents that did not fire count as dead (those that fired are revived)
     assert torch.equal(theirs.since_fired > theirs.window, held & (theirs.since_fired != 0))
+
+
+def test_contrastive_quality_counts_repeats_across_rows_and_summarises_over_seeds(tmp_path, tiny_model):
+    import contrastive_quality as cq
+
+    from datamodules import NLIDataModule
+    from lightning_modules import ContrastiveModule
+
+    # premise "p0" in three rows, "p1" in two, and one row whose anchor is its own positive (not a false negative)
+    rows = ["sent0,sent1,hard_neg", "p0,e0,c0", "p0,e1,c1", "p0,e2,c2", "p1,e3,c3", "p1,e4,c4", "q,q,c5"]
+    (tmp_path / "nli.csv").write_text("\n".join(rows) + "\n")
+    module = ContrastiveModule(tiny_model, pooler="mean")
+    kw = dict(batch_size=6, shuffle=True, seed=0, drop_last=True)
+    plain = cq.duplicates_in_batches(NLIDataModule(str(tmp_path / "nli.csv"), no_duplicates=False, **kw), module)
+    # one batch of all 6 rows: p0 twice more, p1 once more; q inside its own row is not counted
+    assert plain == {"batches": 1, "batches_with_a_repeat": 1, "repeated_texts_per_batch_mean": 3.0,
+                     "repeated_texts_per_batch_max": 3, "rows_trained": 6, "rows": 6}
+    kw["batch_size"] = 2
+    free = cq.duplicates_in_batches(NLIDataModule(str(tmp_path / "nli.csv"), no_duplicates=True, **kw), module)
+    assert free["batches_with_a_repeat"] == 0 and free["batches"] == 3
+
+    runs = [{"variant": "plain", "seed": s, "scores": {"stsb_test": {"32": x}}} for s, x in enumerate([70.0, 72.0])]
+    s = cq.summarise(runs)["plain"]["stsb_test"]["32"]
+    assert (s["mean"], s["min"], s["max"], s["n"]) == (71.0, 70.0, 72.0, 2) and abs(s["std"] - 2 ** 0.5) < 1e-9
+    assert "| plain | stsb_test | 32 | 71.00 ± 1.41 (70.00-72.00, n=2) | - |" in cq.table({"summary": cq.summarise(runs)})
