@@ -637,7 +637,8 @@ def report_pseval(out: Path, data: dict, wandb_project: str | None = None) -> di
         return r.get("train_fit", {}).get("explained_variance")
 
     layers = list(results)
-    line_chart(out / "pseval.png", [Series(k, layers, [results[L]["pseval"].get(k, float("nan")) for L in layers])
+    line_chart(out / "pseval.png", [Series({"f1": "F1"}.get(k, k), layers,
+                                           [results[L]["pseval"].get(k, float("nan")) for L in layers])
                                     for k in ("specificity", "f1", "accuracy")],
                f"PS-Eval by layer: {Path(data['model']).name}", "layer (hidden_states index)", "score", y_range=(0, 1))
     table = Table(["layer", "balanced pairs", *PSEVAL_KEYS, "held-out EV", "training EV", "L0", "POS purity",
