@@ -12,12 +12,14 @@ Each writes a report folder (:mod:`lightning_modules.interpret.study_report`): `
 ``report.html``, PNG figures, and per SAE its export, ``train.json`` and the suite's folder (``features.html``).
 Caches are built on first use and SAEs trained unless the folder already holds one trained with the same settings.
 Options are documented by ``python train.py study NAME --help``; a YAML file of them is read with ``--config``
-(``configs/studies/``).
+(``configs/studies/``). ``python train.py study report RESULT.json --output_dir DIR`` redraws a report (tables,
+figures, pages) from a study's ``study.json`` without measuring anything again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,7 +55,7 @@ from lightning_modules.interpret.pos import TAGS, label_features
 from lightning_modules.interpret.probes import PROBE_KINDS, probe_caches
 from lightning_modules.interpret.pseval import model_and_tokenizer
 from lightning_modules.interpret.stability import energy_deciles
-from lightning_modules.interpret.sts_recovered import SweepSTS
+from lightning_modules.interpret.sts_recovered import SweepSTS, baseline_lines, task_name
 from lightning_modules.interpret.study_report import Section, Table, write_report
 from lightning_modules.interpret.suite import run_suite
 
@@ -310,10 +312,12 @@ def decomposition(argv: list[str]) -> dict:
         cross = {**result.to_dict(), "sentences": int(len(chosen))}
     data = {"study": "decomposition", "argv": argv, "models": models, "cross_model": cross,
             "settings": settings_of(args)}
-    return report_decomposition(out, data)
+    return report_decomposition(out, data, args.wandb_project)
 
 
-def report_decomposition(out: Path, data: dict) -> dict:
+def report_decomposition(out: Path, data: dict, wandb_project: str | None = None) -> dict:
+    """The decomposition study's report folder from its results (what :func:`decomposition` measured, or its
+    ``study.json``): the models' table, the probes by layer and the shared and model-specific features."""
     models, cross = data["models"], data["cross_model"]
     head = Table(["model", "layer", "SAE", "held-out EV", "training EV", "never active (held out)", "L0",
                   "POS purity", "purity >= 0.8", "pooling survival", "feature share", "PS-Eval specificity",
@@ -378,14 +382,15 @@ def report_decomposition(out: Path, data: dict) -> dict:
              Table(["model", "features", "silent", "shared (any)", "shared (all)", "specific", "purity shared",
                     "purity specific"], model_rows),
              Table(["group"] + tags, pos_rows)], ["cross_model_pos.png"]))
-    return report(out, "Decomposition study", sections, data)
+    return report(out, "Decomposition study", sections, data, wandb_project)
 
 
-def report(out: Path, title: str, sections: list, data: dict) -> dict:
-    """Write a study's report folder, say where its page is, log it to W&B when asked, and return the numbers."""
+def report(out: Path, title: str, sections: list, data: dict, project: str | None) -> dict:
+    """Write a study's report folder, say where its page is, log it to W&B ``project`` when given, and return the
+    numbers."""
     files = write_report(out, title, sections, data)
     print(f"report: {files['html']}", flush=True)
-    if project := data["settings"].get("wandb_project"):
+    if project:
         try:
             log_wandb(project, out, sections, data, files["html"])
         except Exception as err:  # noqa: BLE001 - hours of study are already on disk; say why W&B missed them
@@ -510,17 +515,7 @@ def frontier(argv: list[str]) -> dict:
                   "stability_cos": summary.get(f"interpret/stability_mean_cos/decile_{b}")} for b in range(10)]
     groups = {k.removeprefix("interpret/group_share_"): v for k, v in summary.items()
               if k.startswith("interpret/group_share_")}
-    frontier_plot(points + extra, out / "frontier.png",
-                  f"{Path(args.model).name} layer {layer}: explained variance vs L0")
-    figures = ["frontier.png"]
-    if sts.tasks:
-        frontier_plot(points + extra, out / "frontier_sts.png",
-                      f"{Path(args.model).name} layer {layer}: STS recovered ({sts.name}) vs L0", "sts_recovered",
-                      f"STS recovered on {sts.name} (1: nothing lost)")
-        figures.append("frontier_sts.png")
     density = score_sae(saes[browse], x_eval, density=True)["log10_density_hist"]
-    density_chart(out / "density.png", {int(b): n for b, n in density.items()},
-                  f"{browse}: feature density on {len(x_eval):,} held-out vectors", saes[browse].num_latents)
     data = {"study": "frontier", "argv": argv, "output_dir": str(out), "model": args.model, "layer": layer,
             "cache": str(dm.cache.folder),
             "eval_vectors": len(x_eval), "points": points, "extra": extra, "browsed": browse,
@@ -530,9 +525,24 @@ def frontier(argv: list[str]) -> dict:
                 "method": summary["interpret/stability_method"]},
             "energy_deciles": by_decile, "group_share": groups or None, "settings": settings_of(args),
             "sts": sts.baseline(), "browsed_density": density}
-    text = [f"{Path(args.model).name} hidden_states[{layer}] Brown tokens; every SAE trained {args.steps} steps of "
-            f"{args.batch_size} vectors; scored with the inference threshold on {len(x_eval):,} held-out vectors.",
-            *sts.lines()]
+    return report_frontier(out, data, args.wandb_project)
+
+
+def report_frontier(out: Path, data: dict, wandb_project: str | None = None) -> dict:
+    """The frontier study's report folder from its results (what :func:`frontier` measured, or its ``study.json``):
+    the sweep's table, explained variance and STS recovered against L0, the browsed SAE's density and energy."""
+    points, extra, browse, settings = data["points"], data["extra"], data["browsed"], data["settings"]
+    model = Path(data["model"]).name
+    frontier_plot(points + extra, out / "frontier.png", f"{model} layer {data['layer']}: explained variance vs L0")
+    figures = ["frontier.png"]
+    if sts := data.get("sts"):  # absent in results of studies older than STS recovered
+        frontier_plot(points + extra, out / "frontier_sts.png",
+                      f"{model} layer {data['layer']}: STS recovered ({task_name(sts['task'])}) vs L0",
+                      "sts_recovered", f"STS recovered on {task_name(sts['task'])} (1: nothing lost)")
+        figures.append("frontier_sts.png")
+    text = [f"{model} hidden_states[{data['layer']}] Brown tokens; every SAE trained {settings['steps']} steps of "
+            f"{settings['batch_size']} vectors; scored with the inference threshold on {data['eval_vectors']:,} "
+            "held-out vectors.", *baseline_lines(sts)]
     sections = [Section("Explained variance against L0", text, figures=figures),
                 Section("Table", ["Training EV: the same scores on as many training vectors (much above the "
                                   "held-out one: the SAE memorised its training sentences).",
@@ -543,16 +553,21 @@ def frontier(argv: list[str]) -> dict:
                                [[q["name"], q["num_latents"], q["k"], q["l0"], q["explained_variance"],
                                  q.get("train_explained_variance"), q["fvu"], q["never_active"],
                                  q.get("sts_recovered"), "yes" if q.get("on_front") else ""]
-                                for q in points + extra])]),
-                Section("Feature density", [f"The {browse} SAE's latents by the log10 share of the held-out vectors "
-                                            "they fire on (SAELens' feature density; 'never': silent on all)."],
-                        [Table(["log10 firing frequency", "latents"], [[b, n] for b, n in density.items()])],
-                        ["density.png"]),
-                energy_section(data, browse)]
-    return report(out, "Sparsity frontier", sections, data)
+                                for q in points + extra])])]
+    if density := data.get("browsed_density"):  # absent in results of studies older than the density histogram
+        latents = next(q["num_latents"] for q in points if q["name"] == browse)
+        density_chart(out / "density.png", {int(b): n for b, n in density.items()},
+                      f"{browse}: feature density on {data['eval_vectors']:,} held-out vectors", latents)
+        sections.append(Section("Feature density", [f"The {browse} SAE's latents by the log10 share of the held-out "
+                                                    "vectors they fire on (SAELens' feature density; 'never': silent "
+                                                    "on all)."],
+                                [Table(["log10 firing frequency", "latents"], [[b, n] for b, n in density.items()])],
+                                ["density.png"]))
+    sections.append(energy_section(out, data, browse))
+    return report(out, "Sparsity frontier", sections, data, wandb_project)
 
 
-def energy_section(data: dict, browse: str) -> Section:
+def energy_section(out: Path, data: dict, browse: str) -> Section:
     """The browsed SAE's features by energy E[z_i]: stability across seeds per energy decile, and the share of each
     feature's energy on informative vs imaginative Brown prose."""
     stab, deciles, groups = data["stability"], data["energy_deciles"], data["group_share"]
@@ -562,7 +577,7 @@ def energy_section(data: dict, browse: str) -> Section:
     if stab:
         text.append(f"Stability: the decoder rows of seeds {stab['seeds'][0]} and {stab['seeds'][1]} matched one to "
                     f"one ({stab['method']}): mean cosine {stab['mean_cos']:.3f}.")
-        line_chart(Path(data["output_dir"]) / "stability.png",
+        line_chart(out / "stability.png",
                    [Series("matched decoder cosine", list(range(10)), [d["stability_cos"] for d in deciles])],
                    f"{browse}: stability across seeds by energy decile", "energy decile (0: lowest)",
                    "mean matched cosine", y_range=(0, 1))
@@ -608,38 +623,82 @@ def pseval(argv: list[str]) -> dict:
                       "suite": {k: summary.get(f"interpret/{k}") for k in SUITE_KEYS}, "sae": record,
                       "pairs": summary.get(f"interpret/pseval/layer{L}/balanced"),
                       "browser": f"L{L}/interpret/features.html"}
-    line_chart(out / "pseval.png", [Series(k, layers, [results[L]["pseval"].get(k, float("nan")) for L in layers])
-                                    for k in ("specificity", "f1", "accuracy")],
-               f"PS-Eval by layer: {Path(args.model).name}", "layer (hidden_states index)", "score", y_range=(0, 1))
     data = {"study": "pseval", "argv": argv, "model": args.model, "layers": results,
             "settings": settings_of(args)}
+    return report_pseval(out, data, args.wandb_project)
+
+
+def report_pseval(out: Path, data: dict, wandb_project: str | None = None) -> dict:
+    """The PS-Eval study's report folder from its results (what :func:`pseval` measured, or its ``study.json``,
+    whose layers are strings)."""
+    results = dict(sorted((int(L), r) for L, r in data["layers"].items()))
+
+    def train_ev(r: dict) -> float | None:  # None in results of studies older than the training scores
+        return r.get("train_fit", {}).get("explained_variance")
+
+    layers = list(results)
+    line_chart(out / "pseval.png", [Series({"f1": "F1"}.get(k, k), layers,
+                                           [results[L]["pseval"].get(k, float("nan")) for L in layers])
+                                    for k in ("specificity", "f1", "accuracy")],
+               f"PS-Eval by layer: {Path(data['model']).name}", "layer (hidden_states index)", "score", y_range=(0, 1))
     table = Table(["layer", "balanced pairs", *PSEVAL_KEYS, "held-out EV", "training EV", "L0", "POS purity",
                    "STS-B recovered"],
                   [[L, r["pairs"], *(r["pseval"].get(k) for k in PSEVAL_KEYS), r["held_out"]["explained_variance"],
-                    r["train_fit"]["explained_variance"], r["held_out"]["l0"], r["suite"]["pos_purity_mean"],
+                    train_ev(r), r["held_out"]["l0"], r["suite"]["pos_purity_mean"],
                     r["suite"].get("sts_recovered/stsb")] for L, r in results.items()])
-    notes = [memorised(f"the layer-{L} SAE", r["train_fit"]["explained_variance"], r["held_out"]["explained_variance"])
+    notes = [memorised(f"the layer-{L} SAE", train_ev(r), r["held_out"]["explained_variance"])
              for L, r in results.items()]
     sections = [Section("PS-Eval by layer", ["WiC dev pairs whose target is one token in both contexts, T/F balanced; "
                                             "'same top feature' predicts 'same sense'.", *filter(None, notes)],
                         [table], ["pseval.png"],
                         [(f"layer {L}: feature browser", r["browser"]) for L, r in results.items()])]
-    return report(out, "PS-Eval by layer", sections, data)
+    return report(out, "PS-Eval by layer", sections, data, wandb_project)
 
 
 #: The studies, by name: ``python train.py study NAME ...``.
 STUDIES: dict[str, Callable[[list[str]], dict]] = {"decomposition": decomposition, "frontier": frontier,
                                                    "pseval": pseval}
+#: Each study's report from its results: ``python train.py study report RESULT.json``.
+REPORTS: dict[str, Callable[..., dict]] = {"decomposition": report_decomposition, "frontier": report_frontier,
+                                           "pseval": report_pseval}
+
+
+def report_main(argv: list[str]) -> dict:
+    """Redraw a study's report (tables, figures, pages) from its results, measuring nothing again."""
+    p = ArgumentParser(prog="train.py study report", description=report_main.__doc__)
+    p.add_argument("result", type=str, help="a study's study.json (or a copy of it, e.g. in benchmarks/results/)")
+    p.add_argument("--output_dir", type=str, required=True,
+                   help="the report folder (its links to feature browsers are relative to the study's own folder)")
+    p.add_argument("--wandb_project", type=str | None, default=None, help="also log the report to this W&B project")
+    args = p.parse_args(argv)
+    require_matplotlib()
+    try:
+        data = json.loads(Path(args.result).read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"study report {args.result}: not readable as a study's JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("study") not in REPORTS:
+        raise DataError(f"study report {args.result}: not a study's results (its \"study\" names none of "
+                        f"{', '.join(REPORTS)})")
+    try:
+        return REPORTS[data["study"]](Path(args.output_dir), data, args.wandb_project)
+    except KeyError as err:  # results of an earlier version of the study, which recorded less
+        raise DataError(f"study report {args.result}: the results lack {err}, which the {data['study']} report "
+                        "needs (written by an earlier version of the study: run it again)") from None
 
 
 def study_main(argv: list[str]) -> dict | None:
-    """``study NAME [options]``: run one study (``--help`` after the name lists its options)."""
+    """``study NAME [options]``: run one study (``--help`` after the name lists its options); ``study report
+    RESULT.json --output_dir DIR``: redraw a study's report from its results."""
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: train.py study {{{','.join(STUDIES)}}} [options]  (train.py study NAME --help)\n\n{__doc__}")
+        print(f"usage: train.py study {{{','.join(STUDIES)}}} [options]  (train.py study NAME --help)\n"
+              f"       train.py study report RESULT.json --output_dir DIR  (redraw a report from its results)\n\n"
+              f"{__doc__}")
         return None
+    if argv[0] == "report":
+        return report_main(argv[1:])
     if argv[0] not in STUDIES:
-        raise DataError(f"study: unknown study {argv[0]!r}; choose from {', '.join(STUDIES)}")
+        raise DataError(f"study: unknown study {argv[0]!r}; choose from {', '.join(STUDIES)} (or report)")
     return STUDIES[argv[0]](argv[1:])
 
 
-__all__ = ["RECIPE_SAE", "STUDIES", "study_main"]
+__all__ = ["RECIPE_SAE", "REPORTS", "STUDIES", "report_main", "study_main"]

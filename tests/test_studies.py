@@ -123,7 +123,7 @@ def test_memorisation_note_and_per_model_keys(tmp_path, capsys, monkeypatch):
         raise RuntimeError("no network")
 
     monkeypatch.setattr(study, "log_wandb", broken)
-    study.report(tmp_path, "T", [study.Section("S", [note], [table])], data)
+    study.report(tmp_path, "T", [study.Section("S", [note], [table])], data, "p")
     out = capsys.readouterr().out
     assert "warning: --wandb_project p: the report was not logged to W&B (RuntimeError: no network)" in out
     assert "it memorised training sentences (detail)" in (tmp_path / "report.md").read_text()
@@ -254,6 +254,13 @@ def test_frontier_and_pseval_studies(two_models, study_root, tmp_path, monkeypat
     assert "matched cosine" in (out / "report.md").read_text()
     assert png_size(out / "frontier.png") == png_size(out / "density.png") == (520, 900)
     assert "| 2x4 | 64 | 4 |" in (out / "report.md").read_text()
+    # `study report` redraws the same report from study.json alone: the same pages' text and the same pixels
+    train.main(["study", "report", str(out / "study.json"), "--output_dir", str(tmp_path / "redrawn")])
+    assert (tmp_path / "redrawn" / "report.md").read_text() == (out / "report.md").read_text()
+    from matplotlib.image import imread
+
+    for png in ("frontier.png", "frontier_sts.png", "density.png", "stability.png"):
+        np.testing.assert_array_equal(imread(tmp_path / "redrawn" / png), imread(out / png))
     # the recipe's SAE is scored on the same held-out vectors: an SAE of the sweep gets its own numbers back
     train.main(["study", "frontier", "--model", two_models[0], "--data_root", str(study_root), "--output_dir",
                 str(out), "--ks", "[2, 4]", "--expansions", "[1, 2]", "--eval_tokens", "1000",

@@ -283,18 +283,26 @@ class SweepSTS:
     @property
     def name(self) -> str:
         """The task as a chart names it (a TSV file by its stem)."""
-        task = self.tasks[0] if self.tasks else ""
-        return Path(task).stem if task.endswith((".tsv", ".csv", ".txt")) else task
+        return task_name(self.tasks[0] if self.tasks else "")
 
     def lines(self) -> list[str]:
         """The report's sentence on how it was measured."""
-        b = self.baseline()
-        return [] if b is None else [
-            f"STS recovered: {b['task']} test Spearman x 100 with each SAE's reconstruction spliced into the layer, "
-            f"against the clean encoder ({b['clean']:.2f}) and the layer zero-ablated ({b['ablated']:.2f}"
-            + ("; every position zeroed gives every sentence one embedding, which ranks nothing" if
-               b["ablated_constant"] else "") + ")."]
+        return baseline_lines(self.baseline())
 
 
-__all__ = ["SweepSTS", "Splicer", "layer_module", "model_pooling", "reconstruct", "recovered_metrics", "spliced",
-           "sts_recovered"]
+def task_name(task: str) -> str:
+    """An STS task as a chart names it (a TSV file by its stem)."""
+    return Path(task).stem if task.endswith((".tsv", ".csv", ".txt")) else task
+
+
+def baseline_lines(b: dict | None) -> list[str]:
+    """The report's sentence on how STS recovered was measured, from :meth:`SweepSTS.baseline` (none for None)."""
+    return [] if b is None else [
+        f"STS recovered: {b['task']} test Spearman x 100 with each SAE's reconstruction spliced into the layer, "
+        f"against the clean encoder ({b['clean']:.2f}) and the layer zero-ablated ({b['ablated']:.2f}"
+        + ("; every position zeroed gives every sentence one embedding, which ranks nothing" if
+           b["ablated_constant"] else "") + ")."]
+
+
+__all__ = ["SweepSTS", "Splicer", "baseline_lines", "layer_module", "model_pooling", "reconstruct", "recovered_metrics",
+           "spliced", "sts_recovered", "task_name"]
