@@ -211,4 +211,5 @@ def test_contrastive_quality_counts_repeats_across_rows_and_summarises_over_seed
     runs = [{"variant": "plain", "seed": s, "scores": {"stsb_test": {"32": x}}} for s, x in enumerate([70.0, 72.0])]
     s = cq.summarise(runs)["plain"]["stsb_test"]["32"]
     assert (s["mean"], s["min"], s["max"], s["n"]) == (71.0, 70.0, 72.0, 2) and abs(s["std"] - 2 ** 0.5) < 1e-9
-    assert "| plain | stsb_test | 32 | 71.00 ± 1.41 (70.00-72.00, n=2) | - |" in cq.table({"summary": cq.summarise(runs)})
+    row = "| plain | stsb_test | 32 | 71.00 ± 1.41 (70.00-72.00, n=2) | - |"
+    assert row in cq.table({"summary": cq.summarise(runs)})
