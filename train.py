@@ -214,7 +214,8 @@ def mine_main(argv: list[str]) -> MiningReport:
     parser.add_argument("--batch_size", type=int, default=32, help="sentences per forward pass")
     parser.add_argument("--device", type=str, default="auto", help="cpu, cuda, ... or auto (CUDA when available)")
     parser.add_argument("--verbose", type=bool, default=True,
-                        help="let sentence-transformers print its progress bars and score statistics")
+                        help="let sentence-transformers print its score statistics (its encoding progress bars show "
+                             "either way: it turns them on itself)")
     args = parser.parse_args(argv)
     check_output(args.output, args.overwrite)  # before the minutes of mining, not after
     pairs = read_pairs(args.pairs, args.anchor_column, args.positive_column)

@@ -113,7 +113,7 @@ def mine_triplets(
     hardest first (one row per negative, sentence-transformers' "triplet" format); a pair without any negative has no
     row and is counted in the report. ``seed`` seeds the ``random`` sampling strategy (Python's ``random``, which
     sentence-transformers draws from; its state is restored afterwards). ``verbose`` lets sentence-transformers print
-    its progress bars and score statistics.
+    its score statistics (its encoding progress bars show either way).
 
     Raises:
         DataError: an option sentence-transformers refuses (its message), no pairs, or no pair with a negative.
