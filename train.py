@@ -45,6 +45,7 @@ from datamodules.mining import (
     SAMPLING_STRATEGIES,
     MiningReport,
     check_output,
+    check_sentence_transformers,
     mine_triplets,
     read_corpus,
     read_pairs,
@@ -217,6 +218,7 @@ def mine_main(argv: list[str]) -> MiningReport:
                         help="let sentence-transformers print its score statistics (its encoding progress bars show "
                              "either way: it turns them on itself)")
     args = parser.parse_args(argv)
+    check_sentence_transformers()
     check_output(args.output, args.overwrite)  # before the minutes of mining, not after
     pairs = read_pairs(args.pairs, args.anchor_column, args.positive_column)
     corpus = read_corpus(args.corpus, args.corpus_column) if args.corpus is not None else None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ from pathlib import Path
 from datamodules.base import write_atomic
 from datamodules.nli import read_rows
 from lightning_modules.components.errors import DataError
+
+#: sentence-transformers' ``mine_hard_negatives`` before 5.7 fails with a torch error (``selected index k out of
+#: range``, a mask shape mismatch) when the range or score limits leave a pair too few candidates, and does not check
+#: ``range_min < range_max``: measured on 5.2 and 5.6.1; 5.7.0 rewrote it and passes the mining tests.
+MINING_NEEDS = (5, 7)
 
 #: The header of the written triplets: SimCSE's ``nli_for_simcse.csv``, NLIDataModule's default columns.
 TRIPLET_COLUMNS = ("sent0", "sent1", "hard_neg")
@@ -90,6 +96,20 @@ def read_corpus(source: str, column: str = "text") -> list[str]:
     return sentences
 
 
+def check_sentence_transformers(installed: str | None = None) -> None:
+    """A one-line DataError when the installed sentence-transformers (or ``installed``) is older than
+    :data:`MINING_NEEDS`; the project's own floor is lower, since only mining needs the newer one."""
+    from importlib.metadata import version
+
+    installed = installed or version("sentence-transformers")
+    release = tuple(int(part) for part in re.findall(r"\d+", installed)[:2])
+    if release < MINING_NEEDS:
+        need = ".".join(map(str, MINING_NEEDS))
+        raise DataError(f"train.py mine needs sentence-transformers >= {need} (installed: {installed}; before {need} "
+                        "its mine_hard_negatives fails with a torch error when the limits leave a pair without "
+                        f"candidates): pip install 'sentence-transformers>={need}'")
+
+
 def mine_triplets(
     pairs: Sequence[tuple[str, str]],
     model,
@@ -121,6 +141,7 @@ def mine_triplets(
     from datasets import Dataset
     from sentence_transformers.util import mine_hard_negatives
 
+    check_sentence_transformers()
     if not pairs:
         raise DataError("no pairs to mine negatives for")
     if sampling_strategy not in SAMPLING_STRATEGIES:

@@ -15,9 +15,35 @@ import pytest
 
 import train
 from datamodules import NLIDataModule
-from datamodules.mining import MiningReport, mine_triplets, read_pairs, write_triplets
+from datamodules.mining import (
+    MINING_NEEDS,
+    MiningReport,
+    check_sentence_transformers,
+    mine_triplets,
+    read_pairs,
+    write_triplets,
+)
 from datamodules.sample import random_meaning, sentence
 from lightning_modules.components.errors import DataError
+
+
+def installed_st() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(x) for x in version("sentence-transformers").split(".")[:2])
+
+
+#: Mining needs a newer sentence-transformers than the project's floor (the floors job runs these tests there)
+needs_mining = pytest.mark.skipif(installed_st() < MINING_NEEDS, reason=f"mine_hard_negatives needs "
+                                  f"sentence-transformers >= {MINING_NEEDS} (installed {installed_st()})")
+
+
+def test_an_older_sentence_transformers_is_named_in_one_line():
+    with pytest.raises(DataError, match=r"^train.py mine needs sentence-transformers >= 5.7 \(installed: 5.2.0;") as e:
+        check_sentence_transformers("5.2.0")
+    assert "\n" not in str(e.value)
+    check_sentence_transformers("5.7.0")
+    check_sentence_transformers("6.3.0.dev0")
 
 
 def make_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -81,6 +107,7 @@ def read_csv(path) -> list[list[str]]:
         return list(csv.reader(f))
 
 
+@needs_mining
 def test_triplets_are_the_hardest_candidates_written_as_nli_rows(st, tmp_path):
     rows, report = mine_triplets(PAIRS, st)
     cos = cosines(st, [a for a, _ in PAIRS], [p for _, p in PAIRS])
@@ -100,6 +127,7 @@ def test_triplets_are_the_hardest_candidates_written_as_nli_rows(st, tmp_path):
     assert data.texts == rows  # what a recipe trains on
 
 
+@needs_mining
 def test_range_min_skips_the_most_similar_candidates(st):
     cos = cosines(st, [a for a, _ in PAIRS], [p for _, p in PAIRS])
     order = ranked(PAIRS, [], cos)
@@ -111,6 +139,7 @@ def test_range_min_skips_the_most_similar_candidates(st):
             assert n == order[a][k]  # the next one down ("top" after the skipped ranks)
 
 
+@needs_mining
 def test_max_score_and_margin_remove_candidates_and_the_pairs_left_without_any_are_counted(st, capsys):
     cos = cosines(st, [a for a, _ in PAIRS], [p for _, p in PAIRS])
     order = ranked(PAIRS, [], cos)
@@ -137,6 +166,7 @@ def test_max_score_and_margin_remove_candidates_and_the_pairs_left_without_any_a
     capsys.readouterr()
 
 
+@needs_mining
 def test_several_negatives_a_corpus_and_repeated_pairs(st):
     corpus = [s for pair in make_pairs(6, seed=1) for s in pair]
     pairs = PAIRS[:6] + [PAIRS[0]]  # the first pair twice
@@ -151,6 +181,7 @@ def test_several_negatives_a_corpus_and_repeated_pairs(st):
     assert "1 repeated pairs" in report.summary()
 
 
+@needs_mining
 def test_random_sampling_follows_the_seed_and_stays_within_the_range(st):
     cos = cosines(st, [a for a, _ in PAIRS], [p for _, p in PAIRS])
     order = ranked(PAIRS, [], cos)
@@ -165,6 +196,7 @@ def test_random_sampling_follows_the_seed_and_stays_within_the_range(st):
     assert random.getstate() == state  # the caller's random stream is left alone
 
 
+@needs_mining
 def test_options_sentence_transformers_refuses_are_data_errors(st):
     with pytest.raises(DataError, match="range_min must be smaller than range_max"):
         mine_triplets(PAIRS, st, range_min=5, range_max=5)
@@ -182,6 +214,7 @@ def write_pairs(path, pairs, header=("sent0", "sent1")):
     return path
 
 
+@needs_mining
 def test_mine_command_writes_the_triplets_and_reports(st, st_folder, tmp_path, capsys):
     pairs = write_pairs(tmp_path / "pairs.csv", PAIRS, header=("premise", "hypothesis"))
     out = tmp_path / "out" / "mined.csv"
@@ -203,6 +236,7 @@ def test_mine_command_writes_the_triplets_and_reports(st, st_folder, tmp_path, c
     assert len(read_csv(out)) == 13
 
 
+@needs_mining
 def test_unmined_pairs_are_printed_not_dropped_silently(st, st_folder, tmp_path, capsys):
     cos = cosines(st, [a for a, _ in PAIRS], [p for _, p in PAIRS])
     order = ranked(PAIRS, [], cos)
@@ -218,6 +252,7 @@ def test_unmined_pairs_are_printed_not_dropped_silently(st, st_folder, tmp_path,
     assert len(read_csv(out)) - 1 == 10
 
 
+@needs_mining
 @pytest.mark.parametrize("case", ["missing_pairs", "wrong_column", "empty_sentence", "not_csv", "no_model",
                                   "same_columns", "bad_range"])
 def test_bad_inputs_are_one_line_errors(case, st_folder, tmp_path):
@@ -247,6 +282,7 @@ def test_bad_inputs_are_one_line_errors(case, st_folder, tmp_path):
     assert not (tmp_path / "out.csv").exists()
 
 
+@needs_mining
 def test_the_shell_gets_one_error_line_and_exit_1(tmp_path):
     import os
     import subprocess
@@ -272,6 +308,7 @@ def test_help_names_the_options(capsys):
         assert option in said
 
 
+@needs_mining
 def test_a_checkpoint_mines_like_its_export(tiny_model, sample_data, tmp_path):
     """A .ckpt is exported into a temporary folder and mined with; the same triplets as its `train.py export`."""
     import pytorch_lightning as pl
@@ -310,6 +347,7 @@ def test_read_pairs_reads_tsv_too(tmp_path):
 
 
 @pytest.mark.data
+@needs_mining
 def test_real_pairs_with_minilm_read_back_as_nli_triplets(shared_data, minilm, tmp_path, capsys):
     source = shared_data / "nli" / "snli_devtest_for_simcse.csv"
     if not source.is_file():
