@@ -7,7 +7,13 @@ from torch import Tensor
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.components.encoder import Encoder, MLPMode
 from lightning_modules.components.errors import DataError
-from lightning_modules.losses.contrastive import CandidateBuilder, InBatchNegatives, Views, matryoshka_info_nce
+from lightning_modules.losses.contrastive import (
+    CandidateBuilder,
+    InBatchNegatives,
+    Views,
+    info_nce,
+    matryoshka_info_nce,
+)
 from lightning_modules.losses.grad_cache import grad_cached_loss
 
 
@@ -104,9 +110,10 @@ class ContrastiveModule(EmbeddingModule):
         z3_GD = self.gather(z_BVD[:, 2])[0] if z_BVD.shape[1] > 2 else None
         self.guard.note_embeddings(z1_GD, self.global_step)
         views = Views(z1_GD, z2_GD, z3_GD, offset, B)
-        dims = self.matryoshka_dims or [z1_GD.shape[-1]]
-        return matryoshka_info_nce(self.candidates(views, self.temperature), self.temperature, dims,
-                                   self.matryoshka_weights)
+        candidates = self.candidates(views, self.temperature)
+        if self.matryoshka_dims is None:
+            return info_nce(candidates, self.temperature)
+        return matryoshka_info_nce(candidates, self.temperature, self.matryoshka_dims, self.matryoshka_weights)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
