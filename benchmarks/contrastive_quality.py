@@ -34,7 +34,6 @@ import platform
 import statistics
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -47,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from common import write_json  # noqa: E402
 
 from datamodules import NLIDataModule, SentencesDataModule, load_sts  # noqa: E402
+from datamodules.no_duplicates import repeats_per_batch  # noqa: E402
 from datamodules.sts import spearman100  # noqa: E402
 from lightning_modules import ContrastiveModule  # noqa: E402
 
@@ -103,17 +103,11 @@ def duplicates_in_batches(data, module: ContrastiveModule) -> dict:
     """Over the epoch's batches as the sampler cuts them: batches holding a text in two rows, and such repeats (3
     SNLI rows whose anchor equals their own positive are not false negatives and are not counted)."""
     data.connect(module.encoder.tokenizer, module.encoder.max_length)
-    loader = data.train_dataloader()
-    order = list(loader.sampler)
-    B = data.batch_size
-    batches = [order[i : i + B] for i in range(0, len(order) - B + 1, B)]  # drop_last, as training
-    repeats = []
-    for batch in batches:
-        counts = Counter(t for i in batch for t in set(data.texts[i]))  # a row's anchor = its positive: no
-        repeats.append(sum(c - 1 for c in counts.values() if c > 1))
-    return {"batches": len(batches), "batches_with_a_repeat": sum(r > 0 for r in repeats),
+    order = list(data.train_dataloader().sampler)
+    repeats = repeats_per_batch(data.text_keys(), order, data.batch_size, drop_last=True)  # as training cuts them
+    return {"batches": len(repeats), "batches_with_a_repeat": sum(r > 0 for r in repeats),
             "repeated_texts_per_batch_mean": statistics.fmean(repeats), "repeated_texts_per_batch_max": max(repeats),
-            "rows_trained": len(batches) * B, "rows": len(data.texts)}
+            "rows_trained": len(repeats) * data.batch_size, "rows": len(data.texts)}
 
 
 def train_run(experiment: str, variant: str, seed: int, args, scorer: Scorer) -> dict:

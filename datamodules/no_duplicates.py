@@ -219,6 +219,15 @@ class NoDuplicatesSampler(ResumableSampler):
         return iter(indices[skip:])
 
 
+def repeats_per_batch(keys: Sequence[Sequence[int]], order: Sequence[int], batch_size: int,
+                      drop_last: bool = False) -> list[int]:
+    """For each batch cut from ``order``, the texts its rows hold beyond the first row holding each (``keys``: each
+    row's distinct text ids, :func:`text_keys`; a row's own repeated text does not count)."""
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    batches = [[keys[i] for i in order[start : start + batch_size]] for start in range(0, stop, batch_size)]
+    return [sum(map(len, batch)) - len(set().union(*batch)) for batch in batches]
+
+
 def duplicate_rate(rows: Sequence[Sequence[str]], batch_size: int, seed: int = 0, drop_last: bool = False) -> dict:
     """How often the plain shuffled order (one process, epoch 0 of ``seed``, as without ``no_duplicates``) puts a
     text twice in a batch.
@@ -230,13 +239,8 @@ def duplicate_rate(rows: Sequence[Sequence[str]], batch_size: int, seed: int = 0
         ``batches``, ``with_duplicate`` (fraction of batches holding at least one duplicate) and
         ``mean_duplicates`` (duplicate texts per batch, on average).
     """
-    keys = text_keys(rows)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    stop = len(order) - len(order) % batch_size if drop_last else len(order)
-    counts = []
-    for start in range(0, stop, batch_size):
-        batch = [keys[i] for i in order[start : start + batch_size]]
-        counts.append(sum(map(len, batch)) - len(set().union(*batch)))
+    counts = repeats_per_batch(text_keys(rows), order, batch_size, drop_last)
     return {
         "batches": len(counts),
         "with_duplicate": sum(c > 0 for c in counts) / max(len(counts), 1),
