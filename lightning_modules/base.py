@@ -44,6 +44,18 @@ def logger_record(logger) -> dict:
     return record
 
 
+def nested_dims(dims: Sequence[int], size: int, end: str | None = None) -> list[int]:
+    """``model.matryoshka_dims`` checked against an embedding of ``size``: strictly increasing whole sizes in
+    ``[1, size]``, and ending at ``size`` when ``end`` names the option that sets it (an MCR2 head's ``out_dim``)."""
+    dims = list(dims)
+    if (not dims or any(not isinstance(k, int) or k < 1 for k in dims) or dims[-1] > size
+            or any(b <= a for a, b in zip(dims, dims[1:])) or (end is not None and dims[-1] != size)):
+        ending = f" ending at {end} ({size})" if end else ""
+        raise ValueError(f"model.matryoshka_dims must be strictly increasing sizes in [1, {size}]{ending}, e.g. "
+                         f"[32, 64, 128, {size}]; got {dims}")
+    return dims
+
+
 def total_norm(tensors: list[Tensor]) -> Tensor:
     """The 2-norm of all ``tensors`` together, on their device (no host sync): torch's foreach kernel where it has
     one (``get_total_norm``, torch >= 2.6), else one norm per tensor."""
@@ -151,6 +163,14 @@ class EmbeddingModule(GuardsDivergence, pl.LightningModule):
     """
 
     encoder: Encoder
+    #: nested embedding sizes trained as embeddings of their own (Matryoshka), or None: the whole embedding only
+    matryoshka_dims: list[int] | None = None
+
+    @property
+    def selection_dims(self) -> list[int] | None:
+        """The ``matryoshka_dims``: :class:`~callbacks.STSEvaluator` (and MCR2's ``init: best``) score the mean over
+        these prefixes, so the checkpoint kept is good at every size (None: the whole embedding)."""
+        return self.matryoshka_dims
 
     def __init__(self, lr: float = 3e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.0,
                  check_finite_every_n_steps: int = 50, max_mean_cosine: float | None = 0.99) -> None:

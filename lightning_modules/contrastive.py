@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_modules.base import EmbeddingModule
+from lightning_modules.base import EmbeddingModule, nested_dims
 from lightning_modules.components.encoder import Encoder, MLPMode
 from lightning_modules.components.errors import DataError
 from lightning_modules.losses.contrastive import (
@@ -80,10 +80,6 @@ class ContrastiveModule(EmbeddingModule):
         self.matryoshka_dims, self.matryoshka_weights = matryoshka_options(
             matryoshka_dims, matryoshka_weights, self.encoder.dim, self.encoder.mlp_mode)
 
-    @property
-    def selection_dims(self) -> list[int] | None:
-        """The ``matryoshka_dims``: :class:`~callbacks.STSEvaluator` scores the mean over these prefixes."""
-        return self.matryoshka_dims
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -138,10 +134,7 @@ def matryoshka_options(dims: list[int] | None, weights: list[float] | None, D: i
         if weights is not None:
             raise ValueError("model.matryoshka_weights needs model.matryoshka_dims")
         return None, None
-    dims = list(dims)
-    if not dims or dims[0] < 1 or dims[-1] > D or any(b <= a for a, b in zip(dims, dims[1:])):
-        raise ValueError(f"model.matryoshka_dims must be strictly increasing sizes in [1, {D}] (the embedding "
-                         f"size), e.g. [32, 64, 128, {D}]; got {dims}")
+    dims = nested_dims(dims, D)
     if mlp_mode == "train_only":
         raise ValueError("model.matryoshka_dims trains prefixes of the embedding the loss sees, but mlp: train_only "
                          "drops the MLP at inference, so the exported embedding would not be the trained one: set "

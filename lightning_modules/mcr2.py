@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from datamodules.base import readable_as_umask
 from datamodules.groups import kmeans_groups
 from datamodules.sts import load_sts, spearman100
-from lightning_modules.base import EmbeddingModule
+from lightning_modules.base import EmbeddingModule, nested_dims
 from lightning_modules.components.encoder import Encoder
 from lightning_modules.components.errors import DataError
 from lightning_modules.components.heads import ProjectionHead
@@ -52,11 +52,7 @@ def check_options(*, grouping: str, init: str, hidden_dim: int | None, eps2: flo
     if not listwise_temperature > 0:
         raise ValueError(f"model.listwise_temperature must be > 0, got {listwise_temperature}")
     if matryoshka_dims is not None:
-        dims = list(matryoshka_dims)
-        if (not dims or any(not isinstance(k, int) or k < 1 for k in dims) or dims != sorted(set(dims))
-                or dims[-1] != out_dim):
-            raise ValueError(f"model.matryoshka_dims must be increasing positive sizes ending at model.out_dim "
-                             f"({out_dim}), e.g. [32, 64, 128, 256] for out_dim 256; got {matryoshka_dims}")
+        nested_dims(matryoshka_dims, out_dim, end="model.out_dim")
     if grouping == "kmeans" and num_clusters < 2:
         raise ValueError(f"model.num_clusters must be >= 2, got {num_clusters}")
 
@@ -185,11 +181,6 @@ class MCR2Module(EmbeddingModule):
         self._clusters_N: Tensor | None = None
         self._teacher_memo: dict[int, Tensor] = {}
 
-    @property
-    def selection_dims(self) -> list[int] | None:
-        """The ``matryoshka_dims``: :class:`~callbacks.STSEvaluator` then scores the mean over these prefixes, the
-        metric ``init: best`` uses too (None: the whole output)."""
-        return self.matryoshka_dims
 
     # ----------------------------------------------------------------------------------------- frozen teacher
     def train(self, mode: bool = True) -> MCR2Module:
