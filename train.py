@@ -23,7 +23,6 @@ import signal
 import sys
 
 import yaml
-from jsonargparse import ArgumentParser
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
@@ -31,35 +30,24 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from callbacks import preemption
-from callbacks.interpret import interpret_main
-from callbacks.run_defaults import PROJECT, apply_run_defaults, recipe_name
-from callbacks.run_environment import (
+from commands.evaluate import evaluate_main
+from commands.export import export_main
+from commands.interpret import interpret_main
+from commands.mine import mine_main
+from commands.push import push_main
+from commands.run_defaults import PROJECT, apply_run_defaults, recipe_name
+from commands.run_environment import (
     bound_startup,
     check_run_folders,
     check_trainer_environment,
     remember_wandb_runs,
     start_wandb,
 )
-from callbacks.study import study_main
-from datamodules.mining import (
-    SAMPLING_STRATEGIES,
-    MiningReport,
-    check_output,
-    check_sentence_transformers,
-    mine_triplets,
-    read_corpus,
-    read_pairs,
-    write_triplets,
-)
+from commands.study import study_main
+from core.errors import DataError, StorageError
 from lightning_modules.checkpoints import DATA_CONFIG_KEY, AtomicCheckpointIO, resume_config
 from lightning_modules.components.batch_topk import BatchTopKConfig
-from lightning_modules.components.errors import DataError, StorageError
 from lightning_modules.components.guard import DivergenceError
-from lightning_modules.evaluate import evaluate_main, load_sentence_transformer, parse_tasks
-from lightning_modules.export import export, export_format, how_to_load, is_sae, load_module
-from lightning_modules.model_card import DEFAULT_STS_TASKS, checkpoint_facts
-from lightning_modules.publish import push_main
-from lightning_modules.sae_card import checkpoint_metrics
 
 
 class LogConfigToLoggers(SaveConfigCallback):
@@ -102,7 +90,7 @@ class EmbedLabCLI(LightningCLI):
     is the newest complete checkpoint wherever the loggers put it, changed model / data options are refused, and
     the W&B run and checkpoint folder continue. Checkpoints are written atomically (:class:`AtomicCheckpointIO`).
     What a recipe leaves unset (folders, loggers, checkpointing, LR monitoring) is filled in for ``fit``, named
-    after ``recipe`` (:mod:`callbacks.run_defaults`).
+    after ``recipe`` (:mod:`commands.run_defaults`).
     """
 
     def __init__(self, *args, recipe: str = PROJECT, **kwargs) -> None:
@@ -149,88 +137,6 @@ class EmbedLabCLI(LightningCLI):
         finally:
             if subcommand == "fit":
                 remember_wandb_runs(self.trainer.loggers)
-
-
-def export_main(argv: list[str]) -> None:
-    """``export --ckpt_path CKPT --output_dir DIR [--format sparsify|saelens]``: write a sentence-transformers folder
-    from a checkpoint (an SAE checkpoint gives an SAE folder instead, sparsify's layout or SAELens'; see
-    ``lightning_modules.export.export``). Its model card
-    is written from what the checkpoint records (``lightning_modules.model_card.checkpoint_facts``)."""
-
-    parser = ArgumentParser(prog="train.py export", description=export_main.__doc__)
-    parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint written by `train.py fit`")
-    parser.add_argument("--output_dir", type=str, required=True, help="folder to write")
-    parser.add_argument("--overwrite", type=bool, default=False, help="replace an earlier export in output_dir")
-    parser.add_argument("--format", type=str | None, default=None,
-                        help="SAE checkpoints only: sparsify (default; cfg.json + sae.safetensors) or saelens (a "
-                             "JumpReLU folder sae_lens.SAE.load_from_disk opens, with the global threshold)")
-    parser.add_argument("--sts_tasks", type=str, default=",".join(DEFAULT_STS_TASKS),
-                        help="STS test sets the model card scores when the run names a data root ('' for none)")
-    args = parser.parse_args(argv)
-    tasks = parse_tasks(args.sts_tasks) if args.sts_tasks.strip() else []
-    export_format(None, args.format, "--format")  # a misspelt format fails before the checkpoint loads
-    module = load_module(args.ckpt_path)
-    export_format(module, args.format, "--format")
-    facts = None if is_sae(module) else {**checkpoint_facts(args.ckpt_path), "sts_tasks": tasks}
-    sae_metrics = checkpoint_metrics(args.ckpt_path, module.sae) if is_sae(module) else None
-    out = export(module, args.output_dir, overwrite=args.overwrite, run_facts=facts, format=args.format,
-                 sae_metrics=sae_metrics)
-    print(f"exported {args.ckpt_path} -> {out}  (load with {how_to_load(module, out)})")
-
-
-def mine_main(argv: list[str]) -> MiningReport:
-    """``mine --model M --pairs FILE --output FILE``: give (anchor, positive) pairs hard negatives mined by
-    sentence-transformers' ``mine_hard_negatives`` (its options, under its names) and write SimCSE-style triplets,
-    the CSV ``sent0,sent1,hard_neg`` that ``datamodules.NLIDataModule`` trains on (``datamodules/mining.py``). Pairs
-    that get no negative are not written; the last line printed counts them."""
-
-    parser = ArgumentParser(prog="train.py mine", description=mine_main.__doc__)
-    parser.add_argument("--model", type=str, required=True,
-                        help="a sentence-transformers or Hugging Face folder, a hub name, or a .ckpt written by "
-                             "`train.py fit` (exported into a temporary folder first)")
-    parser.add_argument("--pairs", type=str, required=True, help="CSV/TSV with a header (or a hub dataset)")
-    parser.add_argument("--output", type=str, required=True, help="the .csv to write (sent0,sent1,hard_neg)")
-    parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing --output")
-    parser.add_argument("--anchor_column", type=str, default="sent0", help="column of --pairs holding the anchors")
-    parser.add_argument("--positive_column", type=str, default="sent1", help="column holding the positives")
-    parser.add_argument("--corpus", type=str | None, default=None,
-                        help="more candidate negatives: .txt (one per line), .csv/.tsv with --corpus_column, or a "
-                             "dataset (default: only the positives of all pairs, which stay candidates anyway)")
-    parser.add_argument("--corpus_column", type=str, default="text", help="column of a .csv/.tsv --corpus")
-    parser.add_argument("--num_negatives", type=int, default=1,
-                        help="negatives per pair; each is written as its own triplet row")
-    parser.add_argument("--range_min", type=int, default=0,
-                        help="skip this many most similar candidates (ranked by cosine to the anchor)")
-    parser.add_argument("--range_max", type=int | None, default=None,
-                        help="consider only the this many most similar candidates (default: sentence-transformers')")
-    parser.add_argument("--margin", "--absolute_margin", dest="absolute_margin", type=float | None, default=None,
-                        help="keep a candidate only if its cosine is at least this much below the positive's")
-    parser.add_argument("--relative_margin", type=float | None, default=None,
-                        help="keep a candidate only if its cosine <= positive's - |positive's| x this (e.g. 0.05)")
-    parser.add_argument("--max_score", type=float | None, default=None, help="drop candidates with a higher cosine")
-    parser.add_argument("--min_score", type=float | None, default=None, help="drop candidates with a lower cosine")
-    parser.add_argument("--sampling_strategy", type=str, default="top", choices=SAMPLING_STRATEGIES,
-                        help="top: the most similar valid candidates; random: drawn among the valid ones (--seed)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --sampling_strategy random")
-    parser.add_argument("--batch_size", type=int, default=32, help="sentences per forward pass")
-    parser.add_argument("--device", type=str, default="auto", help="cpu, cuda, ... or auto (CUDA when available)")
-    parser.add_argument("--verbose", type=bool, default=True,
-                        help="let sentence-transformers print its score statistics (its encoding progress bars show "
-                             "either way: it turns them on itself)")
-    args = parser.parse_args(argv)
-    check_sentence_transformers()
-    check_output(args.output, args.overwrite)  # before the minutes of mining, not after
-    pairs = read_pairs(args.pairs, args.anchor_column, args.positive_column)
-    corpus = read_corpus(args.corpus, args.corpus_column) if args.corpus is not None else None
-    model = load_sentence_transformer(args.model, args.device, args.batch_size)
-    rows, report = mine_triplets(
-        pairs, model, corpus, num_negatives=args.num_negatives, range_min=args.range_min, range_max=args.range_max,
-        absolute_margin=args.absolute_margin, relative_margin=args.relative_margin, max_score=args.max_score,
-        min_score=args.min_score, sampling_strategy=args.sampling_strategy, batch_size=args.batch_size,
-        seed=args.seed, verbose=args.verbose)
-    out = write_triplets(args.output, rows, overwrite=args.overwrite)
-    print(f"{report.summary()} -> {out}")
-    return report
 
 
 #: The commands beside LightningCLI's fit / validate / test, each ``function(argv)``: the one place they are named.

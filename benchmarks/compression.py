@@ -56,11 +56,12 @@ sys.path.insert(0, str(ROOT))
 
 from common import write_json  # noqa: E402
 
-from datamodules.base import readable_as_umask  # noqa: E402
+from core.files import readable_as_umask  # noqa: E402
+from core.metrics import spearman100  # noqa: E402
 from datamodules.groups import kmeans_groups  # noqa: E402
 from datamodules.nli import read_rows  # noqa: E402
 from datamodules.sentences import read_sentences  # noqa: E402
-from datamodules.sts import load_sts, spearman100  # noqa: E402
+from datamodules.sts import load_sts  # noqa: E402
 from lightning_modules.components.encoder import Encoder  # noqa: E402
 from lightning_modules.components.heads import ProjectionHead  # noqa: E402
 from lightning_modules.losses.mcr2 import matryoshka_mcr2_loss, mcr2_loss  # noqa: E402

@@ -45,9 +45,9 @@ sys.path.insert(0, str(ROOT))
 
 from common import write_json  # noqa: E402
 
+from core.metrics import spearman100  # noqa: E402
 from datamodules import NLIDataModule, SentencesDataModule, load_sts  # noqa: E402
 from datamodules.no_duplicates import repeats_per_batch  # noqa: E402
-from datamodules.sts import spearman100  # noqa: E402
 from lightning_modules import ContrastiveModule  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"

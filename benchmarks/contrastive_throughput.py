@@ -156,7 +156,7 @@ class MinimalSimCSE(pl.LightningModule):
 def run_lightning(texts: list[str], args, accelerator: str, precision: str) -> float:
     from transformers import AutoTokenizer
 
-    from lightning_modules.components.hub import resolve_model
+    from core.hub import resolve_model
 
     path = resolve_model(args.model)
     tokens = AutoTokenizer.from_pretrained(path)(texts, padding=True, truncation=True, max_length=args.max_length,
@@ -180,7 +180,7 @@ def run_sentence_transformers(texts: list[str], args, accelerator: str, precisio
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from transformers import TrainerCallback
 
-    from lightning_modules.components.hub import resolve_model
+    from core.hub import resolve_model
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:

@@ -67,10 +67,10 @@ def main() -> None:
 
     from sentence_transformers import SentenceTransformer
 
+    from core.errors import DataError
+    from core.hub import resolve_model
     from datamodules.sts import load_sts
     from lightning_modules import ContrastiveModule
-    from lightning_modules.components.errors import DataError
-    from lightning_modules.components.hub import resolve_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -133,7 +133,7 @@ def main() -> None:
 
     out = write_json(args.out or ROOT / "benchmarks" / "results" / f"eval_throughput-{device}.json", result)
     if args.suite:
-        from lightning_modules.evaluate import evaluate_main
+        from commands.evaluate import evaluate_main
 
         wall, cpu = time.perf_counter(), cpu_seconds()
         suite = evaluate_main(

@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from common import write_json  # noqa: E402
 
+from core.metrics import FVU, PrefixFVU  # noqa: E402
 from datamodules.activations import ActivationsDataModule  # noqa: E402
-from lightning_modules.sae import FVU, PrefixFVU, SAEModule  # noqa: E402
+from lightning_modules.sae import SAEModule  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 

@@ -63,7 +63,7 @@ def step_ratio(plain, nested, dm: ActivationsDataModule, rounds: int = 20) -> di
 
 
 def suite(sae_a, sae_b, cache, wic, out_dir: Path, tokens: int) -> dict:
-    from lightning_modules.interpret.suite import run_suite
+    from evaluation.interpret.suite import run_suite
 
     res = run_suite(sae_a, cache, out_dir, sae_b=sae_b, wic_pairs=wic, max_tokens=tokens, title="SAE features")
     summary = {k.removeprefix("interpret/"): v for k, v in res.summary.items() if isinstance(v, (int, float))}

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytorch_lightning as pl
+from evaluation.interpret.sts_recovered import recovered_metrics, sts_recovered
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from callbacks.run_results import (
@@ -16,27 +17,18 @@ from callbacks.run_results import (
     evaluation,
     log_artifacts,
     log_evaluation,
+    run_folder,
     wandb_loggers,
     write_evaluation,
 )
-from datamodules.base import write_atomic
-from lightning_modules.components.errors import DataError, read_json
-from lightning_modules.evaluate import parse_tasks
+from core.errors import DataError, read_json
+from core.files import shown, write_atomic
+from evaluation.evaluate import parse_tasks
 from lightning_modules.export import best_or_current, export, export_format, how_to_load, is_sae, prepare_output_dir
-from lightning_modules.interpret.sts_recovered import recovered_metrics, sts_recovered
 from lightning_modules.model_card import DEFAULT_STS_TASKS, checkpoint_facts
 from lightning_modules.sae_card import checkpoint_metrics, state_metrics
 
 RUN_FILE = "run.json"
-
-
-def run_folder(trainer: pl.Trainer) -> Path:
-    """The folder of this run: the one that holds its checkpoint folder (``<save_dir>/<name>/<version>`` by
-    default; the same folder when the run is resumed), else the trainer's log folder."""
-    callback = trainer.checkpoint_callback
-    if callback is not None and callback.dirpath:
-        return Path(callback.dirpath).parent
-    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 class WritesAtFitEnd(pl.Callback):
@@ -92,7 +84,7 @@ class ExportOnFitEnd(WritesAtFitEnd):
     Prints the checkpoint, the exported folder and the logger locations (W&B run folder and ``wandb sync`` hint
     when offline).
 
-    An SAE's figures include STS recovered (:mod:`lightning_modules.interpret.sts_recovered`: the STS test sets of
+    An SAE's figures include STS recovered (:mod:`evaluation.interpret.sts_recovered`: the STS test sets of
     ``sts_tasks`` scored with the SAE spliced in, against the clean and the zero-ablated encoder) when the datamodule
     names a data root.
 
@@ -185,12 +177,6 @@ def wandb_run(logger) -> dict | None:
     offline = getattr(run.settings, "_offline", False) or getattr(run.settings, "mode", "") == "offline"
     return {"id": run.id, "project": run.project, "dir": shown(Path(run.dir).parent), "offline": bool(offline),
             "disabled": bool(getattr(run, "disabled", False))}
-
-
-def shown(path: str | Path) -> str:
-    """``path`` as the user would type it: relative to the working directory when it lies below it."""
-    path = Path(path)
-    return str(path.relative_to(Path.cwd()) if path.is_absolute() and path.is_relative_to(Path.cwd()) else path)
 
 
 def datamodule_config(dm: pl.LightningDataModule) -> dict:

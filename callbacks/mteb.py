@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
-from lightning_modules.mteb_eval import LOCAL_STS, encoder, evaluate_tasks, load_tasks
+from evaluation.mteb_eval import LOCAL_STS, encoder, evaluate_tasks, load_tasks
 
 __all__ = ["LOCAL_STS", "MTEBEvaluator", "module_encoder"]
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def module_encoder(module: pl.LightningModule, batch_size: int, name: str, revision: str,
                    prompts: dict[str, str] | None = None):
-    """MTEB's encoder interface over ``module.encode(list[str]) -> (N, D)`` (:func:`lightning_modules.mteb_eval.
+    """MTEB's encoder interface over ``module.encode(list[str]) -> (N, D)`` (:func:`evaluation.mteb_eval.
     encoder`; ``prompts`` as there)."""
     return encoder(lambda texts: module.encode(texts, batch_size=batch_size), name, revision, prompts)
 
@@ -52,7 +52,7 @@ class MTEBEvaluator(pl.Callback):
             checkpoints on STS-B dev); None keeps MTEB's.
         batch_size: sentences per encoding batch.
         prompts: text put before the inputs, keyed as MTEB keys prompts (``query`` / ``document``, a task name or
-            type; see :func:`lightning_modules.mteb_eval.encoder`), e.g. ``{"query": "query: ", "document":
+            type; see :func:`evaluation.mteb_eval.encoder`), e.g. ``{"query": "query: ", "document":
             "passage: "}`` for a model trained with e5's prefixes.
         results_dir: the ``ResultCache`` folder the TaskResults go to; default ``<run folder>/mteb`` during
             ``fit``; '' keeps none.
@@ -85,7 +85,7 @@ class MTEBEvaluator(pl.Callback):
 
     # ------------------------------------------------------------------------------------------- tasks
     def load_tasks(self) -> list:
-        """MTEB task objects, data loaded once (:func:`lightning_modules.mteb_eval.load_tasks`)."""
+        """MTEB task objects, data loaded once (:func:`evaluation.mteb_eval.load_tasks`)."""
         if self._tasks is None:
             self._tasks = load_tasks(self.task_names, self.data_root, self.local_data, self.eval_splits)
         return self._tasks
@@ -174,7 +174,7 @@ class MTEBEvaluator(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # every rank, once the checkpoint folder is known (trainer.log_dir is a broadcast under DDP)
         if self.results_dir is None:
-            from callbacks.export import run_folder  # imported when used: callbacks.export reads results_dir
+            from callbacks.run_results import run_folder  # imported when used: callbacks.export reads results_dir
 
             self.results_dir = str(run_folder(trainer) / "mteb")
 

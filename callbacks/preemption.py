@@ -5,7 +5,7 @@ send SIGUSR1 first (``#SBATCH --signal=SIGUSR1@90``). Lightning 2.6 answers SIGT
 ``SIGTERMException`` (a ``SystemExit`` with no code): the process exits 0 without saving the steps since the last
 checkpoint, and the scheduler marks the job COMPLETED. Here:
 
-- :class:`PreemptionCheckpoint` (every ``fit`` gets one, :mod:`callbacks.run_defaults`) saves a complete checkpoint
+- :class:`PreemptionCheckpoint` (every ``fit`` gets one, :mod:`commands.run_defaults`) saves a complete checkpoint
   of the step reached when the loop stops on the signal: ``last.ckpt`` in the checkpoint folder, which
   ``--ckpt_path last`` resumes. Under SLURM with auto-requeue (Lightning's ``SLURMEnvironment``) it saves
   Lightning's ``hpc_ckpt_<n>.ckpt`` instead and requeues the job once (``scontrol requeue``; a failure is
@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from callbacks.export import shown
+from core.files import shown
 from lightning_modules.checkpoints import AtomicCheckpointIO, finish_checkpoint_writes
 
 #: The signals a scheduler stops a job with.

@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
-from datamodules.base import write_atomic
+from core.files import write_atomic
 
 #: The file beside the run (the folder that holds its checkpoints) with what the exported weights score.
 EVAL_FILE = "eval.json"
@@ -169,3 +169,12 @@ def log_artifacts(loggers: list[WandbLogger], ckpt: str | None, export_dir: Path
         export = wandb.Artifact(f"export-{run.id}", type=export_type, metadata={**metadata, **(export_metadata or {})})
         export.add_dir(str(folder), policy="immutable")
         run.log_artifact(export)
+
+
+def run_folder(trainer: pl.Trainer) -> Path:
+    """The folder of this run: the one that holds its checkpoint folder (``<save_dir>/<name>/<version>`` by
+    default; the same folder when the run is resumed), else the trainer's log folder."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.dirpath:
+        return Path(callback.dirpath).parent
+    return Path(trainer.log_dir or trainer.default_root_dir)

@@ -8,8 +8,9 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from datamodules.sts import STSPairs, load_sts, spearman100
-from lightning_modules.components.errors import DataError
+from core.errors import DataError
+from core.metrics import spearman100
+from datamodules.sts import STSPairs, load_sts
 
 
 def metric_name(task: str) -> str:

@@ -14,7 +14,7 @@ class WandbSummaries(pl.Callback):
     starts (the dashboard's run table then shows the best value, not the last), and at fit end
     ``best/<metric>`` and ``best/<metric>/step``: the best checkpoint's score and the step it was written at.
 
-    ``train.py fit`` adds it to any run with a W&B logger (``callbacks.run_defaults``).
+    ``train.py fit`` adds it to any run with a W&B logger (``commands.run_defaults``).
     """
 
     @staticmethod

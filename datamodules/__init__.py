@@ -1,5 +1,6 @@
 """Datamodules: text in, token ids out. They know a model only through the tokenizer handed to ``connect``."""
 
+from core.errors import DataError
 from datamodules.activation_cache import ActivationCache
 from datamodules.activations import ActivationsDataModule
 from datamodules.base import TextDataModule
@@ -9,7 +10,6 @@ from datamodules.nli import NLIDataModule
 from datamodules.sentences import SentencesDataModule
 from datamodules.sts import STS_TASKS, STSDataModule, STSPairs, load_sts
 from datamodules.wic import WiCDataModule, WiCPair, load_wic, read_wic
-from lightning_modules.components.errors import DataError
 
 __all__ = [
     "ActivationCache",

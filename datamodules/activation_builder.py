@@ -1,6 +1,6 @@
 """Building an activation cache: running an encoder over a corpus and writing the shards (the format is in
 :mod:`datamodules.activation_cache`). The one datamodule that runs a model, through the Hugging Face helpers of
-``lightning_modules.components.hub``."""
+``core.hub``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,17 @@ from huggingface_hub import snapshot_download
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from core.errors import DataError
+from core.files import write_atomic
+from core.hub import (
+    check_max_length,
+    check_model_files,
+    load_hub_dataset,
+    load_pretrained,
+    looks_like_hub_name,
+    resolve_model,
+)
+from core.tensors import masked_mean
 from datamodules.activation_cache import (
     META_COLUMNS,
     META_FIRST_PIECE,
@@ -24,15 +35,11 @@ from datamodules.activation_cache import (
     POS_TAGS,
     SPECIAL,
     Level,
-    save_atomic,
 )
-from datamodules.base import load_hub_dataset, looks_like_hub_name, resolve, write_atomic
+from datamodules.base import resolve
 from datamodules.brown import find_nltk_data, read_brown
 from datamodules.sentences import read_sentences
 from datamodules.sts import STS_TASKS, load_sts
-from lightning_modules.components.errors import DataError
-from lightning_modules.components.hub import check_max_length, check_model_files, load_pretrained, resolve_model
-from lightning_modules.components.pooling import masked_mean
 
 MODEL_FILES = re.compile(r"(config\.json|tokenizer\.json|vocab\.txt|.*\.model|.*\.safetensors|pytorch_model.*\.bin)")
 
@@ -353,7 +360,8 @@ class CacheBuilder:
                 for folder, layer_vectors in zip(folders, vectors):
                     if folder in todo:
                         for suffix, array in (("vectors", layer_vectors), ("meta", meta)):  # meta last: marks it done
-                            save_atomic(folder / f"{name}.{suffix}.npy", array)
+                            write_atomic(folder / f"{name}.{suffix}.npy", lambda f, a=array: np.save(f, a),
+                                         what="activation shard ")
                 n = len(meta)
                 n_new += n
                 rank_zero_info(f"activation cache {', '.join(f.name for f in folders)}: shard {s} ({n} vectors, "

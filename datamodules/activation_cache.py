@@ -12,7 +12,7 @@ A cache is a folder of shards (memory-mapped ``.npy`` arrays) written once per (
 
 The folder name under ``cache_dir`` carries a hash of the identity, so a different model, layer or source gets a
 new cache; an explicit ``cache_path`` whose ``identity.json`` differs raises
-:class:`~lightning_modules.components.errors.DataError` listing the differing fields (never silently reused). An
+:class:`~core.errors.DataError` listing the differing fields (never silently reused). An
 interrupted build resumes at the first missing shard.
 
 Token-level vectors: ``hidden_states[layer]`` (0 = embeddings output, i = layer i) at every non-padding position;
@@ -38,8 +38,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
+from core.errors import DataError, read_json
 from datamodules.brown import UNIVERSAL_TAGS
-from lightning_modules.components.errors import DataError, StorageError, read_json, why_write_failed
 
 FORMAT_VERSION = 1
 #: Tag ids stored per token vector index into this tuple; -1 = no tag (text without POS annotation).
@@ -70,18 +70,6 @@ def identity_diff(found: dict, expected: dict, prefix: str = "") -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-def save_atomic(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file, an fsync and a rename (as :func:`datamodules.base.write_atomic`)."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise StorageError(f"could not write {path}: {why_write_failed(err, path)}") from None
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import AutoConfig
 
+from core.errors import DataError, read_json
 from datamodules.activation_builder import (
     CacheBuilder,
     Corpus,
@@ -38,7 +39,6 @@ from datamodules.activation_cache import (
     identity_diff,
 )
 from datamodules.base import ResumesMidEpoch
-from lightning_modules.components.errors import DataError, read_json
 
 
 # ------------------------------------------------------------------------------------------------- several layers

@@ -2,69 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import errno
 import io
 import os
-import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import pytorch_lightning as pl
-import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from lightning_modules.components.encoder import pad_ids
-from lightning_modules.components.errors import DataError, StorageError, why_write_failed
-
-
-def write_atomic(path: Path, data: str | bytes | memoryview | Callable[[BinaryIO], None], what: str = "") -> None:
-    """Write ``data`` (text, bytes, or a function writing to the open binary file) to ``path`` through a temporary
-    file of this process (``.<name>.<host>-<pid>.tmp``), fsync and a rename: readers (another run, or this one after
-    a crash or a full disk) see the old content or the new one, never a part. A failure removes the temporary and
-    raises :class:`StorageError` naming the file (``what`` says what it is, e.g. "checkpoint ")."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w" if isinstance(data, str) else "wb", **({"encoding": "utf-8"} if isinstance(data, str)
-                                                                   else {})) as f:
-            data(f) if callable(data) else f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):  # NotADirectoryError when the folder is a file
-            tmp.unlink(missing_ok=True)
-        raise StorageError(f"could not write {what}{path}: {why_write_failed(err, path)}") from None
-
-
-def readable_as_umask(path: Path) -> None:
-    """Give ``path``, and everything under it when it is a folder, the mode a new file or folder gets from the umask
-    (0644 / 0755 under umask 022): safetensors' ``save_file`` creates its file 0600 whatever the umask, so another
-    account on a shared cluster could not read the weights beside files it can read. Call it after writing and
-    before the atomic rename, so that no reader ever sees the file with the other mode."""
-    mask = current_umask()
-    path = Path(path)
-    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
-
-
-def current_umask() -> int:
-    """The process's umask, read from Linux's /proc without changing it (setting it to read it, the portable way,
-    would give a file another thread creates meanwhile the wrong mode); elsewhere read by setting it back at once."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+from core.errors import DataError
+from core.tensors import pad_ids
+from datamodules.samplers import LengthGroupedSampler, ResumableSampler
 
 
 def resolve(source: str, data_root: str | None) -> Path | None:
@@ -101,27 +52,6 @@ def broken_link(path: Path) -> str | None:
             return (f"{path} is a dangling symbolic link: it points to {os.path.realpath(path)}, which does not "
                     "exist")
     return None
-
-
-def looks_like_hub_name(source: str) -> bool:
-    """``owner/name`` or ``name`` without a file suffix: something the hub could serve."""
-    return not Path(source).suffix and source.count("/") <= 1 and not source.startswith((".", "/", "~"))
-
-
-def load_hub_dataset(name: str, split: str, hint: str, subset: str | None = None, data_files: str | None = None):
-    """``datasets.load_dataset`` with an error that says how to use local files instead when it fails."""
-    # imported when used: datasets (~1 s to import) only for hub datasets and save_to_disk folders
-    import datasets
-
-    try:
-        return datasets.load_dataset(name, subset, split=split, data_files=data_files)
-    except Exception as err:  # offline: ConnectionError, OSError, DatasetNotFoundError, ... depending on version
-        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
-        raise DataError(
-            f"could not load {name!r} (split {split!r}) from the Hugging Face hub"
-            f"{' (HF_HUB_OFFLINE is set)' if offline else ' (offline, or a wrong name)'}: {type(err).__name__}: "
-            f"{str(err)[:300]}. No local file of that name exists either. {hint}"
-        ) from None
 
 
 #: Suffixes of structured files the text readers refuse rather than read line by line as sentences.
@@ -255,68 +185,6 @@ class PadCollator:
             L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids, mask = pad_ids([ids for row in rows for ids in row], self.pad_token_id, L)  # (B*V, L)
         return {"input_ids": input_ids.view(B, V, L), "attention_mask": mask.view(B, V, L).long()}
-
-
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` (any number of processes, one included) that can skip the first ``skip`` indices of
-    its next epoch: how a run resumed mid-epoch continues at the same sample. Lightning calls ``set_epoch``.
-
-    ``len()`` stays the full epoch's: Lightning sizes every later epoch from the first length it reads, and the
-    resumed epoch simply ends early when the shortened iterator runs out."""
-
-    skip: int = 0
-
-    def __iter__(self):
-        indices = self.order(list(super().__iter__()))
-        skip, self.skip = self.skip, 0
-        return iter(indices[skip:])
-
-    def order(self, indices: list[int]) -> list[int]:
-        """This rank's indices of the epoch, in the order batches are cut from; subclasses reorder them."""
-        return indices
-
-
-class LengthGroupedSampler(ResumableSampler):
-    """Batches of similar lengths (less padding), drawn from a shuffled order, deterministic and resumable.
-
-    The epoch's order is :class:`ResumableSampler`'s (shuffled from ``seed + epoch``, this rank's share). It is
-    cut into windows of ``window_batches * batch_size`` indices; each window is sorted by length (stable) and cut
-    into batches, whose order within the window is shuffled (from ``seed + epoch`` too). A trailing incomplete
-    batch stays last, so batches never straddle a cut. The result depends only on (seed, epoch, rank), hence a
-    resumed run skips to the same sample (``skip`` applies to this order).
-
-    In-batch negatives of similar length: for contrastive training this changes which negatives meet (off by
-    default); HF's ``LengthGroupedSampler`` does the same with 50-batch "megabatches".
-
-    Args:
-        lengths: the padded length each dataset row needs (longest of its views).
-        batch_size: rows per batch (per rank).
-        window_batches: batches per sorting window; larger means less padding and less randomness.
-        **kwargs: :class:`~torch.utils.data.DistributedSampler`'s (num_replicas, rank, shuffle, seed, drop_last).
-    """
-
-    def __init__(self, dataset, lengths: Sequence[int], batch_size: int, window_batches: int = 50,
-                 **kwargs) -> None:
-        super().__init__(dataset, **kwargs)
-        if len(lengths) != len(dataset):
-            raise ValueError(f"{len(lengths)} lengths for {len(dataset)} rows")
-        if window_batches < 1:
-            raise DataError(f"length_group_batches must be >= 1, got {window_batches}")
-        self.lengths, self.batch_size, self.window_batches = list(lengths), batch_size, window_batches
-
-    def order(self, indices: list[int]) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch + 1_000_003)  # not the permutation's stream
-        window = self.window_batches * self.batch_size
-        out: list[int] = []
-        for start in range(0, len(indices), window):
-            chunk = sorted(indices[start : start + window], key=self.lengths.__getitem__)
-            batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-            tail = [batches.pop()] if len(batches[-1]) < self.batch_size else []
-            for b in torch.randperm(len(batches), generator=g).tolist() if self.shuffle else range(len(batches)):
-                out.extend(batches[b])
-            for b in tail:
-                out.extend(b)
-        return out
 
 
 class ResumesMidEpoch:

@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
-from lightning_modules.components.errors import DataError
+from core.errors import DataError
 
 #: The 12 tags of Petrov, Das & McDonald's universal tagset (as NLTK spells them).
 UNIVERSAL_TAGS = ("ADJ", "ADP", "ADV", "CONJ", "DET", "NOUN", "NUM", "PRON", "PRT", "VERB", ".", "X")

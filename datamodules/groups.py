@@ -26,11 +26,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from datamodules.base import PadCollator, TextDataModule, looks_like_hub_name, resolve
+from core.errors import DataError
+from core.hub import looks_like_hub_name
+from datamodules.base import PadCollator, TextDataModule, resolve
 from datamodules.nli import read_rows
 from datamodules.sentences import read_sentences
 from datamodules.sts import SPLITS, STS_TASKS, load_sts
-from lightning_modules.components.errors import DataError
 
 
 class GroupedRows(Dataset):

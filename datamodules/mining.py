@@ -8,7 +8,7 @@ module reads the pairs with the project's readers (:func:`datamodules.nli.read_r
 line and column), counts the pairs that got no negative (sentence-transformers drops them, saying only how many
 negative slots stayed empty) and writes ``sent0,sent1,hard_neg`` rows, the CSV
 :class:`~datamodules.nli.NLIDataModule` reads, atomically. The model is loaded by the command
-(``lightning_modules.evaluate.load_sentence_transformer``): this module stands below the models.
+(``evaluation.evaluate.load_sentence_transformer``): this module stands below the models.
 
 What sentence-transformers does, which shapes the output:
 
@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datamodules.base import write_atomic
+from core.errors import DataError
+from core.files import write_atomic
 from datamodules.nli import read_rows
-from lightning_modules.components.errors import DataError
 
 #: sentence-transformers' ``mine_hard_negatives`` before 5.7 fails with a torch error (``selected index k out of
 #: range``, a mask shape mismatch) when the range or score limits leave a pair too few candidates, and does not check

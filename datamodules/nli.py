@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.base import TextDataModule, load_hub_dataset, looks_like_hub_name, read_table, resolve
-from lightning_modules.components.errors import DataError
+from core.errors import DataError
+from core.hub import load_hub_dataset, looks_like_hub_name
+from datamodules.base import TextDataModule, read_table, resolve
 
 HUB_COLUMNS = {"sentence-transformers/all-nli": ["anchor", "positive", "negative"]}
 

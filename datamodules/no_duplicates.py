@@ -2,7 +2,7 @@
 in-batch negative (a false negative the loss pushes away from its own copy).
 
 The sampler builds each epoch's order from (seed, epoch) alone, so every process computes the same thing and a
-resumed run skips to the same sample, exactly as :class:`~datamodules.base.ResumableSampler` does. What it
+resumed run skips to the same sample, exactly as :class:`~datamodules.samplers.ResumableSampler` does. What it
 orders is the *global* batch: ``world * batch_size`` rows, rank ``r`` taking rows ``r, r + world, ...`` of each.
 The DataLoader then cuts each rank's order into plain ``batch_size`` chunks, and the chunks of one step together
 are one global batch, duplicate-free, which is what matters when negatives are gathered across ranks. Where no
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
-from datamodules.base import ResumableSampler
+from datamodules.samplers import ResumableSampler
 
 
 def text_keys(rows: Sequence[Sequence[str]]) -> list[tuple[int, ...]]:
@@ -117,7 +117,7 @@ def swap_in(
 
 def shuffle_windows(batches: list[list[int]], full: int, window_batches: int, seed: int) -> list[list[int]]:
     """The first ``full`` batches shuffled within consecutive windows of ``window_batches``, from ``seed`` (the
-    stream :class:`~datamodules.base.LengthGroupedSampler` draws its batch order from); later batches stay last."""
+    stream :class:`~datamodules.samplers.LengthGroupedSampler` draws its batch order from); later batches stay last."""
     g = torch.Generator().manual_seed(seed + 1_000_003)
     out = []
     for start in range(0, full, window_batches):
@@ -134,14 +134,14 @@ class NoDuplicatesSampler(ResumableSampler):
     ``num_replicas * batch_size`` rows, then one final global batch of ``num_replicas * (len(self) % batch_size)``
     rows when the share does not divide; rank ``r`` takes rows ``r, r + num_replicas, ...`` of each, the way
     DistributedSampler deals, so that when no text collides the order is exactly
-    :class:`~datamodules.base.ResumableSampler`'s (on any number of ranks). Duplicates are avoided in the
+    :class:`~datamodules.samplers.ResumableSampler`'s (on any number of ranks). Duplicates are avoided in the
     global batch, hence across ranks as well as within each rank's batch.
 
     With ``lengths`` (``group_by_length``), each window of ``window_batches`` global batches is sorted by length
     before packing, ascending and descending in turn, so that a deferred row mostly waits for a batch of similar
     lengths (at a window's end, the next window starts with the same lengths); after packing, the full batches are
     shuffled within each window (:func:`shuffle_windows`). Lengths are grouped over global batches, not over each
-    rank's share as :class:`~datamodules.base.LengthGroupedSampler` does. A row deferred within a descending
+    rank's share as :class:`~datamodules.samplers.LengthGroupedSampler` does. A row deferred within a descending
     window lands in a batch of shorter rows: on the SNLI dev/test triplets (batch 64, windows of 50) the padded
     tokens are about 3% above length grouping alone, and half those of no grouping.
 

@@ -6,16 +6,9 @@ from pathlib import Path
 
 from pytorch_lightning.utilities import rank_zero_warn
 
-from datamodules.base import (
-    TextDataModule,
-    load_hub_dataset,
-    looks_like_hub_name,
-    read_lines,
-    read_table,
-    resolve,
-    text_file_kind,
-)
-from lightning_modules.components.errors import DataError
+from core.errors import DataError
+from core.hub import load_hub_dataset, looks_like_hub_name
+from datamodules.base import TextDataModule, read_lines, read_table, resolve, text_file_kind
 
 
 def read_sentences(

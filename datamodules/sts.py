@@ -24,28 +24,13 @@ import functools
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from scipy.stats import spearmanr
 from torch.utils.data import DataLoader
 
-from datamodules.base import PadCollator, TokenizedRows, load_hub_dataset, read_table, resolve
-from lightning_modules.components.errors import DataError
-
-
-def spearman100(x, y) -> float:
-    """Spearman's rho x 100 of predicted similarities ``x`` against gold scores ``y``, in float64 with average ranks
-    for ties (scipy; as SentEval and MTEB compute it). The one STS score of the project: validation, the
-    STSEvaluator callback and ``train.py evaluate`` all call it. NaN when ``x`` holds a non-finite value: ranking
-    NaN embeddings' cosines gives an arbitrary number (0.54 on a diverged run), which must never select a checkpoint.
-    """
-
-    x = torch.as_tensor(x, dtype=torch.float64).cpu().numpy()
-    y = torch.as_tensor(y, dtype=torch.float64).cpu().numpy()
-    if not np.isfinite(x).all():
-        return float("nan")
-    return float(spearmanr(x, y).statistic * 100)
+from core.errors import DataError
+from core.hub import load_hub_dataset
+from datamodules.base import PadCollator, TokenizedRows, read_table, resolve
 
 STS_TASKS = ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")
 SPLITS = {"stsb": ("train", "dev", "test"), "sickr": ("train", "dev", "test")}

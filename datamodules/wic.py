@@ -1,5 +1,5 @@
 """Word-in-Context (WiC, Pilehvar & Camacho-Collados, NAACL 2019): one target word in two contexts, gold T when it
-has the same sense in both. Used by PS-Eval (``lightning_modules/interpret/pseval.py``).
+has the same sense in both. Used by PS-Eval (``evaluation/interpret/pseval.py``).
 
 Local layout (the organisers' release, e.g. ``../shared/data/wic``)::
     wic/{train,dev,test}/{split}.data.txt   word TAB POS (N/V) TAB index pair "i-j" TAB context1 TAB context2
@@ -20,8 +20,9 @@ from typing import NamedTuple
 
 import pytorch_lightning as pl
 
-from datamodules.base import load_hub_dataset, looks_like_hub_name, resolve
-from lightning_modules.components.errors import DataError
+from core.errors import DataError
+from core.hub import load_hub_dataset, looks_like_hub_name
+from datamodules.base import resolve
 
 SPLITS = ("train", "dev", "test")
 HUB_NAME, HUB_SUBSET = "aps/super_glue", "wic"

@@ -11,7 +11,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import Tensor
 from transformers import get_linear_schedule_with_warmup
 
-from datamodules.sts import spearman100
+from core.metrics import spearman100
 from lightning_modules.checkpoints import CLASS_PATH_KEY, LOGGERS_KEY
 from lightning_modules.components.encoder import Encoder
 from lightning_modules.components.guard import DivergenceError, DivergenceGuard, Event, describe

@@ -7,7 +7,7 @@ results from), so what is written is what ``huggingface_hub.ModelCard`` / ``meta
   README.md, the folder of a hub name installed offline (``components.hub.OFFLINE_PACKAGES``), or the hub name's
   README.md in the local Hugging Face cache); absent otherwise, never guessed.
 - datasets: the hub datasets the run's datamodule names (local files have no hub id and are not listed).
-- model-index: MTEB's TaskResults (:func:`lightning_modules.mteb_eval.eval_results`, main score 0-1 as MTEB stores
+- model-index: MTEB's TaskResults (:func:`evaluation.mteb_eval.eval_results`, main score 0-1 as MTEB stores
   it) and the STS table measured at export (:func:`sts_eval_results`, Spearman of cosine as 0-1, SentEval text).
 """
 
@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.base import looks_like_hub_name
-from lightning_modules.components.hub import resolve_model
+from core.hub import looks_like_hub_name, resolve_model
 
 #: Local STS task -> the hub dataset MTEB scores the same pairs from (``mteb.get_task(name).metadata.dataset``).
 #: ``sickr`` (the SICK test split only) is absent: MTEB's SICK-R is all three files (``sickr_all``).

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from datamodules.base import write_atomic
-from lightning_modules.components.errors import DataError, StorageError, unwritable
+from core.errors import DataError, StorageError, unwritable
+from core.files import write_atomic
 
 
 class ArtifactError(StorageError):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from core.errors import DataError
 from lightning_modules.base import EmbeddingModule, nested_dims
 from lightning_modules.components.encoder import Encoder, MLPMode
-from lightning_modules.components.errors import DataError
 from lightning_modules.losses.contrastive import (
     CandidateBuilder,
     InBatchNegatives,

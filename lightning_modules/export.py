@@ -19,15 +19,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from datamodules.base import readable_as_umask
+from core.errors import DataError, why_write_failed
+from core.files import readable_as_umask
+from core.hub import pooler_report_filtered
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.checkpoints import ArtifactError
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, fold_input_scale
-from lightning_modules.components.errors import DataError, why_write_failed
 from lightning_modules.components.guard import DivergenceError
-from lightning_modules.components.hub import pooler_report_filtered
 from lightning_modules.components.st_modules import st_modules, transformer
-from lightning_modules.loading import load_module
+from lightning_modules.loading import is_checkpoint_file, load_module
 from lightning_modules.model_card import write_model_card
 from lightning_modules.sae_card import sae_card
 from lightning_modules.saelens_format import WEIGHTS_FILE as SAELENS_WEIGHTS
@@ -314,3 +314,19 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu"):
             raise ValueError(f"{path / SPARSITY_FILE}: expected a tensor 'sparsity' of shape ({sae.num_latents},)")
         sae.log10_density = density
     return sae.to(device).eval()
+
+
+def load_any_sae(path: str | Path):
+    """An SAE in eval mode from an exported folder (``cfg.json`` + ``sae.safetensors``) or an ``SAEModule``
+    checkpoint (``.ckpt``, or a zip archive by any name: :func:`~lightning_modules.loading.is_checkpoint_file`)."""
+
+    path = Path(path)
+    if is_checkpoint_file(path):
+        module = load_module(path)
+        if not hasattr(module, "sae"):
+            raise DataError(f"{path} is a {type(module).__name__} checkpoint, not an SAEModule one")
+        return module.sae.eval()
+    if sae_weights_file(path) is None:
+        raise DataError(f"{path}: neither an SAE checkpoint (.ckpt) nor an exported SAE folder (cfg.json + "
+                        "sae.safetensors, or SAELens' sae_weights.safetensors)")
+    return load_sae(path).eval()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from core.errors import DataError
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.checkpoints import checkpoint_class, recorded_hparams
-from lightning_modules.components.errors import DataError
 
 
 def is_checkpoint_file(path: str | Path) -> bool:
@@ -66,3 +66,5 @@ def load_module(ckpt_path: str | Path) -> EmbeddingModule:
     before = ckpt.get("hyper_parameters") or {}
     overrides.update({k: v for k, v in recorded.items() if k in accepted and k not in before})
     return cls.load_from_checkpoint(path, map_location="cpu", **overrides)
+
+

@@ -14,12 +14,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from datamodules.base import readable_as_umask
+from core.errors import DataError
+from core.files import readable_as_umask
+from core.metrics import spearman100
 from datamodules.groups import kmeans_groups
-from datamodules.sts import load_sts, spearman100
+from datamodules.sts import load_sts
 from lightning_modules.base import EmbeddingModule, nested_dims
 from lightning_modules.components.encoder import Encoder
-from lightning_modules.components.errors import DataError
 from lightning_modules.components.heads import ProjectionHead
 from lightning_modules.losses.mcr2 import GroupLayout, MCR2Output, group_layout, matryoshka_mcr2_loss, mcr2_loss
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from core.errors import DataError
+from evaluation.evaluate import SentenceTransformerEmbedder, load_tasks, score_tasks
 from lightning_modules.card_metadata import front_matter, sts_eval_results
 from lightning_modules.checkpoints import DATA_CONFIG_KEY, LOGGERS_KEY
-from lightning_modules.components.errors import DataError
-from lightning_modules.evaluate import SentenceTransformerEmbedder, load_tasks, score_tasks
 
 #: STS test sets scored at export when the run names a data root (all seven take about a minute on MiniLM).
 DEFAULT_STS_TASKS = ("stsb", "sickr")
@@ -59,7 +59,7 @@ def checkpoint_facts(ckpt_path: str | Path) -> dict:
                                                                           .get("data_root")]
     dirs = [s["dirpath"] for s in states if "best_k_models" in s and isinstance(s.get("dirpath"), str)]
     facts = {"checkpoint": str(ckpt_path), "step": step, "data": data,
-             "run_dir": str(Path(dirs[0]).parent) if dirs else None,  # as callbacks.export.run_folder finds it
+             "run_dir": str(Path(dirs[0]).parent) if dirs else None,  # as callbacks.run_results.run_folder finds it
              "dev_metric": _dev_metric(states, ckpt_path, step), "wandb": _wandb_run(ckpt.get(LOGGERS_KEY) or []),
              "sts_data_root": next((r for r in sts_roots if r), None)}
     return {k: v for k, v in facts.items() if v is not None}
@@ -147,7 +147,7 @@ def run_mteb_results(module, facts: dict) -> list:
     folder = facts.get("mteb_results_dir") or (Path(facts["run_dir"]) / "mteb" if facts.get("run_dir") else None)
     if folder is None or facts.get("step") is None or not Path(folder).is_dir():
         return []
-    from lightning_modules.mteb_eval import load_results
+    from evaluation.mteb_eval import load_results
 
     return load_results(folder, f"embedlab/{type(module).__name__}", f"step{facts['step']}")
 
@@ -288,7 +288,7 @@ def model_card(module, facts: dict | None, load_path: str | Path, dim: int) -> s
     short = Path(base).name if Path(base).exists() else base
     dims = list(getattr(module, "matryoshka_dims", None) or [])
     tags = ["sentence-transformers", "sentence-similarity", "embedlab", tag] + (["matryoshka"] if dims else [])
-    from lightning_modules.mteb_eval import eval_results  # mteb itself is imported only when there are results
+    from evaluation.mteb_eval import eval_results  # mteb itself is imported only when there are results
 
     mteb_results = facts.get("mteb") or []
     results = eval_results(mteb_results) + sts_eval_results(facts.get("sts"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from datamodules.base import looks_like_hub_name
+from core.hub import looks_like_hub_name
 from lightning_modules.components.batch_topk import BatchTopKSAE
 
 #: The figures of the card: (label, metric name under ``val/sae/`` and ``sae/``).

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from core.errors import DataError
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
-from lightning_modules.components.errors import DataError
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 #: The ``metadata.sae_lens_version`` written: the first version of the layout above (SAELens converts older ones).

@@ -12,11 +12,11 @@ import pytest
 import torch
 from mini_brown import write_mini_nltk
 
+from core.errors import DataError
 from datamodules.activation_builder import CacheBuilder
 from datamodules.activation_cache import META_COLUMNS, POS_TAGS, SPECIAL
 from datamodules.activations import ActivationsDataModule, BatchRowSampler
 from datamodules.brown import read_brown
-from lightning_modules.components.errors import DataError
 
 BROWN_FILES = {
     # word/TAG tokens, one sentence per line, blank lines between paragraphs; "1/2/cd" has a slash in the word;

@@ -13,7 +13,7 @@ import pytest
 from test_train_cli import fit_args
 
 import train
-from callbacks.run_environment import ClusterError, check_rank_variables
+from commands.run_environment import ClusterError, check_rank_variables
 
 ROOT = Path(__file__).resolve().parents[1]
 

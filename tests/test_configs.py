@@ -100,7 +100,7 @@ def test_trainer_overrides_train_a_step_on_cpu(override, tmp_path, local_paths, 
     """Each override instantiates with a quick recipe: trainer, plugins (SLURMEnvironment), model and data switches."""
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
-    from datamodules.base import LengthGroupedSampler
+    from datamodules.samplers import LengthGroupedSampler
 
     monkeypatch.chdir(tmp_path)
     cfg = patch(yaml.safe_load((CONFIGS / "quickstart.yaml").read_text()), local_paths, tmp_path)

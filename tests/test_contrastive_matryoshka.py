@@ -11,7 +11,8 @@ from test_train_cli import SENTENCES, fit_args
 
 import train
 from callbacks import STSEvaluator
-from datamodules.sts import load_sts, spearman100
+from core.metrics import spearman100
+from datamodules.sts import load_sts
 from lightning_modules import ContrastiveModule
 from lightning_modules.losses import InBatchNegatives, Views, info_nce
 

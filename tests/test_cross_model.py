@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_interpret import codes_of, random_corpus
-
-from datamodules.activation_cache import META_SENTENCE, META_WORD, POS_TAGS, SPECIAL
-from lightning_modules.interpret.cross_model import (
+from evaluation.interpret.cross_model import (
     WORD_KEY_BASE,
     align,
     compare_models,
@@ -16,7 +13,10 @@ from lightning_modules.interpret.cross_model import (
     match_features,
     word_codes,
 )
-from lightning_modules.interpret.pos import label_features
+from evaluation.interpret.pos import label_features
+from test_interpret import codes_of, random_corpus
+
+from datamodules.activation_cache import META_SENTENCE, META_WORD, POS_TAGS, SPECIAL
 
 
 def tokenise(sentences: list[dict], seed: int, keep_special: bool) -> np.ndarray:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from core.tensors import masked_mean
 from lightning_modules.components.encoder import Encoder
-from lightning_modules.components.pooling import masked_mean
 
 
 def batch(enc, sentences):
@@ -95,7 +95,7 @@ def test_the_left_out_pooler_is_not_reported_but_other_missing_weights_are(tiny_
 
     from safetensors.torch import load_file, save_file
 
-    from lightning_modules.components.hub import load_pretrained
+    from core.hub import load_pretrained
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import DataError
 from datamodules.sts import STSPairs, apply_text_form, load_sts, load_sts_subsets, senteval_text
-from lightning_modules.components.errors import DataError
-from lightning_modules.evaluate import (
+from evaluation.evaluate import (
     SentenceEmbeddings,
     evaluate_sts,
     format_table,
@@ -278,7 +278,7 @@ def test_cli_prints_table_and_writes_json(trained, sample_data, tmp_path, capsys
 
 
 def test_table_layout():
-    from lightning_modules.evaluate import TaskScore
+    from evaluation.evaluate import TaskScore
 
     scores = {t: TaskScore(t, 70.0 + i, 71.0 + i, 0.0, 10) for i, t in enumerate(["sts12", "stsb", "sickr"])}
     lines = format_table(scores).splitlines()

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from test_train_cli import fit_args
 
 import train
+from core.errors import DataError
 from lightning_modules import SAEModule
 from lightning_modules.components.batch_topk import BatchTopKSAE
-from lightning_modules.components.errors import DataError
 from lightning_modules.export import export, export_sae, load_sae
 
 D, F, K, B = 12, 64, 4, 256
@@ -254,8 +254,8 @@ def test_train_export_format_saelens_and_its_errors(fitted_sae, tmp_path, tiny_m
     card = (out / "README.md").read_text()
     assert "| FVU | not measured |" in card and "up to step 6; the weights are those of" in card
     # the SAELens folder is an SAE to every loader: interpret loads it, evaluate says it is no sentence encoder
-    from callbacks.interpret import load_any_sae
-    from lightning_modules.evaluate import load_embedder
+    from evaluation.evaluate import load_embedder
+    from lightning_modules.export import load_any_sae
 
     torch.testing.assert_close(load_any_sae(out).encode(x), module.encode(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(DataError, match="is an exported SAE: evaluate scores sentence encoders"):

@@ -8,7 +8,8 @@ import pytorch_lightning as pl
 import torch
 
 from datamodules import SentencesDataModule
-from datamodules.base import LengthGroupedSampler, PadCollator, ResumableSampler, TokenizedRows
+from datamodules.base import PadCollator, TokenizedRows
+from datamodules.samplers import LengthGroupedSampler, ResumableSampler
 from lightning_modules import ContrastiveModule
 from lightning_modules.components.encoder import Encoder, is_checkpointing
 

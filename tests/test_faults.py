@@ -18,10 +18,10 @@ import torch
 from test_train_cli import fit_args
 
 import train
+from core.errors import DataError, StorageError
+from core.metrics import spearman100
 from datamodules.base import read_text
-from datamodules.sts import spearman100
 from lightning_modules.checkpoints import ArtifactError, damage, newest_complete
-from lightning_modules.components.errors import DataError, StorageError
 from lightning_modules.components.guard import DivergenceError, DivergenceGuard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def test_model_folder_without_tokenizer_files_is_refused(tmp_path, tiny_model, s
     with pytest.raises(ValueError) as raised:  # jsonargparse wraps what the module raised; the CLI unwraps it
         train.main(fit_args(tmp_path, str(bare), sample_data))
     assert "bare has no tokenizer files" in train.user_error(raised.value)
-    from lightning_modules.evaluate import load_embedder
+    from evaluation.evaluate import load_embedder
 
     with pytest.raises(DataError, match=r"bare has no tokenizer files"):
         load_embedder(str(bare))
@@ -260,8 +260,9 @@ def test_embedlab_cache_naming_a_file_is_one_line_naming_it(tmp_path, tiny_model
 
 
 def test_damaged_cache_files_are_named(tmp_path):
+    from core.files import write_atomic
     from datamodules.activation_builder import model_fingerprint
-    from datamodules.activation_cache import ActivationCache, save_atomic
+    from datamodules.activation_cache import ActivationCache
 
     memo = tmp_path / "file_hashes.json"
     memo.write_text("")  # a full disk, or a reader mid-write before writes were atomic
@@ -273,8 +274,8 @@ def test_damaged_cache_files_are_named(tmp_path):
     assert model_fingerprint(model, memo) == first and json.loads(memo.read_text())
     cache = tmp_path / "cache"
     cache.mkdir()
-    save_atomic(cache / "shard_00000.vectors.npy", torch.randn(10, 4).numpy())
-    save_atomic(cache / "shard_00000.meta.npy", torch.zeros(10, 6, dtype=torch.int32).numpy())
+    write_atomic(cache / "shard_00000.vectors.npy", lambda f: np.save(f, torch.randn(10, 4).numpy()))
+    write_atomic(cache / "shard_00000.meta.npy", lambda f: np.save(f, np.zeros((10, 6), dtype=np.int32)))
     (cache / "meta.json").write_text(json.dumps({"shards": [{"name": "shard_00000", "n_vectors": 10}], "dim": 4}))
     assert len(ActivationCache(cache)) == 10
     shard = cache / "shard_00000.vectors.npy"

@@ -1,4 +1,4 @@
-"""The study figures (lightning_modules/interpret/figures.py): the data drawn are the data given, labels in normal
+"""The study figures (evaluation/interpret/figures.py): the data drawn are the data given, labels in normal
 case, the legend outside the axes, PNG and SVG written, and a one-line error naming the extra without matplotlib."""
 
 from __future__ import annotations
@@ -10,16 +10,10 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="needs matplotlib: pip install -e '.[plots]'")
 
-from lightning_modules.components.errors import DataError  # noqa: E402
-from lightning_modules.interpret.figures import (  # noqa: E402
-    Series,
-    bar_figure,
-    density_figure,
-    line_chart,
-    line_figure,
-    require_matplotlib,
-)
-from lightning_modules.interpret.study_report import Section, write_report  # noqa: E402
+from evaluation.interpret.figures import Series, bar_figure, density_figure, line_chart, line_figure, require_matplotlib
+from evaluation.interpret.study_report import Section, write_report  # noqa: E402
+
+from core.errors import DataError  # noqa: E402
 
 
 def test_a_line_figure_draws_its_series_with_the_legend_outside():

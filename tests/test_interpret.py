@@ -11,16 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mini_brown import write_two_genres
-
-from datamodules.activation_cache import META_COLUMNS, POS_TAGS, SPECIAL, ActivationCache
-from datamodules.activations import ActivationsDataModule
-from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
-from lightning_modules.interpret.codes import SparseCodes, encode_sparse
-from lightning_modules.interpret.pooling import decompose_sentence, pooling_contributions
-from lightning_modules.interpret.pos import TAGS, Context, label_features, purity_summary
-from lightning_modules.interpret.report import context_tokens, interpret_sae
-from lightning_modules.interpret.stability import (
+from evaluation.interpret.codes import SparseCodes, encode_sparse
+from evaluation.interpret.pooling import decompose_sentence, pooling_contributions
+from evaluation.interpret.pos import TAGS, Context, label_features, purity_summary
+from evaluation.interpret.report import context_tokens, interpret_sae
+from evaluation.interpret.stability import (
     brown_groups,
     energy_deciles,
     group_share,
@@ -28,6 +23,11 @@ from lightning_modules.interpret.stability import (
     match_decoders,
     stability_by_decile,
 )
+from mini_brown import write_two_genres
+
+from datamodules.activation_cache import META_COLUMNS, POS_TAGS, SPECIAL, ActivationCache
+from datamodules.activations import ActivationsDataModule
+from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
 
 VOCAB = [("The", "DET"), ("the", "DET"), ("dog", "NOUN"), ("Dog", "NOUN"), ("runs", "VERB"), ("fast", "ADV"),
          ("red", "ADJ"), ("in", "ADP"), ("and", "CONJ"), ("it", "PRON"), ("two", "NUM"), (".", ".")]
@@ -268,7 +268,7 @@ def test_stability_by_energy_decile_equals_a_loop():
     rng = np.random.default_rng(9)
     energy = np.where(rng.uniform(size=50) < 0.3, 0.0, rng.uniform(size=50))  # many ties at 0
     cos = rng.uniform(-1, 1, 50)
-    from lightning_modules.interpret.stability import Matching
+    from evaluation.interpret.stability import Matching
 
     bins = energy_deciles(energy)
     assert np.bincount(bins).tolist() == [5] * 10

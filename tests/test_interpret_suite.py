@@ -11,19 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from evaluation.interpret.codes import encode_sparse, read_rows
+from evaluation.interpret.pseval import ps_eval
+from evaluation.interpret.report import interpret_sae
 from mini_brown import write_two_genres
 from test_interpret import random_corpus, random_sae, write_cache
 from test_pseval import E2E_ROWS, write_wic
 
 from callbacks.interpret import FEATURE_COLUMNS, InterpretSAE
+from core.errors import DataError
 from datamodules.activation_cache import ActivationCache
 from datamodules.activations import ActivationsDataModule
 from datamodules.wic import load_wic
-from lightning_modules.components.errors import DataError
 from lightning_modules.export import export_sae, load_sae
-from lightning_modules.interpret.codes import encode_sparse, read_rows
-from lightning_modules.interpret.pseval import ps_eval
-from lightning_modules.interpret.report import interpret_sae
 
 SUITE_ARGS = {"top_k": 20, "n_unique": 5, "n_contexts": 3}
 
@@ -176,7 +176,7 @@ def test_bad_inputs_are_named(tiny_model_no_dropout, brown_wic_root, tmp_path):
         train.main(["interpret", "--sae", str(export_sae(random_sae(), tmp_path / "s")), "--cache", str(tmp_path)])
     sentence_cache = json.loads((cache.folder / "meta.json").read_text()) | {"level": "sentence"}
     (cache.folder / "meta.json").write_text(json.dumps(sentence_cache))
-    from lightning_modules.interpret.suite import run_suite
+    from evaluation.interpret.suite import run_suite
 
     with pytest.raises(ValueError, match="sentence-level vectors; the interpretability suite needs a token-level"):
         run_suite(random_sae(), ActivationCache(cache.folder), tmp_path / "o")
@@ -223,7 +223,7 @@ def test_extra_config_runs_the_suite_when_fit_ends(tiny_model_no_dropout, brown_
 def test_wrong_settings_fail_before_training_and_dims_are_checked(tmp_path):
     from types import SimpleNamespace
 
-    from lightning_modules.interpret.suite import run_suite
+    from evaluation.interpret.suite import run_suite
 
     trainer = SimpleNamespace(datamodule=SimpleNamespace(level="token"), log_dir=str(tmp_path), default_root_dir=".",
                               checkpoint_callback=None)
@@ -275,8 +275,8 @@ def test_wrong_settings_fail_before_training_and_dims_are_checked(tmp_path):
 
 
 def test_a_sampled_run_is_the_suite_on_the_sampled_rows(tmp_path):
-    from lightning_modules.interpret.pooling import pooling_contributions
-    from lightning_modules.interpret.suite import run_suite
+    from evaluation.interpret.pooling import pooling_contributions
+    from evaluation.interpret.suite import run_suite
 
     meta, sentences = random_corpus(40, seed=4)  # categories news / fiction / romance in turn
     vectors = np.random.default_rng(1).normal(size=(len(meta), 6)).astype(np.float32)
@@ -304,9 +304,8 @@ def test_without_pseval_contexts_of_a_cache_without_words_still_highlight_the_to
                                                                                      sample_data, tmp_path):
     """A plain-text cache stores token ids, not words: the suite loads the cache model's tokenizer (not the model)
     to show each context as its tokens with the activating one marked, PS-Eval or not."""
+    from evaluation.interpret.suite import run_suite
     from transformers import AutoTokenizer
-
-    from lightning_modules.interpret.suite import run_suite
 
     dm = ActivationsDataModule(tiny_model_no_dropout, source=str(sample_data / "sentences.txt"), max_length=32,
                                special_tokens="keep", cache_dir=str(tmp_path / "cache"), cache_dtype="float32")

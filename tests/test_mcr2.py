@@ -17,11 +17,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from core.errors import DataError
+from core.metrics import spearman100
 from datamodules import GroupedTextDataModule, STSDataModule, load_sts
 from datamodules.groups import read_extra_sentences
-from datamodules.sts import spearman100
 from lightning_modules import MCR2Module
-from lightning_modules.components.errors import DataError
 from lightning_modules.components.guard import DivergenceError
 from lightning_modules.components.heads import ProjectionHead
 from lightning_modules.export import export_sentence_transformer

@@ -14,6 +14,8 @@ import random
 import pytest
 
 import train
+from commands.mine import mine_main
+from core.errors import DataError
 from datamodules import NLIDataModule
 from datamodules.mining import (
     MINING_NEEDS,
@@ -24,7 +26,6 @@ from datamodules.mining import (
     write_triplets,
 )
 from datamodules.sample import random_meaning, sentence
-from lightning_modules.components.errors import DataError
 
 
 def installed_st() -> tuple[int, ...]:
@@ -355,7 +356,7 @@ def test_real_pairs_with_minilm_read_back_as_nli_triplets(shared_data, minilm, t
     pairs = read_pairs(str(source))[:200]
     write_pairs(tmp_path / "pairs.csv", pairs)
     out = tmp_path / "mined.csv"
-    report = train.mine_main(["--model", minilm, "--pairs", str(tmp_path / "pairs.csv"), "--output", str(out),
+    report = mine_main(["--model", minilm, "--pairs", str(tmp_path / "pairs.csv"), "--output", str(out),
                               "--relative_margin", "0.05", "--device", "cpu", "--verbose", "false"])
     assert "from 200 pairs" in capsys.readouterr().out
     rows = NLIDataModule(str(out), columns=["sent0", "sent1", "hard_neg"]).texts

@@ -140,8 +140,8 @@ def write_stsb(root: Path, n: int = 40) -> None:
 def test_sts_measured_at_export_on_the_tasks_found(tmp_path, tiny_model):
     from sentence_transformers import SentenceTransformer
 
+    from evaluation.evaluate import SentenceTransformerEmbedder, evaluate_sts
     from lightning_modules import ContrastiveModule
-    from lightning_modules.evaluate import SentenceTransformerEmbedder, evaluate_sts
     from lightning_modules.export import export
 
     write_stsb(tmp_path / "data")
@@ -161,7 +161,7 @@ def test_sts_measured_at_export_when_the_run_names_a_data_root(tmp_path, tiny_mo
     and from the checkpoint; the numbers are train.py evaluate's on the exported folder."""
     from sentence_transformers import SentenceTransformer
 
-    from lightning_modules.evaluate import SentenceTransformerEmbedder, evaluate_sts
+    from evaluation.evaluate import SentenceTransformerEmbedder, evaluate_sts
 
     train.main([
         "fit", "--seed_everything", "0", "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",

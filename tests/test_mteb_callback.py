@@ -15,8 +15,8 @@ import yaml
 from scipy.stats import spearmanr
 
 from callbacks.mteb import MTEBEvaluator
+from core.errors import DataError
 from datamodules.sts import load_sts
-from lightning_modules.components.errors import DataError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -12,8 +12,8 @@ from huggingface_hub import ModelCard
 from test_mteb_callback import data_root, direct_spearman, pairs_tsv  # noqa: F401  (fixtures)
 
 import train
+from core.errors import DataError
 from lightning_modules import ContrastiveModule
-from lightning_modules.components.errors import DataError
 from lightning_modules.export import export_sentence_transformer
 
 
@@ -55,7 +55,7 @@ def test_evaluate_runs_mteb_tasks_on_an_export_and_updates_its_card(module, data
 
 
 def test_a_task_without_local_data_says_so_offline_in_one_line():
-    from lightning_modules.mteb_eval import load_tasks
+    from evaluation.mteb_eval import load_tasks
 
     with pytest.raises(DataError, match=r"^MTEB task Banking77Classification needs its data from the Hugging Face "
                                         r"hub \(mteb/banking77\) and HF_HUB_OFFLINE is set"):
@@ -65,7 +65,7 @@ def test_a_task_without_local_data_says_so_offline_in_one_line():
 
 
 def test_prompts_reach_the_encoder_by_mteb_key(pairs_tsv):  # noqa: F811
-    from lightning_modules.mteb_eval import encoder, evaluate_tasks, load_tasks
+    from evaluation.mteb_eval import encoder, evaluate_tasks, load_tasks
 
     seen: list[str] = []
 
@@ -135,7 +135,7 @@ def test_a_results_dir_of_its_own_reaches_the_card(module, sample_data, data_roo
 
 
 def test_benchmark_names_are_checked():
-    from lightning_modules.mteb_eval import benchmark_tasks
+    from evaluation.mteb_eval import benchmark_tasks
 
     assert {"STSBenchmark", "SICK-R"} <= set(benchmark_tasks("MTEB(eng, v1)"))
     with pytest.raises(DataError, match=r"--benchmark 'MTEB\(eng, v9\)' is not an MTEB benchmark; did you mean"):

@@ -12,8 +12,8 @@ from pytorch_lightning import Callback
 from transformers import AutoTokenizer
 
 from datamodules import DataError, NLIDataModule, SentencesDataModule
-from datamodules.base import LengthGroupedSampler, ResumableSampler
 from datamodules.no_duplicates import NoDuplicatesSampler, duplicate_rate, pack, text_keys
+from datamodules.samplers import LengthGroupedSampler, ResumableSampler
 
 VOCAB = sorted(set(WORDS) - {".", ","})
 

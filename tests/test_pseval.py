@@ -10,12 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from datamodules.wic import WiCPair, load_wic, read_wic
-from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
-from lightning_modules.components.errors import DataError
-from lightning_modules.components.hub import load_pretrained
-from lightning_modules.interpret.pseval import (
+from evaluation.interpret.pseval import (
     Confusion,
     balance,
     confusion,
@@ -24,6 +19,11 @@ from lightning_modules.interpret.pseval import (
     single_token_pairs,
     top_features,
 )
+
+from core.errors import DataError
+from core.hub import load_pretrained
+from datamodules.wic import WiCPair, load_wic, read_wic
+from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
 
 R2 = math.sqrt(2)
 

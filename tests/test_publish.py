@@ -10,11 +10,11 @@ import yaml
 from huggingface_hub import ModelCard, metadata_load
 
 import train
+from commands.push import push
+from core.errors import DataError
 from lightning_modules import ContrastiveModule
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
-from lightning_modules.components.errors import DataError
 from lightning_modules.export import export_sae, export_sentence_transformer
-from lightning_modules.publish import push
 
 BASE = "sentence-transformers/all-MiniLM-L6-v2"
 

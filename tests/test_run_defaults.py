@@ -14,7 +14,7 @@ from jsonargparse import Namespace
 from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 import train
-from callbacks.run_defaults import apply_run_defaults, recipe_name, run_tags, wandb_mode_default
+from commands.run_defaults import apply_run_defaults, recipe_name, run_tags, wandb_mode_default
 from tests.wandb_records import read_records
 
 #: The progress bar the run defaults add (Rich where it is installed).
@@ -145,7 +145,7 @@ def test_a_recipe_without_logger_blocks_gets_a_comparable_wandb_run(tmp_path, ti
 
 
 def test_the_short_config_flag_names_the_recipe_and_old_keys_in_a_recipe_file_are_named(tmp_path):
-    from lightning_modules.components.errors import DataError
+    from core.errors import DataError
 
     assert recipe_name(["fit", "-c", "configs/quickstart.yaml"]) == "quickstart"
     old = tmp_path / "old_sae.yaml"

@@ -516,9 +516,10 @@ def test_smoke_fit_on_a_tiny_encoder(tiny_model_no_dropout, sample_data, tiny_ca
     for name in ("threshold", "tokens_since_fired", "input_scale", "steps"):
         assert torch.equal(getattr(restored.sae, name), getattr(sae, name)), name
     # what it was trained on travels with it (checkpoint, cfg.json), and the suite refuses other vectors
+    from evaluation.interpret.suite import run_suite
+
     from datamodules.activation_cache import ActivationCache
     from lightning_modules.export import export_sae, load_sae
-    from lightning_modules.interpret.suite import run_suite
 
     cache = ActivationCache(tiny_cache)
     assert sae.activations["layer"] == cache.meta["layer"] == 2 and sae.activations["level"] == "token"
@@ -630,8 +631,8 @@ def test_a_checkpoint_written_before_the_config_was_taken_whole_still_loads(tmp_
     # resuming it reads the same nested settings: a recipe's different k is refused, unset fields are filled
     from jsonargparse import Namespace
 
+    from core.errors import DataError
     from lightning_modules.checkpoints import resume_config
-    from lightning_modules.components.errors import DataError
 
     def fit_config(k):
         return Namespace(ckpt_path=str(path), trainer=Namespace(default_root_dir=str(tmp_path), logger=None,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.metrics import DENSITY_BINS, density_histogram, log10_density
 from lightning_modules.export import SPARSITY_FILE, export_sae, load_sae
-from lightning_modules.sae import DENSITY_BINS, density_histogram, log10_density
 
 
 def test_density_and_its_histogram_against_a_loop():

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 
+from core.errors import DataError
 from datamodules import ActivationsDataModule
 from datamodules.activations import held_out
-from lightning_modules.components.errors import DataError
 
 
 def data(model: str, sample_data, cache_dir, **kw) -> ActivationsDataModule:

@@ -1,4 +1,4 @@
-"""STS recovered (lightning_modules/interpret/sts_recovered.py): exact at both ends, hooks gone afterwards, the
+"""STS recovered (evaluation/interpret/sts_recovered.py): exact at both ends, hooks gone afterwards, the
 positions it splices, and sentence-level SAEs."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from evaluation.interpret.sts_recovered import Splicer, reconstruct, sts_recovered
 
+from core.hub import load_pretrained
 from datamodules.activation_builder import CacheBuilder
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
-from lightning_modules.components.hub import load_pretrained
-from lightning_modules.interpret.sts_recovered import Splicer, reconstruct, sts_recovered
 
 D = 32  # the tiny BERT's width
 
@@ -118,7 +118,7 @@ def test_sentence_level(tiny_model_no_dropout, sample_data, loaded):
 
 
 def test_sae_of_unknown_origin_is_refused(sample_data):
-    from lightning_modules.components.errors import DataError
+    from core.errors import DataError
 
     with pytest.raises(DataError, match="what the SAE reads"):
         sts_recovered(identity_sae(), [str(sample_data / "sts_dev.tsv")], None)
@@ -161,9 +161,10 @@ def test_interpret_suite_reports_it(tiny_model_no_dropout, sample_data, tmp_path
     the cache holds recovers all of it."""
     import json
 
+    from evaluation.interpret.suite import run_suite
+
     from datamodules import ActivationsDataModule
     from datamodules.activation_cache import ActivationCache
-    from lightning_modules.interpret.suite import run_suite
 
     dm = ActivationsDataModule(model_name_or_path=tiny_model_no_dropout, source=str(sample_data / "sentences.txt"),
                                cache_dir=str(tmp_path / "cache"), max_length=32, max_sentences=40)

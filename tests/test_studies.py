@@ -13,24 +13,24 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_model
+from evaluation.interpret.codes import encode_sparse
+from evaluation.interpret.cross_model import compare_models, word_codes
+from evaluation.interpret.frontier import score_sae, sentence_variance_share
+from evaluation.interpret.pos import label_features
+from evaluation.interpret.probes import probe_caches
+from evaluation.interpret.pseval import ps_eval
+from evaluation.interpret.stability import energy_deciles, match_decoders, stability_by_decile
 from mini_brown import TWO_GENRES_TAG_MAP, write_mini_nltk
 from test_pseval import E2E_ROWS, write_wic
 from wandb_records import logged_history, read_records
 
 import train
-from callbacks.study_build import sentence_view
+from core.errors import DataError
 from datamodules.activation_cache import META_SENTENCE, ActivationCache
 from datamodules.activations import held_out
 from datamodules.wic import load_wic
-from lightning_modules.components.errors import DataError
+from evaluation.study_build import sentence_view
 from lightning_modules.export import load_sae
-from lightning_modules.interpret.codes import encode_sparse
-from lightning_modules.interpret.cross_model import compare_models, word_codes
-from lightning_modules.interpret.frontier import score_sae, sentence_variance_share
-from lightning_modules.interpret.pos import label_features
-from lightning_modules.interpret.probes import probe_caches
-from lightning_modules.interpret.pseval import ps_eval
-from lightning_modules.interpret.stability import energy_deciles, match_decoders, stability_by_decile
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -215,7 +215,7 @@ def test_frontier_and_pseval_studies(two_models, study_root, tmp_path, monkeypat
     data = json.loads((out / "study.json").read_text())
     points = {p["name"]: p for p in data["points"]}
     # STS recovered of each SAE of the sweep: one more column and a plot against L0
-    from lightning_modules.interpret.sts_recovered import sts_recovered
+    from evaluation.interpret.sts_recovered import sts_recovered
 
     again = sts_recovered(load_sae(out / "saes" / "1x4"), [tsv], str(study_root), max_length=32,
                           reads=ActivationCache(data["cache"]).meta)[tsv]
@@ -351,7 +351,7 @@ def test_a_folder_that_is_no_model_is_named_before_any_model_is_studied(two_mode
 def test_study_configs_parse():
     from jsonargparse import ArgumentParser  # noqa: F401  (the study parsers are jsonargparse's)
 
-    from callbacks.study import STUDIES
+    from commands.study import STUDIES
 
     configs = sorted((ROOT / "configs" / "studies").glob("*.yaml"))
     assert configs

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from core.tensors import masked_mean
+
 #: ``cls``: the first token ([CLS]); ``cls_before_pooler``: the same vector, named as in SimCSE for a model
 #: evaluated without its MLP; ``mean``: masked mean over all tokens, special tokens included (the
 #: sentence-transformers default); ``first_last_avg``: mean over tokens of (hidden_states[1] + hidden_states[-1]) / 2.
 POOLERS = ("cls", "cls_before_pooler", "mean", "first_last_avg")
-
-
-def masked_mean(tokens_BLD: Tensor, mask_BL: Tensor) -> Tensor:
-    """Mean over the positions where ``mask_BL`` is 1 (padding excluded, [CLS]/[SEP] included)."""
-    mask_BL1 = mask_BL.unsqueeze(-1).to(tokens_BLD.dtype)
-    return (tokens_BLD * mask_BL1).sum(1) / mask_BL1.sum(1).clamp(min=1e-9)
 
 
 def pool(hidden_states: tuple[Tensor, ...], mask_BL: Tensor, pooler: str) -> Tensor:

@@ -8,7 +8,7 @@
   variance against held-out L0, as a table and a plot, with the browser of one of them.
 - ``pseval`` (Minegishi et al., arXiv 2501.06254): one SAE per layer, PS-Eval of each on WiC, with a browser each.
 
-Each writes a report folder (:mod:`lightning_modules.interpret.study_report`): ``study.json``, ``report.md``,
+Each writes a report folder (:mod:`evaluation.interpret.study_report`): ``study.json``, ``report.md``,
 ``report.html``, PNG figures, and per SAE its export, ``train.json`` and the suite's folder (``features.html``).
 Caches are built on first use and SAEs trained unless the folder already holds one trained with the same settings.
 Options are documented by ``python train.py study NAME --help``; a YAML file of them is read with ``--config``
@@ -26,9 +26,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from evaluation.interpret.codes import encode_sparse
+from evaluation.interpret.cross_model import compare_models, word_codes
+from evaluation.interpret.figures import Series, bar_chart, density_chart, line_chart, require_matplotlib
+from evaluation.interpret.frontier import frontier_plot, pareto_front, score_sae, sentence_variance_share
+from evaluation.interpret.pos import TAGS, label_features
+from evaluation.interpret.probes import PROBE_KINDS, probe_caches
+from evaluation.interpret.pseval import model_and_tokenizer
+from evaluation.interpret.stability import energy_deciles
+from evaluation.interpret.sts_recovered import SweepSTS, baseline_lines, task_name
+from evaluation.interpret.study_report import Section, Table, write_report
+from evaluation.interpret.suite import run_suite
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from callbacks.study_build import (
+from core.errors import DataError
+from datamodules.activation_builder import check_layer, model_folder
+from datamodules.activation_cache import META_SENTENCE
+from datamodules.wic import load_wic
+from evaluation.study_build import (
     CacheSpec,
     TrainSpec,
     device_of,
@@ -41,23 +56,8 @@ from callbacks.study_build import (
     train_sae,
     training_vectors,
 )
-from datamodules.activation_builder import check_layer, model_folder
-from datamodules.activation_cache import META_SENTENCE
-from datamodules.wic import load_wic
 from lightning_modules.components.batch_topk import BatchTopKConfig
-from lightning_modules.components.errors import DataError
 from lightning_modules.export import load_sae
-from lightning_modules.interpret.codes import encode_sparse
-from lightning_modules.interpret.cross_model import compare_models, word_codes
-from lightning_modules.interpret.figures import Series, bar_chart, density_chart, line_chart, require_matplotlib
-from lightning_modules.interpret.frontier import frontier_plot, pareto_front, score_sae, sentence_variance_share
-from lightning_modules.interpret.pos import TAGS, label_features
-from lightning_modules.interpret.probes import PROBE_KINDS, probe_caches
-from lightning_modules.interpret.pseval import model_and_tokenizer
-from lightning_modules.interpret.stability import energy_deciles
-from lightning_modules.interpret.sts_recovered import SweepSTS, baseline_lines, task_name
-from lightning_modules.interpret.study_report import Section, Table, write_report
-from lightning_modules.interpret.suite import run_suite
 
 #: The SAE a study trains unless told otherwise: configs/sae_minilm_brown_tokens.yaml's.
 RECIPE_SAE = BatchTopKConfig(expansion_factor=8, k=32, aux_coef=1 / 32, dead_after=500_000, threshold_start=100)
@@ -421,7 +421,7 @@ def log_wandb(project: str, out: Path, sections: list, data: dict, page: Path) -
     nothing says how to reach W&B (``wandb sync`` uploads it later)."""
     import wandb  # ~1 s to import: only when asked
 
-    from callbacks.run_defaults import wandb_mode_default
+    from commands.run_defaults import wandb_mode_default
 
     wandb_mode_default()
     name = data["study"]

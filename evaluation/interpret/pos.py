@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from datamodules.activation_cache import META_POSITION, META_SENTENCE, META_TAG, META_TOKEN, META_WORD, POS_TAGS
-from lightning_modules.interpret.codes import SparseCodes
+from evaluation.interpret.codes import SparseCodes
 
 #: Columns of :attr:`PosLabels.dist`: the cache's tags, then ``UNTAGGED`` for tokens without a tag (tag id -1).
 TAGS = (*POS_TAGS, "UNTAGGED")

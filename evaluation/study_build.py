@@ -16,10 +16,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from core.errors import DataError
 from datamodules.activation_cache import META_SENTENCE, ActivationCache
 from datamodules.activations import ActivationsDataModule, prepare_layers
 from lightning_modules.components.batch_topk import BatchTopKConfig
-from lightning_modules.components.errors import DataError
 from lightning_modules.export import export_sae, load_sae
 from lightning_modules.sae import SAEModule
 

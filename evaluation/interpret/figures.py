@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_modules.components.errors import DataError
+from core.errors import DataError
 
 INSTALL = "pip install -e '.[plots]'"
 
@@ -114,7 +114,7 @@ def bar_figure(groups: Sequence[str], bars: Mapping[str, Sequence[float]], title
 
 def density_figure(hist: Mapping[int, float], title: str, num_latents: int | None = None):
     """The feature-density histogram: latents per decade of log10 firing frequency (``{lower edge: count}``, as
-    :func:`lightning_modules.sae.density_histogram`; the -10 bar is the latents that never fired)."""
+    :func:`core.metrics.density_histogram`; the -10 bar is the latents that never fired)."""
     if not hist:
         raise ValueError(f"{title}: nothing to plot")
     fig, ax = _figure(title, "log10 firing frequency (share of the vectors a latent fires on)", "Latents")

@@ -18,7 +18,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lightning_modules.interpret.browser_page import CSS, JS
+from evaluation.interpret.browser_page import CSS, JS
 
 #: Keys every feature dict must have (produced by the interpretability report).
 FEATURE_KEYS = ("id", "label", "purity", "energy", "fires", "pos_dist", "hist", "contexts", "contribution",

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from core.errors import DataError
+from core.hub import load_pretrained
 from datamodules.activation_builder import check_layer
 from datamodules.wic import WiCPair, target_tokens
-from lightning_modules.components.errors import DataError
-from lightning_modules.components.hub import load_pretrained
 
 
 @dataclass

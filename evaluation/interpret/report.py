@@ -22,11 +22,10 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from datamodules.activation_cache import META_SENTENCE, META_TOKEN, ActivationCache
-from lightning_modules.components.batch_topk import BatchTopKSAE
-from lightning_modules.interpret.codes import SparseCodes, encode_sparse
-from lightning_modules.interpret.pooling import PoolingStats, pooling_contributions, pooling_summary
-from lightning_modules.interpret.pos import TAGS, Context, PosLabels, label_features, purity_summary
-from lightning_modules.interpret.stability import (
+from evaluation.interpret.codes import SparseCodes, encode_sparse
+from evaluation.interpret.pooling import PoolingStats, pooling_contributions, pooling_summary
+from evaluation.interpret.pos import TAGS, Context, PosLabels, label_features, purity_summary
+from evaluation.interpret.stability import (
     IMAGINATIVE,
     INFORMATIVE,
     Matching,
@@ -36,6 +35,7 @@ from lightning_modules.interpret.stability import (
     match_decoders,
     stability_by_decile,
 )
+from lightning_modules.components.batch_topk import BatchTopKSAE
 
 
 class InterpretReport(NamedTuple):

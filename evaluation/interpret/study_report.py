@@ -1,6 +1,6 @@
 """A study's report folder: every number in ``study.json``, the same tables in ``report.md`` and in ``report.html``
 (one static page that opens from disk: figures embedded as SVG, links to each feature browser). Figures are drawn
-by :mod:`lightning_modules.interpret.figures` (a PNG, which the markdown links, and an SVG beside it).
+by :mod:`evaluation.interpret.figures` (a PNG, which the markdown links, and an SVG beside it).
 
 A report is a list of :class:`Section`; both files are written from it, so the markdown and the page never differ.
 """

@@ -39,8 +39,8 @@ from datamodules.activation_cache import (
     ActivationCache,
 )
 from datamodules.brown import UNIVERSAL_TAGS
+from evaluation.interpret.codes import encode_sparse
 from lightning_modules.components.batch_topk import BatchTopKSAE
-from lightning_modules.interpret.codes import encode_sparse
 
 #: Probe classes: the universal tags (tag ids of the cache's metadata).
 CLASSES = UNIVERSAL_TAGS

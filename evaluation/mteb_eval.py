@@ -19,9 +19,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from core.errors import DataError
+from core.hub import hub_offline
 from datamodules.sts import SICK_FILES, STSPairs, concat_pairs, load_sts
-from lightning_modules.components.errors import DataError
-from lightning_modules.components.hub import hub_offline
 
 #: MTEB task -> the local STS task whose files hold the same pairs (see datamodules/sts.py for the layouts).
 #: MTEB's SICK-R is the train, trial and test files together (9,927 pairs), hence all three here.

@@ -31,9 +31,9 @@ import torch
 from torch import Tensor
 
 from datamodules.activation_cache import META_SENTENCE, META_TAG, SPECIAL, ActivationCache
+from evaluation.interpret.codes import SparseCodes, read_rows, threshold_codes
+from evaluation.interpret.pos import TAGS, PosLabels
 from lightning_modules.components.batch_topk import BatchTopKSAE
-from lightning_modules.interpret.codes import SparseCodes, read_rows, threshold_codes
-from lightning_modules.interpret.pos import TAGS, PosLabels
 
 
 class SentenceDecomposition(NamedTuple):

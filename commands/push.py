@@ -22,8 +22,8 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from lightning_modules.components.errors import DataError
-from lightning_modules.components.hub import hub_offline
+from core.errors import DataError
+from core.hub import hub_offline
 from lightning_modules.saelens_format import WEIGHTS_FILE as SAELENS_WEIGHTS
 
 #: What each kind of export holds: (kind, the files that identify it).

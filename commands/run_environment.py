@@ -32,11 +32,11 @@ from lightning_fabric.utilities.distributed import _destroy_dist_connection
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
-from callbacks.export import shown
-from callbacks.run_defaults import class_name
+from commands.run_defaults import class_name
+from core.errors import DataError, StorageError, unwritable
+from core.files import shown
 from datamodules.activation_cache import default_cache_dir
 from lightning_modules.checkpoints import config_entries
-from lightning_modules.components.errors import DataError, StorageError, unwritable
 
 #: Rank variables and what bounds each: the number of processes (``world``), processes per node (``devices``),
 #: a global rank (``rank``), a rank within the node (``local``) or a node's rank (``node``).

@@ -6,7 +6,7 @@ Files written to ``output_dir``:
 - ``summary.json``: the cache, its layer, the sample (``max_tokens``), every scalar (``interpret/...``,
   ``interpret/pseval/layer<L>/...``, ``interpret/sts_recovered/<task>`` and ``interpret/sts/<task>/...`` with
   ``sts_tasks``) and the seconds each part took;
-- ``features.json``: one record per feature (schema in :mod:`lightning_modules.interpret.report`);
+- ``features.json``: one record per feature (schema in :mod:`evaluation.interpret.report`);
 - ``pseval.json``: per layer, the confusion matrix, the metrics and the pair counts (when PS-Eval ran);
 - ``features.html``: the feature browser, one static file that opens from disk.
 """
@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from core.errors import DataError
+from core.hub import resolve_model
+from core.metrics import DENSITY_BINS, density_histogram, log10_density
 from datamodules.activation_cache import ActivationCache
-from lightning_modules.components.errors import DataError
-from lightning_modules.components.hub import resolve_model
-from lightning_modules.interpret.browser import write_feature_browser
-from lightning_modules.interpret.pseval import PSEvalResult, model_and_tokenizer, ps_eval
-from lightning_modules.interpret.report import Clock, interpret_sae
-from lightning_modules.interpret.sts_recovered import recovered_metrics, sts_recovered
-from lightning_modules.sae import DENSITY_BINS, activations_of, density_histogram, log10_density
+from evaluation.interpret.browser import write_feature_browser
+from evaluation.interpret.pseval import PSEvalResult, model_and_tokenizer, ps_eval
+from evaluation.interpret.report import Clock, interpret_sae
+from evaluation.interpret.sts_recovered import recovered_metrics, sts_recovered
+from lightning_modules.sae import activations_of
 
 
 @dataclass
@@ -117,8 +118,8 @@ def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None
         encoder: model name / folder, ``(model, tokenizer)`` or ``Encoder`` for PS-Eval and for naming special
             tokens; default: the cache's model (loads offline when installed).
         sts_tasks, data_root: STS test sets (their files under ``data_root``) on which STS recovered is measured
-            (:mod:`~lightning_modules.interpret.sts_recovered`); none by default.
-        interpret_kwargs: passed to :func:`~lightning_modules.interpret.report.interpret_sae`.
+            (:mod:`~evaluation.interpret.sts_recovered`); none by default.
+        interpret_kwargs: passed to :func:`~evaluation.interpret.report.interpret_sae`.
     """
     for name, other, same_vectors in [("sae", sae, True), ("sae_b", sae_b, True),
                                       *((f"pseval_saes[{k}]", v, False) for k, v in (pseval_saes or {}).items())]:

@@ -31,7 +31,7 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from torch import Tensor
 
 from datamodules.activation_cache import META_SENTENCE
-from lightning_modules.interpret.codes import SparseCodes
+from evaluation.interpret.codes import SparseCodes
 
 INFORMATIVE = ("news", "editorial", "reviews", "religion", "hobbies", "lore", "belles_lettres", "government",
                "learned")

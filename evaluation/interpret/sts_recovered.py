@@ -3,7 +3,7 @@ encoder; docs/methods.md 5f).
 
 Token-level SAE of layer L: the encoder runs on the STS sentences three times, pooling its last layer as the model
 does (its sentence-transformers ``Pooling`` module; mean when it has none), and each run is scored as
-``train.py evaluate`` scores a model (cosine, Spearman x 100, :func:`lightning_modules.evaluate.score_tasks`):
+``train.py evaluate`` scores a model (cosine, Spearman x 100, :func:`evaluation.evaluate.score_tasks`):
 
 - ``clean``: untouched;
 - ``spliced``: layer L's hidden states replaced by the SAE's reconstruction (inference threshold), then the forward
@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from core.errors import DataError
+from core.hub import load_pretrained, resolve_model
+from core.tensors import masked_mean
 from datamodules.activation_builder import CacheBuilder, Corpus, check_layer
-from lightning_modules.components.errors import DataError
-from lightning_modules.components.hub import load_pretrained, resolve_model
-from lightning_modules.components.pooling import masked_mean
-from lightning_modules.evaluate import load_tasks, score_tasks
+from evaluation.evaluate import load_tasks, score_tasks
 from lightning_modules.sae import activations_of
 
 #: Relative spread of the ablated embeddings under which they count as one vector (rounding of a mean of equal rows).
@@ -163,7 +163,7 @@ def reconstruct(sae) -> Callable[[Tensor], Tensor]:
 
 
 class _Fixed:
-    """An :class:`~lightning_modules.evaluate.Embedder` of embeddings computed beforehand."""
+    """An :class:`~evaluation.evaluate.Embedder` of embeddings computed beforehand."""
 
     def __init__(self, name: str, texts: Sequence[str], z_ND: Tensor) -> None:
         self.name, self._index, self._z = name, {t: i for i, t in enumerate(texts)}, z_ND
