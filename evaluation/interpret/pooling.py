@@ -1,7 +1,7 @@
 """How SAE features survive or cancel under mean pooling (Tehenan et al., arXiv 2506.04373; docs/methods.md 5a).
 
 For a sentence with token vectors x_t (t = 1..T, the tokens the pooling averages), SAE codes z_t (input units),
-decoder rows d_i (unit norm) and decoder bias b = s * b_dec (``BatchTopKSAE.decode``: x_hat = z W_dec + s b_dec)::
+decoder rows d_i (unit norm) and decoder bias b = s * b_dec (``SparseCoder.decode``: x_hat = z W_dec + s b_dec)::
     v_bar = mean_t x_t = sum_i zbar_i d_i + b + e_bar          zbar = mean_t z_t (the pooled code),
                                                                e_bar = mean_t (x_t - x_hat_t), exactly
     c_i = zbar_i * (d_i . v_bar)                               contribution of feature i to v_bar
