@@ -28,7 +28,7 @@ from evaluation.interpret.stability import (
     stability_by_decile,
 )
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
-from lightning_modules.components.sparse_coder import SparseCoder, input_dim
+from lightning_modules.components.sparse_coder import SparseCoder, eval_mode, input_dim
 
 VOCAB = [("The", "DET"), ("the", "DET"), ("dog", "NOUN"), ("Dog", "NOUN"), ("runs", "VERB"), ("fast", "ADV"),
          ("red", "ADJ"), ("in", "ADP"), ("and", "CONJ"), ("it", "PRON"), ("two", "NUM"), (".", ".")]
@@ -165,6 +165,9 @@ def test_the_analyses_read_any_sparse_coder():
     assert not isinstance(torch.nn.Linear(2, 3), SparseCoder)
     coder = AxesCoder()
     assert isinstance(coder, SparseCoder) and input_dim(coder) == 2
+    with eval_mode(coder):  # the analyses' switch to the threshold, the caller's mode restored after
+        assert not coder.training
+    assert coder.training
     r2 = 2**0.5
     # pre-activations: (2, 0) -> (2, 0, r2); (0, 0.3) -> (0, 0.3, 0.21) all under 0.5; (1, 1) -> (1, 1, r2)
     codes = encode_sparse(coder, np.array([[2.0, 0.0], [0.0, 0.3], [1.0, 1.0]]))

@@ -26,7 +26,7 @@ from core.errors import DataError
 from core.hub import load_pretrained
 from datamodules.activation_builder import check_layer
 from datamodules.wic import WiCPair, target_tokens
-from lightning_modules.components.sparse_coder import SparseCoder, input_dim
+from lightning_modules.components.sparse_coder import SparseCoder, eval_mode, input_dim
 
 
 @dataclass
@@ -129,13 +129,9 @@ def top_features(codes_BF: Tensor) -> Tensor:
 @torch.no_grad()
 def sae_top_features(sae: SparseCoder, x_ND: Tensor, batch_size: int = 1024) -> Tensor:
     """(N,) top feature (or -1) of each vector under ``sae.encode`` in eval mode (the inference threshold)."""
-    was_training = sae.training
-    sae.eval()
-    try:
+    with eval_mode(sae):
         parts = [top_features(sae.encode(x_ND[i : i + batch_size].to(sae.W_dec))).cpu()
                  for i in range(0, len(x_ND), batch_size)]
-    finally:
-        sae.train(was_training)
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 

@@ -42,7 +42,7 @@ from core.hub import load_pretrained, resolve_model
 from core.tensors import masked_mean
 from datamodules.activation_builder import CacheBuilder, Corpus, check_layer
 from evaluation.evaluate import load_tasks, score_tasks
-from lightning_modules.components.sparse_coder import SparseCoder
+from lightning_modules.components.sparse_coder import SparseCoder, eval_mode
 from lightning_modules.sae import activations_of
 
 #: Relative spread of the ablated embeddings under which they count as one vector (rounding of a mean of equal rows).
@@ -220,9 +220,7 @@ def sts_recovered(sae: SparseCoder, tasks: Sequence[str], data_root: str | None,
     key = (model, layer, level, builder.special_tokens, builder.text_prefix, builder.pooling, builder.normalize,
            max_length, text, tuple(tasks), data_root)
     memo = {} if memo is None else memo
-    was = sae.training
-    sae.eval()
-    try:
+    with eval_mode(sae):
         if level == "sentence":
             if key not in memo:
                 memo[key] = {"clean": torch.as_tensor(builder.encode_chunk(Corpus(texts), range(len(texts)))[0])}
@@ -233,8 +231,6 @@ def sts_recovered(sae: SparseCoder, tasks: Sequence[str], data_root: str | None,
             if key not in memo:
                 memo[key] = {"clean": splicer.embed(texts), "ablated": splicer.embed(texts, torch.zeros_like)}
             runs = {**memo[key], "spliced": splicer.embed(texts, reconstruct(sae))}
-    finally:
-        sae.train(was)
     constant = {name: is_constant(z) for name, z in runs.items()}  # no ranking: scored 0, never a rounding draw
     scores = {name: score_tasks(_Fixed(name, texts, z), data)[0] for name, z in runs.items() if not constant[name]}
     out = {}
