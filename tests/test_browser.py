@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from evaluation.interpret.browser import render_feature_browser, validate_features, write_feature_browser
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

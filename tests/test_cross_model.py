@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_interpret import codes_of, random_corpus
+
+from datamodules.activation_cache import META_SENTENCE, META_WORD, POS_TAGS, SPECIAL
 from evaluation.interpret.cross_model import (
     WORD_KEY_BASE,
     align,
@@ -14,9 +17,6 @@ from evaluation.interpret.cross_model import (
     word_codes,
 )
 from evaluation.interpret.pos import label_features
-from test_interpret import codes_of, random_corpus
-
-from datamodules.activation_cache import META_SENTENCE, META_WORD, POS_TAGS, SPECIAL
 
 
 def tokenise(sentences: list[dict], seed: int, keep_special: bool) -> np.ndarray:

@@ -10,10 +10,9 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="needs matplotlib: pip install -e '.[plots]'")
 
+from core.errors import DataError  # noqa: E402
 from evaluation.interpret.figures import Series, bar_figure, density_figure, line_chart, line_figure, require_matplotlib
 from evaluation.interpret.study_report import Section, write_report  # noqa: E402
-
-from core.errors import DataError  # noqa: E402
 
 
 def test_a_line_figure_draws_its_series_with_the_legend_outside():

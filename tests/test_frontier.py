@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from evaluation.interpret.frontier import pareto_front, score_sae
 from test_interpret import random_sae
+
+from evaluation.interpret.frontier import pareto_front, score_sae
 
 
 def test_score_sae_equals_its_formula():

@@ -11,6 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mini_brown import write_two_genres
+
+from datamodules.activation_cache import META_COLUMNS, POS_TAGS, SPECIAL, ActivationCache
+from datamodules.activations import ActivationsDataModule
 from evaluation.interpret.codes import SparseCodes, encode_sparse
 from evaluation.interpret.pooling import decompose_sentence, pooling_contributions
 from evaluation.interpret.pos import TAGS, Context, label_features, purity_summary
@@ -23,11 +27,8 @@ from evaluation.interpret.stability import (
     match_decoders,
     stability_by_decile,
 )
-from mini_brown import write_two_genres
-
-from datamodules.activation_cache import META_COLUMNS, POS_TAGS, SPECIAL, ActivationCache
-from datamodules.activations import ActivationsDataModule
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
+from lightning_modules.components.sparse_coder import SparseCoder, eval_mode, input_dim
 
 VOCAB = [("The", "DET"), ("the", "DET"), ("dog", "NOUN"), ("Dog", "NOUN"), ("runs", "VERB"), ("fast", "ADV"),
          ("red", "ADJ"), ("in", "ADP"), ("and", "CONJ"), ("it", "PRON"), ("two", "NUM"), (".", ".")]
@@ -130,6 +131,55 @@ def test_codes_need_an_inference_threshold():
 
 
 # --------------------------------------------------------------------------------------------------- POS
+class AxesCoder(torch.nn.Module):
+    """A :class:`SparseCoder` written by hand, no BatchTopK in it: the dictionary is the two axes of the plane and
+    their diagonal, the codes are the dot products with those rows above 0.5, no bias, input scale 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = 0.5**0.5
+        self.W_dec = torch.nn.Parameter(torch.tensor([[1.0, 0.0], [0.0, 1.0], [r, r]]), requires_grad=False)
+        self.register_buffer("b_dec", torch.zeros(2))
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("threshold", torch.tensor(0.5))
+
+    @property
+    def num_latents(self) -> int:
+        return self.W_dec.shape[0]
+
+    def pre_acts(self, x_BD):
+        return torch.relu(x_BD.to(self.W_dec) @ self.W_dec.t())
+
+    def encode(self, x_BD):
+        pre_BF = self.pre_acts(x_BD)
+        return pre_BF * (pre_BF > self.threshold)
+
+    def decode(self, codes_BF):
+        return codes_BF @ self.W_dec + self.b_dec
+
+
+def test_the_analyses_read_any_sparse_coder():
+    """BatchTopKSAE is a SparseCoder without naming it; a hand-written coder goes through the codes and the pooling
+    decomposition with the values its dictionary gives by hand."""
+    assert isinstance(random_sae(), SparseCoder) and input_dim(random_sae(d=6)) == 6
+    assert not isinstance(torch.nn.Linear(2, 3), SparseCoder)
+    coder = AxesCoder()
+    assert isinstance(coder, SparseCoder) and input_dim(coder) == 2
+    with eval_mode(coder):  # the analyses' switch to the threshold, the caller's mode restored after
+        assert not coder.training
+    assert coder.training
+    r2 = 2**0.5
+    # pre-activations: (2, 0) -> (2, 0, r2); (0, 0.3) -> (0, 0.3, 0.21) all under 0.5; (1, 1) -> (1, 1, r2)
+    codes = encode_sparse(coder, np.array([[2.0, 0.0], [0.0, 0.3], [1.0, 1.0]]))
+    np.testing.assert_allclose(codes.dense(), [[2, 0, r2], [0, 0, 0], [1, 1, r2]], rtol=1e-6)
+    assert codes.fires.tolist() == [2, 1, 2]
+    # tokens (2, 0) and (1, 1): mean code (1.5, 0.5, r2), pooled (1.5, 0.5), c_i = zbar_i (d_i . pooled)
+    dec = decompose_sentence(coder, torch.tensor([[2.0, 0.0], [1.0, 1.0]]))
+    torch.testing.assert_close(dec.contribution, torch.tensor([2.25, 0.25, 2.0]))
+    # the diagonal repeats the axes: each token decodes to itself plus (1, 1), so the mean error is -(1, 1)
+    torch.testing.assert_close(dec.error, torch.tensor([-1.0, -1.0]))
+
+
 def pos_reference(dense, meta, sentences, top_k, n_unique, n_ctx):
     """Per feature: (label, purity, {tag: share}, [(sentence, position, value)]) by the textbook procedure."""
     out = []

@@ -11,9 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from evaluation.interpret.codes import encode_sparse, read_rows
-from evaluation.interpret.pseval import ps_eval
-from evaluation.interpret.report import interpret_sae
 from mini_brown import write_two_genres
 from test_interpret import random_corpus, random_sae, write_cache
 from test_pseval import E2E_ROWS, write_wic
@@ -23,6 +20,9 @@ from core.errors import DataError
 from datamodules.activation_cache import ActivationCache
 from datamodules.activations import ActivationsDataModule
 from datamodules.wic import load_wic
+from evaluation.interpret.codes import encode_sparse, read_rows
+from evaluation.interpret.pseval import ps_eval
+from evaluation.interpret.report import interpret_sae
 from lightning_modules.export import export_sae, load_sae
 
 SUITE_ARGS = {"top_k": 20, "n_unique": 5, "n_contexts": 3}
@@ -304,8 +304,9 @@ def test_without_pseval_contexts_of_a_cache_without_words_still_highlight_the_to
                                                                                      sample_data, tmp_path):
     """A plain-text cache stores token ids, not words: the suite loads the cache model's tokenizer (not the model)
     to show each context as its tokens with the activating one marked, PS-Eval or not."""
-    from evaluation.interpret.suite import run_suite
     from transformers import AutoTokenizer
+
+    from evaluation.interpret.suite import run_suite
 
     dm = ActivationsDataModule(tiny_model_no_dropout, source=str(sample_data / "sentences.txt"), max_length=32,
                                special_tokens="keep", cache_dir=str(tmp_path / "cache"), cache_dtype="float32")

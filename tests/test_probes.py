@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import sparse
+from test_interpret import random_corpus, random_sae, write_cache
+
+from datamodules.activation_cache import META_FIRST_PIECE, META_SENTENCE, META_TAG, SPECIAL
 from evaluation.interpret.probes import (
     CLASSES,
     fit_linear,
@@ -17,10 +21,6 @@ from evaluation.interpret.probes import (
     sample_sentences,
     split_by_sentence,
 )
-from scipy import sparse
-from test_interpret import random_corpus, random_sae, write_cache
-
-from datamodules.activation_cache import META_FIRST_PIECE, META_SENTENCE, META_TAG, SPECIAL
 
 
 def clusters(n: int, n_classes: int, d: int, seed: int = 0, noise: float = 0.1) -> tuple[np.ndarray, np.ndarray]:

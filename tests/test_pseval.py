@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from core.errors import DataError
+from core.hub import load_pretrained
+from datamodules.wic import WiCPair, load_wic, read_wic
 from evaluation.interpret.pseval import (
     Confusion,
     balance,
@@ -19,10 +23,6 @@ from evaluation.interpret.pseval import (
     single_token_pairs,
     top_features,
 )
-
-from core.errors import DataError
-from core.hub import load_pretrained
-from datamodules.wic import WiCPair, load_wic, read_wic
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
 
 R2 = math.sqrt(2)

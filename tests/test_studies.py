@@ -13,13 +13,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_model
-from evaluation.interpret.codes import encode_sparse
-from evaluation.interpret.cross_model import compare_models, word_codes
-from evaluation.interpret.frontier import score_sae, sentence_variance_share
-from evaluation.interpret.pos import label_features
-from evaluation.interpret.probes import probe_caches
-from evaluation.interpret.pseval import ps_eval
-from evaluation.interpret.stability import energy_deciles, match_decoders, stability_by_decile
 from mini_brown import TWO_GENRES_TAG_MAP, write_mini_nltk
 from test_pseval import E2E_ROWS, write_wic
 from wandb_records import logged_history, read_records
@@ -29,6 +22,13 @@ from core.errors import DataError
 from datamodules.activation_cache import META_SENTENCE, ActivationCache
 from datamodules.activations import held_out
 from datamodules.wic import load_wic
+from evaluation.interpret.codes import encode_sparse
+from evaluation.interpret.cross_model import compare_models, word_codes
+from evaluation.interpret.frontier import score_sae, sentence_variance_share
+from evaluation.interpret.pos import label_features
+from evaluation.interpret.probes import probe_caches
+from evaluation.interpret.pseval import ps_eval
+from evaluation.interpret.stability import energy_deciles, match_decoders, stability_by_decile
 from evaluation.study_build import sentence_view
 from lightning_modules.export import load_sae
 
@@ -103,27 +103,30 @@ def test_sentence_variance_share_against_the_formula():
 
 
 def test_memorisation_note_and_per_model_keys(tmp_path, capsys, monkeypatch):
-    from callbacks import study
+    from commands import study
+    from evaluation.interpret.study_report import Section, Table
+    from evaluation.study_reports import memorised
+    from evaluation.study_runs import per_model
 
-    assert study.memorised("m", 0.70, 0.66) is None and study.memorised("m", None, 0.5) is None  # gap 0.04
-    note = study.memorised("m", 0.80, 0.60, " (detail)")
+    assert memorised("m", 0.70, 0.66) is None and memorised("m", None, 0.5) is None  # gap 0.04
+    note = memorised("m", 0.80, 0.60, " (detail)")
     assert note == ("m explains 0.800 of its training vectors' variance but 0.600 of held-out ones: it memorised "
                     "training sentences (detail); give it more sentences or fewer latents.")
     # keys as listed, or naming the same folder
     lrs = {"bge_small_en": 1e-3, "sentence-transformers/all-MiniLM-L6-v2": 2e-3}
-    assert study.per_model(lrs, "/models/bge_small_en", 5e-3) == 1e-3
-    assert study.per_model(lrs, "BAAI/bge-small-en", 5e-3) == 1e-3
-    assert study.per_model(lrs, "sentence-transformers/all-MiniLM-L6-v2", 5e-3) == 2e-3
-    assert study.per_model(lrs, "/m/all-mpnet-base-v2", 5e-3) == 5e-3
+    assert per_model(lrs, "/models/bge_small_en", 5e-3) == 1e-3
+    assert per_model(lrs, "BAAI/bge-small-en", 5e-3) == 1e-3
+    assert per_model(lrs, "sentence-transformers/all-MiniLM-L6-v2", 5e-3) == 2e-3
+    assert per_model(lrs, "/m/all-mpnet-base-v2", 5e-3) == 5e-3
     # a report whose SAE memorised says so; a W&B failure after the report is written is a one-line warning
-    table = study.Table(["layer", "x"], [[1, 0.5]])
+    table = Table(["layer", "x"], [[1, 0.5]])
     data = {"study": "pseval", "settings": {"wandb_project": "p"}}
 
     def broken(*args):
         raise RuntimeError("no network")
 
     monkeypatch.setattr(study, "log_wandb", broken)
-    study.report(tmp_path, "T", [study.Section("S", [note], [table])], data, "p")
+    study.report(tmp_path, "T", [Section("S", [note], [table])], data, "p")
     out = capsys.readouterr().out
     assert "warning: --wandb_project p: the report was not logged to W&B (RuntimeError: no network)" in out
     assert "it memorised training sentences (detail)" in (tmp_path / "report.md").read_text()

@@ -15,11 +15,10 @@ from wandb_records import logged_history
 
 pytest.importorskip("matplotlib", reason="needs matplotlib: pip install -e '.[plots]'")
 
-from evaluation.interpret.study_report import cell  # noqa: E402
-
 import train  # noqa: E402
 from core.errors import DataError  # noqa: E402
 from evaluation.interpret import figures  # noqa: E402
+from evaluation.interpret.study_report import cell  # noqa: E402
 
 SETTINGS = {"steps": 400, "batch_size": 1024, "suite_tokens": 30000, "wandb_project": None}
 TAGS = {"NOUN": 0.8, "VERB": 0.15, "ADJ": 0.05}

@@ -1,7 +1,8 @@
 """Sparse SAE codes of a whole corpus, streamed in chunks, with per-feature statistics from the same pass.
 
-The codes are the SAE's inference codes, exactly what ``BatchTopKSAE.encode`` returns in eval mode: the entries of
-``relu((x / s - b_dec) W_enc^T + b_enc)`` above the learned global threshold, times the input scale ``s`` (input
+The codes are the SAE's inference codes (any :class:`~lightning_modules.components.sparse_coder.SparseCoder`),
+exactly what its ``encode`` returns in eval mode: the entries of ``pre_acts(x)`` (for the BatchTopK SAE
+``relu((x / s - b_dec) W_enc^T + b_enc)``) above the learned global threshold, times the input scale ``s`` (input
 units). They are kept as COO triplets (row int64, feature int32, value float32), rows ascending; no dense (N, F)
 matrix of the corpus is ever built, only one (chunk_rows, F) pre-activation block at a time (the encoder matmul,
 O(chunk * D * F), is the whole cost; the selection is a comparison and a ``nonzero``).
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from datamodules.activation_cache import ActivationCache
-from lightning_modules.components.batch_topk import BatchTopKSAE
+from lightning_modules.components.sparse_coder import SparseCoder
 
 #: A cache, an (N, D) array, or an iterable of ``(x_nD, meta_n6 or None)`` chunks.
 CodeSource = ActivationCache | np.ndarray | Tensor | Iterable
@@ -98,7 +99,7 @@ def iter_chunks(source: CodeSource, chunk_rows: int) -> Iterator[tuple[Tensor, n
             yield x[lo : lo + chunk_rows], None if meta is None else np.asarray(meta)[lo : lo + chunk_rows]
 
 
-def threshold(sae: BatchTopKSAE) -> float:
+def threshold(sae: SparseCoder) -> float:
     """The SAE's inference threshold (normalised units); an error when it was never estimated."""
     thr = float(sae.threshold)
     if thr < 0:
@@ -108,9 +109,9 @@ def threshold(sae: BatchTopKSAE) -> float:
 
 
 @torch.no_grad()
-def threshold_codes(sae: BatchTopKSAE, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def threshold_codes(sae: SparseCoder, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(rows, features, values)`` of ``sae.encode(x_BD)`` in eval mode, without the dense (B, F) code matrix."""
-    pre_BF = sae.pre_acts(x_BD.to(sae.W_enc.device))
+    pre_BF = sae.pre_acts(x_BD.to(sae.W_dec.device))
     n_feat = pre_BF.shape[1]
     flat = torch.nonzero(pre_BF.view(-1) > threshold(sae)).squeeze(-1)
     values = pre_BF.view(-1)[flat] * sae.input_scale
@@ -126,7 +127,7 @@ def log_edges(lo: float, hi: float, n_bins: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_sparse(sae: BatchTopKSAE, source: CodeSource, chunk_rows: int = 4096, n_bins: int = 32,
+def encode_sparse(sae: SparseCoder, source: CodeSource, chunk_rows: int = 4096, n_bins: int = 32,
                   edges: np.ndarray | None = None) -> SparseCodes:
     """Stream ``source`` through ``sae`` and return its sparse inference codes and per-feature statistics.
 

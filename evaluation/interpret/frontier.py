@@ -24,6 +24,7 @@ import torch
 from core.metrics import FVU, LatentCounts, density_histogram, log10_density
 from evaluation.interpret.figures import Series, line_chart
 from lightning_modules.components.batch_topk import BatchTopKSAE
+from lightning_modules.components.sparse_coder import eval_mode
 
 
 @torch.no_grad()
@@ -35,18 +36,14 @@ def score_sae(sae: BatchTopKSAE, x_ND: np.ndarray | torch.Tensor, chunk_rows: in
     of log10 firing frequency on those rows (:func:`~core.metrics.density_histogram`)."""
     if len(x_ND) == 0:
         raise ValueError("no vectors to score the SAE on")
-    was_training = sae.training
-    sae.eval()
     dev = sae.W_enc.device
     fvu, counts = FVU(sae.cfg.d_in).to(dev), LatentCounts(sae.num_latents).to(dev)
-    try:
+    with eval_mode(sae):
         for lo in range(0, len(x_ND), chunk_rows):
             x = torch.as_tensor(np.asarray(x_ND[lo : lo + chunk_rows], dtype=np.float32)).to(dev)
             out = sae(x)
             fvu.update(x, out.x_hat)
             counts.update(out.latents, len(x), out.acts)
-    finally:
-        sae.train(was_training)
     value, latents = float(fvu.compute()), counts.compute()
     out = {"fvu": value, "explained_variance": 1 - value, "l0": float(latents["l0"]),
            "never_active": float(latents["dead_fraction"]), "n": len(x_ND)}

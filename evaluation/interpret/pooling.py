@@ -1,7 +1,7 @@
 """How SAE features survive or cancel under mean pooling (Tehenan et al., arXiv 2506.04373; docs/methods.md 5a).
 
 For a sentence with token vectors x_t (t = 1..T, the tokens the pooling averages), SAE codes z_t (input units),
-decoder rows d_i (unit norm) and decoder bias b = s * b_dec (``BatchTopKSAE.decode``: x_hat = z W_dec + s b_dec)::
+decoder rows d_i (unit norm) and decoder bias b = s * b_dec (``SparseCoder.decode``: x_hat = z W_dec + s b_dec)::
     v_bar = mean_t x_t = sum_i zbar_i d_i + b + e_bar          zbar = mean_t z_t (the pooled code),
                                                                e_bar = mean_t (x_t - x_hat_t), exactly
     c_i = zbar_i * (d_i . v_bar)                               contribution of feature i to v_bar
@@ -33,7 +33,7 @@ from torch import Tensor
 from datamodules.activation_cache import META_SENTENCE, META_TAG, SPECIAL, ActivationCache
 from evaluation.interpret.codes import SparseCodes, read_rows, threshold_codes
 from evaluation.interpret.pos import TAGS, PosLabels
-from lightning_modules.components.batch_topk import BatchTopKSAE
+from lightning_modules.components.sparse_coder import SparseCoder
 
 
 class SentenceDecomposition(NamedTuple):
@@ -54,7 +54,7 @@ class SentenceDecomposition(NamedTuple):
 
 
 @torch.no_grad()
-def decompose_sentence(sae: BatchTopKSAE, x_TD: Tensor) -> SentenceDecomposition:
+def decompose_sentence(sae: SparseCoder, x_TD: Tensor) -> SentenceDecomposition:
     """Decompose the mean of the token vectors ``x_TD`` (the tokens the pooling uses) through ``sae``."""
     x_TD = x_TD.to(sae.W_dec)
     rows, feats, vals = threshold_codes(sae, x_TD)
@@ -104,7 +104,7 @@ def pooled_rows(meta: np.ndarray, include_special: bool, special_tokens: str | N
 
 
 @torch.no_grad()
-def pooling_contributions(sae: BatchTopKSAE, codes: SparseCodes, vectors: ActivationCache | np.ndarray,
+def pooling_contributions(sae: SparseCoder, codes: SparseCodes, vectors: ActivationCache | np.ndarray,
                           include_special: bool = True, special_tokens: str | None = None,
                           sentence_chunk: int = 512) -> PoolingStats:
     """Decompose every sentence's mean-pooled vector (see the module docstring), ``sentence_chunk`` at a time.

@@ -40,7 +40,7 @@ from datamodules.activation_cache import (
 )
 from datamodules.brown import UNIVERSAL_TAGS
 from evaluation.interpret.codes import encode_sparse
-from lightning_modules.components.batch_topk import BatchTopKSAE
+from lightning_modules.components.sparse_coder import SparseCoder
 
 #: Probe classes: the universal tags (tag ids of the cache's metadata).
 CLASSES = UNIVERSAL_TAGS
@@ -240,7 +240,7 @@ def run_probes(X: Inputs, y: np.ndarray, is_test: np.ndarray, kinds: Sequence[st
     return out
 
 
-def codes_matrix(sae: BatchTopKSAE, x_ND: np.ndarray, chunk_rows: int = 4096) -> sparse.csr_matrix:
+def codes_matrix(sae: SparseCoder, x_ND: np.ndarray, chunk_rows: int = 4096) -> sparse.csr_matrix:
     """(N, F) CSR matrix of the SAE's inference codes of ``x_ND`` (input units)."""
     codes = encode_sparse(sae, x_ND, chunk_rows=chunk_rows)
     return sparse.csr_matrix((codes.values, (codes.rows, codes.features)), shape=(codes.n_rows, codes.n_features))
@@ -264,7 +264,7 @@ class ProbeStudy:
                             self.results.items()}}
 
 
-def probe_caches(caches: Mapping[str, ActivationCache], sae: BatchTopKSAE | None = None, sae_input: str | None = None,
+def probe_caches(caches: Mapping[str, ActivationCache], sae: SparseCoder | None = None, sae_input: str | None = None,
                  kinds: Sequence[str] = PROBE_KINDS, max_tokens: int | None = 100_000, test_fraction: float = 0.2,
                  seed: int = 0, pieces: str = "first", ridge: float = 1e-3, mlp: Mapping | None = None,
                  ) -> ProbeStudy:

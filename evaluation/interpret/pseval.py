@@ -26,6 +26,7 @@ from core.errors import DataError
 from core.hub import load_pretrained
 from datamodules.activation_builder import check_layer
 from datamodules.wic import WiCPair, target_tokens
+from lightning_modules.components.sparse_coder import SparseCoder, eval_mode, input_dim
 
 
 @dataclass
@@ -126,25 +127,20 @@ def top_features(codes_BF: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sae_top_features(sae, x_ND: Tensor, batch_size: int = 1024) -> Tensor:
+def sae_top_features(sae: SparseCoder, x_ND: Tensor, batch_size: int = 1024) -> Tensor:
     """(N,) top feature (or -1) of each vector under ``sae.encode`` in eval mode (the inference threshold)."""
-    was_training = sae.training
-    sae.eval()
-    param = next(sae.parameters())
-    try:
-        parts = [top_features(sae.encode(x_ND[i : i + batch_size].to(param))).cpu()
+    with eval_mode(sae):
+        parts = [top_features(sae.encode(x_ND[i : i + batch_size].to(sae.W_dec))).cpu()
                  for i in range(0, len(x_ND), batch_size)]
-    finally:
-        sae.train(was_training)
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
-def score_layer(layer: int, sae, h1_ND: Tensor, h2_ND: Tensor, gold: Sequence[bool],
+def score_layer(layer: int, sae: SparseCoder, h1_ND: Tensor, h2_ND: Tensor, gold: Sequence[bool],
                 counts: Mapping[str, int] | None = None) -> PSEvalResult:
     """PS-Eval of one SAE from the target tokens' vectors in context 1 (``h1_ND``) and context 2 (``h2_ND``)."""
-    if h1_ND.shape[-1] != sae.cfg.d_in:
+    if h1_ND.shape[-1] != input_dim(sae):
         raise ValueError(f"layer {layer}: hidden states have {h1_ND.shape[-1]} dims but the SAE expects "
-                         f"d_in = {sae.cfg.d_in}: is it the SAE of another model?")
+                         f"d_in = {input_dim(sae)}: is it the SAE of another model?")
     f1_N, f2_N = sae_top_features(sae, h1_ND), sae_top_features(sae, h2_ND)
     none1_N, none2_N = f1_N < 0, f2_N < 0
     pred_same = ((f1_N == f2_N) & ~none1_N).tolist()
@@ -185,14 +181,14 @@ def target_hidden_states(model, tokenizer, contexts: Sequence[Sequence[str]], po
     return out
 
 
-def ps_eval(encoder, saes: Mapping[int, object], pairs: Sequence[WiCPair], seed: int = 0, batch_size: int = 64,
+def ps_eval(encoder, saes: Mapping[int, SparseCoder], pairs: Sequence[WiCPair], seed: int = 0, batch_size: int = 64,
             max_length: int = 128, text_prefix: str = "") -> dict[int, PSEvalResult]:
     """PS-Eval of each layer's SAE on the same filtered, balanced WiC pairs.
 
     Args:
         encoder: an :class:`~lightning_modules.components.encoder.Encoder`, a ``(model, tokenizer)`` pair, or a
             model name / folder (``sentence-transformers/all-MiniLM-L6-v2`` loads offline when installed).
-        saes: ``{layer: BatchTopKSAE}``; ``layer`` indexes ``hidden_states`` (0 = embeddings output, -1 = last).
+        saes: ``{layer: SparseCoder}``; ``layer`` indexes ``hidden_states`` (0 = embeddings output, -1 = last).
         pairs: WiC pairs (:func:`datamodules.wic.load_wic`).
         seed: seed of the class balancing.
         batch_size: contexts per encoder forward pass.

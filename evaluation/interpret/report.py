@@ -35,7 +35,7 @@ from evaluation.interpret.stability import (
     match_decoders,
     stability_by_decile,
 )
-from lightning_modules.components.batch_topk import BatchTopKSAE
+from lightning_modules.components.sparse_coder import SparseCoder
 
 
 class InterpretReport(NamedTuple):
@@ -103,7 +103,7 @@ def feature_records(codes: SparseCodes, labels: PosLabels, sentences: list[dict]
     return out
 
 
-def interpret_sae(sae: BatchTopKSAE, cache: ActivationCache, sae_b: BatchTopKSAE | None = None, *, tokenizer=None,
+def interpret_sae(sae: SparseCoder, cache: ActivationCache, sae_b: SparseCoder | None = None, *, tokenizer=None,
                   chunk_rows: int = 4096, top_k: int = 500, n_unique: int = 100, n_contexts: int = 10,
                   pooling: Literal["auto", "model", "words", "none"] = "auto",
                   groups: Literal["auto"] | tuple[tuple[str, ...], tuple[str, ...]] | None = "auto",

@@ -42,6 +42,7 @@ from core.hub import load_pretrained, resolve_model
 from core.tensors import masked_mean
 from datamodules.activation_builder import CacheBuilder, Corpus, check_layer
 from evaluation.evaluate import load_tasks, score_tasks
+from lightning_modules.components.sparse_coder import SparseCoder, eval_mode
 from lightning_modules.sae import activations_of
 
 #: Relative spread of the ablated embeddings under which they count as one vector (rounding of a mean of equal rows).
@@ -150,9 +151,9 @@ class Splicer:
         self._checked = True
 
 
-def reconstruct(sae) -> Callable[[Tensor], Tensor]:
+def reconstruct(sae: SparseCoder) -> Callable[[Tensor], Tensor]:
     """``x -> sae.decode(sae.encode(x))`` over the last dimension, in the SAE's dtype (eval mode: the threshold)."""
-    param = next(sae.parameters())
+    param = sae.W_dec
 
     @torch.no_grad()
     def replace(h_BLD: Tensor) -> Tensor:
@@ -179,14 +180,14 @@ def is_constant(z_ND: Tensor) -> bool:
     return bool(spread <= CONSTANT_RTOL * z_ND[0].norm().clamp_min(1e-30))
 
 
-def sts_recovered(sae, tasks: Sequence[str], data_root: str | None, *, model: str | None = None,
+def sts_recovered(sae: SparseCoder, tasks: Sequence[str], data_root: str | None, *, model: str | None = None,
                   batch_size: int = 64, max_length: int = 128, text: str = "senteval",
                   loaded: tuple | None = None, reads: dict | None = None, memo: dict | None = None
                   ) -> dict[str, dict]:
     """Clean, spliced and ablated STS of ``sae`` on each task (test split, as ``train.py evaluate`` reads them).
 
     Args:
-        sae: a :class:`~lightning_modules.components.batch_topk.BatchTopKSAE` whose ``activations`` say what it reads
+        sae: the SAE; its ``activations``, when it has them (the BatchTopK SAE does), say what it reads
             (model, layer, level, special tokens, text prefix; the cache's identity, kept in checkpoints and exports).
         tasks: STS task names (``stsb``, ``sickr``, ...). data_root: where their files are (None: the hub copies).
         model: the encoder (default: the one the SAE's cache names).
@@ -207,7 +208,7 @@ def sts_recovered(sae, tasks: Sequence[str], data_root: str | None, *, model: st
                         "outside an activation cache, or exported before that was recorded")
     model = model or acts["model"]
     hf_model, tokenizer = loaded if loaded is not None else load_pretrained(model)
-    device = next(sae.parameters()).device
+    device = sae.W_dec.device
     layer = check_layer(int(acts["layer"]), hf_model.config.num_hidden_layers, model)
     level = acts["level"]
     builder = CacheBuilder(model, level, layer, acts.get("pooling") or "mean", bool(acts.get("normalize")),
@@ -219,9 +220,7 @@ def sts_recovered(sae, tasks: Sequence[str], data_root: str | None, *, model: st
     key = (model, layer, level, builder.special_tokens, builder.text_prefix, builder.pooling, builder.normalize,
            max_length, text, tuple(tasks), data_root)
     memo = {} if memo is None else memo
-    was = sae.training
-    sae.eval()
-    try:
+    with eval_mode(sae):
         if level == "sentence":
             if key not in memo:
                 memo[key] = {"clean": torch.as_tensor(builder.encode_chunk(Corpus(texts), range(len(texts)))[0])}
@@ -232,8 +231,6 @@ def sts_recovered(sae, tasks: Sequence[str], data_root: str | None, *, model: st
             if key not in memo:
                 memo[key] = {"clean": splicer.embed(texts), "ablated": splicer.embed(texts, torch.zeros_like)}
             runs = {**memo[key], "spliced": splicer.embed(texts, reconstruct(sae))}
-    finally:
-        sae.train(was)
     constant = {name: is_constant(z) for name, z in runs.items()}  # no ranking: scored 0, never a rounding draw
     scores = {name: score_tasks(_Fixed(name, texts, z), data)[0] for name, z in runs.items() if not constant[name]}
     out = {}
@@ -267,7 +264,7 @@ class SweepSTS:
         self.reads, self.memo, self.last = activations_of(meta), {}, None
         self.loaded = load_pretrained(meta["model"]) if self.tasks else None
 
-    def __call__(self, sae) -> dict:
+    def __call__(self, sae: SparseCoder) -> dict:
         if not self.tasks:
             return {}
         self.last = sts_recovered(sae, self.tasks[:1], self.root, loaded=self.loaded, reads=self.reads,

@@ -31,6 +31,7 @@ from evaluation.interpret.browser import write_feature_browser
 from evaluation.interpret.pseval import PSEvalResult, model_and_tokenizer, ps_eval
 from evaluation.interpret.report import Clock, interpret_sae
 from evaluation.interpret.sts_recovered import recovered_metrics, sts_recovered
+from lightning_modules.components.sparse_coder import SparseCoder, input_dim
 from lightning_modules.sae import activations_of
 
 
@@ -47,7 +48,7 @@ def cache_layer(cache: ActivationCache) -> int | None:
     return None if cache.meta.get("layer") is None else int(cache.meta["layer"])
 
 
-def check_sae_reads(sae, cache: ActivationCache, name: str, same_vectors: bool = True) -> None:
+def check_sae_reads(sae: SparseCoder, cache: ActivationCache, name: str, same_vectors: bool = True) -> None:
     """A DataError naming ``name`` (the SAE's file, or its argument) and the cache folder when the suite cannot study
     ``sae`` on ``cache``: a cache of sentence vectors (the suite reads tokens), another width, or, with
     ``same_vectors``, other vectors than the SAE was trained on (level, layer, pooling...; the model is compared by
@@ -58,9 +59,9 @@ def check_sae_reads(sae, cache: ActivationCache, name: str, same_vectors: bool =
         was = f" ({name} was trained on {trained_on['level']}-level ones)" if trained_on.get("level") else ""
         raise DataError(f"{cache.folder} holds {level}-level vectors{was}; the interpretability suite needs a "
                         "token-level cache (data.level=token)")
-    if sae.cfg.d_in != cache.dim:
-        raise DataError(f"{name} takes {sae.cfg.d_in}-d inputs but {cache.folder} holds {cache.dim}-d vectors: an SAE "
-                        "of another model?")
+    if input_dim(sae) != cache.dim:
+        raise DataError(f"{name} takes {input_dim(sae)}-d inputs but {cache.folder} holds {cache.dim}-d vectors: an "
+                        "SAE of another model?")
     differ = {k: (v, cache.meta[k]) for k, v in trained_on.items()
               if same_vectors and k not in ("model", "special_tokens") and k in cache.meta and v != cache.meta[k]}
     if differ:
@@ -99,8 +100,8 @@ def cache_tokenizer(cache):
         return None
 
 
-def run_suite(sae, cache: ActivationCache, output_dir: str | Path, *, sae_b=None,
-              wic_pairs: Sequence | None = None, pseval_saes: Mapping[int, object] | None = None,
+def run_suite(sae: SparseCoder, cache: ActivationCache, output_dir: str | Path, *, sae_b: SparseCoder | None = None,
+              wic_pairs: Sequence | None = None, pseval_saes: Mapping[int, SparseCoder] | None = None,
               encoder=None, max_tokens: int | None = None, sample_seed: int = 0, title: str = "SAE features",
               sts_tasks: Sequence[str] = (), data_root: str | None = None, **interpret_kwargs) -> SuiteResult:
     """Run codes, POS labels, pooling decomposition, stability (with ``sae_b``), group share and PS-Eval (with
