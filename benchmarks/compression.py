@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 from common import write_json  # noqa: E402
 
 from core.files import readable_as_umask  # noqa: E402
-from core.metrics import spearman100  # noqa: E402
+from core.metrics import sts_spearman  # noqa: E402
 from datamodules.groups import kmeans_groups  # noqa: E402
 from datamodules.nli import read_rows  # noqa: E402
 from datamodules.sentences import read_sentences  # noqa: E402
@@ -144,7 +144,7 @@ def load_data(data_root: Path, cache_dir: Path, held_out_fraction: float = 0.5) 
 def sts_score(project, pairs: tuple) -> float:
     """Spearman x 100 of cosine(project(a), project(b)) vs gold."""
     a, b, gold = pairs
-    return round(spearman100(F.cosine_similarity(project(a), project(b), dim=-1), gold), 2)
+    return round(sts_spearman(project(a), project(b), gold), 2)
 
 
 def recall_at(project, retrieval: dict, ks: tuple[int, ...] = (1, 10), chunk: int = 512) -> dict[str, float]:

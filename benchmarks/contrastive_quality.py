@@ -38,14 +38,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import write_json  # noqa: E402
 
-from core.metrics import spearman100  # noqa: E402
+from core.metrics import SentenceIndex  # noqa: E402
 from datamodules import NLIDataModule, SentencesDataModule, load_sts  # noqa: E402
 from datamodules.no_duplicates import repeats_per_batch  # noqa: E402
 from lightning_modules import ContrastiveModule  # noqa: E402
@@ -67,21 +66,15 @@ class Scorer:
 
     def __init__(self, data_root: str, encoder, splits: list[tuple[str, str]]) -> None:
         self.pairs = {f"{task}_{split}": load_sts(task, split, data_root) for task, split in splits}
-        unique = sorted({t for p in self.pairs.values() for t in (*p.sentences1, *p.sentences2)})
-        self.index = {t: i for i, t in enumerate(unique)}
-        self.ids = encoder.tokenize(unique)
+        self.sentences = SentenceIndex(self.pairs.values())
+        self.ids = encoder.tokenize(self.sentences.sentences)
 
     def __call__(self, module: ContrastiveModule, dims: list[int | None]) -> dict[str, dict[str, float]]:
         """{split: {dims: Spearman x 100}} with the cosine of the first ``dims`` dims (None: all)."""
         module.eval()
         z_ND = module.encoder.encode_ids(self.ids, batch_size=128)
-        out = {}
-        for name, p in self.pairs.items():
-            a = z_ND[[self.index[t] for t in p.sentences1]]
-            b = z_ND[[self.index[t] for t in p.sentences2]]
-            out[name] = {str(k or a.shape[1]): spearman100(F.cosine_similarity(a[:, :k], b[:, :k], dim=-1), p.scores)
-                         for k in dims}
-        return out
+        return {name: {str(k or z_ND.shape[1]): self.sentences.score(z_ND, p, [k]) for k in dims}
+                for name, p in self.pairs.items()}
 
 
 def new_module(variant: str, lr: float) -> ContrastiveModule:

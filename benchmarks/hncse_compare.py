@@ -38,13 +38,13 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import write_json  # noqa: E402
 
+from core.metrics import SentenceIndex  # noqa: E402
 from datamodules import SentencesDataModule, STSPairs, load_sts  # noqa: E402
 from lightning_modules import ContrastiveModule  # noqa: E402
 from lightning_modules.losses import (  # noqa: E402
@@ -94,18 +94,12 @@ class STSBScorer:
         if max_pairs:
             self.splits = {s: STSPairs(p.name, p.sentences1[:max_pairs], p.sentences2[:max_pairs],
                                        p.scores[:max_pairs]) for s, p in self.splits.items()}
-        unique = sorted({t for p in self.splits.values() for t in (*p.sentences1, *p.sentences2)})
-        self.index = {t: i for i, t in enumerate(unique)}
-        self.ids = encoder.tokenize(unique)
+        self.sentences = SentenceIndex(self.splits.values())
+        self.ids = encoder.tokenize(self.sentences.sentences)
 
     def __call__(self, module: ContrastiveModule) -> dict[str, float]:
         z_ND = module.encoder.encode_ids(self.ids, batch_size=128)
-        out = {}
-        for split, pairs in self.splits.items():
-            a = z_ND[[self.index[t] for t in pairs.sentences1]]
-            b = z_ND[[self.index[t] for t in pairs.sentences2]]
-            out[split] = float(spearmanr(F.cosine_similarity(a, b, dim=-1).numpy(), pairs.scores).statistic * 100)
-        return out
+        return {split: self.sentences.score(z_ND, pairs) for split, pairs in self.splits.items()}
 
 
 def new_module(variant: str, args) -> ContrastiveModule:

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
-import torch.nn.functional as F
 
 from core.errors import DataError
-from core.metrics import spearman100
+from core.metrics import SentenceIndex
 from datamodules.sts import STSPairs, load_sts
 
 
@@ -43,7 +41,7 @@ class STSEvaluator(pl.Callback):
         self.every_n_steps, self.batch_size, self.at_start = every_n_steps, batch_size, at_start
         self.pairs: STSPairs | None = None
         self._ids: list[list[int]] | None = None
-        self._index1 = self._index2 = None
+        self._sentences: SentenceIndex | None = None
         self.history: list[tuple[int, float]] = []
 
     @property
@@ -57,19 +55,14 @@ class STSEvaluator(pl.Callback):
                 raise DataError(f"STSEvaluator task={self.task!r}: every gold score is the same, so Spearman's "
                                 "correlation is undefined and cannot select checkpoints")
         if self._ids is None:
-            unique = sorted(set(self.pairs.sentences1) | set(self.pairs.sentences2))
-            where = {s: i for i, s in enumerate(unique)}
-            self._index1 = torch.tensor([where[s] for s in self.pairs.sentences1])
-            self._index2 = torch.tensor([where[s] for s in self.pairs.sentences2])
-            self._ids = pl_module.encoder.tokenize(unique)
+            self._sentences = SentenceIndex([self.pairs])
+            self._ids = pl_module.encoder.tokenize(self._sentences.sentences)
 
     def evaluate(self, pl_module: pl.LightningModule) -> float:
         """Spearman x 100 of the module's current weights on the configured pairs (the mean over the module's
         ``selection_dims`` prefixes when it has them)."""
         z_ND = pl_module.encode_ids(self._ids, batch_size=self.batch_size)
-        rhos = [spearman100(F.cosine_similarity(z_ND[self._index1, :k], z_ND[self._index2, :k], dim=-1),
-                            self.pairs.scores) for k in getattr(pl_module, "selection_dims", None) or [None]]
-        return sum(rhos) / len(rhos)
+        return self._sentences.score(z_ND, self.pairs, getattr(pl_module, "selection_dims", None))
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch_end: bool) -> None:
         rho = self._record(trainer, pl_module)

@@ -1,9 +1,13 @@
-"""core.metrics."""
+"""core.metrics: the STS score (cosine, Spearman x 100), FVU, latent counts and density helpers."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import Tensor
 from torchmetrics import Metric
@@ -11,9 +15,9 @@ from torchmetrics import Metric
 
 def spearman100(x, y) -> float:
     """Spearman's rho x 100 of predicted similarities ``x`` against gold scores ``y``, in float64 with average ranks
-    for ties (scipy; as SentEval and MTEB compute it). The one STS score of the project: validation, the
-    STSEvaluator callback and ``train.py evaluate`` all call it. NaN when ``x`` holds a non-finite value: ranking
-    NaN embeddings' cosines gives an arbitrary number (0.54 on a diverged run), which must never select a checkpoint.
+    for ties (scipy; as SentEval and MTEB compute it): the ranking half of the STS score (:func:`sts_spearman`).
+    NaN when ``x`` holds a non-finite value: ranking NaN embeddings' cosines gives an arbitrary number (0.54 on a
+    diverged run), which must never select a checkpoint.
     """
 
     x = torch.as_tensor(x, dtype=torch.float64).cpu().numpy()
@@ -21,6 +25,55 @@ def spearman100(x, y) -> float:
     if not np.isfinite(x).all():
         return float("nan")
     return float(spearmanr(x, y).statistic * 100)
+
+
+class ScoredPairs(Protocol):
+    """What the STS scorer reads of a set of sentence pairs (``datamodules.sts.STSPairs`` is one)."""
+
+    @property
+    def sentences1(self) -> Sequence[str]: ...
+
+    @property
+    def sentences2(self) -> Sequence[str]: ...
+
+    @property
+    def scores(self) -> Sequence[float]: ...
+
+
+def pair_cosines(z1_ND: Tensor, z2_ND: Tensor, dim: int | None = None) -> Tensor:
+    """Cosine similarity (N,) of each row of ``z1_ND`` with the same row of ``z2_ND`` over their first ``dim``
+    dimensions (None: all), in the embeddings' own dtype: the similarity half of the STS score."""
+    return F.cosine_similarity(z1_ND[:, :dim], z2_ND[:, :dim], dim=-1)
+
+
+def sts_spearman(z1_ND: Tensor, z2_ND: Tensor, gold_N, dims: Sequence[int | None] | None = None) -> float:
+    """The STS score of the project: Spearman x 100 of the pairs' cosines against the gold scores (the mean over the
+    prefixes of ``dims`` when given, e.g. a Matryoshka embedding's [32, ..., 256]). Validation, the STSEvaluator
+    callback, MCR2's choice of initialisation, ``train.py evaluate`` and the benchmarks all call it (validation in
+    its two halves, :func:`pair_cosines` per batch and :func:`spearman100` over the gathered epoch). NaN when an
+    embedding is not finite (:func:`spearman100`)."""
+    rhos = [spearman100(pair_cosines(z1_ND, z2_ND, k), gold_N) for k in dims or [None]]
+    return sum(rhos) / len(rhos)
+
+
+class SentenceIndex:
+    """Each distinct sentence of some sets of pairs, sorted, so that each is encoded once (STS tasks share many:
+    STS-B was drawn from STS12-16), and the score of a set of pairs from the embeddings (U, D) of ``sentences``."""
+
+    def __init__(self, pair_sets: Iterable[ScoredPairs]) -> None:
+        self.sentences = sorted({s for p in pair_sets for s in (*p.sentences1, *p.sentences2)})
+        self.index = {s: i for i, s in enumerate(self.sentences)}
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    def rows(self, sentences: Sequence[str]) -> Tensor:
+        """Where each of ``sentences`` stands in :attr:`sentences` (N,)."""
+        return torch.tensor([self.index[s] for s in sentences], dtype=torch.long)
+
+    def score(self, z_UD: Tensor, pairs: ScoredPairs, dims: Sequence[int | None] | None = None) -> float:
+        """:func:`sts_spearman` of ``pairs`` with the embeddings ``z_UD`` of :attr:`sentences`."""
+        return sts_spearman(z_UD[self.rows(pairs.sentences1)], z_UD[self.rows(pairs.sentences2)], pairs.scores, dims)
 
 
 class FVU(Metric):

@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from core.errors import DataError
 from core.hub import check_max_length, check_model_files, check_tokenizer_files, check_vocabulary_fits, resolve_model
-from core.metrics import spearman100
-from datamodules.sts import SICK_FILES, STS_TASKS, STSPairs, load_sts_subsets
+from core.metrics import SentenceIndex
+from datamodules.sts import SICK_FILES, STS_TASKS, STSPairs, concat_pairs, load_sts_subsets
 from lightning_modules.loading import is_checkpoint_file, load_module
 from lightning_modules.saelens_format import sae_weights_file
 
@@ -215,38 +214,30 @@ class TaskScore:
 
 
 class SentenceEmbeddings:
-    """Each distinct sentence of some tasks encoded once (tasks share many: STS-B was drawn from STS12-16),
-    L2-normalised in float64 so that a cosine is a dot product."""
+    """Each distinct sentence of some tasks encoded once (:class:`core.metrics.SentenceIndex`), kept in float64 so
+    that the cosines are float64 (:func:`core.metrics.pair_cosines`: the dot product of the L2-normalised rows)."""
 
     def __init__(self, embedder: Embedder, data: dict[str, list[STSPairs]]) -> None:
         start = time.perf_counter()
-        unique = sorted(
-            {s for subsets in data.values() for p in subsets for s in (*p.sentences1, *p.sentences2)}
-        )
-        self.index = {s: i for i, s in enumerate(unique)}
-        self.z_UD = F.normalize(embedder.encode(unique).double(), dim=-1)
+        self.sentences = SentenceIndex(p for subsets in data.values() for p in subsets)
+        self.z_UD = embedder.encode(self.sentences.sentences).double()
         self.seconds = time.perf_counter() - start
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.sentences)
 
-    def rows(self, sentences: list[str]) -> Tensor:
-        return self.z_UD[[self.index[s] for s in sentences]]
+    def score(self, pairs: STSPairs) -> float:
+        """:func:`core.metrics.sts_spearman` of ``pairs`` (Spearman x 100 of cosine)."""
+        return self.sentences.score(self.z_UD, pairs)
 
 
 def score_subsets(task: str, subsets: list[STSPairs], emb: SentenceEmbeddings) -> TaskScore:
     """Spearman x 100 of cosine on every subset of a task and on their concatenation."""
-    cos_parts, gold_parts, detail = [], [], {}
-    for p in subsets:
-        cos_P = (emb.rows(p.sentences1) * emb.rows(p.sentences2)).sum(-1)
-        cos_parts.append(cos_P)
-        gold_parts.append(torch.tensor(p.scores, dtype=torch.float64))
-        detail[p.name] = {"n": len(p), "spearman": spearman100(cos_P, p.scores)}
+    detail = {p.name: {"n": len(p), "spearman": emb.score(p)} for p in subsets}
     n_total = sum(d["n"] for d in detail.values())
     wmean = sum(d["n"] * d["spearman"] for d in detail.values()) / n_total
     mean = sum(d["spearman"] for d in detail.values()) / len(detail)
-    rho_all = spearman100(torch.cat(cos_parts), torch.cat(gold_parts))
-    return TaskScore(task, rho_all, wmean, mean, n_total, detail)
+    return TaskScore(task, emb.score(concat_pairs(task, subsets)), wmean, mean, n_total, detail)
 
 
 def parse_tasks(tasks: str | Sequence[str]) -> list[str]:

@@ -11,7 +11,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import Tensor
 from transformers import get_linear_schedule_with_warmup
 
-from core.metrics import spearman100
+from core.metrics import pair_cosines, spearman100
 from lightning_modules.checkpoints import CLASS_PATH_KEY, LOGGERS_KEY
 from lightning_modules.components.encoder import Encoder
 from lightning_modules.components.guard import DivergenceError, DivergenceGuard, Event, describe
@@ -239,10 +239,12 @@ class EmbeddingModule(GuardsDivergence, pl.LightningModule):
         B, V, L = batch["input_ids"].shape  # V = 2: the two sentences of each pair
         z_ND = self.embed_batch(batch["input_ids"].reshape(B * V, L), batch["attention_mask"].reshape(B * V, L))
         z_BVD = z_ND.view(B, V, -1).float()
-        cos_B = torch.nn.functional.cosine_similarity(z_BVD[:, 0], z_BVD[:, 1], dim=-1)
+        cos_B = pair_cosines(z_BVD[:, 0], z_BVD[:, 1])
         self._sts_outputs.setdefault(dataloader_idx, []).append((cos_B, batch["scores"].float()))
 
     def _sts_log(self, prefix: str) -> None:
+        """Logs :func:`core.metrics.sts_spearman` of each dataloader's pairs, in its two halves: the cosines were
+        taken per batch (:meth:`_sts_step`), ranked here once gathered from every rank."""
         names = getattr(getattr(self.trainer, "datamodule", None), "names", None) or []
         for idx, outputs in sorted(self._sts_outputs.items()):
             cos_N = self.all_gather(torch.cat([c for c, _ in outputs])).reshape(-1)

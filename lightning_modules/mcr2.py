@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from core.errors import DataError
 from core.files import readable_as_umask
-from core.metrics import spearman100
+from core.metrics import sts_spearman
 from datamodules.groups import kmeans_groups
 from datamodules.sts import load_sts
 from lightning_modules.base import EmbeddingModule, nested_dims
@@ -308,9 +308,7 @@ class MCR2Module(EmbeddingModule):
         self.head.load_state_dict(state)
         z_ND = self.encode(pairs.sentences1 + pairs.sentences2)
         n = len(pairs.sentences1)
-        dims = self.matryoshka_dims or [self.head.out_dim]
-        rhos = [spearman100(torch.cosine_similarity(z_ND[:n, :k], z_ND[n:, :k], dim=-1), pairs.scores) for k in dims]
-        return sum(rhos) / len(rhos)
+        return sts_spearman(z_ND[:n], z_ND[n:], pairs.scores, self.matryoshka_dims or [self.head.out_dim])
 
     def teacher_cache(self, ids: Sequence[Sequence[int]]) -> Tensor:
         """Teacher embeddings (N, D) of ``ids``, read from ``cache_path`` when it matches, else computed once."""

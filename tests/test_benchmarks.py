@@ -213,3 +213,35 @@ def test_contrastive_quality_counts_repeats_across_rows_and_summarises_over_seed
     assert (s["mean"], s["min"], s["max"], s["n"]) == (71.0, 70.0, 72.0, 2) and abs(s["std"] - 2 ** 0.5) < 1e-9
     row = "| plain | stsb_test | 32 | 71.00 ± 1.41 (70.00-72.00, n=2) | - |"
     assert row in cq.table({"summary": cq.summarise(runs)})
+
+
+def test_benchmark_sts_scorers_give_the_project_sts_score(tmp_path, tiny_model, sample_data):
+    """contrastive_quality's and hncse_compare's STS scores are core.metrics.sts_spearman of the same embeddings."""
+    import contrastive_quality as cq
+    import hncse_compare as hc
+
+    from core.metrics import sts_spearman
+    from datamodules.sts import load_sts
+
+    tsv = str(sample_data / "sts_dev.tsv")
+    pairs = load_sts(tsv)
+    rows = [("main-captions", "MSRvid", "2012test", f"{i:04d}", f"{s:.3f}", a, b)
+            for i, (a, b, s) in enumerate(zip(pairs.sentences1, pairs.sentences2, pairs.scores))]
+    (tmp_path / "stsb").mkdir()
+    for split in ("dev", "test"):
+        (tmp_path / "stsb" / f"sts-{split}.csv").write_text("\n".join("\t".join(r) for r in rows) + "\n")
+    module = ContrastiveModule(tiny_model, pooler="mean", max_length=16)
+    module.eval()
+
+    def want(scorer, p, dims=None) -> float:
+        sentences = scorer.sentences.sentences
+        z = module.encoder.encode_ids(scorer.ids, batch_size=128)
+        rows1, rows2 = ([sentences.index(s) for s in side] for side in (p.sentences1, p.sentences2))
+        return sts_spearman(z[rows1], z[rows2], p.scores, dims)
+
+    quality = cq.Scorer(None, module.encoder, [(tsv, "dev")])
+    p = quality.pairs[f"{tsv}_dev"]
+    assert quality(module, [8, None]) == {f"{tsv}_dev": {"8": want(quality, p, [8]), "32": want(quality, p)}}
+    compare = hc.STSBScorer(str(tmp_path), module.encoder, max_pairs=40)
+    assert compare(module) == {s: want(compare, p) for s, p in compare.splits.items()}
+    assert len(compare.splits["dev"]) == 40

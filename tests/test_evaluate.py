@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from core.errors import DataError
+from core.metrics import spearman100
 from datamodules.sts import STSPairs, apply_text_form, load_sts, load_sts_subsets, senteval_text
 from evaluation.evaluate import (
     SentenceEmbeddings,
@@ -18,7 +19,6 @@ from evaluation.evaluate import (
     load_embedder,
     parse_tasks,
     score_subsets,
-    spearman100,
 )
 
 
