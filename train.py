@@ -16,6 +16,7 @@ command line; unknown keys are rejected at parse time.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import re
@@ -23,6 +24,7 @@ import signal
 import sys
 
 import yaml
+from jsonargparse import Namespace
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
@@ -104,7 +106,16 @@ class EmbedLabCLI(LightningCLI):
         resume_config(self.config.fit, warn=rank_zero_warn)
         check_run_folders(self.config.fit)
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parse with each config file's ``defaults`` read first (:func:`with_defaults`)."""
+        if isinstance(args, (dict, Namespace)):
+            return super().parse_arguments(parser, args)
+        self.config = parser.parse_args(with_defaults(sys.argv[1:] if args is None else list(args)))
+
     def add_arguments_to_parser(self, parser) -> None:
+        # read by with_defaults before parsing; hidden (SUPPRESS), so --print_config and config.yaml show the
+        # composed result and never name the file again
+        parser.add_argument("--defaults", type=str | None, default=None, help=argparse.SUPPRESS)
         parser.add_argument("--startup_timeout", type=float, default=300.0,
                             help="seconds the processes of a distributed run wait for each other at start-up before "
                                  "giving up with the ranks that never joined")
@@ -164,6 +175,43 @@ def read_config(path: str) -> dict:
         tabs = " (YAML indents with spaces, not tabs)" if "\\t" in problem else ""
         raise DataError(f"{path}{where}: not valid YAML: {problem}{tabs}") from None
     return config if isinstance(config, dict) else {}
+
+
+def config_paths(args: list[str]) -> list[tuple[int, int, str]]:
+    """Where each ``--config`` stands in ``args``: (index, number of items it takes, path)."""
+    found = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            found.append((i, 2, args[i + 1]))
+        elif arg.startswith("--config="):
+            found.append((i, 1, arg.split("=", 1)[1]))
+    return found
+
+
+def base_configs(path: str, chain: tuple[str, ...] = ()) -> list[str]:
+    """The config files ``path`` builds on, first to last: its ``defaults`` (a path relative to its own folder,
+    e.g. ``defaults/sae.yaml`` in configs/), that file's own defaults before it, and so on."""
+    base = read_config(path).get("defaults")
+    if not base:
+        return []
+    chain = chain or (os.path.normpath(path),)
+    full = os.path.normpath(os.path.join(os.path.dirname(path), str(base)))
+    if not os.path.isfile(full):
+        raise DataError(f"{path}: defaults: {base} is not a file ({full}; the path is relative to the config's folder)")
+    if full in chain:
+        raise DataError(f"{path}: defaults: {base} builds on itself ({' -> '.join((*chain, full))})")
+    return [*base_configs(full, (*chain, full)), full]
+
+
+def with_defaults(args: list[str]) -> list[str]:
+    """``args`` with one more ``--config`` before each config file that names ``defaults``: the shared settings it
+    builds on (configs/defaults/), so that a recipe holds only its differences. Later files and the command line
+    still win, and a list the recipe extends with ``callbacks+:`` keeps the defaults' entries first."""
+    out, done = [], 0
+    for i, width, path in config_paths(args):
+        out += args[done:i] + [f"--config={base}" for base in base_configs(path)] + args[i:i + width]
+        done = i + width
+    return out + args[done:]
 
 
 def check_moved_options(args: list[str]) -> None:

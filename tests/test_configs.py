@@ -67,14 +67,32 @@ def local_paths(tmp_path, tiny_model, sample_data):
             "sts": sample_data / "sts_dev.tsv"}
 
 
+def local_configs(recipe: Path, local_paths: dict, tmp_path: Path, **trainer) -> list[str]:
+    """``--config`` arguments running ``recipe`` on local resources: each file it builds on (``defaults:``,
+    configs/defaults/) patched and named before it, then the recipe with ``trainer`` set."""
+    files = [*map(Path, train.base_configs(str(recipe))), recipe]
+    args, class_paths = [], {}  # a section without class_path (model, data) extends the earlier file's class
+    for i, path in enumerate(files):
+        cfg = {}
+        for key, node in yaml.safe_load(path.read_text()).items():
+            if isinstance(node, dict) and "class_path" in node:
+                class_paths[key] = node["class_path"]
+            cfg[key] = patch(node, local_paths, tmp_path, class_paths.get(key))
+        cfg.pop("defaults", None)  # named here in order instead
+        if path == recipe:
+            cfg.setdefault("trainer", {}).update(trainer)
+        out = tmp_path / ("recipe.yaml" if path == recipe else f"base{i}.yaml")
+        out.write_text(yaml.safe_dump(cfg))
+        args += ["--config", str(out)]
+    return args
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_runs_a_few_steps(recipe, tmp_path, local_paths, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = patch(yaml.safe_load(recipe.read_text()), local_paths, tmp_path)
-    cfg.setdefault("trainer", {}).update(accelerator="cpu", devices=1, precision="32-true", max_steps=2,
-                                         max_epochs=None, enable_progress_bar=False)
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(cfg))
-    cli = train.main(["fit", "--config", str(tmp_path / "recipe.yaml")])
+    configs = local_configs(recipe, local_paths, tmp_path, accelerator="cpu", devices=1, precision="32-true",
+                            max_steps=2, max_epochs=None, enable_progress_bar=False)
+    cli = train.main(["fit", *configs])
     assert cli.trainer.global_step == 2
 
 
@@ -123,3 +141,28 @@ def test_trainer_overrides_train_a_step_on_cpu(override, tmp_path, local_paths, 
         assert cli.model.encoder.model.config._attn_implementation == "sdpa"
         assert cli.datamodule.pad_to_multiple_of == 8 and cli.datamodule.pin_memory
         assert isinstance(cli.datamodule._sampler, LengthGroupedSampler)
+
+
+def test_defaults_are_read_before_the_file_that_names_them(tmp_path):
+    """A config's ``defaults`` (relative to its folder, recursively) becomes a ``--config`` just before it; the
+    other arguments keep their order, so later files and the command line win."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "root.yaml").write_text("seed_everything: 1\n")
+    (tmp_path / "shared" / "family.yaml").write_text("defaults: root.yaml\n")
+    (tmp_path / "recipe.yaml").write_text("defaults: shared/family.yaml\n")
+    (tmp_path / "plain.yaml").write_text("seed_everything: 2\n")
+    recipe, plain = str(tmp_path / "recipe.yaml"), str(tmp_path / "plain.yaml")
+    shared = tmp_path / "shared"
+    assert train.with_defaults(["fit", "--config", recipe, "-c", plain, "--seed_everything=3"]) == [
+        "fit", f"--config={shared / 'root.yaml'}", f"--config={shared / 'family.yaml'}", "--config", recipe,
+        "-c", plain, "--seed_everything=3"]
+    assert train.with_defaults(["fit", f"--config={plain}"]) == ["fit", f"--config={plain}"]
+
+
+def test_defaults_that_are_missing_or_circular_are_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: b.yaml\n")
+    with pytest.raises(train.DataError, match=r"a\.yaml: defaults: b\.yaml is not a file"):
+        train.with_defaults(["fit", "--config", str(tmp_path / "a.yaml")])
+    (tmp_path / "b.yaml").write_text("defaults: a.yaml\n")
+    with pytest.raises(train.DataError, match=r"b\.yaml: defaults: a\.yaml builds on itself"):
+        train.with_defaults(["fit", "--config", str(tmp_path / "a.yaml")])
