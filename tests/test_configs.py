@@ -1,5 +1,6 @@
 """Every recipe in configs/ parses and runs a few steps on the tiny model with local data (docs/design.md)."""
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,65 @@ def test_defaults_that_are_missing_or_circular_are_named(tmp_path):
     (tmp_path / "b.yaml").write_text("defaults: a.yaml\n")
     with pytest.raises(train.DataError, match=r"b\.yaml: defaults: a\.yaml builds on itself"):
         train.with_defaults(["fit", "--config", str(tmp_path / "a.yaml")])
+
+
+#: The callbacks each recipe's --print_config lists (ModelCheckpoint: the SAE recipes name theirs in
+#: configs/defaults/sae.yaml; the STS recipes' follows their evaluator and is added at fit, commands/run_defaults.py).
+SHOWN = {"STS": ["STSEvaluator", "Throughput"], "STS+export": ["STSEvaluator", "Throughput", "ExportOnFitEnd"],
+         "MCR2": ["STSEvaluator", "ExportOnFitEnd"], "SAE": ["ExportOnFitEnd", "ModelCheckpoint"]}
+CALLBACKS = {
+    **dict.fromkeys(["hncse_hnm_bert_base", "hncse_pm_bert_base", "simcse_sup_bert_base", "simcse_sup_minilm_mined",
+                     "simcse_sup_minilm_nli", "simcse_unsup_bert_base", "simcse_unsup_minilm_wiki"], SHOWN["STS"]),
+    **dict.fromkeys(["hncse_hnm_quick", "hncse_pm_quick", "quickstart"], SHOWN["STS+export"]),
+    **dict.fromkeys(["mcr2_minilm_kmeans", "mcr2_minilm_matryoshka", "mcr2_minilm_nli_pairs", "mcr2_minilm_quick"],
+                    SHOWN["MCR2"]),
+    **dict.fromkeys(["sae_e5_hub", "sae_minilm_brown_tokens", "sae_minilm_brown_tokens_matryoshka",
+                     "sae_minilm_sentences", "sae_mpnet_hub"], SHOWN["SAE"]),
+}
+
+
+@functools.cache
+def printed(recipe: Path) -> dict:
+    """The recipe's ``fit --print_config``, composed with the files it builds on (benchmarks/print_config.py)."""
+    from benchmarks.print_config import printed as print_config
+
+    return yaml.safe_load(print_config(recipe))
+
+
+def without(printed_cfg: dict, own: dict) -> dict:
+    """``printed_cfg`` less every option ``own`` (a recipe file's YAML) sets: a class entry goes whole."""
+    out = dict(printed_cfg)
+    for key, value in own.items():
+        if isinstance(value, dict) and "class_path" not in value and isinstance(out.get(key), dict):
+            out[key] = without(out[key], value)
+        else:
+            out.pop(key, None)
+    return out
+
+
+def test_every_recipe_is_listed_with_its_callbacks():
+    assert sorted(CALLBACKS) == [p.stem for p in RECIPES]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_print_config_shows_the_evaluator_export_and_checkpoint(recipe, monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)
+    callbacks = printed(recipe)["trainer"]["callbacks"]
+    assert [c["class_path"].rpartition(".")[2] for c in callbacks] == CALLBACKS[recipe.stem]
+    for callback in callbacks:
+        if callback["class_path"].endswith("STSEvaluator"):
+            assert callback["init_args"]["split"] == "dev" and callback["init_args"]["every_n_steps"] > 0
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            assert {k: callback["init_args"][k] for k in ("monitor", "mode", "save_last")} == {
+                "monitor": "val/sae/fvu", "mode": "min", "save_last": True}
+
+
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if train.base_configs(str(p))], ids=lambda p: p.stem)
+def test_a_recipe_prints_what_it_builds_on_but_its_own_options(recipe, monkeypatch):
+    """hncse_hnm_quick is quickstart with another candidate builder: every other printed option is the same."""
+    monkeypatch.chdir(CONFIGS.parent)
+    own = yaml.safe_load(recipe.read_text())
+    base = Path(train.base_configs(str(recipe))[-1])
+    assert base.parent == CONFIGS or base.parent.name == "defaults"
+    if base.parent == CONFIGS:  # another recipe: compare what the two print
+        assert without(printed(recipe), own) == without(printed(base), own)
