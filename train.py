@@ -92,7 +92,8 @@ class EmbedLabCLI(LightningCLI):
     is the newest complete checkpoint wherever the loggers put it, changed model / data options are refused, and
     the W&B run and checkpoint folder continue. Checkpoints are written atomically (:class:`AtomicCheckpointIO`).
     What a recipe leaves unset (folders, loggers, checkpointing, LR monitoring) is filled in for ``fit``, named
-    after ``recipe`` (:mod:`commands.run_defaults`).
+    after ``recipe`` (:mod:`commands.run_defaults`); a config file's ``defaults:`` is read before it
+    (:func:`with_defaults`).
     """
 
     def __init__(self, *args, recipe: str = PROJECT, **kwargs) -> None:
