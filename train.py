@@ -37,7 +37,7 @@ from commands.export import export_main
 from commands.interpret import interpret_main
 from commands.mine import mine_main
 from commands.push import push_main
-from commands.run_defaults import PROJECT, apply_run_defaults, recipe_name
+from commands.run_defaults import PROJECT, apply_run_defaults, config_paths, recipe_name
 from commands.run_environment import (
     bound_startup,
     check_run_folders,
@@ -176,17 +176,6 @@ def read_config(path: str) -> dict:
         tabs = " (YAML indents with spaces, not tabs)" if "\\t" in problem else ""
         raise DataError(f"{path}{where}: not valid YAML: {problem}{tabs}") from None
     return config if isinstance(config, dict) else {}
-
-
-def config_paths(args: list[str]) -> list[tuple[int, int, str]]:
-    """Where each ``--config`` stands in ``args``: (index, number of items it takes, path)."""
-    found = []
-    for i, arg in enumerate(args):
-        if arg in ("--config", "-c") and i + 1 < len(args):
-            found.append((i, 2, args[i + 1]))
-        elif arg.startswith("--config="):
-            found.append((i, 1, arg.split("=", 1)[1]))
-    return found
 
 
 def base_configs(path: str, chain: tuple[str, ...] = ()) -> list[str]:

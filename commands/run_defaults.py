@@ -45,14 +45,21 @@ PREEMPTION = "callbacks.preemption.PreemptionCheckpoint"
 RICH_BAR, TQDM_BAR = "callbacks.progress.RichMetricsBar", "callbacks.progress.TQDMMetricsBar"
 
 
-def recipe_name(argv: list[str]) -> str:
-    """The stem of the first ``--config`` on the command line ("embedlab" without one)."""
+def config_paths(argv: list[str]) -> list[tuple[int, int, str]]:
+    """Where each ``--config`` stands on a command line: (index, number of items it takes, path)."""
+    found = []
     for i, arg in enumerate(argv):
         if arg in ("--config", "-c") and i + 1 < len(argv):
-            return Path(argv[i + 1]).stem
-        if arg.startswith("--config="):
-            return Path(arg.split("=", 1)[1]).stem
-    return PROJECT
+            found.append((i, 2, argv[i + 1]))
+        elif arg.startswith("--config="):
+            found.append((i, 1, arg.split("=", 1)[1]))
+    return found
+
+
+def recipe_name(argv: list[str]) -> str:
+    """The stem of the first ``--config`` on the command line ("embedlab" without one)."""
+    paths = config_paths(argv)
+    return Path(paths[0][2]).stem if paths else PROJECT
 
 
 def class_name(entry) -> str:
