@@ -197,6 +197,9 @@ def with_defaults(args: list[str]) -> list[str]:
     """``args`` with one more ``--config`` before each config file that names ``defaults``: the shared settings it
     builds on (configs/defaults/), so that a recipe holds only its differences. Later files and the command line
     still win, and a list the recipe extends with ``callbacks+:`` keeps the defaults' entries first."""
+    if any(arg == "--defaults" or arg.startswith("--defaults=") for arg in args):
+        raise DataError("--defaults is read from config files only: give the file as one more --config before the "
+                        "recipe")
     out, done = [], 0
     for i, width, path in config_paths(args):
         out += args[done:i] + [f"--config={base}" for base in base_configs(path)] + args[i:i + width]

@@ -164,6 +164,8 @@ def test_defaults_that_are_missing_or_circular_are_named(tmp_path):
     (tmp_path / "a.yaml").write_text("defaults: b.yaml\n")
     with pytest.raises(train.DataError, match=r"a\.yaml: defaults: b\.yaml is not a file"):
         train.with_defaults(["fit", "--config", str(tmp_path / "a.yaml")])
+    with pytest.raises(train.DataError, match="--defaults is read from config files only"):
+        train.with_defaults(["fit", "--defaults", str(tmp_path / "a.yaml")])
     (tmp_path / "b.yaml").write_text("defaults: a.yaml\n")
     with pytest.raises(train.DataError, match=r"b\.yaml: defaults: a\.yaml builds on itself"):
         train.with_defaults(["fit", "--config", str(tmp_path / "a.yaml")])
