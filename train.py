@@ -16,6 +16,7 @@ command line; unknown keys are rejected at parse time.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import re
@@ -23,6 +24,7 @@ import signal
 import sys
 
 import yaml
+from jsonargparse import Namespace
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
@@ -35,7 +37,7 @@ from commands.export import export_main
 from commands.interpret import interpret_main
 from commands.mine import mine_main
 from commands.push import push_main
-from commands.run_defaults import PROJECT, apply_run_defaults, recipe_name
+from commands.run_defaults import PROJECT, apply_run_defaults, config_paths, recipe_name
 from commands.run_environment import (
     bound_startup,
     check_run_folders,
@@ -90,7 +92,8 @@ class EmbedLabCLI(LightningCLI):
     is the newest complete checkpoint wherever the loggers put it, changed model / data options are refused, and
     the W&B run and checkpoint folder continue. Checkpoints are written atomically (:class:`AtomicCheckpointIO`).
     What a recipe leaves unset (folders, loggers, checkpointing, LR monitoring) is filled in for ``fit``, named
-    after ``recipe`` (:mod:`commands.run_defaults`).
+    after ``recipe`` (:mod:`commands.run_defaults`); a config file's ``defaults:`` is read before it
+    (:func:`with_defaults`).
     """
 
     def __init__(self, *args, recipe: str = PROJECT, **kwargs) -> None:
@@ -104,7 +107,16 @@ class EmbedLabCLI(LightningCLI):
         resume_config(self.config.fit, warn=rank_zero_warn)
         check_run_folders(self.config.fit)
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parse with each config file's ``defaults`` read first (:func:`with_defaults`)."""
+        if isinstance(args, (dict, Namespace)):
+            return super().parse_arguments(parser, args)
+        self.config = parser.parse_args(with_defaults(sys.argv[1:] if args is None else list(args)))
+
     def add_arguments_to_parser(self, parser) -> None:
+        # read by with_defaults before parsing; hidden (SUPPRESS), so --print_config and config.yaml show the
+        # composed result and never name the file again
+        parser.add_argument("--defaults", type=str | None, default=None, help=argparse.SUPPRESS)
         parser.add_argument("--startup_timeout", type=float, default=300.0,
                             help="seconds the processes of a distributed run wait for each other at start-up before "
                                  "giving up with the ranks that never joined")
@@ -164,6 +176,35 @@ def read_config(path: str) -> dict:
         tabs = " (YAML indents with spaces, not tabs)" if "\\t" in problem else ""
         raise DataError(f"{path}{where}: not valid YAML: {problem}{tabs}") from None
     return config if isinstance(config, dict) else {}
+
+
+def base_configs(path: str, chain: tuple[str, ...] = ()) -> list[str]:
+    """The config files ``path`` builds on, first to last: its ``defaults`` (a path relative to its own folder,
+    e.g. ``defaults/sae.yaml`` in configs/), that file's own defaults before it, and so on."""
+    base = read_config(path).get("defaults")
+    if not base:
+        return []
+    chain = chain or (os.path.normpath(path),)
+    full = os.path.normpath(os.path.join(os.path.dirname(path), str(base)))
+    if not os.path.isfile(full):
+        raise DataError(f"{path}: defaults: {base} is not a file ({full}; the path is relative to the config's folder)")
+    if full in chain:
+        raise DataError(f"{path}: defaults: {base} builds on itself ({' -> '.join((*chain, full))})")
+    return [*base_configs(full, (*chain, full)), full]
+
+
+def with_defaults(args: list[str]) -> list[str]:
+    """``args`` with one more ``--config`` before each config file that names ``defaults``: the shared settings it
+    builds on (configs/defaults/), so that a recipe holds only its differences. Later files and the command line
+    still win, and a list the recipe extends with ``callbacks+:`` keeps the defaults' entries first."""
+    if any(arg == "--defaults" or arg.startswith("--defaults=") for arg in args):
+        raise DataError("--defaults is read from config files only: give the file as one more --config before the "
+                        "recipe")
+    out, done = [], 0
+    for i, width, path in config_paths(args):
+        out += args[done:i] + [f"--config={base}" for base in base_configs(path)] + args[i:i + width]
+        done = i + width
+    return out + args[done:]
 
 
 def check_moved_options(args: list[str]) -> None:

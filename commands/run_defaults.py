@@ -10,7 +10,9 @@ leave it unset (``null``):
   list replaces both; ``logger: false`` turns logging off. Without W&B credentials (``WANDB_API_KEY`` or a
   ``wandb login``) and without ``WANDB_MODE`` set, W&B runs offline (``wandb sync`` uploads them later).
 - ``ModelCheckpoint`` when no callback is one: on the STS evaluator's metric (max, at its period, the file named
-  after the step and the score), else on an SAE's ``val/sae/fvu`` (min); ``last.ckpt`` is kept either way.
+  after the step and the score), else on an SAE's ``val/sae/fvu`` (min); ``last.ckpt`` is kept either way. The SAE
+  recipes name theirs in YAML (configs/defaults/sae.yaml); the STS one is computed because its period and metric
+  follow the evaluator's. ``enable_checkpointing: false`` removes any ModelCheckpoint, the defaults' included.
 - ``LearningRateMonitor`` (per step) when a logger is on and no callback is one.
 - :class:`~callbacks.wandb_summary.WandbSummaries` for the best value of every monitored metric.
 - a progress bar that reads the metrics it shows every ``log_every_n_steps`` steps, not at every step
@@ -43,14 +45,21 @@ PREEMPTION = "callbacks.preemption.PreemptionCheckpoint"
 RICH_BAR, TQDM_BAR = "callbacks.progress.RichMetricsBar", "callbacks.progress.TQDMMetricsBar"
 
 
-def recipe_name(argv: list[str]) -> str:
-    """The stem of the first ``--config`` on the command line ("embedlab" without one)."""
+def config_paths(argv: list[str]) -> list[tuple[int, int, str]]:
+    """Where each ``--config`` stands on a command line: (index, number of items it takes, path)."""
+    found = []
     for i, arg in enumerate(argv):
         if arg in ("--config", "-c") and i + 1 < len(argv):
-            return Path(argv[i + 1]).stem
-        if arg.startswith("--config="):
-            return Path(arg.split("=", 1)[1]).stem
-    return PROJECT
+            found.append((i, 2, argv[i + 1]))
+        elif arg.startswith("--config="):
+            found.append((i, 1, arg.split("=", 1)[1]))
+    return found
+
+
+def recipe_name(argv: list[str]) -> str:
+    """The stem of the first ``--config`` on the command line ("embedlab" without one)."""
+    paths = config_paths(argv)
+    return Path(paths[0][2]).stem if paths else PROJECT
 
 
 def class_name(entry) -> str:
@@ -146,6 +155,8 @@ def apply_run_defaults(cfg: Namespace, recipe: str) -> None:
             entry(CSV, save_dir=root, name="csv"),
         ]
     callbacks = config_entries(trainer.get("callbacks"))
+    if trainer.get("enable_checkpointing") is False:  # e.g. configs/trainer/debug.yaml over a recipe whose defaults
+        callbacks = [c for c in callbacks if class_name(c) != "ModelCheckpoint"]  # name one (configs/defaults/)
     names = {class_name(c) for c in callbacks}
     if "ModelCheckpoint" not in names and trainer.get("enable_checkpointing") is not False:
         callbacks.append(default_checkpoint(cfg))

@@ -197,6 +197,7 @@ def test_extra_config_runs_the_suite_when_fit_ends(tiny_model_no_dropout, brown_
     configs = Path(__file__).resolve().parents[1] / "configs"
     monkeypatch.chdir(tmp_path)
     cfg = yaml.safe_load((configs / "sae_minilm_brown_tokens.yaml").read_text())
+    del cfg["defaults"]  # configs/defaults/sae.yaml's export and checkpoint: the callbacks below stand instead
     cfg["trainer"].update(accelerator="cpu", max_epochs=None, max_steps=4, logger=False, enable_progress_bar=False,
                           default_root_dir=str(tmp_path / "run"), val_check_interval=None,
                           callbacks=[{"class_path": "callbacks.ExportOnFitEnd"}])

@@ -58,6 +58,32 @@ def test_unset_options_get_the_recipe_defaults():
                                                                                   True)
 
 
+def test_the_sae_defaults_name_the_checkpoint_run_defaults_would_add():
+    """configs/defaults/sae.yaml shows the SAE recipes' ModelCheckpoint; it must stay the one computed without it."""
+    shown = yaml.safe_load((Path(train.__file__).parent / "configs/defaults/sae.yaml").read_text())
+    ckpt = next(c for c in shown["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
+    cfg = parsed(callbacks=None)
+    cfg.model = Namespace(class_path="lightning_modules.SAEModule", init_args=Namespace(sae=None))
+    cfg.trainer.logger = False
+    apply_run_defaults(cfg, "r")
+    computed = next(c for c in cfg.trainer.callbacks if c.class_path.endswith("ModelCheckpoint"))
+    assert ckpt["class_path"] == computed.class_path
+    assert ckpt["init_args"] == computed.init_args.as_dict()
+
+
+def test_checkpointing_off_drops_a_checkpoint_the_defaults_named():
+    """configs/trainer/debug.yaml (enable_checkpointing: false) over an SAE recipe: Lightning would refuse the
+    ModelCheckpoint that configs/defaults/sae.yaml lists."""
+    ckpt = Namespace(class_path="pytorch_lightning.callbacks.ModelCheckpoint", init_args=Namespace(monitor="m"))
+    export = Namespace(class_path="callbacks.ExportOnFitEnd", init_args=Namespace(output_dir=None))
+    cfg = parsed(callbacks=[export, ckpt], enable_progress_bar=False)
+    cfg.trainer.logger = False
+    cfg.trainer.enable_checkpointing = False
+    apply_run_defaults(cfg, "r")
+    assert [c.class_path.rpartition(".")[2] for c in cfg.trainer.callbacks] == ["ExportOnFitEnd",
+                                                                                 "PreemptionCheckpoint"]
+
+
 def test_what_a_recipe_sets_is_kept():
     own_logger = Namespace(class_path="pytorch_lightning.loggers.CSVLogger", init_args=Namespace(save_dir="x"))
     own_ckpt = Namespace(class_path="pytorch_lightning.callbacks.ModelCheckpoint", init_args=Namespace(monitor="m"))

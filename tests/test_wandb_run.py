@@ -14,6 +14,7 @@ import yaml
 
 import train
 from callbacks.run_results import COLUMNS, EVAL_FILE, TABLE_KEY
+from commands.interpret import fit_group
 from lightning_modules import model_card
 from tests.test_model_card import write_stsb
 from tests.wandb_records import logged_artifacts, logged_history, logged_summary, read_records
@@ -173,8 +174,8 @@ def test_an_sae_fit_logs_its_figures_and_interpret_joins_its_group(tmp_path, tin
     # train.py interpret on the export or the checkpoint: grouped with the fit, job type interpret
     from callbacks import interpret
 
-    assert interpret.fit_group(exported) == interpret.fit_group(ckpt) == "sae_minilm_sentences"
-    assert interpret.fit_group(tmp_path) is None
+    assert fit_group(exported) == fit_group(ckpt) == "sae_minilm_sentences"
+    assert fit_group(tmp_path) is None
     monkeypatch.setattr(interpret, "ActivationCache", lambda folder: SimpleNamespace(folder=folder))
     monkeypatch.setattr(interpret, "check_sae_reads", lambda *a, **k: None)  # the stand-in cache holds no vectors
     monkeypatch.setattr(interpret.InterpretSAE, "run", lambda self, *a, **k: SimpleNamespace(summary={"i/x": 1.0}))
