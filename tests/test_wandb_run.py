@@ -171,7 +171,7 @@ def test_an_sae_fit_logs_its_figures_and_interpret_joins_its_group(tmp_path, tin
     assert sum(metrics[f"val/sae/log10_density_hist/{b}"] for b in range(-10, 0)) == metrics["num_latents"]
 
     # train.py interpret on the export or the checkpoint: grouped with the fit, job type interpret
-    from callbacks import interpret
+    from commands import interpret  # the command (phase 1 moved it out of callbacks)
 
     assert interpret.fit_group(exported) == interpret.fit_group(ckpt) == "sae_minilm_sentences"
     assert interpret.fit_group(tmp_path) is None
