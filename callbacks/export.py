@@ -124,7 +124,7 @@ class ExportOnFitEnd(WritesAtFitEnd):
             parse_tasks(self.sts_tasks)  # a misspelt task fails before training, not at its end
         self.exported: Path | None = None
         self.eval_record: dict | None = None  # eval.json's content, once written
-        self._export_type, self._load_hint = "sentence-transformers", ""
+        self._export_type, self._load_hint = SENTENCE_TRANSFORMERS, ""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         export_format(pl_module, self.format, "ExportOnFitEnd format")  # an SAE format for an encoder: before training
@@ -232,7 +232,7 @@ def fit_facts(trainer: pl.Trainer, checkpoint: Checkpoint | None, run_dir: Path 
 def sae_metrics(trainer: pl.Trainer, module: pl.LightningModule, checkpoint: Checkpoint | None) -> dict:
     """The figures written beside an SAE's export: the last logged ``sae/*`` values and the SAE's state. When the
     exported checkpoint is from an earlier step than the last one, those logged values describe other weights: the
-    figures are then the checkpoint's own (:func:`checkpoint_metrics`: its step, its monitored value, its buffers),
+    figures are then the checkpoint's own (the module's ``card_record``: its step, its monitored value, its buffers),
     and the last logged values are kept apart under ``last_logged`` with their step, which the card does not read."""
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if "sae/" in k}
     if checkpoint is not None and checkpoint.step != trainer.global_step:
