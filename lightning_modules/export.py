@@ -14,7 +14,6 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,19 +26,17 @@ from lightning_modules.checkpoints import ArtifactError
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, fold_input_scale
 from lightning_modules.components.guard import DivergenceError
 from lightning_modules.components.st_modules import st_modules, transformer
+from lightning_modules.family import ModuleFamily
 from lightning_modules.loading import is_checkpoint_file, load_module
 from lightning_modules.model_card import write_model_card
 from lightning_modules.sae_card import sae_card
 from lightning_modules.saelens_format import WEIGHTS_FILE as SAELENS_WEIGHTS
 from lightning_modules.saelens_format import from_saelens, sae_weights_file, saelens_files
 
-if TYPE_CHECKING:  # the modules import this file to export themselves
-    from lightning_modules.base import EmbeddingModule
-    from lightning_modules.family import ModuleFamily
 
-
-def sentence_transformer_modules(module: EmbeddingModule, transformer_dir: str | Path) -> list[nn.Module]:
-    """The sentence-transformers modules equivalent to ``module.encode`` (followed by Normalize).
+def sentence_transformer_modules(module: nn.Module, transformer_dir: str | Path) -> list[nn.Module]:
+    """The sentence-transformers modules equivalent to ``module.encode`` (an ``EmbeddingModule``'s; followed by
+    Normalize).
 
     ``transformer_dir`` must already hold the Hugging Face model and tokenizer (``save_pretrained``).
     Modules that add a head after pooling extend this list (see ``extra_st_modules``).
@@ -157,11 +154,12 @@ def export_format(module: ModuleFamily | None, format: str | None, option: str =
     return format or formats[0]
 
 
-def export_sentence_transformer(module: EmbeddingModule, output_dir: str | Path, overwrite: bool = False,
+def export_sentence_transformer(module: nn.Module, output_dir: str | Path, overwrite: bool = False,
                                 run_facts: dict | None = None) -> Path:
-    """Write ``module`` as a sentence-transformers folder and return its path (``overwrite``: replace an earlier
-    export there). Its README.md is the model card of :mod:`lightning_modules.model_card`, from the module and
-    ``run_facts`` (scores the caller measured are in them; nothing is measured here)."""
+    """Write ``module`` (an ``EmbeddingModule``) as a sentence-transformers folder and return its path
+    (``overwrite``: replace an earlier export there). Its README.md is the model card of
+    :mod:`lightning_modules.model_card`, from the module and ``run_facts`` (scores the caller measured are in them;
+    nothing is measured here)."""
     # imported when used: sentence-transformers takes ~3 s to import; only this path needs it
     from sentence_transformers import SentenceTransformer
 
