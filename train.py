@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Mapping
 
 import yaml
 from jsonargparse import Namespace
@@ -48,8 +49,8 @@ from commands.run_environment import (
 from commands.study import study_main
 from core.errors import DataError, StorageError
 from lightning_modules.checkpoints import DATA_CONFIG_KEY, AtomicCheckpointIO, resume_config
-from lightning_modules.components.batch_topk import BatchTopKConfig
 from lightning_modules.components.guard import DivergenceError
+from lightning_modules.family import family_class
 
 
 class LogConfigToLoggers(SaveConfigCallback):
@@ -156,8 +157,11 @@ COMMANDS = {"export": export_main, "evaluate": evaluate_main, "interpret": inter
             "push": push_main, "mine": mine_main}
 
 
-#: Options that moved, by module: old init_args name -> new one (an old recipe or command line is told the new key).
-MOVED = {"SAEModule": {name: f"sae.{name}" for name in BatchTopKConfig.__dataclass_fields__}}
+def moved_options(class_path: str) -> Mapping[str, str]:
+    """The init arguments the module of ``class_path`` (or bare class name) no longer takes where they were: old
+    name -> new one, as its family says (an old recipe or command line is told the new key)."""
+    family = family_class(class_path)
+    return family.moved_options if family is not None else {}
 
 
 def read_config(path: str) -> dict:
@@ -219,9 +223,10 @@ def check_moved_options(args: list[str]) -> None:
                 continue  # `model: SomeModule` as a plain class name: no init_args here
             name = str(model.get("class_path", "")).rpartition(".")[2]
             models.add(name)
+            moved = moved_options(str(model.get("class_path", "")))
             for key in (model.get("init_args") or {}) if isinstance(model.get("init_args"), dict) else ():
-                if key in MOVED.get(name, {}):
-                    raise DataError(f"{path}: model.init_args.{key} is now model.init_args.{MOVED[name][key]} "
+                if key in moved:
+                    raise DataError(f"{path}: model.init_args.{key} is now model.init_args.{moved[key]} "
                                     f"({name} takes its config whole)")
         elif arg.startswith("--model.") and not arg.startswith("--model.init_args.sae"):
             flags.append(arg.split("=", 1)[0])
@@ -229,9 +234,10 @@ def check_moved_options(args: list[str]) -> None:
             models.add(args[i + 1].rpartition(".")[2])
     for flag in flags:
         key = flag.removeprefix("--model.").removeprefix("init_args.")
-        for name in models & set(MOVED):
-            if key in MOVED[name]:
-                raise DataError(f"{flag} is now --model.init_args.{MOVED[name][key]} ({name} takes its config "
+        for name in models:
+            moved = moved_options(name)
+            if key in moved:
+                raise DataError(f"{flag} is now --model.init_args.{moved[key]} ({name} takes its config "
                                 "whole)")
 
 

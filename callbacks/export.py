@@ -13,7 +13,6 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from callbacks.run_results import (
     checkpoint_metadata,
-    checkpoint_step,
     evaluation,
     log_artifacts,
     log_evaluation,
@@ -23,10 +22,13 @@ from callbacks.run_results import (
 )
 from core.errors import DataError, read_json
 from core.files import shown, write_atomic
-from evaluation.evaluate import parse_tasks
-from lightning_modules.export import best_or_current, export, export_format, how_to_load, is_sae, prepare_output_dir
+from evaluation.evaluate import parse_tasks, score_export
+from lightning_modules.checkpoints import Checkpoint
+from lightning_modules.export import export, export_format, prepare_output_dir
+from lightning_modules.family import SENTENCE_TRANSFORMERS
+from lightning_modules.loading import best_or_current
 from lightning_modules.model_card import DEFAULT_STS_TASKS, checkpoint_facts
-from lightning_modules.sae_card import checkpoint_metrics, state_metrics
+from lightning_modules.sae_card import state_metrics
 
 RUN_FILE = "run.json"
 
@@ -63,14 +65,16 @@ class WritesAtFitEnd(pl.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        module, ckpt = best_or_current(trainer, pl_module)
-        self.write(trainer, module, ckpt, self._out)
-        write_atomic(self._out / RUN_FILE, json.dumps({"run": str(self._run), "checkpoint": ckpt or None,
+        module, checkpoint = best_or_current(trainer, pl_module)
+        self.write(trainer, module, checkpoint, self._out)
+        ckpt = str(checkpoint.path) if checkpoint is not None else None
+        write_atomic(self._out / RUN_FILE, json.dumps({"run": str(self._run), "checkpoint": ckpt,
                                                        "global_step": trainer.global_step}, indent=1))
 
-    def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
-        """Write ``out`` from ``module`` (loaded from ``ckpt``, or the trained module itself when ``ckpt`` is None);
-        an earlier export of the same run there is replaced."""
+    def write(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: Checkpoint | None,
+              out: Path) -> None:
+        """Write ``out`` from ``module`` (built from ``checkpoint``, read once, or the trained module itself when
+        ``checkpoint`` is None); an earlier export of the same run there is replaced."""
         raise NotImplementedError
 
 
@@ -120,30 +124,31 @@ class ExportOnFitEnd(WritesAtFitEnd):
             parse_tasks(self.sts_tasks)  # a misspelt task fails before training, not at its end
         self.exported: Path | None = None
         self.eval_record: dict | None = None  # eval.json's content, once written
-        self._export_type, self._load_hint = "sentence-transformers", ""
+        self._export_type, self._load_hint = SENTENCE_TRANSFORMERS, ""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         export_format(pl_module, self.format, "ExportOnFitEnd format")  # an SAE format for an encoder: before training
-        self.subdir, self.marker = ("sae", "cfg.json") if is_sae(pl_module) else ("export", "modules.json")
+        self.subdir, self.marker = pl_module.export_subdir, pl_module.export_marker
         super().on_fit_start(trainer, pl_module)
 
-    def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
-        facts = None if is_sae(module) else fit_facts(trainer, ckpt, self._run, self.sts_tasks)
-        metrics = sae_metrics(trainer, module, ckpt) if is_sae(module) else None
-        if metrics is not None:
-            metrics.update(sae_sts(trainer, module, self.sts_tasks))
-        self.exported = export(module, out, overwrite=True, run_facts=facts, format=self.format, sae_metrics=metrics)
+    def write(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: Checkpoint | None,
+              out: Path) -> None:
+        facts, metrics = FIT_RECORDS[module.export_type](self, trainer, module, checkpoint)
+        self.exported = export(module, out, overwrite=True, card=facts if facts is not None else metrics,
+                               format=self.format)
         if metrics is not None:
             (out / "sae_metrics.json").write_text(json.dumps(metrics, indent=1))
-        # the numbers the card shows (facts["sts"], filled by the export) or the SAE's figures: never scored again
+        # the numbers the card shows (scored here once, on the written folder) or the SAE's figures
+        facts = score_export(self.exported, module, facts, self.sts_tasks)
         step = facts["step"] if facts is not None else metrics["global_step"]  # the exported weights' step
+        ckpt = str(checkpoint.path) if checkpoint is not None else None
         self.eval_record = evaluation(ckpt, step, facts, metrics, trainer.callbacks)
         eval_file = write_evaluation(self._run or out.parent, self.eval_record)
         log_evaluation(wandb_loggers(trainer), self.eval_record, trainer.global_step)
-        self._export_type = "sae" if is_sae(module) else "sentence-transformers"
-        self._load_hint = how_to_load(module, self.exported)
+        self._export_type = module.export_type
+        self._load_hint = module.how_to_load(self.exported)
         lines = [f"checkpoint:     {shown(ckpt) if ckpt else '(none saved; exported the final weights)'}",
-                 f"exported:       {shown(self.exported)}  ({how_to_load(module, shown(self.exported))})",
+                 f"exported:       {shown(self.exported)}  ({module.how_to_load(shown(self.exported))})",
                  f"evaluation:     {shown(eval_file)}"]
         for logger in trainer.loggers:
             wandb = wandb_run(logger)
@@ -187,12 +192,13 @@ def datamodule_config(dm: pl.LightningDataModule) -> dict:
     return {"class_path": f"{type(dm).__module__}.{type(dm).__qualname__}", "init_args": args}
 
 
-def fit_facts(trainer: pl.Trainer, ckpt: str | None, run_dir: Path | None, sts_tasks: list[str]) -> dict:
+def fit_facts(trainer: pl.Trainer, checkpoint: Checkpoint | None, run_dir: Path | None,
+              sts_tasks: list[str]) -> dict:
     """The run facts of a fit-end export's model card (see :mod:`lightning_modules.model_card`): what the
     exported checkpoint holds (:func:`~lightning_modules.model_card.checkpoint_facts`), completed from the live run:
     the steps taken in all, the W&B run's folder, the datamodule, and the dev metric of the final weights when no
     checkpoint was kept."""
-    facts = checkpoint_facts(ckpt) if ckpt else {"step": trainer.global_step}
+    facts = checkpoint_facts(checkpoint) if checkpoint is not None else {"step": trainer.global_step}
     facts.update(run_steps=trainer.global_step, sts_tasks=list(sts_tasks))
     if run_dir is not None:
         facts["run_dir"] = str(run_dir)
@@ -223,15 +229,16 @@ def fit_facts(trainer: pl.Trainer, ckpt: str | None, run_dir: Path | None, sts_t
     return facts
 
 
-def sae_metrics(trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None) -> dict:
+def sae_metrics(trainer: pl.Trainer, module: pl.LightningModule, checkpoint: Checkpoint | None) -> dict:
     """The figures written beside an SAE's export: the last logged ``sae/*`` values and the SAE's state. When the
     exported checkpoint is from an earlier step than the last one, those logged values describe other weights: the
-    figures are then the checkpoint's own (:func:`checkpoint_metrics`: its step, its monitored value, its buffers),
+    figures are then the checkpoint's own (the module's ``card_record``: its step, its monitored value, its buffers),
     and the last logged values are kept apart under ``last_logged`` with their step, which the card does not read."""
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if "sae/" in k}
-    if ckpt and checkpoint_step(ckpt, trainer.global_step) != trainer.global_step:
-        return {**checkpoint_metrics(ckpt, module.sae), "last_logged": {"global_step": trainer.global_step, **logged}}
-    return {**logged, "checkpoint": ckpt or None, "global_step": trainer.global_step, **state_metrics(module.sae)}
+    if checkpoint is not None and checkpoint.step != trainer.global_step:
+        return {**module.card_record(checkpoint), "last_logged": {"global_step": trainer.global_step, **logged}}
+    return {**logged, "checkpoint": str(checkpoint.path) if checkpoint is not None else None,
+            "global_step": trainer.global_step, **state_metrics(module.sae)}
 
 
 def sae_sts(trainer: pl.Trainer, module: pl.LightningModule, tasks: list[str]) -> dict:
@@ -253,3 +260,19 @@ def sae_sts(trainer: pl.Trainer, module: pl.LightningModule, tasks: list[str]) -
         rank_zero_warn(f"STS recovered not measured: {err}")
         return {"sts_recovered_error": str(err)}
     return recovered_metrics(result)
+
+
+def encoder_record(callback: ExportOnFitEnd, trainer: pl.Trainer, module: pl.LightningModule,
+                   checkpoint: Checkpoint | None) -> tuple[dict, None]:
+    """A sentence encoder's card: its run facts (:func:`fit_facts`)."""
+    return fit_facts(trainer, checkpoint, callback._run, callback.sts_tasks), None
+
+
+def sae_record(callback: ExportOnFitEnd, trainer: pl.Trainer, module: pl.LightningModule,
+               checkpoint: Checkpoint | None) -> tuple[None, dict]:
+    """An SAE's card: its figures (:func:`sae_metrics`) and its STS recovered (:func:`sae_sts`)."""
+    return None, {**sae_metrics(trainer, module, checkpoint), **sae_sts(trainer, module, callback.sts_tasks)}
+
+
+#: What a fit-end export records of the run, by the module family's ``export_type``: (run facts, SAE figures).
+FIT_RECORDS = {SENTENCE_TRANSFORMERS: encoder_record, "sae": sae_record}

@@ -17,6 +17,7 @@ from core.errors import DataError
 from datamodules.activation_cache import ActivationCache
 from datamodules.wic import load_wic
 from evaluation.evaluate import task_subsets
+from lightning_modules.checkpoints import Checkpoint
 from lightning_modules.export import load_any_sae
 from lightning_modules.model_card import DEFAULT_STS_TASKS
 
@@ -206,7 +207,8 @@ class InterpretSAE(WritesAtFitEnd):
               f"{self.result.files['summary']}", flush=True)
         return self.result
 
-    def write(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: str | None, out: Path) -> None:
+    def write(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: Checkpoint | None,
+              out: Path) -> None:
         sae = module.sae.eval().to(trainer.strategy.root_device)  # the training device (the fit left it on CPU)
         self.run(sae, self._cache(trainer), trainer.loggers, out, step=trainer.global_step,
                  data_root=getattr(trainer.datamodule, "data_root", None))

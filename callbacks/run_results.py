@@ -2,7 +2,7 @@
 an evaluation table, ``eval/...`` summary values, and the best checkpoint and the export as artefacts.
 
 :class:`callbacks.ExportOnFitEnd` calls these on rank 0, once, when its export exists. The numbers are the ones the
-export measured for its model card (the STS test sets, :func:`lightning_modules.model_card.measure_sts`), else the
+export's caller measured for its model card (the STS test sets, :func:`evaluation.evaluate.measure_sts`), else the
 dev metric the run logged for the exported weights, else (an SAE) the figures of its ``sae_metrics.json``: nothing
 is scored twice, and the table, the summaries, ``eval.json`` and the card agree.
 
@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.loggers import WandbLogger
 
 from core.files import write_atomic
+from lightning_modules.checkpoints import read_checkpoint
 
 #: The file beside the run (the folder that holds its checkpoints) with what the exported weights score.
 EVAL_FILE = "eval.json"
@@ -40,10 +40,11 @@ def wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
 
 
 def checkpoint_step(ckpt: str | None, default: int) -> int:
-    """The optimiser steps a checkpoint was written at (mmap: only that scalar is read), ``default`` without one."""
+    """The optimiser steps a checkpoint was written at, ``default`` without one (read by ``read_checkpoint``, which
+    does not read again a file the end-of-fit export already read)."""
     if not ckpt:
         return default
-    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", default))
+    return int(read_checkpoint(ckpt).content.get("global_step", default))
 
 
 def _finite(value):

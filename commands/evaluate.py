@@ -102,8 +102,8 @@ def evaluate_main(argv: list[str]) -> dict:
 
 def evaluate_mteb_main(args) -> dict:
     """The MTEB branch of :func:`evaluate_main` (``args``: its parsed options)."""
+    from evaluation import evaluate_mteb as em
     from evaluation.mteb_eval import benchmark_tasks, get_task
-    from lightning_modules import evaluate_mteb as em
 
     names = benchmark_tasks(args.benchmark) if args.benchmark else [t.strip() for t in args.tasks.split(",")
                                                                      if t.strip()]

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from jsonargparse import ArgumentParser
 
-from evaluation.evaluate import parse_tasks
-from lightning_modules.export import export, export_format, how_to_load, is_sae, load_module
-from lightning_modules.model_card import DEFAULT_STS_TASKS, checkpoint_facts
-from lightning_modules.sae_card import checkpoint_metrics
+from evaluation.evaluate import parse_tasks, score_export
+from lightning_modules.checkpoints import read_checkpoint
+from lightning_modules.export import export, export_format
+from lightning_modules.model_card import DEFAULT_STS_TASKS
 
 
 def export_main(argv: list[str]) -> None:
     """``export --ckpt_path CKPT --output_dir DIR [--format sparsify|saelens]``: write a sentence-transformers folder
     from a checkpoint (an SAE checkpoint gives an SAE folder instead, sparsify's layout or SAELens'; see
-    ``lightning_modules.export.export``). Its model card
-    is written from what the checkpoint records (``lightning_modules.model_card.checkpoint_facts``)."""
+    ``lightning_modules.export.export``). Its card is written from what the checkpoint records (the module's
+    ``card_record``); an encoder's is then scored on the STS test sets the run names (``score_export``)."""
 
     parser = ArgumentParser(prog="train.py export", description=export_main.__doc__)
     parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint written by `train.py fit`")
@@ -28,10 +28,10 @@ def export_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     tasks = parse_tasks(args.sts_tasks) if args.sts_tasks.strip() else []
     export_format(None, args.format, "--format")  # a misspelt format fails before the checkpoint loads
-    module = load_module(args.ckpt_path)
+    checkpoint = read_checkpoint(args.ckpt_path)
+    module = checkpoint.module()
     export_format(module, args.format, "--format")
-    facts = None if is_sae(module) else {**checkpoint_facts(args.ckpt_path), "sts_tasks": tasks}
-    sae_metrics = checkpoint_metrics(args.ckpt_path, module.sae) if is_sae(module) else None
-    out = export(module, args.output_dir, overwrite=args.overwrite, run_facts=facts, format=args.format,
-                 sae_metrics=sae_metrics)
-    print(f"exported {args.ckpt_path} -> {out}  (load with {how_to_load(module, out)})")
+    card = module.card_record(checkpoint)
+    out = export(module, args.output_dir, overwrite=args.overwrite, card=card, format=args.format)
+    score_export(out, module, card, tasks)
+    print(f"exported {args.ckpt_path} -> {out}  (load with {module.how_to_load(out)})")

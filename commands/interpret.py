@@ -13,6 +13,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from callbacks.export import RUN_FILE
 from callbacks.interpret import InterpretSAE
 from datamodules.activation_cache import ActivationCache
+from lightning_modules.checkpoints import read_checkpoint
 from lightning_modules.export import load_any_sae
 from lightning_modules.model_card import checkpoint_facts
 
@@ -30,7 +31,7 @@ def fit_group(path: str | Path) -> str | None:
             return None
     if not ckpt or not Path(ckpt).is_file():
         return None
-    return (checkpoint_facts(ckpt).get("wandb") or {}).get("group")
+    return (checkpoint_facts(read_checkpoint(ckpt)).get("wandb") or {}).get("group")
 
 
 def interpret_main(argv: list[str]) -> None:

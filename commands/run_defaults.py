@@ -34,6 +34,7 @@ from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 from callbacks.sts import metric_name
 from lightning_modules.checkpoints import config_entries
+from lightning_modules.family import family_class
 
 PROJECT = "embedlab"
 WANDB = "pytorch_lightning.loggers.WandbLogger"
@@ -80,18 +81,11 @@ def run_tags(cfg: Namespace) -> list[str]:
     margs = (model.get("init_args") if model is not None else None) or Namespace()
     dargs = (data.get("init_args") if data is not None else None) or Namespace()
     tags = []
-    module = class_name(model) if model is not None else ""
-    if module == "ContrastiveModule":
-        builder = margs.get("candidates")
-        tags.append(class_name(builder) if builder is not None else "simcse")
-    elif module == "SAEModule":
-        sae = margs.get("sae")
-        widths = sae.get("matryoshka_widths") if isinstance(sae, Namespace) else None
-        tags.append("matryoshka-batchtopk-sae" if widths else "batchtopk-sae")
-    elif module:
-        tags.append(module.removesuffix("Module").lower())
-    if module == "MCR2Module" and margs.get("grouping"):
-        tags.append(f"grouping:{margs.grouping}")
+    family = family_class(getattr(model, "class_path", "") or "")
+    if family is not None:  # the module's family names its method
+        tags += family.run_tags(margs)
+    elif model is not None and class_name(model):
+        tags.append(class_name(model).removesuffix("Module").lower())
     base = margs.get("model_name_or_path") or dargs.get("model_name_or_path")
     if base:
         tags.append(f"model:{Path(str(base)).name}")
@@ -119,9 +113,12 @@ def default_checkpoint(cfg: Namespace) -> Namespace:
             every = (callback.get("init_args") or Namespace()).get("every_n_steps", 250)
             return entry(CHECKPOINT, monitor=metric, mode="max", save_last=True, every_n_train_steps=every or None,
                          filename=f"step{{step}}-rho{{{metric}:.2f}}", auto_insert_metric_name=False)
-    if cfg.get("model") is not None and class_name(cfg.model) == "SAEModule":
-        return entry(CHECKPOINT, monitor="val/sae/fvu", mode="min", save_last=True,
-                     filename="step{step}-fvu{val/sae/fvu:.4f}", auto_insert_metric_name=False)
+    model = cfg.get("model")
+    family = family_class(getattr(model, "class_path", "") or "")
+    monitor = family.checkpoint_monitor(model.get("init_args") or Namespace()) if family is not None else None
+    if monitor:  # the metric the module's family is kept by
+        return entry(CHECKPOINT, monitor=monitor["monitor"], mode=monitor["mode"], save_last=True,
+                     filename=monitor["filename"], auto_insert_metric_name=False)
     return entry(CHECKPOINT, save_last=True)
 
 

@@ -41,7 +41,10 @@ from core.errors import DataError
 from core.hub import check_max_length, check_model_files, check_tokenizer_files, check_vocabulary_fits, resolve_model
 from core.metrics import SentenceIndex
 from datamodules.sts import SICK_FILES, STS_TASKS, STSPairs, concat_pairs, load_sts_subsets
+from lightning_modules.export import export
+from lightning_modules.family import SENTENCE_TRANSFORMERS
 from lightning_modules.loading import is_checkpoint_file, load_module
+from lightning_modules.model_card import write_model_card
 from lightning_modules.saelens_format import sae_weights_file
 
 #: The SimCSE table: task -> column title, in the paper's order.
@@ -185,15 +188,13 @@ def load_sentence_transformer(model: str, device: str = "auto", batch_size: int 
     MiniLM package stands in for ``sentence-transformers/all-MiniLM-L6-v2``), or a ``train.py fit`` checkpoint, which
     is exported into a temporary folder first (``train.py export``'s folder: pooling and head as trained, normalised),
     so a caller (``train.py mine``) sees the embeddings the exported model would give. An SAE is refused."""
-    from lightning_modules.export import export_sentence_transformer, is_sae  # export -> model_card imports this module
-
     path = Path(model).expanduser()
     if path.suffix == ".ckpt" or is_checkpoint_file(path):
         module = load_module(path)
-        if is_sae(module) or not hasattr(module, "encoder"):
+        if getattr(module, "export_type", None) != SENTENCE_TRANSFORMERS:
             raise DataError(f"{path} is a {type(module).__name__} checkpoint: mining needs a sentence encoder")
         with tempfile.TemporaryDirectory(prefix="embedlab-mine-") as tmp:
-            folder = export_sentence_transformer(module, Path(tmp) / "export")
+            folder = export(module, Path(tmp) / "export")
             return load_embedder(str(folder), batch_size, device=device).model
     if path.is_dir() and sae_weights_file(path) is not None:
         raise DataError(f"{path} is an exported SAE: mining needs a sentence encoder")
@@ -283,6 +284,41 @@ def score_tasks(embedder: Embedder, data: dict[str, list[STSPairs]]) -> tuple[di
     """Each task's scores, every distinct sentence encoded once; and the embeddings (counts, encode time)."""
     emb = SentenceEmbeddings(embedder, data)
     return {t: score_subsets(t, subsets, emb) for t, subsets in data.items()}, emb
+
+
+def measure_sts(folder: str | Path, data_root: str, tasks: Sequence[str]) -> dict:
+    """Score the sentence-transformers model in ``folder`` on the STS test sets of ``tasks`` found under
+    ``data_root`` (``train.py evaluate``'s protocol: SentEval text, Spearman x 100 of cosine).
+
+    Returns:
+        ``{"data_root", "tasks": {task: {"spearman", "n_pairs"}}, "missing": [tasks not found]}``.
+    """
+    found, missing = {}, []
+    for task in tasks:
+        try:
+            found.update(load_tasks([task], data_root, "senteval"))
+        except (DataError, FileNotFoundError):
+            missing.append(task)
+    scores = {}
+    if found:
+        scored, _ = score_tasks(load_embedder(str(folder), device="auto"), found)
+        scores = {t: {"spearman": s.all, "n_pairs": s.n_pairs} for t, s in scored.items()}
+    return {"data_root": str(data_root), "tasks": scores, "missing": missing}
+
+
+def score_export(folder: Path, module, card: dict | None, tasks: Sequence[str]) -> dict | None:
+    """Score a sentence-transformers export on the STS test sets of ``tasks`` when its ``card`` (the run facts
+    its model card was written from) names their data root, and write the card again with the scores (``sts``)
+    and the tasks asked for. Returns the card as now written, or ``card`` itself untouched when it names no data
+    root (an SAE's figures never do): the caller logs the numbers the card shows without scoring again."""
+    root = (card or {}).get("sts_data_root")
+    if not root:
+        return card
+    card = {**card, "sts_tasks": list(tasks)}
+    if tasks and Path(root).is_dir():
+        card["sts"] = measure_sts(folder, root, tasks)
+    write_model_card(folder, module, card, folder)
+    return card
 
 
 # --------------------------------------------------------------------------------------------- reporting

@@ -20,11 +20,11 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 from core.files import write_atomic
 from evaluation.evaluate import ModuleEmbedder, SentenceTransformerEmbedder
-from evaluation.mteb_eval import encoder, eval_results, evaluate_tasks, load_tasks
+from evaluation.mteb_eval import encoder, evaluate_tasks, load_tasks
+from lightning_modules.card_metadata import eval_results
+from lightning_modules.checkpoints import read_checkpoint
 
 #: The markers around the MTEB section :func:`update_card` writes into an export's card (replaced on each run).
 BEGIN, END = "<!-- mteb-results: train.py evaluate -->", "<!-- /mteb-results -->"
@@ -34,9 +34,8 @@ def identity(model: str, embedder) -> tuple[str, str, Path]:
     """(model name, revision, default results folder) of what ``evaluate`` was given (see the module docstring)."""
     path = Path(model).expanduser()
     if isinstance(embedder, ModuleEmbedder):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         run = path.resolve().parent.parent  # <run folder>/checkpoints/x.ckpt
-        return f"embedlab/{type(embedder.module).__name__}", f"step{int(ckpt.get('global_step', 0))}", run / "mteb"
+        return f"embedlab/{type(embedder.module).__name__}", f"step{read_checkpoint(path).step}", run / "mteb"
     if path.is_dir():
         return f"embedlab/{path.resolve().name}", "export", path / "mteb"
     return model, "hub", Path("mteb-results")

@@ -15,7 +15,6 @@ export, a checkpoint or a hub model). mteb is imported when used (~4 s).
 from __future__ import annotations
 
 import difflib
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -160,27 +159,3 @@ def evaluate_tasks(model, tasks: list, results_dir: str | Path | None = None, ba
                            overwrite_strategy="always", encode_kwargs={"batch_size": batch_size},
                            show_progress_bar=False, co2_tracker=False)
     return list(result.task_results)
-
-
-def load_results(results_dir: str | Path, model_name: str | None = None, revision: str | None = None) -> list:
-    """The TaskResults of a ``ResultCache`` folder read by mteb's ``ResultCache.load_results`` (local only), those
-    of ``model_name`` / ``revision`` when given; [] when the folder holds none."""
-    from mteb.cache import ResultCache
-
-    if not (Path(results_dir) / "results").is_dir():
-        return []
-    bench = ResultCache(results_dir).load_results(models=[model_name] if model_name else None,
-                                                  include_remote=False, require_model_meta=False)
-    return [t for m in bench.model_results if revision is None or m.model_revision == revision
-            for t in m.task_results]
-
-
-def eval_results(task_results: Sequence) -> list:
-    """``huggingface_hub.EvalResult`` entries (the card's ``model-index``) of MTEB TaskResults: one per task,
-    split and subset, MTEB's main score as MTEB stores it (0-1), by mteb's own ``TaskResult.get_hf_eval_results``."""
-    out = []
-    with warnings.catch_warnings():  # mteb marks it deprecated for its newer Hub results format; the card needs it
-        warnings.simplefilter("ignore")
-        for result in task_results:
-            out.extend(result.get_hf_eval_results())
-    return out

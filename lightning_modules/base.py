@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -12,9 +13,12 @@ from torch import Tensor
 from transformers import get_linear_schedule_with_warmup
 
 from core.metrics import pair_cosines, spearman100
-from lightning_modules.checkpoints import CLASS_PATH_KEY, LOGGERS_KEY
+from lightning_modules.checkpoints import CLASS_PATH_KEY, LOGGERS_KEY, Checkpoint
 from lightning_modules.components.encoder import Encoder
 from lightning_modules.components.guard import DivergenceError, DivergenceGuard, Event, describe
+from lightning_modules.export import export_format, export_sentence_transformer
+from lightning_modules.family import ModuleFamily
+from lightning_modules.model_card import checkpoint_facts
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -148,8 +152,10 @@ def can_fuse(params, trainer: pl.Trainer | None = None) -> bool:
     return all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
 
 
-class EmbeddingModule(GuardsDivergence, pl.LightningModule):
-    """Base class: holds ``self.encoder``, exposes ``encode``, builds AdamW + linear warmup/decay.
+class EmbeddingModule(ModuleFamily, GuardsDivergence, pl.LightningModule):
+    """Base class: holds ``self.encoder``, exposes ``encode``, builds AdamW + linear warmup/decay; the sentence
+    encoder family (:class:`~lightning_modules.family.ModuleFamily`): exports a sentence-transformers folder with a
+    model card (:mod:`lightning_modules.model_card`).
 
     Callbacks talk to a module only through :meth:`encode` (and :attr:`encoder` for tokenisation caches).
 
@@ -193,6 +199,30 @@ class EmbeddingModule(GuardsDivergence, pl.LightningModule):
         run can refuse a changed one."""
         super().save_hyperparameters(*args, frame=frame or inspect.currentframe().f_back, **kwargs)
         self.hparams.update(self._shared_options)
+
+    # ------------------------------------------------------------------------------ the family's answers
+    @property
+    def embedding_dim(self) -> int:
+        """The size of the embeddings the export gives (the encoder's; a head that resizes them overrides it)."""
+        return self.encoder.dim
+
+    def how_to_load(self, folder: str | Path) -> str:
+        return f"SentenceTransformer('{folder}')"
+
+    def write_export(self, output_dir: str | Path, overwrite: bool = False, format: str | None = None,
+                     card: dict | None = None) -> Path:
+        export_format(self, format)  # refuses a format: this family has one
+        return export_sentence_transformer(self, output_dir, overwrite=overwrite, run_facts=card)
+
+    def card_record(self, checkpoint: Checkpoint) -> dict:
+        return checkpoint_facts(checkpoint)
+
+    def card_method(self, data: dict | None = None) -> tuple[str, list[tuple[str, str]]]:
+        """The card's name of the method and its key settings as (setting, value) rows (``data``: the datamodule's
+        config, for a method its data changes); here the plain hyper-parameters, which a family refines."""
+        hp = dict(getattr(self, "hparams", {}) or {})
+        return type(self).__name__, [(k, str(v)) for k, v in hp.items()
+                                     if isinstance(v, (int, float, str, bool)) and not k.startswith("_")]
 
     @property
     def tokenizer(self):

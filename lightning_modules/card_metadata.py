@@ -7,12 +7,14 @@ results from), so what is written is what ``huggingface_hub.ModelCard`` / ``meta
   README.md, the folder of a hub name installed offline (``components.hub.OFFLINE_PACKAGES``), or the hub name's
   README.md in the local Hugging Face cache); absent otherwise, never guessed.
 - datasets: the hub datasets the run's datamodule names (local files have no hub id and are not listed).
-- model-index: MTEB's TaskResults (:func:`evaluation.mteb_eval.eval_results`, main score 0-1 as MTEB stores
+- model-index: MTEB's TaskResults (:func:`eval_results`, main score 0-1 as MTEB stores
   it) and the STS table measured at export (:func:`sts_eval_results`, Spearman of cosine as 0-1, SentEval text).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from core.hub import looks_like_hub_name, resolve_model
@@ -89,3 +91,27 @@ def front_matter(*, base: str, tags: list[str], model_name: str, eval_results: l
         license=known.get("license"), language=known.get("language"), datasets=hub_datasets(data) or None,
         model_name=model_name if eval_results else None, eval_results=eval_results or None, **(extra or {}))
     return "---\n" + card.to_yaml() + "\n---"
+
+
+def load_results(results_dir: str | Path, model_name: str | None = None, revision: str | None = None) -> list:
+    """The TaskResults of a ``ResultCache`` folder read by mteb's ``ResultCache.load_results`` (local only), those
+    of ``model_name`` / ``revision`` when given; [] when the folder holds none."""
+    from mteb.cache import ResultCache
+
+    if not (Path(results_dir) / "results").is_dir():
+        return []
+    bench = ResultCache(results_dir).load_results(models=[model_name] if model_name else None,
+                                                  include_remote=False, require_model_meta=False)
+    return [t for m in bench.model_results if revision is None or m.model_revision == revision
+            for t in m.task_results]
+
+
+def eval_results(task_results: Sequence) -> list:
+    """``huggingface_hub.EvalResult`` entries (the card's ``model-index``) of MTEB TaskResults: one per task,
+    split and subset, MTEB's main score as MTEB stores it (0-1), by mteb's own ``TaskResult.get_hf_eval_results``."""
+    out = []
+    with warnings.catch_warnings():  # mteb marks it deprecated for its newer Hub results format; the card needs it
+        warnings.simplefilter("ignore")
+        for result in task_results:
+            out.extend(result.get_hf_eval_results())
+    return out

@@ -15,18 +15,24 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import glob
 import importlib
+import inspect
 import io
 import os
 import socket
 import zipfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.core.saving import _load_state
+from pytorch_lightning.utilities.migration import pl_legacy_patch
+from pytorch_lightning.utilities.migration.utils import _pl_migrate_checkpoint
 
 from core.errors import DataError, StorageError, unwritable
 from core.files import write_atomic
@@ -328,7 +334,7 @@ def resume_config(cfg, warn=print) -> Path | None:
             return None
     else:
         path = check_complete(given, roots)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = {**read_checkpoint(path).content}
     ckpt["hyper_parameters"] = recorded_hparams(ckpt)
     changed = changed_options(cfg, ckpt)
     if changed:
@@ -358,3 +364,96 @@ def resume_config(cfg, warn=print) -> Path | None:
                  "checkpoints into its own run folder")
     warn(f"resuming from {path} (global step {ckpt.get('global_step')})")
     return path
+
+
+# ------------------------------------------------------------------------------------------- the one reader
+#: Training-speed switches turned off when a checkpoint is rebuilt for export or evaluation (a run compiled on a
+#: GPU must not spend minutes compiling on the CPU that exports it).
+INFERENCE_OVERRIDES = {"compile": False, "gradient_checkpointing": False}
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A Lightning checkpoint as :func:`read_checkpoint` opened it: what every reader of a checkpoint (export, the
+    cards, evaluate, the end-of-fit callbacks, resuming) takes, so that a file is unpickled once and handed on.
+
+    Attributes:
+        path: the file.
+        content: the checkpoint's dict, memory-mapped (tensors are read from disk only when used); not to be
+            modified (the same object is handed to every reader of this file).
+    """
+
+    path: Path
+    content: dict
+
+    @property
+    def step(self) -> int:
+        """The optimiser steps the checkpoint was written at."""
+        return int(self.content.get("global_step", 0))
+
+    @property
+    def hparams(self) -> dict:
+        """The module's hyper-parameters as its class takes them now (:func:`recorded_hparams`)."""
+        return recorded_hparams(self.content)
+
+    @property
+    def callback_states(self) -> list[dict]:
+        """The callbacks' saved states (ModelCheckpoint's best-k scores, STSEvaluator's history, ...)."""
+        return [s for s in (self.content.get("callbacks") or {}).values() if isinstance(s, dict)]
+
+    def module_class(self) -> type:
+        """The LightningModule class that wrote the checkpoint (``RecordsClassPath``; LightningCLI's
+        ``_class_path``)."""
+        cls = checkpoint_class(self.content)
+        if cls is None:
+            raise ValueError(f"{self.path}: the checkpoint does not say which LightningModule wrote it (written by "
+                             "another framework?); load it with YourModule.load_from_checkpoint instead")
+        return cls
+
+    def module(self):
+        """The trained module rebuilt on CPU from this content (no second read of the file), without its
+        training-speed switches (:data:`INFERENCE_OVERRIDES`), with options an older version kept elsewhere put
+        where the class takes them (:func:`recorded_hparams`)."""
+        cls = self.module_class()
+        accepted = inspect.signature(cls.__init__).parameters
+        overrides = {k: v for k, v in INFERENCE_OVERRIDES.items() if k in accepted}
+        before = self.content.get("hyper_parameters") or {}
+        overrides.update({k: v for k, v in self.hparams.items() if k in accepted and k not in before})
+        # Lightning's load_from_checkpoint minus its torch.load: it updates the dict it is given, hence the copy
+        content = _pl_migrate_checkpoint({**self.content, "hyper_parameters": {**before, **overrides}},
+                                         checkpoint_path=self.path)
+        return _load_state(cls, content, **overrides)
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Open the Lightning checkpoint at ``path`` (memory-mapped). A file already opened and unchanged since (same
+    size and modification time) is not read again, so the end of a fit reads its best checkpoint once whichever
+    callbacks ask for it.
+
+    Raises:
+        FileNotFoundError: ``path`` is missing or a folder.
+        DataError: the file is not a readable torch file (a text file, a truncated download).
+        ValueError: it is one, but not a Lightning checkpoint (no ``state_dict``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is a folder; give the .ckpt file inside it")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
+    stat = path.stat()
+    return _read(os.path.realpath(path), stat.st_size, stat.st_mtime_ns, path)
+
+
+@functools.lru_cache(maxsize=2)
+def _read(real: str, size: int, mtime_ns: int, path: Path) -> Checkpoint:
+    """The read behind :func:`read_checkpoint`, kept for the last two files (keyed by their real path, size and
+    modification time)."""
+    try:
+        with pl_legacy_patch():
+            content = torch.load(real, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a text file, a truncated download, a pickle of something else: torch's errors vary
+        raise DataError(f"{path}: not a readable Lightning checkpoint ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]})") from None
+    if not isinstance(content, dict) or "state_dict" not in content:
+        raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict in it)")
+    return Checkpoint(path, content)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor
 
 from core.errors import DataError
 from lightning_modules.base import EmbeddingModule, nested_dims
 from lightning_modules.components.encoder import Encoder, MLPMode
+from lightning_modules.family import entry_name
 from lightning_modules.losses.contrastive import (
     CandidateBuilder,
     InBatchNegatives,
@@ -15,6 +18,12 @@ from lightning_modules.losses.contrastive import (
     matryoshka_info_nce,
 )
 from lightning_modules.losses.grad_cache import grad_cached_loss
+from lightning_modules.model_card import md_code
+
+#: Candidate builder -> the method it makes of ContrastiveModule (the model card's name for it).
+METHODS = {"InBatchNegatives": "SimCSE", "PositiveMixing": "HNCSE-PM", "HardNegativeMixing": "HNCSE-HNM"}
+#: Datamodule -> what it makes of the method (the model card's name for it).
+SUPERVISION = {"SentencesDataModule": "unsupervised ", "NLIDataModule": "supervised "}
 
 
 class ContrastiveModule(EmbeddingModule):
@@ -80,6 +89,22 @@ class ContrastiveModule(EmbeddingModule):
         self.matryoshka_dims, self.matryoshka_weights = matryoshka_options(
             matryoshka_dims, matryoshka_weights, self.encoder.dim, self.encoder.mlp_mode)
 
+
+    @classmethod
+    def run_tags(cls, init_args: Mapping) -> list[str]:
+        builder = init_args.get("candidates")
+        return [entry_name(builder) if builder is not None else "simcse"]
+
+    def card_method(self, data: dict | None = None) -> tuple[str, list[tuple[str, str]]]:
+        """The variant its candidate builder makes (supervised or not by its data), with the InfoNCE settings."""
+        builder, enc = self.candidates, self.encoder
+        args = ", ".join(f"{k} {v}" for k, v in vars(builder).items() if not k.startswith("_"))
+        name = METHODS.get(type(builder).__name__, type(builder).__name__)
+        name = SUPERVISION.get(str((data or {}).get("class_path") or "").rpartition(".")[2], "") + name
+        return name, [("objective", f"InfoNCE, candidates {md_code(type(builder).__name__)}"
+                       + (f" ({args})" if args else "")),
+                      ("pooler", md_code(enc.pooler)), ("MLP over the pooled vector", md_code(enc.mlp_mode)),
+                      ("temperature", f"{self.temperature:g}"), ("max_length", str(enc.max_length))]
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

@@ -22,11 +22,11 @@ from torch import nn
 from core.errors import DataError, why_write_failed
 from core.files import readable_as_umask
 from core.hub import pooler_report_filtered
-from lightning_modules.base import EmbeddingModule
 from lightning_modules.checkpoints import ArtifactError
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, fold_input_scale
 from lightning_modules.components.guard import DivergenceError
 from lightning_modules.components.st_modules import st_modules, transformer
+from lightning_modules.family import ModuleFamily
 from lightning_modules.loading import is_checkpoint_file, load_module
 from lightning_modules.model_card import write_model_card
 from lightning_modules.sae_card import sae_card
@@ -34,8 +34,9 @@ from lightning_modules.saelens_format import WEIGHTS_FILE as SAELENS_WEIGHTS
 from lightning_modules.saelens_format import from_saelens, sae_weights_file, saelens_files
 
 
-def sentence_transformer_modules(module: EmbeddingModule, transformer_dir: str | Path) -> list[nn.Module]:
-    """The sentence-transformers modules equivalent to ``module.encode`` (followed by Normalize).
+def sentence_transformer_modules(module: nn.Module, transformer_dir: str | Path) -> list[nn.Module]:
+    """The sentence-transformers modules equivalent to ``module.encode`` (an ``EmbeddingModule``'s; followed by
+    Normalize).
 
     ``transformer_dir`` must already hold the Hugging Face model and tokenizer (``save_pretrained``).
     Modules that add a head after pooling extend this list (see ``extra_st_modules``).
@@ -117,61 +118,48 @@ def check_finite_weights(module: nn.Module, what: str) -> None:
                                   "diverged); export a checkpoint from before the divergence")
 
 
-def is_sae(module) -> bool:
-    """Whether ``module`` holds a sparse autoencoder (an ``SAEModule``) rather than a sentence encoder."""
-    return getattr(module, "sae", None) is not None
-
-
-def export(module, output_dir: str | Path, overwrite: bool = False, run_facts: dict | None = None,
-           format: str | None = None, sae_metrics: dict | None = None) -> Path:
-    """The one export entry point, used by ``train.py export`` and by ``callbacks.ExportOnFitEnd``: an SAE module
-    gives an SAE folder in ``format`` (:func:`export_sae`; ``sae_metrics`` fill its README), any other module
-    (contrastive encoder, MCR2 head) a sentence-transformers folder (:func:`export_sentence_transformer`) whose model
-    card is written from ``run_facts`` (see :mod:`lightning_modules.model_card`). ``format`` is checked by
+def export(module: ModuleFamily, output_dir: str | Path, overwrite: bool = False, card: dict | None = None,
+           format: str | None = None) -> Path:
+    """The one export entry point, used by ``train.py export`` and by ``callbacks.ExportOnFitEnd``: the module's
+    family writes its export (:meth:`~lightning_modules.family.ModuleFamily.write_export`: a sentence encoder a
+    sentence-transformers folder (:func:`export_sentence_transformer`), an SAE an SAE folder in ``format``
+    (:func:`export_sae`)), its README.md written from ``card`` (run facts, or an SAE's figures). It only writes:
+    a caller that scores the export puts the scores on its card afterwards. ``format`` is checked by
     :func:`export_format`."""
-    format = export_format(module, format)
-    if format in SAE_FORMATS:
-        return export_sae(module, output_dir, overwrite=overwrite, format=format, metrics=sae_metrics)
-    return export_sentence_transformer(module, output_dir, overwrite=overwrite, run_facts=run_facts)
+    return module.write_export(output_dir, overwrite=overwrite, format=format, card=card)
 
 
 #: The folders an SAE exports to: sparsify's layout (the default) or SAELens' (``saelens_format``).
 SAE_FORMATS = ("sparsify", "saelens")
 
 
-def export_format(module, format: str | None, option: str = "format") -> str | None:
-    """The format ``module`` exports to: ``format`` (an SAE format, SAEs only) or, when None, the default (sparsify
-    for an SAE, ``sentence-transformers`` otherwise). ``option`` names the setting in the errors (``--format`` for
-    ``train.py export``); ``module`` None checks the name alone (before a checkpoint is loaded) and returns it.
+def export_format(module: ModuleFamily | None, format: str | None, option: str = "format") -> str | None:
+    """The format ``module`` exports to: ``format`` (one of its family's ``export_formats``) or, when None, its
+    default (the first of them, else its ``export_type``). ``option`` names the setting in the errors (``--format``
+    for ``train.py export``); ``module`` None checks the name alone (before a checkpoint is loaded) and returns it.
 
     Raises:
-        DataError: an unknown format, or an SAE format for a module that is not an SAE.
+        DataError: an unknown format, or a format for a module whose family has none.
     """
     if format is not None and format not in SAE_FORMATS:
         raise DataError(f"{option} {format!r} is not an export format: {' or '.join(SAE_FORMATS)} (SAEs only)")
     if module is None:
         return format
-    if not is_sae(module):
+    formats = type(module).export_formats
+    if not formats:
         if format is not None:
             raise DataError(f"{option} {format}: only SAEs have export formats; {type(module).__name__} exports as a "
-                            f"sentence-transformers folder (drop {option})")
-        return "sentence-transformers"
-    return format or SAE_FORMATS[0]
+                            f"{module.export_type} folder (drop {option})")
+        return module.export_type
+    return format or formats[0]
 
 
-def how_to_load(module, folder: Path) -> str:
-    """The call that opens an export of ``module`` (printed after exporting)."""
-    if is_sae(module):
-        return f"lightning_modules.export.load_sae('{folder}')"
-    return f"SentenceTransformer('{folder}')"
-
-
-def export_sentence_transformer(module: EmbeddingModule, output_dir: str | Path, overwrite: bool = False,
+def export_sentence_transformer(module: nn.Module, output_dir: str | Path, overwrite: bool = False,
                                 run_facts: dict | None = None) -> Path:
-    """Write ``module`` as a sentence-transformers folder and return its path (``overwrite``: replace an earlier
-    export there). Its README.md is the model card of :mod:`lightning_modules.model_card`, from the module and
-    ``run_facts`` (the STS test sets are scored on the written folder when the facts name their data root; the
-    scores are also put in ``run_facts["sts"]`` for the caller to log)."""
+    """Write ``module`` (an ``EmbeddingModule``) as a sentence-transformers folder and return its path
+    (``overwrite``: replace an earlier export there). Its README.md is the model card of
+    :mod:`lightning_modules.model_card`, from the module and ``run_facts`` (scores the caller measured are in them;
+    nothing is measured here)."""
     # imported when used: sentence-transformers takes ~3 s to import; only this path needs it
     from sentence_transformers import SentenceTransformer
 
@@ -188,18 +176,10 @@ def export_sentence_transformer(module: EmbeddingModule, output_dir: str | Path,
             with pooler_report_filtered():  # the folder holds no pooler, on purpose (load_pretrained)
                 st = SentenceTransformer(modules=sentence_transformer_modules(module, tmp), device="cpu")
             st.save(str(tmp))
-            dim = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension  # 6.x name
-            write_model_card(tmp, module, run_facts, output_dir, dim())
+            write_model_card(tmp, module, run_facts, output_dir)
     finally:
         model.train(was_training)
     return output_dir
-
-
-def best_or_current(trainer, pl_module):
-    """The module of the trainer's best checkpoint, or ``pl_module`` itself when no checkpoint was kept; and that
-    checkpoint's path ("" when none). What the end-of-fit export callbacks export."""
-    ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    return (load_module(ckpt) if ckpt else pl_module), ckpt
 
 
 # ------------------------------------------------------------------------------------------ sparse autoencoders

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +23,7 @@ from lightning_modules.base import EmbeddingModule, nested_dims
 from lightning_modules.components.encoder import Encoder
 from lightning_modules.components.heads import ProjectionHead
 from lightning_modules.losses.mcr2 import GroupLayout, MCR2Output, group_layout, matryoshka_mcr2_loss, mcr2_loss
+from lightning_modules.model_card import md_code
 
 Grouping = Literal["pairs", "kmeans", "labels"]
 GROUPINGS = ("pairs", "kmeans", "labels")
@@ -182,6 +183,27 @@ class MCR2Module(EmbeddingModule):
         self._clusters_N: Tensor | None = None
         self._teacher_memo: dict[int, Tensor] = {}
 
+
+    # ------------------------------------------------------------------------------ the family's answers
+    @classmethod
+    def run_tags(cls, init_args: Mapping) -> list[str]:
+        grouping = init_args.get("grouping")
+        return super().run_tags(init_args) + ([f"grouping:{grouping}"] if grouping else [])
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.head.dense_layers()[-1][0].out_features
+
+    def card_method(self, data: dict | None = None) -> tuple[str, list[tuple[str, str]]]:
+        """The head (sizes, grouping, loss weights, init) on its teacher."""
+        hp, enc = dict(self.hparams), self.encoder
+        grouping = self.grouping + (f" (k = {self.num_clusters})" if self.grouping == "kmeans" else "")
+        return "MCR2 projection head on a frozen teacher", [
+            ("output dim", f"{hp.get('in_dim') or enc.dim} -> {hp.get('out_dim')}"
+             + (f" (hidden {hp['hidden_dim']})" if hp.get("hidden_dim") else " (linear)")),
+            ("grouping", grouping), ("eps2", f"{self.eps2:g}"), ("gamma", f"{self.gamma:g}"),
+            ("distillation weight", f"{self.distill_weight:g}"), ("head init", str(hp.get("init"))),
+            ("teacher pooler", md_code(enc.pooler)), ("max_length", str(enc.max_length))]
 
     # ----------------------------------------------------------------------------------------- frozen teacher
     def train(self, mode: bool = True) -> MCR2Module:

@@ -12,8 +12,9 @@ facts read from the run itself (the checkpoint: :func:`checkpoint_facts`; the li
   (``selected``: the checkpoint was the best by it).
 - ``wandb``: ``{"id", "project", "dir", "offline"}`` (and ``group`` when recorded); ``run_dir``: the run folder.
 - ``sts_data_root``: the folder of the STS test sets (the run's STSEvaluator's or datamodule's ``data_root``):
-  when set, the exported folder is scored at export on the ``sts_tasks`` found there (default
-  :data:`DEFAULT_STS_TASKS`; ``[]`` measures nothing) and the scores land in ``sts``.
+  when set, the caller of the export scores the exported folder on the ``sts_tasks`` found there (default
+  :data:`DEFAULT_STS_TASKS`; ``[]`` measures nothing; ``evaluation.evaluate.score_export``) and passes the scores
+  in ``sts``: the card only writes them.
 - ``mteb_results_dir``: the ``ResultCache`` folder of the run's ``MTEBEvaluator`` (default ``<run_dir>/mteb``):
   the TaskResults stored there for the exported step become the card's MTEB table and model-index.
 
@@ -26,35 +27,28 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from core.errors import DataError
-from evaluation.evaluate import SentenceTransformerEmbedder, load_tasks, score_tasks
-from lightning_modules.card_metadata import front_matter, sts_eval_results
-from lightning_modules.checkpoints import DATA_CONFIG_KEY, LOGGERS_KEY
+from lightning_modules.card_metadata import eval_results, front_matter, load_results, sts_eval_results
+from lightning_modules.checkpoints import DATA_CONFIG_KEY, LOGGERS_KEY, Checkpoint
 
 #: STS test sets scored at export when the run names a data root (all seven take about a minute on MiniLM).
 DEFAULT_STS_TASKS = ("stsb", "sickr")
-#: Candidate builder -> the method it makes of ContrastiveModule.
-METHODS = {"InBatchNegatives": "SimCSE", "PositiveMixing": "HNCSE-PM", "HardNegativeMixing": "HNCSE-HNM"}
 #: Datamodule init arguments that say what the model was trained on, in the order shown.
 DATA_KEYS = ("source", "data_root", "tasks", "split", "column", "subset", "max_rows", "batch_size")
 
 
-def checkpoint_facts(ckpt_path: str | Path) -> dict:
+def checkpoint_facts(checkpoint: Checkpoint) -> dict:
     """The run facts a checkpoint holds: its step, data config, the dev metric logged for its weights and its W&B run.
 
     Args:
-        ckpt_path: a checkpoint written by ``train.py fit``.
+        checkpoint: a checkpoint written by ``train.py fit``, as ``read_checkpoint`` opened it.
 
     Returns:
         Run facts (see the module docstring); keys the checkpoint cannot tell are absent.
     """
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    step = int(ckpt.get("global_step", 0))
+    ckpt, ckpt_path, step = checkpoint.content, checkpoint.path, checkpoint.step
     data = ckpt.get(DATA_CONFIG_KEY) or ({"init_args": dict(ckpt["datamodule_hyper_parameters"])}
                                          if ckpt.get("datamodule_hyper_parameters") else None)
-    states = [s for s in (ckpt.get("callbacks") or {}).values() if isinstance(s, dict)]
+    states = checkpoint.callback_states
     sts_roots = [s.get("data_root") for s in states if "history" in s] + [((data or {}).get("init_args") or {})
                                                                           .get("data_root")]
     dirs = [s["dirpath"] for s in states if "best_k_models" in s and isinstance(s.get("dirpath"), str)]
@@ -97,47 +91,15 @@ def _wandb_run(loggers: list[dict]) -> dict | None:
     return None
 
 
-def measure_sts(folder: str | Path, data_root: str, tasks: Sequence[str] = DEFAULT_STS_TASKS) -> dict:
-    """Score the sentence-transformers model in ``folder`` on the STS test sets of ``tasks`` found under
-    ``data_root`` (``train.py evaluate``'s protocol: SentEval text, Spearman x 100 of cosine).
-
-    Returns:
-        ``{"data_root", "tasks": {task: {"spearman", "n_pairs"}}, "missing": [tasks not found]}``.
-    """
-
-    found, missing = {}, []
-    for task in tasks:
-        try:
-            found.update(load_tasks([task], data_root, "senteval"))
-        except (DataError, FileNotFoundError):
-            missing.append(task)
-    scores = {}
-    if found:
-        from sentence_transformers import SentenceTransformer  # ~3 s to import; only exporting needs it
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        st = SentenceTransformer(str(folder), device=device)
-        scored, _ = score_tasks(SentenceTransformerEmbedder(st, str(folder)), found)
-        scores = {t: {"spearman": s.all, "n_pairs": s.n_pairs} for t, s in scored.items()}
-    return {"data_root": str(data_root), "tasks": scores, "missing": missing}
-
-
-def write_model_card(folder: Path, module, facts: dict | None, load_path: str | Path, dim: int) -> Path:
-    """Write ``folder/README.md`` (replacing sentence-transformers' generic card), scoring the STS test sets
-    first when the facts name a data root that exists here. The scores are also put in the caller's ``facts``
-    (``facts["sts"]``, when it is a dict), so that the caller logs the numbers the card shows without scoring the
-    model again (``callbacks.ExportOnFitEnd``: its W&B table and ``eval.json``)."""
-    given, facts = facts, dict(facts or {})
-    root = facts.get("sts_data_root")
-    tasks = facts.get("sts_tasks", DEFAULT_STS_TASKS)
-    if root and tasks and Path(root).is_dir():
-        facts["sts"] = measure_sts(folder, root, tasks)
-        if given is not None:
-            given["sts"] = facts["sts"]
+def write_model_card(folder: Path, module, facts: dict | None, load_path: str | Path) -> Path:
+    """Write ``folder/README.md`` (replacing sentence-transformers' generic card) from the module and the run
+    ``facts``, scores included when the caller measured them (``facts["sts"]``); the MTEB results the run stored
+    for these weights are read here when the facts carry none."""
+    facts = dict(facts or {})
     if "mteb" not in facts:
         facts["mteb"] = run_mteb_results(module, facts)
     path = Path(folder) / "README.md"
-    path.write_text(model_card(module, facts, load_path, dim))
+    path.write_text(model_card(module, facts, load_path, module.embedding_dim))
     return path
 
 
@@ -147,8 +109,6 @@ def run_mteb_results(module, facts: dict) -> list:
     folder = facts.get("mteb_results_dir") or (Path(facts["run_dir"]) / "mteb" if facts.get("run_dir") else None)
     if folder is None or facts.get("step") is None or not Path(folder).is_dir():
         return []
-    from evaluation.mteb_eval import load_results
-
     return load_results(folder, f"embedlab/{type(module).__name__}", f"step{facts['step']}")
 
 
@@ -159,7 +119,7 @@ def mteb_lines(task_results: Sequence) -> list[str]:
     lines = ["MTEB (`mteb.evaluate`, main score x 100), stored as MTEB TaskResults:", "",
              "| task | split | subset | main score | x 100 |", "|---|---|---|---|---|"]
     for result in task_results:
-        metric = _code(result.task.metadata.main_score)
+        metric = md_code(result.task.metadata.main_score)
         for split, scores in result.scores.items():
             lines += [f"| {result.task_name} | {split} | {s.get('hf_subset', 'default')} | {metric} | "
                       f"{float(s['main_score']) * 100:.2f} |" for s in scores]
@@ -167,36 +127,16 @@ def mteb_lines(task_results: Sequence) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- the card
-def _code(value) -> str:
+def md_code(value) -> str:
+    """``value`` as inline markdown code."""
     return f"`{value}`"
 
 
 def method_rows(module, data: dict | None = None) -> tuple[str, list[tuple[str, str]]]:
-    """The method's name and its key settings as (setting, value) rows, read from the module (and, for the
-    contrastive variants, whether its data made them supervised)."""
+    """The method's name and its key settings as (setting, value) rows: the module's family says them
+    (``card_method``; ``data``: the datamodule's config), the optimiser rows are every module's."""
     hp = dict(getattr(module, "hparams", {}) or {})
-    enc = module.encoder
-    kind = type(module).__name__
-    if kind == "ContrastiveModule":
-        builder = module.candidates
-        args = ", ".join(f"{k} {v}" for k, v in vars(builder).items() if not k.startswith("_"))
-        name = METHODS.get(type(builder).__name__, type(builder).__name__)
-        data_class = str((data or {}).get("class_path") or "").rpartition(".")[2]
-        name = {"SentencesDataModule": "unsupervised ", "NLIDataModule": "supervised "}.get(data_class, "") + name
-        rows = [("objective", f"InfoNCE, candidates {_code(type(builder).__name__)}" + (f" ({args})" if args else "")),
-                ("pooler", _code(enc.pooler)), ("MLP over the pooled vector", _code(enc.mlp_mode)),
-                ("temperature", f"{module.temperature:g}"), ("max_length", str(enc.max_length))]
-    elif kind == "MCR2Module":
-        name = "MCR2 projection head on a frozen teacher"
-        grouping = module.grouping + (f" (k = {module.num_clusters})" if module.grouping == "kmeans" else "")
-        rows = [("output dim", f"{hp.get('in_dim') or enc.dim} -> {hp.get('out_dim')}"
-                 + (f" (hidden {hp['hidden_dim']})" if hp.get("hidden_dim") else " (linear)")),
-                ("grouping", grouping), ("eps2", f"{module.eps2:g}"), ("gamma", f"{module.gamma:g}"),
-                ("distillation weight", f"{module.distill_weight:g}"), ("head init", str(hp.get("init"))),
-                ("teacher pooler", _code(enc.pooler)), ("max_length", str(enc.max_length))]
-    else:
-        name = kind
-        rows = [(k, str(v)) for k, v in hp.items() if isinstance(v, (int, float, str, bool)) and not k.startswith("_")]
+    name, rows = module.card_method(data)
     opt = f"{getattr(module, 'lr', hp.get('lr')):g}"
     rows.append(("learning rate", f"{opt} (AdamW, weight decay {getattr(module, 'weight_decay', 0):g}, warmup ratio "
                                   f"{getattr(module, 'warmup_ratio', 0):g}, linear decay)"))
@@ -208,9 +148,9 @@ def data_text(data: dict | None) -> str:
     if not data:
         return "not recorded"
     args = data.get("init_args") or {}
-    parts = [f"{k} {_code(args[k])}" for k in DATA_KEYS if args.get(k) is not None]
+    parts = [f"{k} {md_code(args[k])}" for k in DATA_KEYS if args.get(k) is not None]
     cls = data.get("class_path")
-    return ", ".join(parts) + (f" ({_code(cls)})" if cls else "") if parts or cls else "not recorded"
+    return ", ".join(parts) + (f" ({md_code(cls)})" if cls else "") if parts or cls else "not recorded"
 
 
 def steps_text(facts: dict) -> str:
@@ -221,7 +161,7 @@ def steps_text(facts: dict) -> str:
     text = f"{step} optimiser steps"
     dev = facts.get("dev_metric") or {}
     went_on = total is not None and total != step
-    best = f"kept as the run's best by {_code(dev['name'])}" if dev.get("selected") else ""
+    best = f"kept as the run's best by {md_code(dev['name'])}" if dev.get("selected") else ""
     if went_on or best:
         text += f" ({'; '.join(p for p in (f'the run went on to {total}' if went_on else '', best) if p)})"
     return text
@@ -234,21 +174,21 @@ def evaluation_lines(facts: dict) -> list[str]:
     if sts.get("tasks"):
         lines += ["Spearman x 100 of cosine similarity on the STS test sets (the SimCSE / SentEval protocol of "
                   "`train.py evaluate`), measured at export on this folder's model, test sets from "
-                  f"{_code(sts['data_root'])}:", "", "| task | split | pairs | Spearman x 100 |", "|---|---|---|---|"]
+                  f"{md_code(sts['data_root'])}:", "", "| task | split | pairs | Spearman x 100 |", "|---|---|---|---|"]
         lines += [f"| {t} | test | {s['n_pairs']} | {s['spearman']:.2f} |" for t, s in sts["tasks"].items()]
         if sts.get("missing"):
-            lines += ["", f"Not found under {_code(sts['data_root'])}, so not measured: {', '.join(sts['missing'])}."]
+            lines += ["", f"Not found under {md_code(sts['data_root'])}, so not measured: {', '.join(sts['missing'])}."]
         lines.append("")
     elif facts.get("sts_data_root"):
         why = (f"none of {', '.join(sts.get('missing') or [])} found under it" if sts
                else "no STS tasks asked for" if facts.get("sts_tasks") == [] else "that folder is absent here")
-        lines += [f"No STS test set was measured at export ({why}; data root {_code(facts['sts_data_root'])}).", ""]
+        lines += [f"No STS test set was measured at export ({why}; data root {md_code(facts['sts_data_root'])}).", ""]
     else:
         lines += ["No STS test set was measured at export: the run names no data root to find them in.", ""]
     dev = facts.get("dev_metric")
     if dev:
         lines += ["The dev metric the run logged for these weights:", "", "| metric | value | step |",
-                  "|---|---|---|", f"| {_code(dev['name'])} | {dev['value']:.2f} | {dev['step']} |", ""]
+                  "|---|---|---|", f"| {md_code(dev['name'])} | {dev['value']:.2f} | {dev['step']} |", ""]
     elif not sts.get("tasks"):
         lines += ["The run logged no dev metric for these weights.", ""]
     return lines
@@ -259,16 +199,16 @@ def run_lines(facts: dict) -> list[str]:
     rows = []
     wandb = facts.get("wandb")
     if wandb:
-        where = f", project {_code(wandb['project'])}" if wandb.get("project") else ""
+        where = f", project {md_code(wandb['project'])}" if wandb.get("project") else ""
         if wandb.get("dir"):
-            where += f", folder {_code(wandb['dir'])}" + (f" (offline: `wandb sync {wandb['dir']}` uploads it)"
+            where += f", folder {md_code(wandb['dir'])}" + (f" (offline: `wandb sync {wandb['dir']}` uploads it)"
                                                            if wandb.get("offline") else "")
-        rows.append(f"- W&B run {_code(wandb['id'])}{where}")
+        rows.append(f"- W&B run {md_code(wandb['id'])}{where}")
     else:
         rows.append("- W&B: the run had no WandbLogger")
     for key, what in (("run_dir", "run folder"), ("checkpoint", "checkpoint")):
         if facts.get(key):
-            rows.append(f"- {what}: {_code(facts[key])}")
+            rows.append(f"- {what}: {md_code(facts[key])}")
     return rows + [""]
 
 
@@ -288,14 +228,12 @@ def model_card(module, facts: dict | None, load_path: str | Path, dim: int) -> s
     short = Path(base).name if Path(base).exists() else base
     dims = list(getattr(module, "matryoshka_dims", None) or [])
     tags = ["sentence-transformers", "sentence-similarity", "embedlab", tag] + (["matryoshka"] if dims else [])
-    from evaluation.mteb_eval import eval_results  # mteb itself is imported only when there are results
-
     mteb_results = facts.get("mteb") or []
     results = eval_results(mteb_results) + sts_eval_results(facts.get("sts"))
     front = front_matter(base=base, tags=tags, model_name=f"{short}, {method}", eval_results=results,
                          data=facts.get("data"))
     module_class = f"{type(module).__module__}.{type(module).__name__}"
-    rows = [("base model", _code(base)), ("method", f"{method} ({_code(module_class)})"), *settings,
+    rows = [("base model", md_code(base)), ("method", f"{method} ({md_code(module_class)})"), *settings,
             ("training data", data_text(facts.get("data"))), ("steps", steps_text(facts))]
     if dims:
         rows.append(("Matryoshka dims", ", ".join(map(str, dims)) + " (each prefix of the embedding is an embedding "

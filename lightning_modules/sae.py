@@ -7,6 +7,8 @@ There is no text encoder to train here, so this is a plain LightningModule (not 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -17,8 +19,12 @@ from torch import Tensor
 from core.errors import DataError
 from core.metrics import FVU, LatentCounts, PrefixFVU, density_histogram, log10_density
 from lightning_modules.base import GuardsDivergence, can_fuse
+from lightning_modules.checkpoints import Checkpoint
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, positive_min
+from lightning_modules.export import SAE_FORMATS, export_format, export_sae
+from lightning_modules.family import ModuleFamily
 from lightning_modules.losses.sae import dead_fraction, mean_cosine, total_variance
+from lightning_modules.sae_card import checkpoint_metrics
 
 ACTIVATIONS_KEY = "embedlab_activations"
 DENSITY_KEY = "embedlab_log10_density"
@@ -32,7 +38,7 @@ def activations_of(meta: dict) -> dict:
     return {k: meta.get(k) for k in keys}
 
 
-class SAEModule(GuardsDivergence, pl.LightningModule):
+class SAEModule(ModuleFamily, GuardsDivergence, pl.LightningModule):
     """Train a :class:`~lightning_modules.components.batch_topk.BatchTopKSAE`.
 
     Batches are (B, d) float tensors. Training logs ``sae/loss``, ``sae/mse``, ``sae/fvu``,
@@ -45,6 +51,9 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
     loggers and, for every logger (CSV included), the number of latents per decade
     ``val/sae/log10_density_hist/<lower edge>`` (-10: never fires). The last measured density travels with the SAE
     (``sae.log10_density``: checkpoints, and ``sparsity.safetensors`` in exports).
+
+    The SAE family (:class:`~lightning_modules.family.ModuleFamily`): exports an SAE folder in sparsify's or
+    SAELens' layout (:func:`~lightning_modules.export.export_sae`), keeps the checkpoint of the lowest held-out FVU.
 
     Under DDP each rank selects its own batch's top k * B_local; firing statistics, the threshold's batch minimum
     and token counts are reduced over ranks, so every rank keeps identical buffers.
@@ -64,6 +73,33 @@ class SAEModule(GuardsDivergence, pl.LightningModule):
         check_finite_every_n_steps: how often the divergence records (non-finite loss or gradient norm) are read;
             see :class:`~lightning_modules.base.GuardsDivergence`.
     """
+
+    export_type = "sae"
+    export_subdir = "sae"
+    export_marker = "cfg.json"
+    export_formats = SAE_FORMATS
+    #: the BatchTopKConfig fields, once init arguments of their own, now under ``sae``
+    moved_options = {name: f"sae.{name}" for name in BatchTopKConfig.__dataclass_fields__}
+
+    @classmethod
+    def run_tags(cls, init_args: Mapping) -> list[str]:
+        sae = init_args.get("sae")
+        widths = sae.get("matryoshka_widths") if hasattr(sae, "get") else None
+        return ["matryoshka-batchtopk-sae" if widths else "batchtopk-sae"]
+
+    @classmethod
+    def checkpoint_monitor(cls, init_args: Mapping) -> dict | None:
+        return {"monitor": "val/sae/fvu", "mode": "min", "filename": "step{step}-fvu{val/sae/fvu:.4f}"}
+
+    def how_to_load(self, folder: str | Path) -> str:
+        return f"lightning_modules.export.load_sae('{folder}')"
+
+    def write_export(self, output_dir: str | Path, overwrite: bool = False, format: str | None = None,
+                     card: dict | None = None) -> Path:
+        return export_sae(self, output_dir, overwrite=overwrite, format=export_format(self, format), metrics=card)
+
+    def card_record(self, checkpoint: Checkpoint) -> dict:
+        return checkpoint_metrics(checkpoint, self.sae)
 
     def __init__(
         self,

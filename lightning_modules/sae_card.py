@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from core.hub import looks_like_hub_name
+from lightning_modules.checkpoints import Checkpoint
 from lightning_modules.components.batch_topk import BatchTopKSAE
 
 #: The figures of the card: (label, metric name under ``val/sae/`` and ``sae/``).
@@ -23,14 +22,14 @@ SOURCES = (("val/sae/", "held-out split, inference threshold"),
 NOT_MEASURED = "not measured"
 
 
-def checkpoint_metrics(ckpt_path: str | Path, sae: BatchTopKSAE) -> dict:
-    """What a checkpoint says about the SAE it holds, in ``sae_metrics.json``'s names: its step, the dead-latent
-    count of its training counters, and the monitored ``sae/`` value of a ``ModelCheckpoint`` that kept this very
-    file among its best (the only logged figure a checkpoint stores)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    metrics: dict = {"checkpoint": str(ckpt_path), "global_step": ckpt.get("global_step")}
-    for state in (ckpt.get("callbacks") or {}).values():
-        if not isinstance(state, dict) or "sae/" not in str(state.get("monitor")):
+def checkpoint_metrics(checkpoint: Checkpoint, sae: BatchTopKSAE) -> dict:
+    """What a checkpoint (as ``read_checkpoint`` opened it) says about the SAE it holds, in ``sae_metrics.json``'s
+    names: its step, the dead-latent count of its training counters, and the monitored ``sae/`` value of a
+    ``ModelCheckpoint`` that kept this very file among its best (the only logged figure a checkpoint stores)."""
+    ckpt_path = checkpoint.path
+    metrics: dict = {"checkpoint": str(ckpt_path), "global_step": checkpoint.content.get("global_step")}
+    for state in checkpoint.callback_states:
+        if "sae/" not in str(state.get("monitor")):
             continue
         for path, score in (state.get("best_k_models") or {}).items():
             if os.path.realpath(path) == os.path.realpath(ckpt_path) and score is not None:

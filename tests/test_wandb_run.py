@@ -15,7 +15,7 @@ import yaml
 import train
 from callbacks.run_results import COLUMNS, EVAL_FILE, TABLE_KEY
 from commands.interpret import fit_group
-from lightning_modules import model_card
+from evaluation import evaluate as scoring
 from tests.test_model_card import write_stsb
 from tests.wandb_records import logged_artifacts, logged_history, logged_summary, read_records
 
@@ -64,8 +64,8 @@ def test_fit_end_logs_the_measured_sts_table_and_the_artifacts(tmp_path, tiny_mo
     monkeypatch.chdir(tmp_path)
     write_stsb(tmp_path / "data")  # STS-B test only: SICK-R is asked for and missing
     measured = []
-    real = model_card.measure_sts
-    monkeypatch.setattr(model_card, "measure_sts", lambda *a, **k: measured.append(a) or real(*a, **k))
+    real = scoring.measure_sts  # the caller of the export scores it, once
+    monkeypatch.setattr(scoring, "measure_sts", lambda *a, **k: measured.append(a) or real(*a, **k))
     cli = fit(tmp_path, tiny_model, sample_data, sts={"data_root": str(tmp_path / "data")},
               export={"sts_tasks": ["stsb", "sickr"]})
     ckpt_cb = cli.trainer.checkpoint_callback
@@ -172,7 +172,7 @@ def test_an_sae_fit_logs_its_figures_and_interpret_joins_its_group(tmp_path, tin
     assert sum(metrics[f"val/sae/log10_density_hist/{b}"] for b in range(-10, 0)) == metrics["num_latents"]
 
     # train.py interpret on the export or the checkpoint: grouped with the fit, job type interpret
-    from callbacks import interpret
+    from commands import interpret  # the command (phase 1 moved it out of callbacks)
 
     assert fit_group(exported) == fit_group(ckpt) == "sae_minilm_sentences"
     assert fit_group(tmp_path) is None

@@ -1,0 +1,122 @@
+"""Each module family answers for itself (lightning_modules.family): every family in lightning_modules.__all__
+answers the interface, the run tags and checkpoint monitor asked of the class named by a recipe are what the
+class-name branches of run_defaults gave, and a checkpoint is read once (checkpoints.read_checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+from jsonargparse import Namespace, dict_to_namespace
+
+import lightning_modules
+from lightning_modules.checkpoints import CLASS_PATH_KEY, read_checkpoint
+from lightning_modules.components.batch_topk import BatchTopKConfig
+from lightning_modules.family import ModuleFamily, entry_name, family_class
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if "model" in (yaml.safe_load(p.read_text()) or {}))
+ANSWERS = ("how_to_load", "write_export", "card_record")
+
+
+def old_module_tags(model: Namespace) -> list[str]:
+    """The method tags run_defaults.run_tags computed by comparing class names (before the families answered)."""
+    module, margs = entry_name(model), model.get("init_args") or Namespace()
+    tags = []
+    if module == "ContrastiveModule":
+        builder = margs.get("candidates")
+        tags.append(entry_name(builder) if builder is not None else "simcse")
+    elif module == "SAEModule":
+        sae = margs.get("sae")
+        widths = sae.get("matryoshka_widths") if isinstance(sae, Namespace) else None
+        tags.append("matryoshka-batchtopk-sae" if widths else "batchtopk-sae")
+    elif module:
+        tags.append(module.removesuffix("Module").lower())
+    if module == "MCR2Module" and margs.get("grouping"):
+        tags.append(f"grouping:{margs.grouping}")
+    return tags
+
+
+def recipe_model(path: Path) -> Namespace:
+    return dict_to_namespace(yaml.safe_load(path.read_text())["model"])
+
+
+@pytest.mark.parametrize("name", [n for n in lightning_modules.__all__ if n != "EmbeddingModule"])
+def test_every_family_answers_the_interface(name):
+    cls = getattr(lightning_modules, name)
+    assert issubclass(cls, ModuleFamily) and family_class(name) is cls
+    assert family_class(f"{cls.__module__}.{name}") is cls
+    assert isinstance(cls.export_type, str) and cls.export_subdir and cls.export_marker
+    for answer in ANSWERS:  # each family writes, describes and loads its own export
+        assert getattr(cls, answer) is not getattr(ModuleFamily, answer), f"{name}.{answer}"
+    tags = cls.run_tags(Namespace())
+    assert tags and all(isinstance(t, str) for t in tags)
+    monitor = cls.checkpoint_monitor(Namespace())
+    assert monitor is None or set(monitor) == {"monitor", "mode", "filename"}
+
+
+def test_unknown_class_paths_name_no_family():
+    assert family_class("no.such.Module") is None
+    assert family_class("pytorch_lightning.LightningModule") is None  # a class, but no family
+    assert family_class("") is None
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_run_tags_from_the_class_are_the_old_ones(recipe):
+    model = recipe_model(recipe)
+    family = family_class(model.class_path)
+    assert family is not None, recipe
+    assert family.run_tags(model.get("init_args") or Namespace()) == old_module_tags(model)
+
+
+def test_tags_and_monitors_of_each_family():
+    sae = recipe_model(CONFIGS / "sae_minilm_brown_tokens_matryoshka.yaml")
+    assert family_class(sae.class_path).run_tags(sae.init_args) == ["matryoshka-batchtopk-sae"]
+    assert family_class(sae.class_path).checkpoint_monitor(sae.init_args) == {
+        "monitor": "val/sae/fvu", "mode": "min", "filename": "step{step}-fvu{val/sae/fvu:.4f}"}
+    hnm = recipe_model(CONFIGS / "hncse_hnm_quick.yaml")
+    assert family_class(hnm.class_path).run_tags(hnm.init_args) == ["HardNegativeMixing"]
+    assert family_class(hnm.class_path).checkpoint_monitor(hnm.init_args) is None
+    kmeans = recipe_model(CONFIGS / "mcr2_minilm_kmeans.yaml")
+    assert family_class(kmeans.class_path).run_tags(kmeans.init_args) == ["mcr2", "grouping:kmeans"]
+    assert lightning_modules.SAEModule.moved_options["k"] == "sae.k"
+
+
+def sae_checkpoint(path: Path, step: int) -> lightning_modules.SAEModule:
+    torch.manual_seed(step)
+    module = lightning_modules.SAEModule(sae=BatchTopKConfig(d_in=4, num_latents=8, k=2))
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": step,
+                "pytorch-lightning_version": pl.__version__, CLASS_PATH_KEY: "lightning_modules.sae.SAEModule"}, path)
+    return module
+
+
+def test_a_checkpoint_is_read_once_and_builds_its_module(tmp_path, monkeypatch):
+    path = tmp_path / "sae.ckpt"
+    module = sae_checkpoint(path, 7)
+    loads = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    checkpoint = read_checkpoint(path)
+    rebuilt = checkpoint.module()
+    assert read_checkpoint(path) is checkpoint and checkpoint.step == 7 and len(loads) == 1
+    assert type(rebuilt) is lightning_modules.SAEModule
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], tensor), name
+    assert rebuilt.card_record(checkpoint)["global_step"] == 7
+    assert rebuilt.how_to_load("x") == "lightning_modules.export.load_sae('x')"
+    sae_checkpoint(path, 8)  # the file changed: read again
+    assert read_checkpoint(path).step == 8 and len(loads) == 2
+
+
+def test_the_sae_family_writes_its_own_export(tmp_path):
+    from lightning_modules.export import export, export_format, load_sae
+
+    module = sae_checkpoint(tmp_path / "sae.ckpt", 3)
+    module.sae.threshold.fill_(0.25)  # SAELens' JumpReLU needs one
+    assert export_format(module, None) == "sparsify"
+    out = export(module, tmp_path / "sae", format="saelens")
+    assert (out / module.export_marker).is_file()
+    assert torch.allclose(load_sae(out).W_dec, module.sae.W_dec)
