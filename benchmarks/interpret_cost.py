@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import write_json  # noqa: E402
-from evaluation.interpret.codes import read_rows  # noqa: E402
-from evaluation.interpret.suite import run_suite  # noqa: E402
 
 from datamodules.activations import ActivationsDataModule  # noqa: E402
 from datamodules.wic import load_wic  # noqa: E402
+from evaluation.interpret.codes import read_rows  # noqa: E402
+from evaluation.interpret.suite import run_suite  # noqa: E402
 from lightning_modules.export import export_sae, load_sae  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytorch_lightning as pl
-from evaluation.interpret.sts_recovered import recovered_metrics, sts_recovered
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from callbacks.run_results import (
@@ -23,6 +22,7 @@ from callbacks.run_results import (
 from core.errors import DataError, read_json
 from core.files import shown, write_atomic
 from evaluation.evaluate import parse_tasks, score_export
+from evaluation.interpret.sts_recovered import recovered_metrics, sts_recovered
 from lightning_modules.checkpoints import Checkpoint
 from lightning_modules.export import export, export_format, prepare_output_dir
 from lightning_modules.family import SENTENCE_TRANSFORMERS

@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
-from evaluation.interpret.suite import run_suite
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
@@ -17,6 +16,7 @@ from core.errors import DataError
 from datamodules.activation_cache import ActivationCache
 from datamodules.wic import load_wic
 from evaluation.evaluate import task_subsets
+from evaluation.interpret.suite import run_suite
 from lightning_modules.checkpoints import Checkpoint
 from lightning_modules.export import load_any_sae
 from lightning_modules.model_card import DEFAULT_STS_TASKS

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import torch
-from evaluation.interpret.suite import check_sae_reads
 from jsonargparse import ArgumentParser
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from callbacks.export import RUN_FILE
 from callbacks.interpret import InterpretSAE
 from datamodules.activation_cache import ActivationCache
+from evaluation.interpret.suite import check_sae_reads
 from lightning_modules.checkpoints import read_checkpoint
 from lightning_modules.export import load_any_sae
 from lightning_modules.model_card import checkpoint_facts

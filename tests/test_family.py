@@ -13,6 +13,7 @@ import yaml
 from jsonargparse import Namespace, dict_to_namespace
 
 import lightning_modules
+import train
 from lightning_modules.checkpoints import CLASS_PATH_KEY, read_checkpoint
 from lightning_modules.components.batch_topk import BatchTopKConfig
 from lightning_modules.family import ModuleFamily, entry_name, family_class
@@ -40,8 +41,20 @@ def old_module_tags(model: Namespace) -> list[str]:
     return tags
 
 
+def merged(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, mappings merged key by key (how jsonargparse composes two --config files)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def recipe_model(path: Path) -> Namespace:
-    return dict_to_namespace(yaml.safe_load(path.read_text())["model"])
+    """The recipe's model entry, composed over the files it builds on (``defaults:``)."""
+    model: dict = {}
+    for f in [*train.base_configs(str(path)), str(path)]:
+        model = merged(model, yaml.safe_load(Path(f).read_text()).get("model") or {})
+    return dict_to_namespace(model)
 
 
 @pytest.mark.parametrize("name", [n for n in lightning_modules.__all__ if n != "EmbeddingModule"])

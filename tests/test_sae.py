@@ -516,9 +516,8 @@ def test_smoke_fit_on_a_tiny_encoder(tiny_model_no_dropout, sample_data, tiny_ca
     for name in ("threshold", "tokens_since_fired", "input_scale", "steps"):
         assert torch.equal(getattr(restored.sae, name), getattr(sae, name)), name
     # what it was trained on travels with it (checkpoint, cfg.json), and the suite refuses other vectors
-    from evaluation.interpret.suite import run_suite
-
     from datamodules.activation_cache import ActivationCache
+    from evaluation.interpret.suite import run_suite
     from lightning_modules.export import export_sae, load_sae
 
     cache = ActivationCache(tiny_cache)

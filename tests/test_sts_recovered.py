@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from evaluation.interpret.sts_recovered import Splicer, reconstruct, sts_recovered
 
 from core.hub import load_pretrained
 from datamodules.activation_builder import CacheBuilder
+from evaluation.interpret.sts_recovered import Splicer, reconstruct, sts_recovered
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE
 
 D = 32  # the tiny BERT's width
@@ -161,10 +161,9 @@ def test_interpret_suite_reports_it(tiny_model_no_dropout, sample_data, tmp_path
     the cache holds recovers all of it."""
     import json
 
-    from evaluation.interpret.suite import run_suite
-
     from datamodules import ActivationsDataModule
     from datamodules.activation_cache import ActivationCache
+    from evaluation.interpret.suite import run_suite
 
     dm = ActivationsDataModule(model_name_or_path=tiny_model_no_dropout, source=str(sample_data / "sentences.txt"),
                                cache_dir=str(tmp_path / "cache"), max_length=32, max_sentences=40)

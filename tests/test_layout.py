@@ -1,0 +1,92 @@
+"""The floors of the house (docs/design.md): every import runs down, none runs in a circle.
+
+Read from the source with ``ast``, imports inside functions included: an import that runs up a floor only when a
+function is called is still a fault of placement.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Low to high: a file may import its own floor and the floors below it.
+FLOORS = ("core", "datamodules", "lightning_modules", "evaluation", "callbacks", "commands", "train")
+
+
+def library_files() -> list[Path]:
+    return sorted(p for floor in FLOORS[:-1] for p in (ROOT / floor).rglob("*.py")) + [ROOT / "train.py"]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The project modules ``path`` imports (``from a.b import c`` names ``a.b.c`` when that is a module)."""
+    known = {module_name(p) for p in library_files()}
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                     for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n.split(".")[0] in FLOORS}
+    return out
+
+
+def floor(module: str) -> int:
+    return FLOORS.index(module.split(".")[0])
+
+
+def test_the_floors_are_the_packages_that_exist():
+    assert [f for f in FLOORS[:-1] if not (ROOT / f / "__init__.py").is_file()] == []
+
+
+@pytest.mark.parametrize("path", library_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_import_runs_down(path):
+    here = module_name(path)
+    upward = sorted(m for m in imported_modules(path) if floor(m) > floor(here))
+    assert upward == [], f"{here} imports from a higher floor: {upward}"
+
+
+def test_no_package_hides_an_import_in_a_lazy_getattr():
+    for init in (ROOT / f / "__init__.py" for f in FLOORS[:-1]):
+        tree = ast.parse(init.read_text())
+        getattrs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "__getattr__"]
+        imports = [n for g in getattrs for n in ast.walk(g) if isinstance(n, (ast.Import, ast.ImportFrom))
+                   or (isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "import_module")]
+        assert imports == [], f"{init.relative_to(ROOT)} imports inside __getattr__"
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    graph = {module_name(p): imported_modules(p) for p in library_files()}
+    # a package's __init__ hands names on: importing it is importing what it names
+    graph = {m: {d for d in deps if d != m} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    circles = []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            if d not in graph:
+                continue
+            if state.get(d) == 1:
+                circles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    # a package importing its own submodules (its __init__) is not a circle of files
+    circles = [c for c in circles if not all(x == c[0] or x.startswith(c[0] + ".") or c[0].startswith(x + ".")
+                                             for x in c)]
+    assert circles == []
