@@ -34,7 +34,7 @@ from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 from callbacks.sts import metric_name
 from lightning_modules.checkpoints import config_entries
-from lightning_modules.family import family_class
+from lightning_modules.family import entry_name, family_class
 
 PROJECT = "embedlab"
 WANDB = "pytorch_lightning.loggers.WandbLogger"
@@ -63,10 +63,6 @@ def recipe_name(argv: list[str]) -> str:
     return Path(paths[0][2]).stem if paths else PROJECT
 
 
-def class_name(entry) -> str:
-    return str(getattr(entry, "class_path", "") or type(entry).__name__).rpartition(".")[2]
-
-
 def entry(class_path: str, dict_kwargs: dict | None = None, **init_args) -> Namespace:
     """A config entry as the parser writes one (``dict_kwargs``: arguments a class takes through ``**kwargs``)."""
     out = Namespace(class_path=class_path, init_args=Namespace(**init_args))
@@ -84,13 +80,13 @@ def run_tags(cfg: Namespace) -> list[str]:
     family = family_class(getattr(model, "class_path", "") or "")
     if family is not None:  # the module's family names its method
         tags += family.run_tags(margs)
-    elif model is not None and class_name(model):
-        tags.append(class_name(model).removesuffix("Module").lower())
+    elif model is not None and entry_name(model):
+        tags.append(entry_name(model).removesuffix("Module").lower())
     base = margs.get("model_name_or_path") or dargs.get("model_name_or_path")
     if base:
         tags.append(f"model:{Path(str(base)).name}")
     if data is not None:
-        tags.append(f"data:{class_name(data).removesuffix('DataModule').lower()}")
+        tags.append(f"data:{entry_name(data).removesuffix('DataModule').lower()}")
         source = dargs.get("source")
         if isinstance(source, str) and source:
             tags.append(f"source:{Path(source).name}")
@@ -108,7 +104,7 @@ def sts_metric(callback: Namespace) -> str:
 def default_checkpoint(cfg: Namespace) -> Namespace:
     """The ModelCheckpoint a recipe without one gets (see the module docstring)."""
     for callback in config_entries(cfg.trainer.get("callbacks")):
-        if class_name(callback) == "STSEvaluator":
+        if entry_name(callback) == "STSEvaluator":
             metric = sts_metric(callback)
             every = (callback.get("init_args") or Namespace()).get("every_n_steps", 250)
             return entry(CHECKPOINT, monitor=metric, mode="max", save_last=True, every_n_train_steps=every or None,
@@ -153,8 +149,8 @@ def apply_run_defaults(cfg: Namespace, recipe: str) -> None:
         ]
     callbacks = config_entries(trainer.get("callbacks"))
     if trainer.get("enable_checkpointing") is False:  # e.g. configs/trainer/debug.yaml over a recipe whose defaults
-        callbacks = [c for c in callbacks if class_name(c) != "ModelCheckpoint"]  # name one (configs/defaults/)
-    names = {class_name(c) for c in callbacks}
+        callbacks = [c for c in callbacks if entry_name(c) != "ModelCheckpoint"]  # name one (configs/defaults/)
+    names = {entry_name(c) for c in callbacks}
     if "ModelCheckpoint" not in names and trainer.get("enable_checkpointing") is not False:
         callbacks.append(default_checkpoint(cfg))
     loggers = config_entries(trainer.logger)
@@ -165,7 +161,7 @@ def apply_run_defaults(cfg: Namespace, recipe: str) -> None:
         callbacks.append(entry(PREEMPTION))
     if loggers and "LearningRateMonitor" not in names:
         callbacks.append(entry(LR_MONITOR, logging_interval="step"))
-    if any(class_name(lg) == "WandbLogger" for lg in loggers):
+    if any(entry_name(lg) == "WandbLogger" for lg in loggers):
         wandb_mode_default()
         if "WandbSummaries" not in names:
             callbacks.append(entry(SUMMARIES))

@@ -32,11 +32,11 @@ from lightning_fabric.utilities.distributed import _destroy_dist_connection
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
-from commands.run_defaults import class_name
 from core.errors import DataError, StorageError, unwritable
 from core.files import shown
 from datamodules.activation_cache import default_cache_dir
 from lightning_modules.checkpoints import config_entries
+from lightning_modules.family import entry_name
 
 #: Rank variables and what bounds each: the number of processes (``world``), processes per node (``devices``),
 #: a global rank (``rank``), a rank within the node (``local``) or a node's rank (``node``).
@@ -159,7 +159,7 @@ def run_folders(cfg) -> list[tuple[str, str]]:
                                 ("trainer.callbacks", trainer.get("callbacks"), ("dirpath", "output_dir"))):
         for item in config_entries(entries):
             args = item.get("init_args") or {}
-            out += [(f"{part} {class_name(item)} {key}", args[key]) for key in keys if args.get(key)]
+            out += [(f"{part} {entry_name(item)} {key}", args[key]) for key in keys if args.get(key)]
     data = cfg.get("data")
     data_args = (data.get("init_args") if hasattr(data, "get") else None) or {}
     if "cache_dir" in data_args:
