@@ -419,7 +419,9 @@ class Checkpoint:
         overrides = {k: v for k, v in INFERENCE_OVERRIDES.items() if k in accepted}
         before = self.content.get("hyper_parameters") or {}
         overrides.update({k: v for k, v in self.hparams.items() if k in accepted and k not in before})
-        # Lightning's load_from_checkpoint minus its torch.load: it updates the dict it is given, hence the copy
+        # Lightning's load_from_checkpoint minus its torch.load, through its private _load_state and migration
+        # (no public call takes an opened checkpoint; .ci/floors runs this at the pytorch-lightning floor). They
+        # update the dict they are given, hence the copy
         content = _pl_migrate_checkpoint({**self.content, "hyper_parameters": {**before, **overrides}},
                                          checkpoint_path=self.path)
         return _load_state(cls, content, **overrides)
