@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
 import glob
 import importlib
 import inspect
@@ -428,9 +427,9 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Open the Lightning checkpoint at ``path`` (memory-mapped). A file already opened and unchanged since (same
-    size and modification time) is not read again, so the end of a fit reads its best checkpoint once whichever
-    callbacks ask for it.
+    """Open the Lightning checkpoint at ``path`` (memory-mapped) once: hand the :class:`Checkpoint` on rather than
+    the path. Nothing is kept between calls: a kept memory map would hold a replaced ``last.ckpt``'s disk space for
+    the rest of the run.
 
     Raises:
         FileNotFoundError: ``path`` is missing or a folder.
@@ -442,17 +441,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise FileNotFoundError(f"checkpoint {str(path)!r} is a folder; give the .ckpt file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
-    stat = path.stat()
-    return _read(os.path.realpath(path), stat.st_size, stat.st_mtime_ns, path)
-
-
-@functools.lru_cache(maxsize=2)
-def _read(real: str, size: int, mtime_ns: int, path: Path) -> Checkpoint:
-    """The read behind :func:`read_checkpoint`, kept for the last two files (keyed by their real path, size and
-    modification time)."""
     try:
         with pl_legacy_patch():
-            content = torch.load(real, map_location="cpu", weights_only=True, mmap=True)
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a text file, a truncated download, a pickle of something else: torch's errors vary
         raise DataError(f"{path}: not a readable Lightning checkpoint ({type(err).__name__}: "
                         f"{str(err).splitlines()[0][:200]})") from None
