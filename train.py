@@ -213,32 +213,33 @@ def with_defaults(args: list[str]) -> list[str]:
 
 def check_moved_options(args: list[str]) -> None:
     """Refuse options a module no longer takes at that place, naming the new key (before jsonargparse reports
-    them as merely "not accepted"); a config file that is not YAML is named by :func:`read_config`."""
-    models, flags = set(), []
-    for i, arg in enumerate(args):
-        if arg in ("--config", "-c") and i + 1 < len(args) or arg.startswith("--config="):
-            path = args[i + 1] if arg in ("--config", "-c") else arg.split("=", 1)[1]
+    them as merely "not accepted"). Each ``--config`` is read over the files it builds on (``defaults:``), so a
+    recipe that names its module only through them is checked against that module; a config file that is not YAML
+    is named by :func:`read_config`."""
+    models = set()
+    for _, _, recipe in config_paths(args):
+        class_path = ""
+        for path in [*base_configs(recipe), recipe]:
             model = read_config(path).get("model") or {}
             if not isinstance(model, dict):
                 continue  # `model: SomeModule` as a plain class name: no init_args here
-            name = str(model.get("class_path", "")).rpartition(".")[2]
-            models.add(name)
-            moved = moved_options(str(model.get("class_path", "")))
-            for key in (model.get("init_args") or {}) if isinstance(model.get("init_args"), dict) else ():
+            class_path = str(model.get("class_path") or class_path)
+            init_args, moved = model.get("init_args"), moved_options(class_path)
+            for key in init_args if isinstance(init_args, dict) else ():
                 if key in moved:
                     raise DataError(f"{path}: model.init_args.{key} is now model.init_args.{moved[key]} "
-                                    f"({name} takes its config whole)")
-        elif arg.startswith("--model.") and not arg.startswith("--model.init_args.sae"):
-            flags.append(arg.split("=", 1)[0])
-        elif arg == "--model" and i + 1 < len(args):
-            models.add(args[i + 1].rpartition(".")[2])
-    for flag in flags:
+                                    f"({class_path.rpartition('.')[2]} takes its config whole)")
+        models.add(class_path)
+    for i, arg in enumerate(args):
+        if arg == "--model" and i + 1 < len(args):
+            models.add(args[i + 1])
+    for flag in (a.split("=", 1)[0] for a in args if a.startswith("--model.")):
         key = flag.removeprefix("--model.").removeprefix("init_args.")
-        for name in models:
-            moved = moved_options(name)
+        for class_path in models:
+            moved = moved_options(class_path)
             if key in moved:
-                raise DataError(f"{flag} is now --model.init_args.{moved[key]} ({name} takes its config "
-                                "whole)")
+                raise DataError(f"{flag} is now --model.init_args.{moved[key]} ({class_path.rpartition('.')[2]} "
+                                "takes its config whole)")
 
 
 def main(argv: list[str] | None = None) -> EmbedLabCLI | None:

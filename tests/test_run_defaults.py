@@ -178,5 +178,11 @@ def test_the_short_config_flag_names_the_recipe_and_old_keys_in_a_recipe_file_ar
     old.write_text("model:\n  class_path: lightning_modules.SAEModule\n  init_args:\n    k: 64\n")
     with pytest.raises(DataError, match=r"old_sae.yaml: model.init_args.k is now model.init_args.sae.k"):
         train.check_moved_options(["fit", "-c", str(old)])
+    # a recipe that names its module only through the file it builds on is checked against that module
+    (tmp_path / "widths.yaml").write_text("defaults: old_sae_base.yaml\nmodel:\n  init_args:\n    sae:\n      k: 8\n")
+    (tmp_path / "old_sae_base.yaml").write_text("model:\n  class_path: lightning_modules.SAEModule\n")
+    with pytest.raises(DataError, match=r"--model.init_args.k is now --model.init_args.sae.k \(SAEModule"):
+        train.check_moved_options(["fit", "-c", str(tmp_path / "widths.yaml"), "--model.init_args.k", "64"])
+    train.check_moved_options(["fit", "-c", str(tmp_path / "widths.yaml"), "--model.init_args.sae.k", "64"])
     (tmp_path / "plain.yaml").write_text("model: lightning_modules.SAEModule\n")
     train.check_moved_options(["fit", "--config", str(tmp_path / "plain.yaml")])  # no init_args: nothing moved
