@@ -137,7 +137,7 @@ class ExportOnFitEnd(WritesAtFitEnd):
         self.exported = export(module, out, overwrite=True, card=facts if facts is not None else metrics,
                                format=self.format)
         if metrics is not None:
-            (out / "sae_metrics.json").write_text(json.dumps(metrics, indent=1))
+            write_atomic(out / "sae_metrics.json", json.dumps(metrics, indent=1))
         # the numbers the card shows (scored here once, on the written folder) or the SAE's figures
         facts = score_export(self.exported, module, facts, self.sts_tasks)
         step = facts["step"] if facts is not None else metrics["global_step"]  # the exported weights' step

@@ -314,11 +314,12 @@ def score_export(folder: Path, module, card: dict | None, tasks: Sequence[str]) 
     root = (card or {}).get("sts_data_root")
     if not root:
         return card
-    card = {**card, "sts_tasks": list(tasks)}
+    scored = {**card, "sts_tasks": list(tasks)}
     if tasks and Path(root).is_dir():
-        card["sts"] = measure_sts(folder, root, tasks)
-    write_model_card(folder, module, card, folder)
-    return card
+        scored["sts"] = measure_sts(folder, root, tasks)
+    if scored != card:  # the card as written says otherwise: write it again (atomically)
+        write_model_card(folder, module, scored, folder)
+    return scored
 
 
 # --------------------------------------------------------------------------------------------- reporting

@@ -27,6 +27,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from core.files import write_atomic
 from lightning_modules.card_metadata import eval_results, front_matter, load_results, sts_eval_results
 from lightning_modules.checkpoints import DATA_CONFIG_KEY, LOGGERS_KEY, Checkpoint
 
@@ -99,7 +100,7 @@ def write_model_card(folder: Path, module, facts: dict | None, load_path: str | 
     if "mteb" not in facts:
         facts["mteb"] = run_mteb_results(module, facts)
     path = Path(folder) / "README.md"
-    path.write_text(model_card(module, facts, load_path, module.embedding_dim))
+    write_atomic(path, model_card(module, facts, load_path, module.embedding_dim), what="model card ")
     return path
 
 
