@@ -40,10 +40,10 @@ class ScoredPairs(Protocol):
     def scores(self) -> Sequence[float]: ...
 
 
-def pair_cosines(z1_ND: Tensor, z2_ND: Tensor, dim: int | None = None) -> Tensor:
-    """Cosine similarity (N,) of each row of ``z1_ND`` with the same row of ``z2_ND`` over their first ``dim``
+def pair_cosines(z1_ND: Tensor, z2_ND: Tensor, k: int | None = None) -> Tensor:
+    """Cosine similarity (N,) of each row of ``z1_ND`` with the same row of ``z2_ND`` over their first ``k``
     dimensions (None: all), in the embeddings' own dtype: the similarity half of the STS score."""
-    return F.cosine_similarity(z1_ND[:, :dim], z2_ND[:, :dim], dim=-1)
+    return F.cosine_similarity(z1_ND[:, :k], z2_ND[:, :k], dim=-1)
 
 
 def sts_spearman(z1_ND: Tensor, z2_ND: Tensor, gold_N, dims: Sequence[int | None] | None = None) -> float:

@@ -269,18 +269,21 @@ class EmbeddingModule(ModuleFamily, GuardsDivergence, pl.LightningModule):
         B, V, L = batch["input_ids"].shape  # V = 2: the two sentences of each pair
         z_ND = self.embed_batch(batch["input_ids"].reshape(B * V, L), batch["attention_mask"].reshape(B * V, L))
         z_BVD = z_ND.view(B, V, -1).float()
-        cos_B = pair_cosines(z_BVD[:, 0], z_BVD[:, 1])
-        self._sts_outputs.setdefault(dataloader_idx, []).append((cos_B, batch["scores"].float()))
+        # one column per prefix the checkpoint is selected on (STSEvaluator's score), or one for the whole embedding
+        cos_BK = torch.stack([pair_cosines(z_BVD[:, 0], z_BVD[:, 1], k) for k in self.selection_dims or [None]], 1)
+        self._sts_outputs.setdefault(dataloader_idx, []).append((cos_BK, batch["scores"].float()))
 
     def _sts_log(self, prefix: str) -> None:
-        """Logs :func:`core.metrics.sts_spearman` of each dataloader's pairs, in its two halves: the cosines were
-        taken per batch (:meth:`_sts_step`), ranked here once gathered from every rank."""
+        """Logs :func:`core.metrics.sts_spearman` of each dataloader's pairs over :attr:`selection_dims` (the score
+        STSEvaluator selects checkpoints by), in its two halves: the cosines were taken per batch
+        (:meth:`_sts_step`), ranked here once gathered from every rank."""
         names = getattr(getattr(self.trainer, "datamodule", None), "names", None) or []
         for idx, outputs in sorted(self._sts_outputs.items()):
-            cos_N = self.all_gather(torch.cat([c for c, _ in outputs])).reshape(-1)
+            cos_BK = torch.cat([c for c, _ in outputs])
+            cos_NK = self.all_gather(cos_BK).reshape(-1, cos_BK.shape[1])
             gold_N = self.all_gather(torch.cat([g for _, g in outputs])).reshape(-1)
             name = names[idx] if idx < len(names) else f"sts{idx}"
-            rho = spearman100(cos_N, gold_N)
+            rho = sum(spearman100(cos_N, gold_N) for cos_N in cos_NK.T) / cos_NK.shape[1]  # mean over prefixes
             self.log(f"{prefix}/{name}_spearman", rho, add_dataloader_idx=False, rank_zero_only=True)
 
     # -------------------------------------------------------------------------------------------- distributed

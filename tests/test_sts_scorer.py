@@ -107,9 +107,11 @@ def test_mcr2_dev_score_scores_with_the_scorer(dims, tmp_path: Path):
     assert MCR2Module.dev_score(module, {}) == scorer(dims or [4])
 
 
-def test_validation_scores_with_the_scorer(tiny_model):
-    """Validation takes the cosines batch by batch and ranks them at the epoch's end: the scorer's number."""
-    module = ContrastiveModule(tiny_model, pooler="mean", max_length=16)
+@pytest.mark.parametrize("dims", [None, [2, 4]])
+def test_validation_scores_with_the_scorer(tiny_model, dims):
+    """Validation takes the cosines batch by batch and ranks them at the epoch's end: the scorer's number, over the
+    Matryoshka prefixes when the module has them (the score its checkpoints are selected by, under the same name)."""
+    module = ContrastiveModule(tiny_model, pooler="mean", max_length=16, matryoshka_dims=dims)
     rows = table(WORDS)
     module.embed_batch = lambda input_ids, attention_mask: rows[input_ids[:, 0]]  # each sentence's id: its row
     logged = {}
@@ -120,4 +122,4 @@ def test_validation_scores_with_the_scorer(tiny_model):
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(module, DataLoader(data, batch_size=4))  # two batches: 4 pairs, then 2
-    assert logged == {"val/sts0_spearman": scorer()}
+    assert logged == {"val/sts0_spearman": scorer(dims)}
