@@ -131,5 +131,6 @@ def test_the_sae_family_writes_its_own_export(tmp_path):
     module.sae.threshold.fill_(0.25)  # SAELens' JumpReLU needs one
     assert export_format(module, None) == "sparsify"
     out = export(module, tmp_path / "sae", format="saelens")
-    assert (out / module.export_marker).is_file()
+    assert (out / module.export_marker).is_file() and (out / "sae_weights.safetensors").is_file()
+    assert not (out / "sae.safetensors").exists()  # SAELens' layout, not sparsify's
     assert torch.allclose(load_sae(out).W_dec, module.sae.W_dec)
