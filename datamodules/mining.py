@@ -96,14 +96,20 @@ def read_corpus(source: str, column: str = "text") -> list[str]:
     return sentences
 
 
+def sentence_transformers_release(installed: str | None = None) -> tuple[int, ...]:
+    """(major, minor) of the installed sentence-transformers (or of the version string ``installed``)."""
+    from importlib.metadata import version
+
+    return tuple(int(part) for part in re.findall(r"\d+", installed or version("sentence-transformers"))[:2])
+
+
 def check_sentence_transformers(installed: str | None = None) -> None:
     """A one-line DataError when the installed sentence-transformers (or ``installed``) is older than
     :data:`MINING_NEEDS`; the project's own floor is lower, since only mining needs the newer one."""
     from importlib.metadata import version
 
     installed = installed or version("sentence-transformers")
-    release = tuple(int(part) for part in re.findall(r"\d+", installed)[:2])
-    if release < MINING_NEEDS:
+    if sentence_transformers_release(installed) < MINING_NEEDS:
         need = ".".join(map(str, MINING_NEEDS))
         raise DataError(f"train.py mine needs sentence-transformers >= {need} (installed: {installed}; before {need} "
                         "its mine_hard_negatives fails with a torch error when the limits leave a pair without "

@@ -23,20 +23,15 @@ from datamodules.mining import (
     check_sentence_transformers,
     mine_triplets,
     read_pairs,
+    sentence_transformers_release,
     write_triplets,
 )
 from datamodules.sample import random_meaning, sentence
 
-
-def installed_st() -> tuple[int, ...]:
-    from importlib.metadata import version
-
-    return tuple(int(x) for x in version("sentence-transformers").split(".")[:2])
-
-
 #: Mining needs a newer sentence-transformers than the project's floor (the floors job runs these tests there)
-needs_mining = pytest.mark.skipif(installed_st() < MINING_NEEDS, reason=f"mine_hard_negatives needs "
-                                  f"sentence-transformers >= {MINING_NEEDS} (installed {installed_st()})")
+INSTALLED = sentence_transformers_release()
+needs_mining = pytest.mark.skipif(INSTALLED < MINING_NEEDS, reason=f"mine_hard_negatives needs "
+                                  f"sentence-transformers >= {MINING_NEEDS} (installed {INSTALLED})")
 
 
 def test_an_older_sentence_transformers_is_named_in_one_line():
