@@ -133,14 +133,14 @@ def test_codes_need_an_inference_threshold():
 # --------------------------------------------------------------------------------------------------- POS
 class AxesCoder(torch.nn.Module):
     """A :class:`SparseCoder` written by hand, no BatchTopK in it: the dictionary is the two axes of the plane and
-    their diagonal, the codes are the dot products with those rows above 0.5, no bias, input scale 1."""
+    their diagonal, the pre-activations ``relu((x / s - b_dec) W_dec^T)`` (normalised units), threshold 0.5."""
 
-    def __init__(self) -> None:
+    def __init__(self, input_scale: float = 1.0, b_dec: tuple[float, float] = (0.0, 0.0)) -> None:
         super().__init__()
         r = 0.5**0.5
         self.W_dec = torch.nn.Parameter(torch.tensor([[1.0, 0.0], [0.0, 1.0], [r, r]]), requires_grad=False)
-        self.register_buffer("b_dec", torch.zeros(2))
-        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("b_dec", torch.tensor(b_dec))
+        self.register_buffer("input_scale", torch.tensor(input_scale))
         self.register_buffer("threshold", torch.tensor(0.5))
 
     @property
@@ -148,36 +148,52 @@ class AxesCoder(torch.nn.Module):
         return self.W_dec.shape[0]
 
     def pre_acts(self, x_BD):
-        return torch.relu(x_BD.to(self.W_dec) @ self.W_dec.t())
+        return torch.relu((x_BD.to(self.W_dec) / self.input_scale - self.b_dec) @ self.W_dec.t())
 
     def encode(self, x_BD):
         pre_BF = self.pre_acts(x_BD)
-        return pre_BF * (pre_BF > self.threshold)
+        return pre_BF * (pre_BF > self.threshold) * self.input_scale
 
     def decode(self, codes_BF):
-        return codes_BF @ self.W_dec + self.b_dec
+        return codes_BF @ self.W_dec + self.b_dec * self.input_scale
 
 
-def test_the_analyses_read_any_sparse_coder():
+R2 = 2**0.5
+
+
+@pytest.mark.parametrize("scale, bias, x, codes, contribution, error", [
+    # pre-activations (2, 0, r2); (0, 0.3, 0.21): all under 0.5; (1, 1, r2). Tokens (2, 0) and (1, 1): mean code
+    # (1.5, 0.5, r2), pooled v = (1.5, 0.5), c_i = zbar_i (d_i . v); each token decodes to itself plus (1, 1)
+    (1.0, (0.0, 0.0), [[2.0, 0.0], [0.0, 0.3], [1.0, 1.0]], [[2, 0, R2], [0, 0, 0], [1, 1, R2]], [2.25, 0.25, 2.0],
+     [-1.0, -1.0]),
+    # the same normalised pre-activations from x = s (x_norm + b_dec): codes in input units are s times them, and
+    # the decoder bias s b_dec = (0.5, 0) is added to each reconstruction; tokens (4.5, 0), (2.5, 2): v = (3.5, 1),
+    # mean code (3, 1, 2 r2), c = (3 * 3.5, 1 * 1, 2 r2 * 4.5 / r2), errors (4.5, 0) - (6.5, 2), (2.5, 2) - (4.5, 4)
+    (2.0, (0.25, 0.0), [[4.5, 0.0], [0.5, 0.6], [2.5, 2.0]], [[4, 0, 2 * R2], [0, 0, 0], [2, 2, 2 * R2]],
+     [10.5, 1.0, 9.0], [-2.0, -2.0]),
+])
+def test_the_analyses_read_any_sparse_coder(scale, bias, x, codes, contribution, error):
     """BatchTopKSAE is a SparseCoder without naming it; a hand-written coder goes through the codes and the pooling
-    decomposition with the values its dictionary gives by hand."""
+    decomposition with the values its dictionary, input scale and decoder bias give by hand."""
     assert isinstance(random_sae(), SparseCoder) and input_dim(random_sae(d=6)) == 6
     assert not isinstance(torch.nn.Linear(2, 3), SparseCoder)
-    coder = AxesCoder()
+    coder = AxesCoder(scale, bias)
     assert isinstance(coder, SparseCoder) and input_dim(coder) == 2
-    with eval_mode(coder):  # the analyses' switch to the threshold, the caller's mode restored after
+    got = encode_sparse(coder, np.array(x))
+    np.testing.assert_allclose(got.dense(), codes, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got.dense(), coder.encode(torch.tensor(x)).numpy(), rtol=1e-6, atol=1e-6)
+    assert got.fires.tolist() == [2, 1, 2]
+    dec = decompose_sentence(coder, torch.tensor([x[0], x[2]]))
+    torch.testing.assert_close(dec.contribution, torch.tensor(contribution))
+    torch.testing.assert_close(dec.error, torch.tensor(error))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eval_mode_switches_to_the_threshold_and_restores_the_callers_mode(training):
+    coder = AxesCoder().train(training)
+    with eval_mode(coder):
         assert not coder.training
-    assert coder.training
-    r2 = 2**0.5
-    # pre-activations: (2, 0) -> (2, 0, r2); (0, 0.3) -> (0, 0.3, 0.21) all under 0.5; (1, 1) -> (1, 1, r2)
-    codes = encode_sparse(coder, np.array([[2.0, 0.0], [0.0, 0.3], [1.0, 1.0]]))
-    np.testing.assert_allclose(codes.dense(), [[2, 0, r2], [0, 0, 0], [1, 1, r2]], rtol=1e-6)
-    assert codes.fires.tolist() == [2, 1, 2]
-    # tokens (2, 0) and (1, 1): mean code (1.5, 0.5, r2), pooled (1.5, 0.5), c_i = zbar_i (d_i . pooled)
-    dec = decompose_sentence(coder, torch.tensor([[2.0, 0.0], [1.0, 1.0]]))
-    torch.testing.assert_close(dec.contribution, torch.tensor([2.25, 0.25, 2.0]))
-    # the diagonal repeats the axes: each token decodes to itself plus (1, 1), so the mean error is -(1, 1)
-    torch.testing.assert_close(dec.error, torch.tensor([-1.0, -1.0]))
+    assert coder.training is training
 
 
 def pos_reference(dense, meta, sentences, top_k, n_unique, n_ctx):
