@@ -10,6 +10,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
+from callbacks.mteb import MTEBEvaluator
 from callbacks.run_results import (
     checkpoint_metadata,
     evaluation,
@@ -221,8 +222,6 @@ def fit_facts(trainer: pl.Trainer, checkpoint: Checkpoint | None, run_dir: Path 
         root = next((r for r in roots if r), None)
         if root:
             facts["sts_data_root"] = str(root)
-    from callbacks.mteb import MTEBEvaluator  # its own results_dir, which the card reads (not only <run>/mteb)
-
     folders = [cb.results_dir for cb in trainer.callbacks if isinstance(cb, MTEBEvaluator) and cb.results_dir]
     if folders:
         facts["mteb_results_dir"] = folders[0]

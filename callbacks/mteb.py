@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
+from callbacks.run_results import run_folder
 from evaluation.mteb_eval import LOCAL_STS, encoder, evaluate_tasks, load_tasks
 
 __all__ = ["LOCAL_STS", "MTEBEvaluator", "module_encoder"]
@@ -174,8 +175,6 @@ class MTEBEvaluator(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # every rank, once the checkpoint folder is known (trainer.log_dir is a broadcast under DDP)
         if self.results_dir is None:
-            from callbacks.run_results import run_folder  # imported when used: callbacks.export reads results_dir
-
             self.results_dir = str(run_folder(trainer) / "mteb")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -10,7 +10,9 @@ from jsonargparse import ArgumentParser
 
 from core.errors import DataError
 from datamodules.sts import STS_TASKS, TEXT_FORMS
+from evaluation import evaluate_mteb as em
 from evaluation.evaluate import KNOWN_TASKS, format_table, load_embedder, load_tasks, parse_tasks, score_tasks, to_json
+from evaluation.mteb_eval import benchmark_tasks, get_task
 
 
 def is_mteb_selection(tasks: str, benchmark: str | None) -> bool:
@@ -102,9 +104,6 @@ def evaluate_main(argv: list[str]) -> dict:
 
 def evaluate_mteb_main(args) -> dict:
     """The MTEB branch of :func:`evaluate_main` (``args``: its parsed options)."""
-    from evaluation import evaluate_mteb as em
-    from evaluation.mteb_eval import benchmark_tasks, get_task
-
     names = benchmark_tasks(args.benchmark) if args.benchmark else [t.strip() for t in args.tasks.split(",")
                                                                      if t.strip()]
     for name in names:

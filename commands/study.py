@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from commands.run_defaults import wandb_mode_default
 from core.errors import DataError
 from datamodules.activation_builder import model_folder
 from evaluation.interpret.figures import require_matplotlib
@@ -246,8 +247,6 @@ def log_wandb(project: str, out: Path, sections: list, data: dict, page: Path) -
     summary. Offline when
     nothing says how to reach W&B (``wandb sync`` uploads it later)."""
     import wandb  # ~1 s to import: only when asked
-
-    from commands.run_defaults import wandb_mode_default
 
     wandb_mode_default()
     name = data["study"]

@@ -25,6 +25,7 @@ from evaluation.evaluate import ModuleEmbedder, SentenceTransformerEmbedder
 from evaluation.mteb_eval import encoder, evaluate_tasks, load_tasks
 from lightning_modules.card_metadata import eval_results
 from lightning_modules.checkpoints import read_checkpoint
+from lightning_modules.model_card import mteb_lines
 
 #: The markers around the MTEB section :func:`update_card` writes into an export's card (replaced on each run).
 BEGIN, END = "<!-- mteb-results: train.py evaluate -->", "<!-- /mteb-results -->"
@@ -65,7 +66,6 @@ def update_card(folder: Path, task_results: list, results_dir: Path) -> Path | N
     replaced, the others kept) and an MTEB section; None when the folder has no embedlab card."""
     from huggingface_hub import ModelCard
 
-    from lightning_modules.model_card import mteb_lines
 
     readme = folder / "README.md"
     if not readme.is_file() or "embedlab" not in readme.read_text():
