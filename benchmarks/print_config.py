@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import difflib
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -53,9 +54,13 @@ def main() -> int:
     ap.add_argument("--compare", type=Path, help="folder of another tree's printed recipes to diff against")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    with contextlib.chdir(ROOT):
+    here = os.getcwd()
+    os.chdir(ROOT)  # contextlib.chdir is Python 3.11+; the project supports 3.10
+    try:
         for recipe in recipes():
             (args.out / f"{recipe.stem}.yaml").write_text(printed(recipe))
+    finally:
+        os.chdir(here)
     if args.compare is None:
         return 0
     diffs = compare(args.compare, args.out)

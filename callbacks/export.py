@@ -26,7 +26,7 @@ from evaluation.evaluate import parse_tasks, score_export
 from evaluation.interpret.sts_recovered import recovered_metrics, sts_recovered
 from lightning_modules.checkpoints import Checkpoint
 from lightning_modules.export import export, export_format, prepare_output_dir
-from lightning_modules.family import SENTENCE_TRANSFORMERS
+from lightning_modules.family import SAE, SENTENCE_TRANSFORMERS
 from lightning_modules.loading import best_or_current
 from lightning_modules.model_card import DEFAULT_STS_TASKS, checkpoint_facts
 from lightning_modules.sae_card import state_metrics
@@ -274,4 +274,4 @@ def sae_record(callback: ExportOnFitEnd, trainer: pl.Trainer, module: pl.Lightni
 
 
 #: What a fit-end export records of the run, by the module family's ``export_type``: (run facts, SAE figures).
-FIT_RECORDS = {SENTENCE_TRANSFORMERS: encoder_record, "sae": sae_record}
+FIT_RECORDS = {SENTENCE_TRANSFORMERS: encoder_record, SAE: sae_record}

@@ -40,11 +40,8 @@ def wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
 
 
 def checkpoint_step(ckpt: str | None, default: int) -> int:
-    """The optimiser steps a checkpoint was written at, ``default`` without one (read by ``read_checkpoint``, which
-    does not read again a file the end-of-fit export already read)."""
-    if not ckpt:
-        return default
-    return int(read_checkpoint(ckpt).content.get("global_step", default))
+    """The optimiser steps a checkpoint was written at (:attr:`Checkpoint.step`), ``default`` without one."""
+    return read_checkpoint(ckpt).step if ckpt else default
 
 
 def _finite(value):

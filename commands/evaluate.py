@@ -1,4 +1,5 @@
-"""commands.evaluate."""
+"""``train.py evaluate``: the STS suite (SimCSE's protocol) or MTEB tasks over a checkpoint, an export or a
+hub model, printed as a table and written as JSON."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""commands.export."""
+"""``train.py export``: a checkpoint to its family's export folder, its card scored on the STS test sets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""commands.interpret."""
+"""``train.py interpret``: the SAE interpretability suite over an exported SAE or a checkpoint, logged to W&B in
+the fit's group."""
 
 from __future__ import annotations
 

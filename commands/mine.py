@@ -1,4 +1,5 @@
-"""commands.mine."""
+"""``train.py mine``: (anchor, positive) pairs to SimCSE triplets with hard negatives mined by
+sentence-transformers' ``mine_hard_negatives``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""core.files."""
+"""Files: the one atomic writer (temporary file, fsync, rename), umask-respecting modes, paths as shown."""
 
 from __future__ import annotations
 

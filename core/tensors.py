@@ -1,4 +1,4 @@
-"""core.tensors."""
+"""Tensor helpers both data and models use: padding token ids, the masked mean over tokens."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""datamodules.samplers."""
+"""Resumable batch orders: a DistributedSampler that resumes mid-epoch, and one that groups similar lengths."""
 
 from __future__ import annotations
 

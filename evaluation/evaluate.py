@@ -1,7 +1,5 @@
-"""STS evaluation in the SimCSE protocol, and the ``train.py evaluate`` command.
-
-    python train.py evaluate --model runs/x/checkpoints/last.ckpt --data_root ../shared/data
-    python train.py evaluate --model sentence-transformers/all-MiniLM-L6-v2 --tasks stsb,sickr --output r.json
+"""STS evaluation in the SimCSE protocol, over any encoder (``train.py evaluate``'s library: the command itself
+is :mod:`commands.evaluate`).
 
 The protocol is that of SimCSE's ``evaluation.py --mode test --task_set sts`` (on SentEval): cosine
 similarity of the model's own embeddings against the gold scores, Spearman x 100.
@@ -11,12 +9,12 @@ similarity of the model's own embeddings against the gold scores, Spearman x 100
   weighted by subset size, ``mean`` the unweighted one (SentEval reports both).
 - STS-B and SICK-R: the test split (one subset, so all three figures agree).
 
-Text (``--text``): by default as SentEval leaves it, which is what SimCSE scored (``senteval``: Moses tokens,
-lower-cased for STS12-16 and STS-B). MTEB's copies of STS12-16 are those same SentEval files (their distinct
-texts and pairs match MTEB's descriptive statistics exactly), but MTEB keeps STS-B raw (``--text mteb``);
-``raw`` uses the organisers' files untouched. For all-MiniLM-L6-v2 the forms agree to 0.01 (only STS14 moves,
-by 0.01). MTEB's SICK-R is train + trial + test (9,927 pairs), not the test split: ``--tasks sickr_all``
-scores those, to compare with MTEB.
+Text (``text``, the command's ``--text``): by default as SentEval leaves it, which is what SimCSE scored
+(``senteval``: Moses tokens, lower-cased for STS12-16 and STS-B). MTEB's copies of STS12-16 are those same SentEval
+files (their distinct texts and pairs match MTEB's descriptive statistics exactly), but MTEB keeps STS-B raw
+(``--text mteb``); ``raw`` uses the organisers' files untouched. For all-MiniLM-L6-v2 the forms agree to 0.01 (only
+STS14 moves, by 0.01). MTEB's SICK-R is train + trial + test (9,927 pairs), not the test split: ``--tasks
+sickr_all`` scores those, to compare with MTEB.
 
 Three kinds of model are accepted: a Lightning checkpoint (``.ckpt``; encoded by the module's own
 ``encode``, pooling and head included), a sentence-transformers folder (e.g. from ``train.py export``) or a
@@ -143,7 +141,7 @@ def load_embedder(
                         "as torch writes them); give a checkpoint, a model folder or a hub name")
     if path.suffix == ".ckpt" or is_checkpoint_file(path):
         module = load_module(path).to(device)
-        if not hasattr(module, "encoder"):
+        if module.export_type != SENTENCE_TRANSFORMERS:
             raise DataError(f"{path} is a {type(module).__name__} checkpoint: evaluate scores sentence encoders; "
                             f"for an SAE run `python train.py interpret --sae {path} --cache CACHE_FOLDER`")
         if max_length is not None:
@@ -216,7 +214,7 @@ class TaskScore:
 
 class SentenceEmbeddings:
     """Each distinct sentence of some tasks encoded once (:class:`core.metrics.SentenceIndex`), kept in float64 so
-    that the cosines are float64 (:func:`core.metrics.pair_cosines`: the dot product of the L2-normalised rows)."""
+    that the cosines are float64 (:func:`core.metrics.pair_cosines`)."""
 
     def __init__(self, embedder: Embedder, data: dict[str, list[STSPairs]]) -> None:
         start = time.perf_counter()

@@ -24,7 +24,7 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
 class RecordsClassPath:
-    """Mixin for LightningModules: every checkpoint records the module's class, so ``export.load_module`` rebuilds
+    """Mixin for LightningModules: every checkpoint records the module's class, so ``loading.load_module`` rebuilds
     the right class whether or not the run was launched through LightningCLI (which records ``_class_path``), and
     each logger (:func:`logger_record`), so that ``fit --ckpt_path`` continues the same W&B run and an export's
     model card names it."""

@@ -4,7 +4,7 @@ Built with ``huggingface_hub.ModelCardData`` (its ``to_yaml`` writes the ``model
 results from), so what is written is what ``huggingface_hub.ModelCard`` / ``metadata_load`` parse back.
 
 - licence and language: the base model's own card when it can be read without the network (a local folder's
-  README.md, the folder of a hub name installed offline (``components.hub.OFFLINE_PACKAGES``), or the hub name's
+  README.md, the folder of a hub name installed offline (``core.hub.OFFLINE_PACKAGES``), or the hub name's
   README.md in the local Hugging Face cache); absent otherwise, never guessed.
 - datasets: the hub datasets the run's datamodule names (local files have no hub id and are not listed).
 - model-index: MTEB's TaskResults (:func:`eval_results`, main score 0-1 as MTEB stores

@@ -26,7 +26,7 @@ from lightning_modules.checkpoints import ArtifactError
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, fold_input_scale
 from lightning_modules.components.guard import DivergenceError
 from lightning_modules.components.st_modules import st_modules, transformer
-from lightning_modules.family import ModuleFamily
+from lightning_modules.family import SAE, ModuleFamily
 from lightning_modules.loading import is_checkpoint_file, load_module
 from lightning_modules.model_card import write_model_card
 from lightning_modules.sae_card import sae_card
@@ -303,7 +303,7 @@ def load_any_sae(path: str | Path):
     path = Path(path)
     if is_checkpoint_file(path):
         module = load_module(path)
-        if not hasattr(module, "sae"):
+        if module.export_type != SAE:
             raise DataError(f"{path} is a {type(module).__name__} checkpoint, not an SAEModule one")
         return module.sae.eval()
     if sae_weights_file(path) is None:

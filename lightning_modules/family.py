@@ -18,6 +18,8 @@ from lightning_modules.checkpoints import Checkpoint
 
 #: The export type of a sentence encoder (a sentence-transformers folder; also its W&B artefact type).
 SENTENCE_TRANSFORMERS = "sentence-transformers"
+#: The export type of a sparse autoencoder (cfg.json + weights; also its W&B artefact type).
+SAE = "sae"
 
 
 def entry_name(entry: Any) -> str:

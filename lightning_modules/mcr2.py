@@ -192,7 +192,7 @@ class MCR2Module(EmbeddingModule):
 
     @property
     def embedding_dim(self) -> int:
-        return self.head.dense_layers()[-1][0].out_features
+        return self.head.out_dim
 
     def card_method(self, data: dict | None = None) -> tuple[str, list[tuple[str, str]]]:
         """The head (sizes, grouping, loss weights, init) on its teacher."""

@@ -22,7 +22,7 @@ from lightning_modules.base import GuardsDivergence, can_fuse
 from lightning_modules.checkpoints import Checkpoint
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, positive_min
 from lightning_modules.export import SAE_FORMATS, export_format, export_sae
-from lightning_modules.family import ModuleFamily
+from lightning_modules.family import SAE, ModuleFamily
 from lightning_modules.losses.sae import dead_fraction, mean_cosine, total_variance
 from lightning_modules.sae_card import checkpoint_metrics
 
@@ -74,7 +74,7 @@ class SAEModule(ModuleFamily, GuardsDivergence, pl.LightningModule):
             see :class:`~lightning_modules.base.GuardsDivergence`.
     """
 
-    export_type = "sae"
+    export_type = SAE
     export_subdir = "sae"
     export_marker = "cfg.json"
     export_formats = SAE_FORMATS
