@@ -129,6 +129,9 @@ class ExportOnFitEnd(WritesAtFitEnd):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         export_format(pl_module, self.format, "ExportOnFitEnd format")  # an SAE format for an encoder: before training
+        if pl_module.export_type not in FIT_RECORDS:  # named before training, not when the fit ends
+            raise DataError(f"ExportOnFitEnd: no end-of-fit record for {type(pl_module).__name__}'s export type "
+                            f"{pl_module.export_type!r} (callbacks/export.py FIT_RECORDS knows {sorted(FIT_RECORDS)})")
         self.subdir, self.marker = pl_module.export_subdir, pl_module.export_marker
         super().on_fit_start(trainer, pl_module)
 

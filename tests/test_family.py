@@ -134,3 +134,14 @@ def test_the_sae_family_writes_its_own_export(tmp_path):
     assert (out / module.export_marker).is_file() and (out / "sae_weights.safetensors").is_file()
     assert not (out / "sae.safetensors").exists()  # SAELens' layout, not sparsify's
     assert torch.allclose(load_sae(out).W_dec, module.sae.W_dec)
+
+
+def test_a_family_without_an_end_of_fit_record_is_refused_before_training(tiny_model):
+    from callbacks.export import ExportOnFitEnd
+    from core.errors import DataError
+
+    class OtherExport(lightning_modules.ContrastiveModule):
+        export_type = "other"
+
+    with pytest.raises(DataError, match=r"no end-of-fit record for OtherExport's export type 'other'"):
+        ExportOnFitEnd().on_fit_start(None, OtherExport(tiny_model, pooler="mean"))
