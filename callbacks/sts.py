@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from core.errors import DataError
 from core.metrics import SentenceIndex
@@ -18,9 +19,17 @@ def metric_name(task: str) -> str:
 
 
 class STSEvaluator(pl.Callback):
-    """Logs ``val/<task>_spearman`` (Spearman x 100) every ``every_n_steps`` optimiser steps and at each epoch's end.
+    """Logs ``val/<task>_spearman`` (Spearman x 100) every ``every_n_steps`` optimiser steps.
 
-    Made for checkpoint selection: ``ModelCheckpoint(monitor="val/stsb_spearman", mode="max")``. Encoding runs
+    Made for checkpoint selection: ``ModelCheckpoint(monitor="val/stsb_spearman", mode="max",
+    every_n_train_steps=<every_n_steps>)`` (what ``train.py`` adds when a recipe names no checkpoint). An epoch's end is
+    scored too when something reads the score there: with ``every_n_steps: 0``, or when an ``EarlyStopping`` or a
+    ``ModelCheckpoint`` without ``every_n_train_steps`` monitors it (or with ``at_epoch_end: true``); otherwise the
+    steps' schedule is the whole schedule, as with Lightning's ``val_check_interval``, and an evaluation at an epoch's
+    end would cost a training step's worth of encoding that nothing reads. The final weights are scored once at the
+    end of training for the curve when the last step was not on the schedule. A ``ModelCheckpoint`` on the metric that
+    saves at steps the schedule does not score (``every_n_train_steps`` not a multiple of ``every_n_steps``, or
+    ``train_time_interval``) is refused at setup: it would file new weights under an old score. Encoding runs
     without dropout, in length-sorted batches; each distinct sentence is tokenised once (at fit start) and encoded
     once per evaluation. Every rank computes the same number (the dev set is small), so no broadcast is needed.
     A module whose embedding nests smaller ones (``selection_dims``, e.g. a Matryoshka MCR2 head: [32, ..., 256])
@@ -33,12 +42,21 @@ class STSEvaluator(pl.Callback):
         every_n_steps: evaluation period in optimiser steps; 0 evaluates only at epoch ends.
         batch_size: sentences per encoding batch.
         at_start: also evaluate before the first step (the starting point of the curve).
+        at_epoch_end: also evaluate at each epoch's end; null (the default): when something reads the score there
+            (see above).
     """
 
     def __init__(self, task: str = "stsb", split: str = "dev", data_root: str | None = None,
-                 every_n_steps: int = 250, batch_size: int = 256, at_start: bool = True) -> None:
+                 every_n_steps: int = 250, batch_size: int = 256, at_start: bool = True,
+                 at_epoch_end: bool | None = None) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"STSEvaluator every_n_steps must be >= 0 (0: at epoch ends only), got {every_n_steps}")
+        if every_n_steps == 0 and at_epoch_end is False:
+            raise ValueError("STSEvaluator with every_n_steps: 0 and at_epoch_end: false would never evaluate")
         self.task, self.split, self.data_root = task, split, data_root
         self.every_n_steps, self.batch_size, self.at_start = every_n_steps, batch_size, at_start
+        self.at_epoch_end = at_epoch_end
+        self._at_epoch_end = at_epoch_end is not False  # decided at setup from the callbacks that read the score
         self.pairs: STSPairs | None = None
         self._ids: list[list[int]] | None = None
         self._sentences: SentenceIndex | None = None
@@ -57,6 +75,32 @@ class STSEvaluator(pl.Callback):
         if self._ids is None:
             self._sentences = SentenceIndex([self.pairs])
             self._ids = pl_module.encoder.tokenize(self._sentences.sentences)
+        if stage == "fit":
+            self._at_epoch_end = self._epoch_end_wanted(trainer)
+
+    def _epoch_end_wanted(self, trainer: pl.Trainer) -> bool:
+        """Whether epoch ends are scored (see the class docstring); refuses a checkpoint that would read a stale
+        score. Reads ``ModelCheckpoint``'s trigger attributes (private, the same from pytorch-lightning 2.5 on: no
+        public getter exists)."""
+        if self.every_n_steps == 0 or self.at_epoch_end is not None:
+            return self.every_n_steps == 0 or self.at_epoch_end
+        wanted = False
+        for callback in trainer.callbacks:
+            if getattr(callback, "monitor", None) != self.metric_name:
+                continue
+            if isinstance(callback, EarlyStopping):
+                wanted = True  # without a validation loop it reads the metric at each training epoch's end
+            elif isinstance(callback, ModelCheckpoint):
+                every, interval = callback._every_n_train_steps, callback._train_time_interval
+                if interval is not None or (every and every % self.every_n_steps):
+                    when = (f"train_time_interval={interval}" if interval is not None
+                            else f"every_n_train_steps={every}")
+                    raise ValueError(
+                        f"ModelCheckpoint(monitor={self.metric_name!r}, {when}) saves at steps STSEvaluator "
+                        f"(every_n_steps={self.every_n_steps}) does not score, filing those weights under an "
+                        f"older score: set its every_n_train_steps to a multiple of {self.every_n_steps}")
+                wanted = wanted or (not every and callback._every_n_epochs > 0)
+        return wanted
 
     def evaluate(self, pl_module: pl.LightningModule) -> float:
         """Spearman x 100 of the module's current weights on the configured pairs (the mean over the module's
@@ -87,8 +131,13 @@ class STSEvaluator(pl.Callback):
             self._log(trainer, pl_module, epoch_end=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._done_this_step(trainer):
+        if self._at_epoch_end and not self._done_this_step(trainer):
             self._log(trainer, pl_module, epoch_end=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the end point of the curve (no checkpoint reads it: Lightning saves nothing after training ends)
+        if trainer.global_step > 0 and not self._done_this_step(trainer):
+            self._record(trainer, pl_module)
 
     def _done_this_step(self, trainer: pl.Trainer) -> bool:
         return bool(self.history) and self.history[-1][0] == trainer.global_step and trainer.global_step > 0
