@@ -22,7 +22,7 @@ from core.errors import DataError, StorageError
 from core.metrics import spearman100
 from datamodules.base import read_text
 from lightning_modules.checkpoints import ArtifactError, damage, newest_complete
-from lightning_modules.components.guard import DivergenceError, DivergenceGuard
+from lightning_modules.components.guard import DivergenceError, DivergenceGuard, describe
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=true",
@@ -546,11 +546,29 @@ def test_a_checkpoint_chosen_on_a_validation_metric_is_never_one_of_a_diverged_m
         f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
         "--trainer.callbacks.save_last=true", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
         "--model.lr", "1e30", "--model.check_finite_every_n_steps", "50"]
-    with pytest.raises(DivergenceError, match=r"training diverged at step \d+: the (training loss is nan|weights)"):
+    with pytest.raises(DivergenceError,
+                       match=r"training diverged at step \d+: (the training loss is nan|\d+ weight tensor)"):
         train.main(args)
     for ckpt in (tmp_path / "ckpt").glob("*.ckpt"):
         state = torch.load(ckpt, weights_only=False)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
+
+
+def test_the_weights_check_counts_the_tensors_holding_a_nan_or_an_infinity():
+    """note_weights (run before every checkpoint save) fires on a NaN or an infinity anywhere, counts the tensors
+    holding one, and does not fire on large finite half-precision weights whose fp16 sum would overflow."""
+    finite = [torch.randn(50, 8), torch.full((300,), 60000.0, dtype=torch.float16),
+              torch.randn(3, dtype=torch.bfloat16)]
+    guard = DivergenceGuard()
+    guard.note_weights(finite, step=4)
+    assert guard.first() is None
+    broken = [t.clone() for t in finite] + [torch.zeros(2, dtype=torch.long)]  # integer buffers are not weights
+    broken[0][7, 3] = float("nan")
+    broken[2][1] = float("-inf")
+    guard.note_weights(broken, step=5)
+    event = guard.first()
+    assert (event.kind, event.step, event.value) == ("weights", 5, 2.0)
+    assert describe(event) == "2 weight tensor(s) hold non-finite values"
 
 
 def test_temporaries_of_killed_checkpoint_writers_are_removed_at_the_next_save(tmp_path):
@@ -590,3 +608,60 @@ def test_background_checkpoint_writes_keep_the_state_of_their_save_and_raise_the
     with pytest.raises(ArtifactError, match=r"could not write checkpoint .*a_file/last\.ckpt"):
         io.teardown()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "last.ckpt"]  # no temporary left behind
+
+
+def test_a_snapshot_is_serialised_after_training_changed_the_state_and_still_holds_the_saved_one(tmp_path,
+                                                                                                monkeypatch):
+    """The writer thread held until training has changed everything in place: the file still holds the state of
+    the save; views of one storage (tied weights) still share one on load; removals queue behind the writes; a
+    third save waits only when two snapshots are in flight; a checkpoint holding a Parameter (which a snapshot
+    does not copy) is serialised at the save instead."""
+    import threading
+
+    from lightning_modules import checkpoints
+    from lightning_modules.checkpoints import AtomicCheckpointIO
+
+    gate, started = threading.Event(), []
+    real_write = checkpoints.write_atomically
+
+    def held_write(data, path):
+        started.append(path.name)
+        assert gate.wait(30)
+        real_write(data, path)
+
+    monkeypatch.setattr(checkpoints, "write_atomically", held_write)
+    writer = AtomicCheckpointIO(background=True)
+    (tmp_path / "old.ckpt").write_bytes(b"x")
+    weights, step, history = torch.zeros(6), torch.tensor(3.0), [(10, 80.0)]
+    tied = weights.view(2, 3)
+    writer.save_checkpoint({"state_dict": {"w": weights, "tied": tied}, "optimizer_states": [{"step": step}],
+                            "history": history}, tmp_path / "best.ckpt")
+    writer.remove_checkpoint(tmp_path / "old.ckpt")
+    writer.save_checkpoint({"global_step": 2, "p": torch.nn.Parameter(torch.ones(2))}, tmp_path / "last.ckpt")
+    third = threading.Thread(target=writer.save_checkpoint, args=({"global_step": 3}, tmp_path / "third.ckpt"))
+    third.start()
+    third.join(0.5)
+    assert third.is_alive()  # two snapshots in flight: the third save waits for the oldest write
+    weights.add_(1.0)
+    step.add_(1.0)
+    history.append((20, 81.0))
+    assert (tmp_path / "old.ckpt").exists() and not (tmp_path / "best.ckpt").exists()
+    gate.set()
+    third.join(30)
+    writer.wait()
+    saved = torch.load(tmp_path / "best.ckpt", weights_only=False)
+    assert torch.equal(saved["state_dict"]["w"], torch.zeros(6)) and saved["optimizer_states"][0]["step"] == 3.0
+    assert saved["history"] == [(10, 80.0)]
+    assert saved["state_dict"]["tied"].untyped_storage().data_ptr() == saved["state_dict"]["w"].untyped_storage()\
+        .data_ptr()
+    last = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert isinstance(last["p"], torch.nn.Parameter) and torch.equal(last["p"], torch.ones(2))
+    assert started == ["best.ckpt", "last.ckpt", "third.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt", "third.ckpt"]
+    # the next snapshot fills the host memory of the last one written, which stays intact on disk
+    spare = {storage.data_ptr() for storage in writer._spare}
+    writer.save_checkpoint({"state_dict": {"w": weights}}, tmp_path / "next.ckpt")
+    assert spare & {storage.data_ptr() for storage in writer._jobs[-1][1]}
+    writer.teardown()
+    assert torch.equal(torch.load(tmp_path / "next.ckpt")["state_dict"]["w"], torch.ones(6))
+    assert torch.equal(torch.load(tmp_path / "best.ckpt", weights_only=False)["state_dict"]["w"], torch.zeros(6))
