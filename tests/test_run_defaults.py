@@ -186,3 +186,37 @@ def test_the_short_config_flag_names_the_recipe_and_old_keys_in_a_recipe_file_ar
     train.check_moved_options(["fit", "-c", str(tmp_path / "widths.yaml"), "--model.init_args.sae.k", "64"])
     (tmp_path / "plain.yaml").write_text("model: lightning_modules.SAEModule\n")
     train.check_moved_options(["fit", "--config", str(tmp_path / "plain.yaml")])  # no init_args: nothing moved
+
+
+@pytest.mark.parametrize("bar", ["TQDMMetricsBar", "RichMetricsBar"])
+def test_the_bar_redraws_on_its_own_interval_and_ends_each_epoch_complete(tmp_path, tiny_model, sample_data, bar,
+                                                                          monkeypatch):
+    """Training batches redraw the bar at most every redraw_seconds (here: the first of an epoch's batches, and the
+    last, so the bar ends showing every batch done); with redraw_seconds 0 every batch redraws."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
+
+    from callbacks import progress
+    from datamodules import SentencesDataModule
+    from lightning_modules import ContrastiveModule
+
+    if bar == "RichMetricsBar" and not _RICH_AVAILABLE:
+        pytest.skip("rich is not installed")
+    parent = RichProgressBar if bar == "RichMetricsBar" else TQDMProgressBar
+    drawn = []
+    real = parent.on_train_batch_end
+    monkeypatch.setattr(parent, "on_train_batch_end", lambda self, *a: drawn.append(a[-1]) or real(self, *a))
+    for seconds in (3600.0, 0.0):
+        drawn.clear()
+        callback = getattr(progress, bar)()
+        callback.redraw_seconds = seconds
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                             enable_model_summary=False, callbacks=[callback], default_root_dir=tmp_path)
+        trainer.fit(ContrastiveModule(model_name_or_path=tiny_model, max_length=16),
+                    SentencesDataModule(source=str(sample_data / "sentences.txt"), batch_size=16))
+        total = callback.total_train_batches
+        assert total >= 4 and drawn == ([0, total - 1] if seconds else list(range(total)))
+        if bar == "TQDMMetricsBar":
+            assert callback.train_progress_bar.n == total
+        else:
+            assert callback.progress.tasks[callback.train_progress_bar_id].completed == total
