@@ -85,7 +85,7 @@ class STSEvaluator(pl.Callback):
         if self.every_n_steps == 0 or self.at_epoch_end is not None:
             return self.every_n_steps == 0 or self.at_epoch_end
         wanted = False
-        for callback in trainer.callbacks:
+        for callback in trainer.callbacks if trainer is not None else []:
             if getattr(callback, "monitor", None) != self.metric_name:
                 continue
             if isinstance(callback, EarlyStopping):
