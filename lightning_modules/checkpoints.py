@@ -51,8 +51,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (:func:`snapshot`: each tensor storage copied once to host memory, the lists and dicts around them copied, since
     training changes them right after); a background thread serialises it (pickling and the zip entries' CRCs:
     15 ms of the 24 MB checkpoint of a tiny BERT on one CPU thread, against 5 ms for the copy) and writes, flushes
-    and renames it while training goes on. The host memory of the last snapshot written is filled by the next one
-    (allocating it anew costs 3x the copy on a CPU, in page faults). Removals of old checkpoints queue behind the
+    and renames it while training goes on. The host memory of the last snapshots written (up to
+    :attr:`MAX_SNAPSHOTS` checkpoints' worth) is filled by the next ones (allocating it anew costs 3x the copy on a
+    CPU, in page faults). Removals of old checkpoints queue behind the
     writes, in order. At most :attr:`MAX_SNAPSHOTS` snapshots are held at once (a save waits for the oldest write
     beyond that), so a step that saves its best and ``last.ckpt`` does not wait for the first; a load and the end of
     the run (``teardown``, before ``on_fit_end`` reads the best checkpoint) wait for every job; a failed job raises
@@ -104,8 +105,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 return
             self._jobs.popleft()
             job.result()
-            if storages:  # written: its host memory takes the next snapshot
-                self._spare = storages
+            if storages:  # written: its host memory takes the next snapshots (a step's best and last.ckpt both)
+                self._spare = keep_newest([*storages, *self._spare], self.MAX_SNAPSHOTS * nbytes(storages))
 
     def wait(self) -> None:
         """Return once every checkpoint written and removed in the background is on disk or gone; raise the first
@@ -155,8 +156,7 @@ def snapshot(checkpoint: dict[str, Any], spare: list[torch.UntypedStorage] | Non
     storage copied once to host memory (tensors sharing one, as tied weights do, still share it, as ``torch.save``
     keeps them), every container and value around them deep-copied. A storage of ``spare`` of the same size is
     filled (and taken out of the list) rather than a new one allocated; each host storage used is appended to
-    ``storages``. None when it holds
-    what this does not copy
+    ``storages``. None (and ``spare`` and ``storages`` as they were) when it holds what this does not copy
     faithfully: a tensor subclass (``Parameter``, ``DTensor``), a sparse or quantised tensor, one that requires grad,
     or an object ``copy.deepcopy`` refuses. Done here because torch has no copy-on-write snapshot of a state dict
     (``torch.distributed.checkpoint``'s async save stages to host memory the same way, for its own format)."""
@@ -193,14 +193,34 @@ def snapshot(checkpoint: dict[str, Any], spare: list[torch.UntypedStorage] | Non
             for v in value:
                 visit(v)
 
+    used = len(storages) if storages is not None else 0
     try:
         visit(checkpoint)
-        return copy.deepcopy(checkpoint, memo)
+        copied = copy.deepcopy(checkpoint, memo)
     except Exception:  # noqa: BLE001 - anything deepcopy cannot copy is serialised in the foreground instead
-        return None
-    finally:
-        if spare is not None:
-            spare[:] = [storage for same_size in free.values() for storage in same_size]
+        copied = None
+        if storages is not None:  # the host memory filled so far goes back to the pool
+            for storage in storages[used:]:
+                free.setdefault(storage.nbytes(), []).append(storage)
+            del storages[used:]
+    if spare is not None:
+        spare[:] = [storage for same_size in free.values() for storage in same_size]
+    return copied
+
+
+def nbytes(storages: list[torch.UntypedStorage]) -> int:
+    return sum(storage.nbytes() for storage in storages)
+
+
+def keep_newest(storages: list[torch.UntypedStorage], limit: int) -> list[torch.UntypedStorage]:
+    """The leading ``storages`` that fit in ``limit`` bytes together (the pool of host memory kept for snapshots)."""
+    kept, total = [], 0
+    for storage in storages:
+        total += storage.nbytes()
+        if total > limit:
+            break
+        kept.append(storage)
+    return kept
 
 
 def as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -221,7 +241,7 @@ def write_atomically(checkpoint: dict[str, Any] | io.BytesIO, path: Path) -> Non
 
 
 def finish_checkpoint_writes(trainer) -> None:
-    """Wait until the trainer's checkpoint written in the background (if any) is on disk; see
+    """Wait until every checkpoint save and removal the trainer queued in the background is done; see
     :class:`AtomicCheckpointIO`."""
     checkpoint_io = getattr(getattr(trainer, "strategy", None), "checkpoint_io", None)
     if isinstance(checkpoint_io, AtomicCheckpointIO):

@@ -658,10 +658,17 @@ def test_a_snapshot_is_serialised_after_training_changed_the_state_and_still_hol
     assert isinstance(last["p"], torch.nn.Parameter) and torch.equal(last["p"], torch.ones(2))
     assert started == ["best.ckpt", "last.ckpt", "third.ckpt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt", "third.ckpt"]
-    # the next snapshot fills the host memory of the last one written, which stays intact on disk
+    # a step's two saves (best and last) both fill the host memory of the two written before, which stay intact
+    for name in ("best2", "last2"):
+        writer.save_checkpoint({"state_dict": {"w": weights}}, tmp_path / f"{name}.ckpt")
+    writer.wait()
     spare = {storage.data_ptr() for storage in writer._spare}
-    writer.save_checkpoint({"state_dict": {"w": weights}}, tmp_path / "next.ckpt")
-    assert spare & {storage.data_ptr() for storage in writer._jobs[-1][1]}
+    assert len(spare) == 2
+    weights.add_(1.0)
+    for name in ("best3", "last3"):
+        writer.save_checkpoint({"state_dict": {"w": weights}}, tmp_path / f"{name}.ckpt")
+    assert {storage.data_ptr() for _, storages in writer._jobs for storage in storages} == spare
     writer.teardown()
-    assert torch.equal(torch.load(tmp_path / "next.ckpt")["state_dict"]["w"], torch.ones(6))
+    for name, value in (("best2", 1.0), ("last2", 1.0), ("best3", 2.0), ("last3", 2.0)):
+        assert torch.equal(torch.load(tmp_path / f"{name}.ckpt")["state_dict"]["w"], torch.full((6,), value))
     assert torch.equal(torch.load(tmp_path / "best.ckpt", weights_only=False)["state_dict"]["w"], torch.zeros(6))
