@@ -141,7 +141,7 @@ def load_embedder(
                         "as torch writes them); give a checkpoint, a model folder or a hub name")
     if path.suffix == ".ckpt" or is_checkpoint_file(path):
         module = load_module(path).to(device)
-        if module.export_type != SENTENCE_TRANSFORMERS:
+        if getattr(module, "export_type", None) != SENTENCE_TRANSFORMERS:
             raise DataError(f"{path} is a {type(module).__name__} checkpoint: evaluate scores sentence encoders; "
                             f"for an SAE run `python train.py interpret --sae {path} --cache CACHE_FOLDER`")
         if max_length is not None:

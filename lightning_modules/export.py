@@ -303,7 +303,7 @@ def load_any_sae(path: str | Path):
     path = Path(path)
     if is_checkpoint_file(path):
         module = load_module(path)
-        if module.export_type != SAE:
+        if getattr(module, "export_type", None) != SAE:
             raise DataError(f"{path} is a {type(module).__name__} checkpoint, not an SAEModule one")
         return module.sae.eval()
     if sae_weights_file(path) is None:

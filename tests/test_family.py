@@ -145,3 +145,28 @@ def test_a_family_without_an_end_of_fit_record_is_refused_before_training(tiny_m
 
     with pytest.raises(DataError, match=r"no end-of-fit record for OtherExport's export type 'other'"):
         ExportOnFitEnd().on_fit_start(None, OtherExport(tiny_model, pooler="mean"))
+
+
+def test_a_checkpoint_of_a_module_outside_the_families_is_refused_by_name(tmp_path):
+    """A checkpoint naming a LightningModule that is no ModuleFamily (it has no export_type) gets the loaders' own
+    error naming its class, not an AttributeError."""
+    from pytorch_lightning.demos.boring_classes import BoringModel
+
+    from core.errors import DataError
+    from evaluation.evaluate import load_embedder, load_sentence_transformer
+    from lightning_modules.export import load_any_sae
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(BoringModel())
+    path = tmp_path / "boring.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint[CLASS_PATH_KEY] = "pytorch_lightning.demos.boring_classes.BoringModel"
+    torch.save(checkpoint, path)
+    with pytest.raises(DataError, match="is a BoringModel checkpoint, not an SAEModule one"):
+        load_any_sae(path)
+    with pytest.raises(DataError, match="is a BoringModel checkpoint: evaluate scores sentence encoders"):
+        load_embedder(str(path))
+    with pytest.raises(DataError, match="is a BoringModel checkpoint: mining needs a sentence encoder"):
+        load_sentence_transformer(str(path))
