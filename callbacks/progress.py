@@ -32,8 +32,10 @@ class PeriodicMetrics:
     _drawn_at: float = -float("inf")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer._logger_connector.should_update_logs:  # the loggers' steps (Lightning's own test): read the values
+            self._read(trainer)                             # whether or not this step redraws
         now = time.monotonic()
-        last = batch_idx + 1 >= self.total_train_batches or trainer.should_stop \
+        last = batch_idx + 1 >= trainer.num_training_batches or trainer.should_stop \
             or 0 < trainer.max_steps <= trainer.global_step
         if last or now - self._drawn_at >= self.redraw_seconds:  # a bar sets its position absolutely: nothing lost
             self._drawn_at = now
@@ -41,14 +43,16 @@ class PeriodicMetrics:
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         items = super().get_metrics(trainer, pl_module)
-        step = trainer.global_step
-        # the loggers' steps (Lightning's own test), when they convert the values anyway; outside training, always
-        if (not trainer.training or self._read_at is None or trainer._logger_connector.should_update_logs) \
-                and self._read_at != step:
+        if not trainer.training or self._read_at is None:  # outside training, and before the first logging step
+            self._read(trainer)
+        return {**items, **self._values}
+
+    def _read(self, trainer: pl.Trainer) -> None:
+        """Turn the shown metrics into Python numbers (a host sync each on a GPU), at most once a step."""
+        if self._read_at != trainer.global_step:
             metrics = trainer.callback_metrics
             self._values = {name.rpartition("/")[2]: float(metrics[name]) for name in self.show if name in metrics}
-            self._read_at = step
-        return {**items, **self._values}
+            self._read_at = trainer.global_step
 
 
 class RichMetricsBar(PeriodicMetrics, RichProgressBar):

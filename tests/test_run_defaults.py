@@ -191,8 +191,10 @@ def test_the_short_config_flag_names_the_recipe_and_old_keys_in_a_recipe_file_ar
 @pytest.mark.parametrize("bar", ["TQDMMetricsBar", "RichMetricsBar"])
 def test_the_bar_redraws_on_its_own_interval_and_ends_each_epoch_complete(tmp_path, tiny_model, sample_data, bar,
                                                                           monkeypatch):
-    """Training batches redraw the bar at most every redraw_seconds (here: the first of an epoch's batches, and the
-    last, so the bar ends showing every batch done); with redraw_seconds 0 every batch redraws."""
+    """Training batches redraw the bar at most every redraw_seconds (here: the first and the last of an epoch's
+    batches, so the bar ends showing every batch done, and the run's last step when max_steps stops it inside its
+    second epoch); with redraw_seconds 0 every batch redraws. The values shown are read at every logging step,
+    whether or not it redraws."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 
@@ -203,20 +205,30 @@ def test_the_bar_redraws_on_its_own_interval_and_ends_each_epoch_complete(tmp_pa
     if bar == "RichMetricsBar" and not _RICH_AVAILABLE:
         pytest.skip("rich is not installed")
     parent = RichProgressBar if bar == "RichMetricsBar" else TQDMProgressBar
-    drawn = []
-    real = parent.on_train_batch_end
-    monkeypatch.setattr(parent, "on_train_batch_end", lambda self, *a: drawn.append(a[-1]) or real(self, *a))
-    for seconds in (3600.0, 0.0):
+    drawn, read = [], []
+    real_draw, real_read = parent.on_train_batch_end, progress.PeriodicMetrics._read
+    monkeypatch.setattr(parent, "on_train_batch_end", lambda self, *a: drawn.append(a[-1]) or real_draw(self, *a))
+    monkeypatch.setattr(progress.PeriodicMetrics, "_read",
+                        lambda self, trainer: read.append(trainer.global_step) or real_read(self, trainer))
+
+    def fit(seconds: float, **limits):
         drawn.clear()
+        read.clear()
         callback = getattr(progress, bar)()
         callback.redraw_seconds = seconds
-        trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                             enable_model_summary=False, callbacks=[callback], default_root_dir=tmp_path)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, log_every_n_steps=2,
+                             enable_model_summary=False, callbacks=[callback], default_root_dir=tmp_path, **limits)
         trainer.fit(ContrastiveModule(model_name_or_path=tiny_model, max_length=16),
                     SentencesDataModule(source=str(sample_data / "sentences.txt"), batch_size=16))
-        total = callback.total_train_batches
-        assert total >= 4 and drawn == ([0, total - 1] if seconds else list(range(total)))
         if bar == "TQDMMetricsBar":
-            assert callback.train_progress_bar.n == total
-        else:
-            assert callback.progress.tasks[callback.train_progress_bar_id].completed == total
+            return callback, callback.train_progress_bar.n
+        return callback, callback.progress.tasks[callback.train_progress_bar_id].completed
+
+    callback, shown = fit(3600.0, max_epochs=1)
+    total = callback.trainer.num_training_batches
+    assert total >= 4 and drawn == [0, total - 1] and shown == total
+    fit(0.0, max_epochs=1)
+    assert drawn == list(range(total))
+    callback, shown = fit(3600.0, max_steps=total + 3)
+    assert drawn == [0, total - 1, 2] and shown == 3
+    assert len(set(read)) >= (total + 3) // 2 - 1 and "loss" in callback._values
