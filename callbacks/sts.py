@@ -82,25 +82,31 @@ class STSEvaluator(pl.Callback):
         """Whether epoch ends are scored (see the class docstring); refuses a checkpoint that would read a stale
         score. Reads ``ModelCheckpoint``'s trigger attributes (private, the same from pytorch-lightning 2.5 on: no
         public getter exists)."""
-        if self.every_n_steps == 0 or self.at_epoch_end is not None:
-            return self.every_n_steps == 0 or self.at_epoch_end
-        wanted = False
+        every_n = self.every_n_steps
+        read_at_epoch_end = []  # the callbacks that read the score at epoch ends
         for callback in trainer.callbacks if trainer is not None else []:
             if getattr(callback, "monitor", None) != self.metric_name:
                 continue
-            if isinstance(callback, EarlyStopping):
-                wanted = True  # without a validation loop it reads the metric at each training epoch's end
+            if isinstance(callback, EarlyStopping):  # without a validation loop it reads at each epoch's end
+                read_at_epoch_end.append(f"EarlyStopping(monitor={self.metric_name!r})")
             elif isinstance(callback, ModelCheckpoint):
                 every, interval = callback._every_n_train_steps, callback._train_time_interval
-                if interval is not None or (every and every % self.every_n_steps):
+                if interval is not None or (every and (not every_n or every % every_n)):
                     when = (f"train_time_interval={interval}" if interval is not None
                             else f"every_n_train_steps={every}")
+                    fix = (f"set its every_n_train_steps to a multiple of {every_n}" if every_n else
+                           "drop its every_n_train_steps (it then saves at epoch ends), or give STSEvaluator an "
+                           "every_n_steps")
                     raise ValueError(
                         f"ModelCheckpoint(monitor={self.metric_name!r}, {when}) saves at steps STSEvaluator "
-                        f"(every_n_steps={self.every_n_steps}) does not score, filing those weights under an "
-                        f"older score: set its every_n_train_steps to a multiple of {self.every_n_steps}")
-                wanted = wanted or (not every and callback._every_n_epochs > 0)
-        return wanted
+                        f"(every_n_steps={every_n}) does not score, filing those weights under an older score: {fix}")
+                if not every and callback._every_n_epochs > 0:
+                    read_at_epoch_end.append(f"ModelCheckpoint(monitor={self.metric_name!r})")
+        if self.at_epoch_end is False and read_at_epoch_end:
+            raise ValueError(f"{read_at_epoch_end[0]} reads the score at epoch ends, which STSEvaluator "
+                             "(at_epoch_end: false) does not score: drop at_epoch_end, or give the checkpoint "
+                             f"every_n_train_steps={every_n}")
+        return every_n == 0 or bool(self.at_epoch_end) or bool(read_at_epoch_end)
 
     def evaluate(self, pl_module: pl.LightningModule) -> float:
         """Spearman x 100 of the module's current weights on the configured pairs (the mean over the module's

@@ -30,6 +30,7 @@ def fit(tmp_path, tiny_model, sample_data, *callbacks, max_steps: int = 7) -> ST
                          enable_model_summary=False, default_root_dir=tmp_path,
                          enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                          callbacks=[sts, *(c for c in callbacks if c is not sts)])
+    pl.seed_everything(0)
     module = ContrastiveModule(model_name_or_path=tiny_model, max_length=16, lr=1e-3)
     trainer.fit(module, SentencesDataModule(source=str(tmp_path / "s.txt"), batch_size=8))
     return sts
@@ -55,15 +56,18 @@ def test_a_step_checkpoint_needs_no_epoch_end_scores(tmp_path, tiny_model, sampl
 def test_epoch_ends_are_scored_when_something_reads_them(tmp_path, tiny_model, sample_data, reader):
     """An epoch-end ModelCheckpoint or EarlyStopping on the metric (or at_epoch_end: true) gets a fresh score at each
     epoch's end (step 3; 6 is on the schedule anyway)."""
-    callbacks = {"checkpoint": [ModelCheckpoint(dirpath=tmp_path / "ck", monitor=METRIC, mode="max")],
+    callbacks = {"checkpoint": [ModelCheckpoint(dirpath=tmp_path / "ck", monitor=METRIC, mode="max", save_top_k=-1,
+                                                filename="{step}")],
                  "early_stopping": [EarlyStopping(monitor=METRIC, mode="max", patience=100)],
                  "asked": [STSEvaluator(task=str(sample_data / "sts_dev.tsv"), every_n_steps=2,
                                         at_epoch_end=True)]}[reader]
     sts = fit(tmp_path, tiny_model, sample_data, *callbacks)
     assert steps(sts) == [0, 2, 3, 4, 6, 7]
-    if reader == "checkpoint":  # the epoch-end saves (3, 6 and the run's end, 7) read their own step's score
-        assert callbacks[0].best_model_score.item() == pytest.approx(max(r for s, r in sts.history if s in (3, 6, 7)),
-                                                                     abs=1e-4)
+    if reader == "checkpoint":  # the epoch-end saves (3, 6 and the run's end, 7) hold their own step's score
+        history = dict(sts.history)
+        saved = {int(Path(path).stem.split("=")[1]): float(score)
+                 for path, score in callbacks[0].best_k_models.items()}
+        assert saved == {s: pytest.approx(history[s], abs=1e-4) for s in (3, 6, 7)}
 
 
 def test_at_epoch_end_false_and_a_step_schedule_of_zero(tmp_path, tiny_model, sample_data):
@@ -77,12 +81,19 @@ def test_at_epoch_end_false_and_a_step_schedule_of_zero(tmp_path, tiny_model, sa
         STSEvaluator(every_n_steps=-1)
 
 
-@pytest.mark.parametrize("trigger", [{"every_n_train_steps": 3},
-                                     {"train_time_interval": datetime.timedelta(seconds=1)}])
-def test_a_checkpoint_saving_between_scores_is_refused(tmp_path, tiny_model, sample_data, trigger):
-    """A ModelCheckpoint on the metric every 3 steps against scores every 2 would save step 3's weights under step
-    2's score: refused at setup, naming both."""
+@pytest.mark.parametrize(("scores", "trigger", "refused"), [
+    ({}, {"every_n_train_steps": 3}, r"every_n_train_steps=3\).*every_n_steps=2\).*a multiple of 2"),
+    ({}, {"train_time_interval": datetime.timedelta(seconds=1)}, r"train_time_interval=0:00:01\).*every_n_steps=2"),
+    ({"at_epoch_end": True}, {"every_n_train_steps": 3}, r"every_n_train_steps=3\).*every_n_steps=2"),
+    ({"every_n_steps": 0}, {"every_n_train_steps": 2}, r"every_n_train_steps=2\).*every_n_steps=0\).*drop its"),
+    ({"at_epoch_end": False}, {}, r"ModelCheckpoint\(monitor='val/sts_dev_spearman'\) reads the score at epoch "
+                                  r"ends.*at_epoch_end: false"),
+])
+def test_a_checkpoint_saving_between_scores_is_refused(tmp_path, tiny_model, sample_data, scores, trigger, refused):
+    """A ModelCheckpoint on the metric that saves where the evaluator does not score (every 3 steps against scores
+    every 2, on a timer, every 2 steps against epoch-end scores, at epoch ends against at_epoch_end: false) would file
+    weights under an older score: refused at setup, naming both, whatever the evaluator's schedule."""
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", monitor=METRIC, mode="max", **trigger)
-    with pytest.raises(ValueError, match=r"ModelCheckpoint\(monitor='val/sts_dev_spearman', "
-                                         r"(every_n_train_steps=3|train_time_interval=0:00:01)\).*every_n_steps=2"):
-        fit(tmp_path, tiny_model, sample_data, ckpt)
+    sts = STSEvaluator(task=str(sample_data / "sts_dev.tsv"), **{"every_n_steps": 2, **scores})
+    with pytest.raises(ValueError, match=refused):
+        fit(tmp_path, tiny_model, sample_data, sts, ckpt)
