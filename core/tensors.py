@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def pad_ids(sequences: Sequence[Sequence[int]], pad_token_id: int, length: int | None = None) -> tuple[Tensor, Tensor]:
@@ -24,3 +25,15 @@ def masked_mean(tokens_BLD: Tensor, mask_BL: Tensor) -> Tensor:
     """Mean over the positions where ``mask_BL`` is 1 (padding excluded, [CLS]/[SEP] included)."""
     mask_BL1 = mask_BL.unsqueeze(-1).to(tokens_BLD.dtype)
     return (tokens_BLD * mask_BL1).sum(1) / mask_BL1.sum(1).clamp(min=1e-9)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode (no dropout; an SAE's codes from its threshold) inside the block, its own mode
+    restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

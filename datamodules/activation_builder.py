@@ -27,7 +27,7 @@ from core.hub import (
     looks_like_hub_name,
     resolve_model,
 )
-from core.tensors import masked_mean
+from core.tensors import masked_mean, pad_ids
 from datamodules.activation_cache import (
     META_COLUMNS,
     META_FIRST_PIECE,
@@ -248,13 +248,8 @@ class CacheBuilder:
         pad = self.tokenizer.pad_token_id or 0
         for start in range(0, len(order), self.encode_batch_size):
             rows = order[start : start + self.encode_batch_size]
-            L = max(lengths[r] for r in rows)
-            ids_BL = torch.full((len(rows), L), pad, dtype=torch.long)
-            mask_BL = torch.zeros((len(rows), L), dtype=torch.long)
-            for b, r in enumerate(rows):
-                ids_BL[b, : lengths[r]] = torch.as_tensor(input_ids[r])
-                mask_BL[b, : lengths[r]] = 1
-            yield rows, ids_BL, mask_BL
+            ids_BL, mask_BL = pad_ids([input_ids[r] for r in rows], pad)
+            yield rows, ids_BL, mask_BL.long()
 
     def encode_chunk(self, corpus: Corpus, idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray, int]:
         """Vectors (of ``layer``, the first of ``layers``) and metadata of sentences ``idx`` in text order, and how

@@ -22,6 +22,7 @@ from torch import nn
 from core.errors import DataError, why_write_failed
 from core.files import readable_as_umask
 from core.hub import pooler_report_filtered
+from core.tensors import eval_mode
 from lightning_modules.checkpoints import ArtifactError
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, fold_input_scale
 from lightning_modules.components.guard import DivergenceError
@@ -167,18 +168,13 @@ def export_sentence_transformer(module: nn.Module, output_dir: str | Path, overw
     check_finite_weights(module, type(module).__name__)
     enc = module.encoder
     model = enc.model
-    was_training = model.training
-    model.eval()
-    try:
-        with writing_folder(output_dir) as tmp:
-            model.save_pretrained(tmp)
-            enc.tokenizer.save_pretrained(tmp)
-            with pooler_report_filtered():  # the folder holds no pooler, on purpose (load_pretrained)
-                st = SentenceTransformer(modules=sentence_transformer_modules(module, tmp), device="cpu")
-            st.save(str(tmp))
-            write_model_card(tmp, module, run_facts, output_dir)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), writing_folder(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        enc.tokenizer.save_pretrained(tmp)
+        with pooler_report_filtered():  # the folder holds no pooler, on purpose (load_pretrained)
+            st = SentenceTransformer(modules=sentence_transformer_modules(module, tmp), device="cpu")
+        st.save(str(tmp))
+        write_model_card(tmp, module, run_facts, output_dir)
     return output_dir
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from core.errors import DataError
 from core.metrics import FVU, LatentCounts, PrefixFVU, density_histogram, log10_density
+from core.tensors import eval_mode
 from lightning_modules.base import GuardsDivergence, can_fuse
 from lightning_modules.checkpoints import Checkpoint
 from lightning_modules.components.batch_topk import BatchTopKConfig, BatchTopKSAE, positive_min
@@ -300,9 +301,5 @@ class SAEModule(ModuleFamily, GuardsDivergence, pl.LightningModule):
     @torch.no_grad()
     def encode(self, x_BD: Tensor) -> Tensor:
         """(B, F) codes of activation vectors with the inference threshold, input units."""
-        was = self.sae.training
-        self.sae.eval()
-        try:
+        with eval_mode(self.sae):
             return self.sae.encode(x_BD.to(self.device))
-        finally:
-            self.sae.train(was)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from core.errors import DataError
 from core.hub import load_pretrained
+from core.tensors import pad_ids
 from datamodules.activation_builder import check_layer
 from datamodules.wic import WiCPair, target_tokens
 from lightning_modules.components.sparse_coder import SparseCoder, eval_mode, input_dim
@@ -156,28 +157,20 @@ def target_hidden_states(model, tokenizer, contexts: Sequence[Sequence[str]], po
     from length-sorted batches (one forward pass per batch for all layers)."""
     ids = tokenizer([list(c) for c in contexts], is_split_into_words=True, truncation=True,
                     max_length=max_length)["input_ids"]
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = {layer: torch.empty(len(ids), model.config.hidden_size) for layer in layers}
     pad = tokenizer.pad_token_id or 0
-    try:
+    with eval_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            L = max(len(ids[r]) for r in rows)
-            ids_BL = torch.full((len(rows), L), pad, dtype=torch.long)
-            mask_BL = torch.zeros((len(rows), L), dtype=torch.long)
-            for b, r in enumerate(rows):
-                ids_BL[b, : len(ids[r])], mask_BL[b, : len(ids[r])] = torch.as_tensor(ids[r]), 1
-            hidden = model(input_ids=ids_BL.to(device), attention_mask=mask_BL.to(device),
+            ids_BL, mask_BL = pad_ids([ids[r] for r in rows], pad)
+            hidden = model(input_ids=ids_BL.to(device), attention_mask=mask_BL.long().to(device),
                            output_hidden_states=True).hidden_states
             pos_B = torch.as_tensor([positions[r] for r in rows], device=device)
             b_B = torch.arange(len(rows), device=device)
             for layer in layers:
                 out[layer][rows] = hidden[layer][b_B, pos_B].float().cpu()
-    finally:
-        model.train(was_training)
     return out
 
 

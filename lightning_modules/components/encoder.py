@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from core.hub import check_max_length, load_pretrained
-from core.tensors import pad_ids
+from core.tensors import eval_mode, pad_ids
 from lightning_modules.components.heads import MLPHead
 from lightning_modules.components.pooling import POOLERS, needs_all_layers, pool
 
@@ -119,18 +119,14 @@ class Encoder(nn.Module):
     @torch.inference_mode()
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 128) -> Tensor:
         """Embed pre-tokenised sentences without dropout, in length-sorted batches; returns (N, D) float32 on CPU."""
-        was_training = self.training
-        self.eval()
         device = next(self.parameters()).device
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = torch.empty(len(ids), self.dim)
-        try:
+        with eval_mode(self):
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 batch = {k: v.to(device) for k, v in self.collate([ids[i] for i in rows]).items()}
                 out[rows] = self(**batch).float().cpu()
-        finally:
-            self.train(was_training)
         return out
 
     def encode(self, sentences: Sequence[str], batch_size: int = 128) -> Tensor:

@@ -14,11 +14,11 @@ eval switch is ``nn.Module``'s: the analyses put the coder in eval mode (the thr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
+
+from core.tensors import eval_mode  # the analyses take it from here, beside SparseCoder
 
 
 @runtime_checkable
@@ -65,17 +65,6 @@ class SparseCoder(Protocol):
 def input_dim(coder: SparseCoder) -> int:
     """d, the width of the vectors ``coder`` reads (its dictionary rows')."""
     return int(coder.W_dec.shape[-1])
-
-
-@contextmanager
-def eval_mode(coder: SparseCoder) -> Iterator[SparseCoder]:
-    """``coder`` in eval mode (codes from the threshold) inside the block, its own mode restored after."""
-    was_training = coder.training
-    coder.eval()
-    try:
-        yield coder
-    finally:
-        coder.train(was_training)
 
 
 __all__ = ["SparseCoder", "eval_mode", "input_dim"]
