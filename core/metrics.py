@@ -50,10 +50,15 @@ def sts_spearman(z1_ND: Tensor, z2_ND: Tensor, gold_N, dims: Sequence[int | None
     """The STS score of the project: Spearman x 100 of the pairs' cosines against the gold scores (the mean over the
     prefixes of ``dims`` when given, e.g. a Matryoshka embedding's [32, ..., 256]). Validation, the STSEvaluator
     callback, MCR2's choice of initialisation, ``train.py evaluate`` and the benchmarks all call it (validation in
-    its two halves, :func:`pair_cosines` per batch and :func:`spearman100` over the gathered epoch). NaN when an
+    its two halves, :func:`pair_cosines` per batch and :func:`mean_spearman` over the gathered epoch). NaN when an
     embedding is not finite (:func:`spearman100`)."""
-    rhos = [spearman100(pair_cosines(z1_ND, z2_ND, k), gold_N) for k in dims or [None]]
-    return sum(rhos) / len(rhos)
+    return mean_spearman(torch.stack([pair_cosines(z1_ND, z2_ND, k) for k in dims or [None]], 1), gold_N)
+
+
+def mean_spearman(cos_NK: Tensor, gold_N) -> float:
+    """The ranking half of :func:`sts_spearman`: Spearman x 100 of each column of cosines (one per prefix) against
+    the gold scores, averaged over the columns."""
+    return sum(spearman100(cos_N, gold_N) for cos_N in cos_NK.T) / cos_NK.shape[1]
 
 
 class SentenceIndex:

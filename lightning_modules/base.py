@@ -12,7 +12,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import Tensor
 from transformers import get_linear_schedule_with_warmup
 
-from core.metrics import pair_cosines, spearman100
+from core.metrics import mean_spearman, pair_cosines
 from lightning_modules.checkpoints import CLASS_PATH_KEY, LOGGERS_KEY, Checkpoint
 from lightning_modules.components.encoder import Encoder
 from lightning_modules.components.guard import DivergenceError, DivergenceGuard, Event, describe
@@ -283,7 +283,7 @@ class EmbeddingModule(ModuleFamily, GuardsDivergence, pl.LightningModule):
             cos_NK = self.all_gather(cos_BK).reshape(-1, cos_BK.shape[1])
             gold_N = self.all_gather(torch.cat([g for _, g in outputs])).reshape(-1)
             name = names[idx] if idx < len(names) else f"sts{idx}"
-            rho = sum(spearman100(cos_N, gold_N) for cos_N in cos_NK.T) / cos_NK.shape[1]  # mean over prefixes
+            rho = mean_spearman(cos_NK, gold_N)
             self.log(f"{prefix}/{name}_spearman", rho, add_dataloader_idx=False, rank_zero_only=True)
 
     # -------------------------------------------------------------------------------------------- distributed

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from core.errors import DataError
 from core.files import readable_as_umask
-from core.metrics import sts_spearman
+from core.metrics import SentenceIndex
 from datamodules.groups import kmeans_groups
 from datamodules.sts import load_sts
 from lightning_modules.base import EmbeddingModule, nested_dims
@@ -320,7 +320,8 @@ class MCR2Module(EmbeddingModule):
 
     def dev_score(self, state: dict[str, Tensor], data_root: str | None = None) -> float:
         """Spearman x 100 of cosine on the ``init_dev`` pairs of the head with weights ``state`` (the mean over the
-        ``matryoshka_dims`` prefixes when given). The teacher's output is memoised (:meth:`encode_ids`)."""
+        ``matryoshka_dims`` prefixes when given: :attr:`selection_dims`, as checkpoints are selected). The teacher's
+        output is memoised (:meth:`encode_ids`)."""
         root = self.init_data_root if self.init_data_root is not None else data_root
         try:
             pairs = load_sts(self.init_dev, "dev", root)
@@ -328,9 +329,8 @@ class MCR2Module(EmbeddingModule):
             raise ValueError(f"model.init 'best' is chosen on model.init_dev {self.init_dev!r} (read from "
                              f"{root or '.'}; model.init_data_root), which could not be loaded: {err}") from err
         self.head.load_state_dict(state)
-        z_ND = self.encode(pairs.sentences1 + pairs.sentences2)
-        n = len(pairs.sentences1)
-        return sts_spearman(z_ND[:n], z_ND[n:], pairs.scores, self.matryoshka_dims or [self.head.out_dim])
+        index = SentenceIndex([pairs])
+        return index.score(self.encode(index.sentences), pairs, self.selection_dims)
 
     def teacher_cache(self, ids: Sequence[Sequence[int]]) -> Tensor:
         """Teacher embeddings (N, D) of ``ids``, read from ``cache_path`` when it matches, else computed once."""

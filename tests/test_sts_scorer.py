@@ -103,8 +103,8 @@ def test_mcr2_dev_score_scores_with_the_scorer(dims, tmp_path: Path):
     dev.write_text("sentence1\tsentence2\tscore\n" + "".join(
         f"{a}\t{b}\t{s}\n" for a, b, s in zip(PAIRS.sentences1, PAIRS.sentences2, PAIRS.scores)))
     head = SimpleNamespace(out_dim=4, load_state_dict=lambda state: None)
-    module = SimpleNamespace(init_data_root=None, init_dev=str(dev), head=head, encode=table, matryoshka_dims=dims)
-    assert MCR2Module.dev_score(module, {}) == scorer(dims or [4])
+    module = SimpleNamespace(init_data_root=None, init_dev=str(dev), head=head, encode=table, selection_dims=dims)
+    assert MCR2Module.dev_score(module, {}) == scorer(dims)
 
 
 @pytest.mark.parametrize("dims", [None, [2, 4]])
