@@ -179,11 +179,8 @@ def export_sentence_transformer(module: nn.Module, output_dir: str | Path, overw
 
 
 # ------------------------------------------------------------------------------------------ sparse autoencoders
-#: cfg.json fields EleutherAI sparsify's ``SparseCoderConfig`` reads (its loader drops the others): sparsify loads
-#: the export as a per-row TopK SAE with the same weights; ``load_sae`` restores the BatchTopK threshold too.
+#: Each latent's log10 firing frequency, kept beside an export's weights (SAELens' file name and layout).
 SPARSITY_FILE = "sparsity.safetensors"
-SPARSIFY_FIELDS = ("activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
-                   "skip_connection", "transcode")
 
 
 def export_sae(module_or_sae, output_dir: str | Path, overwrite: bool = False, format: str = "sparsify",
