@@ -7,6 +7,7 @@ function is called is still a fault of placement.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,20 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache
+def known_modules() -> frozenset[str]:
+    return frozenset(module_name(p) for p in library_files())
+
+
+def is_dynamic_import(node: ast.AST) -> bool:
+    """``importlib.import_module(...)``, ``import_module(...)`` or ``__import__(...)``."""
+    return isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+        "import_module", "__import__")
+
+
 def imported_modules(path: Path, source: str | None = None) -> set[str]:
     """The project modules ``path`` imports (``from a.b import c`` names ``a.b.c`` when that is a module)."""
-    known = {module_name(p) for p in library_files()}
+    known = known_modules()
     out = set()
     for node in ast.walk(ast.parse(path.read_text() if source is None else source)):
         if isinstance(node, ast.Import):
@@ -39,8 +51,7 @@ def imported_modules(path: Path, source: str | None = None) -> set[str]:
                 package = package if path.name == "__init__.py" else package[:-1]
                 base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
             names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
-                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+        elif is_dynamic_import(node) and node.args and isinstance(node.args[0], ast.Constant):
             names = [str(node.args[0].value)]
         else:
             continue
@@ -67,17 +78,25 @@ def test_no_package_hides_an_import_in_a_lazy_getattr():
     for init in (p for f in FLOORS[:-1] for p in (ROOT / f).rglob("__init__.py")):
         tree = ast.parse(init.read_text())
         getattrs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "__getattr__"]
-        imports = [n for g in getattrs for n in ast.walk(g) if isinstance(n, (ast.Import, ast.ImportFrom))
-                   or (isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "import_module")]
+        imports = [n for g in getattrs for n in ast.walk(g)
+                   if isinstance(n, (ast.Import, ast.ImportFrom)) or is_dynamic_import(n)]
         assert imports == [], f"{init.relative_to(ROOT)} imports inside __getattr__"
 
 
-def test_no_modules_import_each_other_in_a_circle():
-    graph = {module_name(p): imported_modules(p) for p in library_files()}
-    # a package's __init__ hands names on: importing it is importing what it names
-    graph = {m: {d for d in deps if d != m} for m, deps in graph.items()}
+def with_parents(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Each import also runs the ``__init__`` of every package above the imported module (``import a.b.c`` runs
+    ``a`` and ``a.b`` first), except the importer's own packages, which are already running; no self-edges."""
+    out = {}
+    for module, deps in graph.items():
+        ancestors = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
+        parents = {".".join(d.split(".")[:i]) for d in deps for i in range(1, d.count(".") + 1)}
+        out[module] = (deps | (parents & graph.keys())) - ancestors - {module}
+    return out
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     state: dict[str, int] = {}
-    circles = []
+    found = []
 
     def visit(m: str, stack: list[str]) -> None:
         state[m] = 1
@@ -85,7 +104,7 @@ def test_no_modules_import_each_other_in_a_circle():
             if d not in graph:
                 continue
             if state.get(d) == 1:
-                circles.append(stack[stack.index(d):] + [d])
+                found.append(stack[stack.index(d):] + [d])
             elif d not in state:
                 visit(d, stack + [d])
         state[m] = 2
@@ -93,7 +112,20 @@ def test_no_modules_import_each_other_in_a_circle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
-    assert circles == []
+    return found
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    assert circles(with_parents({module_name(p): imported_modules(p) for p in library_files()})) == []
+
+
+def test_a_circle_through_a_package_init_is_found():
+    """a.x imports b.y, which runs b/__init__ first; b/__init__ imports b.z, which imports a.x: a circle the direct
+    imports alone do not show. A module importing its own sibling is none."""
+    graph = {"a": set(), "a.x": {"b.y"}, "b": {"b.z"}, "b.y": set(), "b.z": {"a.x"}}
+    assert circles(graph) == []
+    assert circles(with_parents(graph)) == [["a.x", "b", "b.z", "a.x"]]
+    assert circles(with_parents({"b": {"b.z"}, "b.z": {"b.y"}, "b.y": set()})) == []
 
 
 def test_the_import_reader_sees_every_form():
