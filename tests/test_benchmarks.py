@@ -228,19 +228,24 @@ def test_benchmark_sts_scorers_give_the_project_sts_score(tmp_path, tiny_model, 
     rows = [("main-captions", "MSRvid", "2012test", f"{i:04d}", f"{s:.3f}", a, b)
             for i, (a, b, s) in enumerate(zip(pairs.sentences1, pairs.sentences2, pairs.scores))]
     (tmp_path / "stsb").mkdir()
-    for split in ("dev", "test"):
-        (tmp_path / "stsb" / f"sts-{split}.csv").write_text("\n".join("\t".join(r) for r in rows) + "\n")
+    # test: the pairs in reverse with the scores kept in place, so a scorer that read one split for the other fails
+    split_rows = {"dev": rows, "test": [(*r[:4], s[4], *r[5:]) for r, s in zip(rows[::-1], rows)]}
+    for split, split_rows_ in split_rows.items():
+        (tmp_path / "stsb" / f"sts-{split}.csv").write_text("\n".join("\t".join(r) for r in split_rows_) + "\n")
     module = ContrastiveModule(tiny_model, pooler="mean", max_length=16)
     module.eval()
 
-    def want(scorer, p, dims=None) -> float:  # from the pairs' own sentences, not the scorer's index of them
+    def want(p, dims=None) -> float:  # from the pairs' own sentences, not the scorer's index of them
         with torch.no_grad():
             return sts_spearman(module.encode(list(p.sentences1)), module.encode(list(p.sentences2)), p.scores, dims)
 
     quality = cq.Scorer(None, module.encoder, [(tsv, "dev")])
     p = quality.pairs[f"{tsv}_dev"]
-    assert quality(module, [8, None]) == {f"{tsv}_dev": {"8": pytest.approx(want(quality, p, [8]), abs=1e-4),
-                                                        "32": pytest.approx(want(quality, p), abs=1e-4)}}
+    assert quality(module, [8, None]) == {f"{tsv}_dev": {"8": pytest.approx(want(p, [8]), abs=1e-4),
+                                                        "32": pytest.approx(want(p), abs=1e-4)}}
     compare = hc.STSBScorer(str(tmp_path), module.encoder, max_pairs=40)
-    assert compare(module) == {s: pytest.approx(want(compare, p), abs=1e-4) for s, p in compare.splits.items()}
-    assert len(compare.splits["dev"]) == 40
+    scores = compare(module)
+    assert scores == {s: pytest.approx(want(p), abs=1e-4) for s, p in compare.splits.items()}
+    assert len(compare.splits["dev"]) == 40 and abs(scores["dev"] - scores["test"]) > 1
+    assert (compare.splits["dev"].sentences1[0], compare.splits["test"].sentences1[0]) == (pairs.sentences1[0],
+                                                                                          pairs.sentences1[-1])
