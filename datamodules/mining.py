@@ -26,11 +26,12 @@ from __future__ import annotations
 import csv
 import io
 import random
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from packaging.version import Version
 
 from core.errors import DataError
 from core.files import write_atomic
@@ -97,10 +98,11 @@ def read_corpus(source: str, column: str = "text") -> list[str]:
 
 
 def sentence_transformers_release(installed: str | None = None) -> tuple[int, ...]:
-    """(major, minor) of the installed sentence-transformers (or of the version string ``installed``)."""
+    """(major, minor) of the installed sentence-transformers (or of the version string ``installed``, any PEP 440
+    form: ``5.7rc1`` is (5, 7))."""
     from importlib.metadata import version
 
-    return tuple(int(part) for part in re.findall(r"\d+", installed or version("sentence-transformers"))[:2])
+    return Version(installed or version("sentence-transformers")).release[:2]
 
 
 def check_sentence_transformers(installed: str | None = None) -> None:

@@ -42,7 +42,10 @@ def old_module_tags(model: Namespace) -> list[str]:
 
 
 def merged(base: dict, over: dict) -> dict:
-    """``over`` on top of ``base``, mappings merged key by key (how jsonargparse composes two --config files)."""
+    """``over`` on top of ``base``, mappings merged key by key: how jsonargparse composes two --config files for the
+    class paths and options the tags read, without parsing every recipe (test_configs does that). It differs where a
+    later file names another ``class_path``: jsonargparse then drops the options of the first class, this keeps
+    them; no recipe does that."""
     out = dict(base)
     for key, value in over.items():
         out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value

@@ -34,6 +34,11 @@ needs_mining = pytest.mark.skipif(INSTALLED < MINING_NEEDS, reason=f"mine_hard_n
                                   f"sentence-transformers >= {MINING_NEEDS} (installed {INSTALLED})")
 
 
+def test_the_release_is_read_from_any_version_form():
+    assert [sentence_transformers_release(v) for v in ("5.7rc1", "5.10.0", "6.0.dev3", "5.2")] == [
+        (5, 7), (5, 10), (6, 0), (5, 2)]
+
+
 def test_an_older_sentence_transformers_is_named_in_one_line():
     with pytest.raises(DataError, match=r"^train.py mine needs sentence-transformers >= 5.7 \(installed: 5.2.0;") as e:
         check_sentence_transformers("5.2.0")
