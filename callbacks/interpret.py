@@ -19,6 +19,7 @@ from evaluation.evaluate import task_subsets
 from evaluation.interpret.suite import run_suite
 from lightning_modules.checkpoints import Checkpoint
 from lightning_modules.export import load_any_sae
+from lightning_modules.family import SAE
 from lightning_modules.model_card import DEFAULT_STS_TASKS
 
 #: Columns of the W&B feature table (one row per feature).
@@ -125,7 +126,7 @@ class InterpretSAE(WritesAtFitEnd):
         """Check the settings before training, not hours later when fit ends."""
         if stage != "fit":
             return
-        if not hasattr(pl_module, "sae"):
+        if getattr(pl_module, "export_type", None) != SAE:
             raise DataError(f"InterpretSAE needs an SAEModule, got {type(pl_module).__name__}")
         if self.cache is None and getattr(trainer.datamodule, "level", None) != "token":
             raise DataError("InterpretSAE: the datamodule does not give token-level activations (an "

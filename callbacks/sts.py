@@ -84,7 +84,7 @@ class STSEvaluator(pl.Callback):
         public getter exists)."""
         every_n = self.every_n_steps
         read_at_epoch_end = []  # the callbacks that read the score at epoch ends
-        for callback in trainer.callbacks if trainer is not None else []:
+        for callback in trainer.callbacks:
             if getattr(callback, "monitor", None) != self.metric_name:
                 continue
             if isinstance(callback, EarlyStopping):  # without a validation loop it reads at each epoch's end

@@ -66,7 +66,6 @@ def update_card(folder: Path, task_results: list, results_dir: Path) -> Path | N
     replaced, the others kept) and an MTEB section; None when the folder has no embedlab card."""
     from huggingface_hub import ModelCard
 
-
     readme = folder / "README.md"
     if not readme.is_file() or "embedlab" not in readme.read_text():
         return None

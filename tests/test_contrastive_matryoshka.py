@@ -57,7 +57,7 @@ def test_sts_selection_is_the_mean_over_the_prefixes(tiny_model, sample_data):
     torch.manual_seed(0)
     module = ContrastiveModule(tiny_model, pooler="mean", matryoshka_dims=DIMS).eval()
     cb = STSEvaluator(task=str(sample_data / "sts_dev.tsv"))
-    cb.setup(None, module, "fit")
+    cb.setup(None, module, "validate")
     pairs = load_sts(str(sample_data / "sts_dev.tsv"), "dev", None)
     z1, z2 = module.encode(pairs.sentences1), module.encode(pairs.sentences2)
     per_prefix = [spearman100(F.cosine_similarity(z1[:, :k], z2[:, :k], dim=-1), pairs.scores) for k in DIMS]

@@ -24,6 +24,7 @@ from evaluation.interpret.codes import encode_sparse, read_rows
 from evaluation.interpret.pseval import ps_eval
 from evaluation.interpret.report import interpret_sae
 from lightning_modules.export import export_sae, load_sae
+from lightning_modules.family import SAE
 
 SUITE_ARGS = {"top_k": 20, "n_unique": 5, "n_contexts": 3}
 
@@ -228,7 +229,7 @@ def test_wrong_settings_fail_before_training_and_dims_are_checked(tmp_path):
 
     trainer = SimpleNamespace(datamodule=SimpleNamespace(level="token"), log_dir=str(tmp_path), default_root_dir=".",
                               checkpoint_callback=None)
-    module = SimpleNamespace(sae=None)  # an SAEModule before its setup built the SAE
+    module = SimpleNamespace(sae=None, export_type=SAE)  # an SAEModule before its setup built the SAE
     cb = InterpretSAE()
     cb.setup(trainer, module, "fit")
     cb.on_fit_start(trainer, module)

@@ -531,7 +531,7 @@ def test_encode_and_validation_use_the_compressed_embedding(tiny_model, group_fi
     from callbacks import STSEvaluator
 
     cb = STSEvaluator(str(sample_data / "sts_dev.tsv"))
-    cb.setup(None, module, "fit")
+    cb.setup(None, module, "validate")
     assert cb.evaluate(module) == pytest.approx(want, abs=1e-3)
 
 
@@ -589,7 +589,7 @@ def test_sts_evaluator_scores_a_matryoshka_head_by_the_mean_over_its_prefixes(ti
     module = perturbed_matryoshka_head(tiny_model)
     dev = str(sample_data / "sts_dev.tsv")
     cb = STSEvaluator(dev)
-    cb.setup(None, module, "fit")
+    cb.setup(None, module, "validate")
     pairs = load_sts(dev)
     z1, z2 = module.encode(pairs.sentences1), module.encode(pairs.sentences2)
     per_prefix = [sts_of(z1, z2, pairs.scores, [k]) for k in (2, 4, 6)]

@@ -93,7 +93,7 @@ def test_sts_evaluator_scores_with_the_scorer(dims):
                              encode_ids=lambda ids, batch_size: table(ids))  # the "ids" are the sentences
     callback = STSEvaluator()
     callback.pairs = PAIRS
-    callback.setup(None, module, "fit")
+    callback.setup(None, module, "validate")
     assert callback.evaluate(module) == scorer(dims)
 
 
