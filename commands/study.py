@@ -9,7 +9,7 @@
 - ``pseval`` (Minegishi et al., arXiv 2501.06254): one SAE per layer, PS-Eval of each on WiC, with a browser each.
 
 This module parses each study's options and calls the library: :mod:`evaluation.study_runs` measures,
-:mod:`evaluation.study_reports` draws the report, :mod:`evaluation.interpret.study_report` writes it. Each writes a
+:mod:`evaluation.study_sections` draws the report, :mod:`evaluation.interpret.study_report` writes it. Each writes a
 report folder: ``study.json``, ``report.md``, ``report.html``, PNG figures, and per SAE its export, ``train.json``
 and the suite's folder (``features.html``).
 Caches are built on first use and SAEs trained unless the folder already holds one trained with the same settings.
@@ -34,8 +34,8 @@ from evaluation.interpret.figures import require_matplotlib
 from evaluation.interpret.probes import PROBE_KINDS
 from evaluation.interpret.study_report import write_report
 from evaluation.study_build import CacheSpec, TrainSpec, device_of, slug
-from evaluation.study_reports import REPORTS
 from evaluation.study_runs import run_decomposition, run_frontier, run_pseval
+from evaluation.study_sections import REPORTS
 from lightning_modules.components.batch_topk import BatchTopKConfig
 
 #: The SAE a study trains unless told otherwise: configs/sae_minilm_brown_tokens.yaml's.
@@ -207,7 +207,7 @@ STUDIES: dict[str, Callable[[list[str]], dict]] = {"decomposition": decompositio
 # ----------------------------------------------------------------------------------------------- reports
 def redraw(out: Path, data: dict, wandb_project: str | None = None) -> dict:
     """A study's report folder from its results (what a study measured, or its ``study.json``): its figures, tables
-    and pages (:data:`~evaluation.study_reports.REPORTS`), logged to W&B ``wandb_project`` when given."""
+    and pages (:data:`~evaluation.study_sections.REPORTS`), logged to W&B ``wandb_project`` when given."""
     title, sections = REPORTS[data["study"]]
     return report(out, title, sections(out, data), data, wandb_project)
 

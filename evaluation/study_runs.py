@@ -1,6 +1,6 @@
 """The studies' measurements (``train.py study NAME``; :mod:`commands.study` parses the options): each builds the
 caches it needs, trains or reloads its SAEs (:mod:`evaluation.study_build`), runs the interpretability suite, probes
-and scores on them, and returns the results a report is drawn from (:mod:`evaluation.study_reports`) and that are
+and scores on them, and returns the results a report is drawn from (:mod:`evaluation.study_sections`) and that are
 written as ``study.json``. ``args`` is the study's parsed options (:func:`commands.study.common_parser` and the
 study's own), read as attributes."""
 
@@ -38,7 +38,7 @@ from evaluation.study_build import (
     train_sae,
     training_vectors,
 )
-from evaluation.study_reports import PSEVAL_KEYS, memorised
+from evaluation.study_sections import PSEVAL_KEYS, memorised
 from lightning_modules.components.sparse_coder import input_dim
 from lightning_modules.export import load_sae
 

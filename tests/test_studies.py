@@ -105,8 +105,8 @@ def test_sentence_variance_share_against_the_formula():
 def test_memorisation_note_and_per_model_keys(tmp_path, capsys, monkeypatch):
     from commands import study
     from evaluation.interpret.study_report import Section, Table
-    from evaluation.study_reports import memorised
     from evaluation.study_runs import per_model
+    from evaluation.study_sections import memorised
 
     assert memorised("m", 0.70, 0.66) is None and memorised("m", None, 0.5) is None  # gap 0.04
     note = memorised("m", 0.80, 0.60, " (detail)")
