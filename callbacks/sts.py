@@ -56,7 +56,7 @@ class STSEvaluator(pl.Callback):
         self.task, self.split, self.data_root = task, split, data_root
         self.every_n_steps, self.batch_size, self.at_start = every_n_steps, batch_size, at_start
         self.at_epoch_end = at_epoch_end
-        self._at_epoch_end = at_epoch_end is not False  # decided at setup from the callbacks that read the score
+        self._at_epoch_end = every_n_steps == 0 or bool(at_epoch_end)  # at fit setup: also the callbacks' needs
         self.pairs: STSPairs | None = None
         self._ids: list[list[int]] | None = None
         self._sentences: SentenceIndex | None = None

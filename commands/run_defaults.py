@@ -15,8 +15,9 @@ leave it unset (``null``):
   follow the evaluator's. ``enable_checkpointing: false`` removes any ModelCheckpoint, the defaults' included.
 - ``LearningRateMonitor`` (per step) when a logger is on and no callback is one.
 - :class:`~callbacks.wandb_summary.WandbSummaries` for the best value of every monitored metric.
-- a progress bar that reads the metrics it shows every ``log_every_n_steps`` steps, not at every step
-  (:mod:`callbacks.progress`: Rich when installed, else tqdm), unless the recipe has one or turns it off.
+- a progress bar that reads the metrics it shows every ``log_every_n_steps`` steps, not at every step, and redraws
+  at most twice a second (:mod:`callbacks.progress`: Rich when installed, else tqdm), unless the recipe has one or
+  turns it off.
 - :class:`~callbacks.preemption.PreemptionCheckpoint`: SIGTERM saves the step reached (unless checkpointing is
   off) and the run exits non-zero.
 
