@@ -31,8 +31,10 @@ def write_json(path: str | Path, result: dict) -> Path:
     return path
 
 
-def write_random_bert(folder: Path, layers: int | None, hidden: int | None):
-    """A random-weight BERT (``BertConfig`` defaults unless shrunk) and a synthetic tokenizer; returns its config."""
+def write_random_bert(folder: Path, layers: int | None, hidden: int | None, words: list[str] | None = None):
+    """A random-weight BERT (``BertConfig`` defaults unless shrunk) and a synthetic tokenizer; returns its config.
+    The tokenizer's vocabulary is ``words`` (each text word is a token, and the embedding has one row per word) or,
+    without them, BERT's 30,522 placeholder tokens (every real word is then [UNK]; the shapes are BERT's)."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     config = BertConfig()
@@ -41,9 +43,24 @@ def write_random_bert(folder: Path, layers: int | None, hidden: int | None):
     if hidden:
         config.hidden_size, config.intermediate_size = hidden, 4 * hidden
         config.num_attention_heads = max(1, hidden // 64)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(config.vocab_size - 5)]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    if words is not None:
+        vocab = specials + sorted(set(words) - set(specials))
+        config.vocab_size = len(vocab)
+    else:
+        vocab = specials + [f"w{i}" for i in range(config.vocab_size - 5)]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
     torch.manual_seed(0)
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     return config
+
+
+def text_words(*paths: Path) -> list[str]:
+    """The words BERT's pre-tokeniser (lower-cased, punctuation apart) finds in text files (``write_random_bert``)."""
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalize, split = BertNormalizer(lowercase=True).normalize_str, BertPreTokenizer().pre_tokenize_str
+    return sorted({word for path in paths for line in Path(path).read_text().splitlines()
+                   for word, _ in split(normalize(line))})

@@ -105,9 +105,10 @@ def _sae(r: dict) -> str:
 
 
 def _periodic(r: dict) -> str:
-    o = r["overhead_vs_bare"]["recipe"]["median"]
-    return (f"quickstart's periodic work +{o:.0%} over bare steps; one STS evaluation "
-            f"{_fmt(r['sts_evaluation_in_bare_steps'])} steps, one checkpoint {_fmt(r['ms_per_checkpoint'], 0)} ms "
+    o = r["overhead_vs_bare"]["recipe"]
+    return (f"quickstart's periodic work {o['within_run']['median']:+.0%} over bare steps within the run "
+            f"({o['paired']['median']:+.0%} paired); one STS evaluation {_fmt(r['sts_evaluation_in_steps'])} steps, "
+            f"one checkpoint {_fmt(r['ms_per_checkpoint'], 0)} ms "
             f"({_fmt(r['ms_per_foreground_checkpoint'], 0)} ms written in the foreground)")
 
 
