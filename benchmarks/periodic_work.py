@@ -37,9 +37,10 @@ against ``bare`` (target: the recipe's <= 10 % by both, medians of the rounds):
   the drift between runs. Overhead = (1 + events) x (1 + per_step) - 1. The table shows each part, each round's
   in brackets.
 
-One STS evaluation and one checkpoint, in the run's typical steps, come from the same split (the extra time of the
-evaluation steps, and of the steps after saves, per event), so the overhead at another schedule follows:
-evaluations x eval cost + saves x save cost + logging. Writes benchmarks/results/periodic_work-cpu.json (or
+One STS evaluation and one save step (the best checkpoint and ``last.ckpt`` saved at one step count once), in the
+run's typical steps, come from the same split (the extra time of the evaluation steps, and of the two steps after
+each save step), so the overhead at another schedule follows: evaluations x eval cost + save steps x save cost +
+logging. Writes benchmarks/results/periodic_work-cpu.json (or
 ``--out``) and prints a table.
 """
 
@@ -127,28 +128,35 @@ def attribute(times: dict, warmup: int, window: int = 10) -> dict:
     ``median_step`` (the run's typical step, seconds), ``baseline`` (the sum of each step's local typical time: the
     median of the steps within ``window`` of it that no evaluation or save touched, so that a machine that slows
     down or speeds up during the run moves the baseline with it), ``excess`` (window's time - baseline), the
-    evaluations and saves in the window, and the extra time of the evaluation steps and of the steps after saves,
-    in local typical steps per event."""
+    evaluations and checkpoint files saved in the window, the steps that saved (``save_triggers``: a step's best
+    and ``last.ckpt`` are one trigger), and the extra time of the evaluation steps and of the two steps after each
+    trigger, in local typical steps per event."""
+    if warmup < 1:
+        raise ValueError("periodic_work: --warmup must be at least 1 (the window starts at the end of a step)")
     ends, steps = times["ends"], len(times["ends"]) - warmup
     evals = [s for s in times["eval_steps"] if s > warmup]
     saves = [s for s in times["save_steps"] if s > warmup]
     # step k (1-based) ends at ends[k - 1]; its time runs from the end of step k - 1
     took = {k: ends[k - 1] - ends[k - 2] for k in range(warmup + 1, len(ends) + 1)}
     eval_hit = set(times["eval_in_step"]) & took.keys()
-    charged = [k for k in saves if k + 1 in took]  # saves whose aftermath is inside the window
-    save_hit = {k + d for k in charged for d in (1, 2)} & took.keys() - eval_hit
+    triggers = sorted({k for k in times["save_steps"] if k + 1 in took})  # their aftermath is inside the window
+    save_hit = {k + d for k in triggers for d in (1, 2)} & took.keys() - eval_hit
     plain = [k for k in took if k not in eval_hit | save_hit]
-    local = {k: statistics.median(took[j] for j in plain if abs(j - k) <= window) for k in took}
+    if not plain:
+        raise ValueError("periodic_work: every timed step holds an evaluation or a save; time more steps")
+    median = statistics.median(took[k] for k in plain)
+    local = {k: statistics.median([took[j] for j in plain if abs(j - k) <= window] or [median]) for k in took}
     seconds = times["train_end"] - ends[warmup - 1]
 
     def extra(hit: set) -> float:
         return sum(took[k] / local[k] - 1 for k in hit)
 
     baseline = sum(local.values())
-    return {"seconds": seconds, "steps": steps, "median_step": statistics.median(took[k] for k in plain),
-            "baseline": baseline, "excess": seconds - baseline, "evaluations": len(evals), "saves": len(saves),
+    return {"seconds": seconds, "steps": steps, "median_step": median, "baseline": baseline,
+            "excess": seconds - baseline, "evaluations": len(evals), "saves": len(saves),
+            "save_triggers": len(triggers),
             "eval_extra_steps": extra(eval_hit) / len(eval_hit) if eval_hit else None,
-            "save_extra_steps": extra(save_hit) / len(charged) if charged else None}
+            "save_extra_steps": extra(save_hit) / len(triggers) if triggers else None}
 
 
 def main() -> None:
@@ -164,6 +172,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "periodic_work-cpu.json"))
     add_threads(ap, default=1)
     args = parse(ap)
+    if args.warmup < 1:
+        ap.error("--warmup must be at least 1 (the timed window starts at the end of a step)")
     args.sides = [s for s in SIDES if s in args.sides or s in ("recipe", "bare")]
     import os
 
@@ -214,9 +224,9 @@ def main() -> None:
         "overhead_vs_bare": {side: overheads(side) for side in sides[:-1]},
         "bare_excess_within_run": med(x["excess"] / x["baseline"] for x in bare),
         "sts_evaluation_in_steps": per_event("recipe", "eval_extra_steps"),
-        "checkpoint_in_steps": save_steps,
-        "ms_per_checkpoint": save_steps * typical_ms["recipe"] if save_steps is not None else None,
-        "ms_per_foreground_checkpoint": fg_steps * typical_ms["foreground-checkpoints"] if fg_steps is not None
+        "save_trigger_in_steps": save_steps,
+        "ms_per_save_trigger": save_steps * typical_ms["recipe"] if save_steps is not None else None,
+        "ms_per_foreground_save_trigger": fg_steps * typical_ms["foreground-checkpoints"] if fg_steps is not None
         else None,
         "target": "recipe overhead <= 0.10, paired and within_run (medians of the rounds)",
         "target_met": max(overheads("recipe")[k]["median"] for k in ("paired", "within_run")) <= 0.10,
@@ -236,9 +246,10 @@ def main() -> None:
         return "nan" if v is None else format(v, spec)
 
     print(f"\nin the timed window of a run: {x['evaluations']} STS evaluations of "
-          f"{fmt(result['sts_evaluation_in_steps'])} typical steps each, {x['saves']} checkpoints of "
-          f"{fmt(save_steps)} typical steps each ({fmt(result['ms_per_checkpoint'], '.0f')} ms of the training "
-          f"loop's time; written in the foreground: {fmt(result['ms_per_foreground_checkpoint'], '.0f')} ms); "
+          f"{fmt(result['sts_evaluation_in_steps'])} typical steps each, {x['saves']} checkpoint files at "
+          f"{x['save_triggers']} save steps of {fmt(save_steps)} typical steps each "
+          f"({fmt(result['ms_per_save_trigger'], '.0f')} ms of the training "
+          f"loop's time; written in the foreground: {fmt(result['ms_per_foreground_save_trigger'], '.0f')} ms); "
           f"bare's own excess over its typical step (the method's noise): {result['bare_excess_within_run']:+.1%}"
           f"\ntarget (paired and within the run, medians) <= 10 %: {'met' if result['target_met'] else 'NOT met'}"
           f"\nwrote {out}")

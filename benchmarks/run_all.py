@@ -45,8 +45,8 @@ def has_minilm() -> bool:
     return True
 
 
-def _fmt(x: float, digits: int = 2) -> str:
-    return f"{x:.{digits}f}"
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 @dataclass
@@ -108,8 +108,8 @@ def _periodic(r: dict) -> str:
     o = r["overhead_vs_bare"]["recipe"]
     return (f"quickstart's periodic work {o['within_run']['median']:+.0%} over bare steps within the run "
             f"({o['paired']['median']:+.0%} paired); one STS evaluation {_fmt(r['sts_evaluation_in_steps'])} steps, "
-            f"one checkpoint {_fmt(r['ms_per_checkpoint'], 0)} ms "
-            f"({_fmt(r['ms_per_foreground_checkpoint'], 0)} ms written in the foreground)")
+            f"one save step {_fmt(r['ms_per_save_trigger'], 0)} ms "
+            f"({_fmt(r['ms_per_foreground_save_trigger'], 0)} ms written in the foreground)")
 
 
 def _mcr2(r: dict) -> str:
@@ -148,7 +148,7 @@ BENCHMARKS: dict[str, Bench] = {
         ["--skip_training"], needs=_needs("wiki/wiki1m_for_simcse.head.txt"), headline=_hncse),
     "sae_throughput": Bench("sae_throughput.py", ["--quick"], needs=_needs_minilm, headline=_sae),
     "mcr2_step": Bench("mcr2_step.py", ["--steps", "3", "--dims", "32", "128"], headline=_mcr2),
-    "periodic_work": Bench("periodic_work.py", ["--steps", "20", "--warmup", "5", "--rounds", "1"],
+    "periodic_work": Bench("periodic_work.py", ["--steps", "35", "--warmup", "5", "--rounds", "1"],
                            headline=_periodic),
     "grad_cache": Bench("grad_cache.py", ["--batch_size", "16", "--mini", "0", "8", "4", "--steps", "1"],
                         needs=_needs_minilm, headline=_grad_cache),

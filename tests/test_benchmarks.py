@@ -67,7 +67,7 @@ def test_grad_cache_bounds_the_saved_activations_by_one_chunk(tiny_model):
 @pytest.mark.parametrize("drift", [0.0, 0.004])
 def test_periodic_work_charges_each_event_to_the_steps_it_lands_on(drift):
     """Steps of 0.1 s (or slowing down by 4 ms a step: the machine's drift) after a warm-up of 2; an evaluation at
-    step 15 (+half a step on step 15), a save at the end of step 28 (+0.3 and +0.2 of a step on steps 29 and 30,
+    step 15 (+half a step on step 15), two saves at the end of step 28 (+0.3 and +0.2 of a step on steps 29 and 30,
     where the writer still runs), the final weights' evaluation 0.04 s after the last step and a save at its end (no
     step after it to charge); a save and an evaluation inside the warm-up. Each event is charged in the steps around
     it, drift or not."""
@@ -77,17 +77,20 @@ def test_periodic_work_charges_each_event_to_the_steps_it_lands_on(drift):
         local[step] = 0.1 + drift * step
         t += local[step] * (1 + extra.get(step, 0.0)) + (0.5 if step == 1 else 0.0)  # warm-up: not counted
         ends.append(t)
-    times = {"ends": ends, "train_end": ends[-1] + 0.04, "save_steps": [1, 28, 42], "eval_steps": [0, 1, 15, 42],
+    times = {"ends": ends, "train_end": ends[-1] + 0.04, "save_steps": [1, 28, 28, 42], "eval_steps": [0, 1, 15, 42],
              "eval_in_step": [1, 15]}
     got = periodic_work.attribute(times, warmup=2)
     baseline = sum(local[k] for k in range(3, 43))
     assert got["steps"] == 40 and got["baseline"] == pytest.approx(baseline)
     assert got["excess"] == pytest.approx(0.5 * local[15] + 0.3 * local[29] + 0.2 * local[30] + 0.04)
     assert got["seconds"] == pytest.approx(baseline + got["excess"])
-    assert (got["evaluations"], got["saves"]) == (2, 2)  # the save after the last step is charged to nothing
+    # best and last.ckpt at step 28 are one save step; the save at the last step has no step after it to charge
+    assert (got["evaluations"], got["saves"], got["save_triggers"]) == (2, 3, 1)
     assert got["eval_extra_steps"] == pytest.approx(0.5)  # step 42's own time is an untouched step's
     # 0.3 + 0.2 of a step; under drift the two steps missing from the neighbours' window shift it by < 1 %
     assert got["save_extra_steps"] == pytest.approx(0.5, abs=0.005)
+    with pytest.raises(ValueError, match="warmup"):
+        periodic_work.attribute(times, warmup=0)
 
 
 def test_run_all_collects_a_benchmark_into_the_machine_summary(tmp_path, monkeypatch):
