@@ -68,7 +68,6 @@ class SentenceIndex:
     def __init__(self, pair_sets: Iterable[ScoredPairs]) -> None:
         self.sentences = sorted({s for p in pair_sets for s in (*p.sentences1, *p.sentences2)})
         self.index = {s: i for i, s in enumerate(self.sentences)}
-        self._rows: dict[int, tuple[ScoredPairs, Tensor, Tensor]] = {}  # per pairs object scored: its two row sets
 
     def __len__(self) -> int:
         return len(self.sentences)
@@ -78,13 +77,8 @@ class SentenceIndex:
         return torch.tensor([self.index[s] for s in sentences], dtype=torch.long)
 
     def score(self, z_UD: Tensor, pairs: ScoredPairs, dims: Sequence[int | None] | None = None) -> float:
-        """:func:`sts_spearman` of ``pairs`` with the embeddings ``z_UD`` of :attr:`sentences` (the rows of a pairs
-        object are looked up once: an evaluator scores the same pairs every N steps)."""
-        known = self._rows.get(id(pairs))
-        if known is None or known[0] is not pairs:
-            known = self._rows[id(pairs)] = (pairs, self.rows(pairs.sentences1), self.rows(pairs.sentences2))
-        _, rows1, rows2 = known
-        return sts_spearman(z_UD[rows1], z_UD[rows2], pairs.scores, dims)
+        """:func:`sts_spearman` of ``pairs`` with the embeddings ``z_UD`` of :attr:`sentences`."""
+        return sts_spearman(z_UD[self.rows(pairs.sentences1)], z_UD[self.rows(pairs.sentences2)], pairs.scores, dims)
 
 
 class FVU(Metric):
