@@ -37,7 +37,12 @@ class PeriodicMetrics:
         now = time.monotonic()
         last = batch_idx + 1 >= trainer.num_training_batches or trainer.should_stop \
             or 0 < trainer.max_steps <= trainer.global_step
-        if last or now - self._drawn_at >= self.redraw_seconds:  # a bar sets its position absolutely: nothing lost
+        # the time limit opens only on batches Lightning's bar draws at all (tqdm's: every ``refresh_rate``-th; Rich
+        # draws every batch), or the two limits would stack
+        draws = getattr(self, "_should_update", None)
+        due = now - self._drawn_at >= self.redraw_seconds and (
+            draws is None or draws(batch_idx + 1, trainer.num_training_batches))
+        if last or due:  # a bar sets its position absolutely: nothing lost
             self._drawn_at = now
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 

@@ -211,10 +211,10 @@ def test_the_bar_redraws_on_its_own_interval_and_ends_each_epoch_complete(tmp_pa
     monkeypatch.setattr(progress.PeriodicMetrics, "_read",
                         lambda self, trainer: read.append(trainer.global_step) or real_read(self, trainer))
 
-    def fit(seconds: float, **limits):
+    def fit(seconds: float, refresh_rate: int | None = None, **limits):
         drawn.clear()
         read.clear()
-        callback = getattr(progress, bar)()
+        callback = getattr(progress, bar)(**({} if refresh_rate is None else {"refresh_rate": refresh_rate}))
         callback.redraw_seconds = seconds
         trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, log_every_n_steps=2,
                              enable_model_summary=False, callbacks=[callback], default_root_dir=tmp_path, **limits)
@@ -229,6 +229,10 @@ def test_the_bar_redraws_on_its_own_interval_and_ends_each_epoch_complete(tmp_pa
     assert total >= 4 and drawn == [0, total - 1] and shown == total
     fit(0.0, max_epochs=1)
     assert drawn == list(range(total))
+    if bar == "TQDMMetricsBar":  # tqdm draws every refresh_rate-th batch: the interval opens on those only
+        fit(0.0, refresh_rate=5, max_epochs=1)
+        assert drawn == [b for b in range(total) if (b + 1) % 5 == 0 or b == total - 1]
     callback, shown = fit(3600.0, max_steps=total + 3)
     assert drawn == [0, total - 1, 2] and shown == 3
-    assert len(set(read)) >= (total + 3) // 2 - 1 and "loss" in callback._values
+    # read at every other step (log_every_n_steps=2) and before the first logging step, not at every step
+    assert (total + 3) // 2 - 1 <= len(set(read)) and len(read) <= (total + 3) // 2 + 3 and "loss" in callback._values
