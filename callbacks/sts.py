@@ -103,9 +103,11 @@ class STSEvaluator(pl.Callback):
                 if not every and callback._every_n_epochs > 0:
                     read_at_epoch_end.append(f"ModelCheckpoint(monitor={self.metric_name!r})")
         if self.at_epoch_end is False and read_at_epoch_end:
-            raise ValueError(f"{read_at_epoch_end[0]} reads the score at epoch ends, which STSEvaluator "
-                             "(at_epoch_end: false) does not score: drop at_epoch_end, or give the checkpoint "
-                             f"every_n_train_steps={every_n}")
+            reader = read_at_epoch_end[0]
+            other = (f"give the checkpoint every_n_train_steps={every_n}" if reader.startswith("ModelCheckpoint")
+                     else "remove the EarlyStopping")
+            raise ValueError(f"{reader} reads the score at epoch ends, which STSEvaluator (at_epoch_end: false) does "
+                             f"not score: drop at_epoch_end, or {other}")
         return every_n == 0 or bool(self.at_epoch_end) or bool(read_at_epoch_end)
 
     def evaluate(self, pl_module: pl.LightningModule) -> float:

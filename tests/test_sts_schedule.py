@@ -81,6 +81,12 @@ def test_at_epoch_end_false_and_a_step_schedule_of_zero(tmp_path, tiny_model, sa
         STSEvaluator(every_n_steps=-1)
 
 
+def test_early_stopping_against_no_epoch_end_scores_is_refused_with_its_own_fix(tmp_path, tiny_model, sample_data):
+    sts = STSEvaluator(task=str(sample_data / "sts_dev.tsv"), every_n_steps=2, at_epoch_end=False)
+    with pytest.raises(ValueError, match=r"^EarlyStopping\(monitor=.*drop at_epoch_end, or remove the EarlyStopping$"):
+        fit(tmp_path, tiny_model, sample_data, sts, EarlyStopping(monitor=METRIC, mode="max"))
+
+
 @pytest.mark.parametrize(("scores", "trigger", "refused"), [
     ({}, {"every_n_train_steps": 3}, r"every_n_train_steps=3\).*every_n_steps=2\).*a multiple of 2"),
     ({}, {"train_time_interval": datetime.timedelta(seconds=1)}, r"train_time_interval=0:00:01\).*every_n_steps=2"),
