@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from core.metrics import FVU, LatentCounts, density_histogram, log10_density
+from core.tensors import eval_mode
 from evaluation.interpret.figures import Series, line_chart
 from lightning_modules.components.batch_topk import BatchTopKSAE
-from lightning_modules.components.sparse_coder import eval_mode
 
 
 @torch.no_grad()

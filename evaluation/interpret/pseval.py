@@ -24,10 +24,10 @@ from torch import Tensor
 
 from core.errors import DataError
 from core.hub import load_pretrained
-from core.tensors import pad_ids
+from core.tensors import eval_mode, pad_ids
 from datamodules.activation_builder import check_layer
 from datamodules.wic import WiCPair, target_tokens
-from lightning_modules.components.sparse_coder import SparseCoder, eval_mode, input_dim
+from lightning_modules.components.sparse_coder import SparseCoder, input_dim
 
 
 @dataclass

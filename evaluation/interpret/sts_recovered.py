@@ -39,10 +39,10 @@ from torch import Tensor, nn
 
 from core.errors import DataError
 from core.hub import load_pretrained, resolve_model
-from core.tensors import masked_mean
+from core.tensors import eval_mode, masked_mean
 from datamodules.activation_builder import CacheBuilder, Corpus, check_layer
 from evaluation.evaluate import load_tasks, score_tasks
-from lightning_modules.components.sparse_coder import SparseCoder, eval_mode
+from lightning_modules.components.sparse_coder import SparseCoder
 from lightning_modules.sae import activations_of
 
 #: Relative spread of the ablated embeddings under which they count as one vector (rounding of a mean of equal rows).
