@@ -83,7 +83,7 @@ def test_periodic_work_charges_each_event_to_the_steps_it_lands_on(drift):
     baseline = sum(local[k] for k in range(3, 43))
     assert got["steps"] == 40 and got["baseline"] == pytest.approx(baseline)
     assert got["excess"] == pytest.approx(0.5 * local[15] + 0.3 * local[29] + 0.2 * local[30] + 0.04)
-    assert got["seconds"] == pytest.approx(baseline + got["excess"])
+    assert got["seconds"] == pytest.approx(ends[-1] + 0.04 - ends[1])
     # best and last.ckpt at step 28 are one save step; the save at the last step has no step after it to charge
     assert (got["evaluations"], got["saves"], got["save_triggers"]) == (2, 3, 1)
     assert got["eval_extra_steps"] == pytest.approx(0.5)  # step 42's own time is an untouched step's
@@ -91,6 +91,19 @@ def test_periodic_work_charges_each_event_to_the_steps_it_lands_on(drift):
     assert got["save_extra_steps"] == pytest.approx(0.5, abs=0.005)
     with pytest.raises(ValueError, match="warmup"):
         periodic_work.attribute(times, warmup=0)
+
+
+def test_periodic_work_charges_a_save_at_the_warm_ups_last_step_and_needs_an_untouched_step():
+    """A save at the end of step 2 (the warm-up's last) slows steps 3 and 4: it is charged, though it is not one of
+    the window's files; a window whose every step holds an event has no typical step to measure against."""
+    took = {3: 0.13, 4: 0.12}
+    ends = [sum(took.get(k, 0.1) for k in range(1, step + 1)) for step in range(1, 11)]
+    times = {"ends": ends, "train_end": ends[-1], "save_steps": [2], "eval_steps": [], "eval_in_step": []}
+    got = periodic_work.attribute(times, warmup=2)
+    assert (got["saves"], got["save_triggers"]) == (0, 1)
+    assert got["save_extra_steps"] == pytest.approx(0.5) and got["excess"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="every timed step holds"):
+        periodic_work.attribute({**times, "eval_in_step": list(range(3, 11))}, warmup=2)
 
 
 def test_run_all_collects_a_benchmark_into_the_machine_summary(tmp_path, monkeypatch):

@@ -665,9 +665,11 @@ def test_a_snapshot_is_serialised_after_training_changed_the_state_and_still_hol
     spare = {storage.data_ptr() for storage in writer._spare}
     assert len(spare) == 2
     weights.add_(1.0)
+    gate.clear()  # held until checked: a write finished before the second save would leave the queue
     for name in ("best3", "last3"):
         writer.save_checkpoint({"state_dict": {"w": weights}}, tmp_path / f"{name}.ckpt")
     assert {storage.data_ptr() for _, storages in writer._jobs for storage in storages} == spare
+    gate.set()
     writer.teardown()
     for name, value in (("best2", 1.0), ("last2", 1.0), ("best3", 2.0), ("last3", 2.0)):
         assert torch.equal(torch.load(tmp_path / f"{name}.ckpt")["state_dict"]["w"], torch.full((6,), value))

@@ -35,8 +35,8 @@ needs_mining = pytest.mark.skipif(INSTALLED < MINING_NEEDS, reason=f"mine_hard_n
 
 
 def test_the_release_is_read_from_any_version_form():
-    assert [sentence_transformers_release(v) for v in ("5.7rc1", "5.10.0", "6.0.dev3", "5.2")] == [
-        (5, 7), (5, 10), (6, 0), (5, 2)]
+    assert [sentence_transformers_release(v) for v in ("5.7rc1", "5.10.0", "6.0.dev3", "5.2", "1!5.7")] == [
+        (5, 7), (5, 10), (6, 0), (5, 2), (5, 7)]  # an epoch prefix is not the major version
 
 
 def test_an_older_sentence_transformers_is_named_in_one_line():
